@@ -1,0 +1,1 @@
+"""The CPU stage service: token + position embeddings and the first transformer layers."""

@@ -1,0 +1,75 @@
+"""CPU stage logic (torch only): embeddings + layers [0, cpu_layers), first stage of the pipeline."""
+
+from __future__ import annotations
+
+import torch
+
+from redheart.model import CpuStageModule, ModelShape
+from redheart.stage_runtime import (
+    ACTIVATION,
+    EVAL_ACTIVATION,
+    GRADIENT,
+    ForwardRecord,
+    MicroBatchInputs,
+    RoundContext,
+    StageError,
+)
+
+
+class CpuStagePart:
+    name = "cpu"
+    rank = 0
+    num_stages = 2
+    receives = frozenset({GRADIENT})
+
+    def __init__(self, shape: ModelShape, *, checkpointing: bool = False) -> None:
+        self.device = torch.device("cpu")
+        self.module = CpuStageModule(shape, checkpointing=checkpointing)
+
+    def _inputs(self, mb: MicroBatchInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            ids, mask = mb.tensors["input_ids"], mb.tensors["attention_mask"]
+        except KeyError as exc:
+            raise StageError("invalid", f"micro-batch {mb.index}: the cpu stage needs input {exc.args[0]!r}") from None
+        if ids.dtype != torch.int64 or ids.ndim != 2:
+            raise StageError("invalid", f"micro-batch {mb.index}: input_ids must be int64 [batch, seq], got {ids.dtype} {list(ids.shape)}")
+        if mask.shape != ids.shape:
+            raise StageError("invalid", f"micro-batch {mb.index}: attention_mask shape {list(mask.shape)} != input_ids shape {list(ids.shape)}")
+        vocab = self.module.token.num_embeddings
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise StageError("invalid", f"micro-batch {mb.index}: input_ids outside [0, {vocab}) (min {int(ids.min())}, max {int(ids.max())})")
+        if ids.shape[1] > self.module.shape.max_seq_len:
+            raise StageError("invalid", f"micro-batch {mb.index}: {ids.shape[1]} positions exceed max_seq_len {self.module.shape.max_seq_len}")
+        return ids, mask
+
+    def forward(self, ctx: RoundContext, mb: MicroBatchInputs) -> ForwardRecord:
+        ids, mask = self._inputs(mb)
+        with ctx.autocast():
+            out = self.module(ids, mask)  # [B, T, H]
+        # Detached before it leaves: the graph stays here, only values cross the wire.
+        ctx.link.send("next", ctx.plan.run_id, ctx.plan.step, mb.index, ACTIVATION, out.detach())
+        return ForwardRecord(output=out)
+
+    def backward(self, ctx: RoundContext, mb: MicroBatchInputs, record: ForwardRecord) -> dict:
+        grad = ctx.receive(GRADIENT, mb.index, f"the gradient of micro-batch {mb.index} from the gpu stage")
+        assert record.output is not None
+        if grad.shape != record.output.shape:
+            raise StageError(
+                "invalid",
+                f"step {ctx.plan.step} micro-batch {mb.index}: gradient shape {list(grad.shape)} does not match "
+                f"the activation shape {list(record.output.shape)}",
+            )
+        record.output.backward(grad.to(record.output.dtype))
+        return {}
+
+    def evaluate(self, ctx: RoundContext, mb: MicroBatchInputs) -> dict:
+        ids, mask = self._inputs(mb)
+        with ctx.autocast():
+            out = self.module(ids, mask)
+        ctx.link.send("next", ctx.plan.run_id, ctx.plan.step, mb.index, EVAL_ACTIVATION, out)
+        return {}
+
+    def check_tensor(self, kind: str, tensor: torch.Tensor) -> None:
+        h = self.module.shape.hidden_size
+        if tensor.ndim != 3 or tensor.shape[-1] != h or not tensor.is_floating_point():
+            raise StageError("invalid", f"{kind} must be a float tensor [batch, seq, {h}], got {tensor.dtype} {list(tensor.shape)}")

@@ -1,0 +1,1 @@
+"""The GPU stage service: the remaining layers, the heads and the losses (CUDA when present)."""

@@ -1,0 +1,172 @@
+"""GPU stage logic (torch only): layers [cpu_layers, num_layers), heads and losses; last stage.
+
+The regret target of micro-batch i comes from the regret service, scored on the detached Bentham
+prediction of that micro-batch. The request leaves right after the forward and is collected in
+the backward; with ``lookahead`` extra warm-up forwards, the next forward runs while it is in
+flight, so scoring overlaps compute instead of stalling it.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from redheart.losses import multitask_loss
+from redheart.model import GpuStageModule, ModelShape
+from redheart.stage_runtime import (
+    ACTIVATION,
+    EVAL_ACTIVATION,
+    GRADIENT,
+    ForwardRecord,
+    MicroBatchInputs,
+    RoundContext,
+    StageError,
+)
+
+LABEL_KEYS = ("labels.emotions", "labels.emotions_mask", "labels.bentham", "labels.bentham_mask", "labels.judgment")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"gpu_stage.device = {name!r} but CUDA is not available (fix: device = \"auto\" or \"cpu\")")
+    return torch.device(name)
+
+
+@dataclass
+class InProcessReply:
+    regret: torch.Tensor
+    regret_computations: int
+    bentham_evaluations: int
+    explanations: list = field(default_factory=list)
+
+
+class InProcessRegret:
+    """Scores in this process with the same calculus as the service (regret.address = "inprocess")."""
+
+    def __init__(self, regrets_per_step: int, bentham_per_regret: int) -> None:
+        self.regrets_per_step = regrets_per_step
+        self.bentham_per_regret = bentham_per_regret
+
+    def submit(self, run_id, step, micro_batch, bentham, scenario_ids=(), explain=False, deadline=None) -> Future:
+        from redheart import calculus
+
+        result = calculus.score(bentham.detach().float().cpu().numpy(), self.regrets_per_step, self.bentham_per_regret)
+        fut: Future = Future()
+        fut.set_result(InProcessReply(torch.from_numpy(result.regret).float(), result.regret_computations, result.bentham_evaluations))
+        return fut
+
+    def close(self) -> None:
+        pass
+
+
+class GpuStagePart:
+    name = "gpu"
+    rank = 1
+    num_stages = 2
+    receives = frozenset({ACTIVATION, EVAL_ACTIVATION})
+
+    def __init__(self, shape: ModelShape, *, device: str = "auto", checkpointing: bool = False, max_message_mb: int = 512) -> None:
+        self.device = resolve_device(device)
+        self.module = GpuStageModule(shape, checkpointing=checkpointing).to(self.device)
+        self.max_message_mb = max_message_mb
+        self.regret: Any = None
+        self.loss_weights: Mapping[str, float] = {}
+
+    def configure(self, settings: Mapping[str, Any], regret_address: str) -> None:
+        train = settings.get("train", {})
+        regret = settings.get("regret", {})
+        self.loss_weights = dict(train.get("loss_weights", {}))
+        if self.regret is not None:
+            self.regret.close()
+            self.regret = None
+        if not regret.get("enabled", True):
+            return
+        per_step, per_regret = int(regret.get("regrets_per_step", 7)), int(regret.get("bentham_per_regret", 3))
+        if regret_address in ("", "inprocess"):
+            self.regret = InProcessRegret(per_step, per_regret)
+        else:
+            from redheart.regret_client import RegretClient
+
+            self.regret = RegretClient(
+                regret_address,
+                max_message_mb=self.max_message_mb,
+                timeout_seconds=float(regret.get("timeout_seconds", 30.0)),
+            )
+
+    def discard(self) -> None:
+        pass
+
+    def _mask(self, mb: MicroBatchInputs) -> torch.Tensor:
+        try:
+            return mb.tensors["attention_mask"].to(self.device)
+        except KeyError:
+            raise StageError("invalid", f"micro-batch {mb.index}: the gpu stage needs input 'attention_mask'") from None
+
+    def forward(self, ctx: RoundContext, mb: MicroBatchInputs) -> ForwardRecord:
+        act = ctx.receive(ACTIVATION, mb.index, f"the activation of micro-batch {mb.index} from the cpu stage")
+        mask = self._mask(mb)
+        if act.shape[:2] != mask.shape:
+            raise StageError("invalid", f"step {ctx.plan.step} micro-batch {mb.index}: activation shape {list(act.shape)} does not match attention_mask {list(mask.shape)}")
+        # The received activation is the leaf whose gradient goes back to the CPU stage.
+        leaf = act.to(self.device).requires_grad_(True)
+        with ctx.autocast():
+            outputs = self.module(leaf, mask)
+        pending = None
+        if self.regret is not None:
+            deadline = time.monotonic() + ctx.plan.deadline_seconds
+            pending = self.regret.submit(
+                ctx.plan.run_id, ctx.plan.step, mb.index, outputs["bentham"].detach().float().cpu(),
+                scenario_ids=mb.sample_ids, deadline=deadline,
+            )
+        return ForwardRecord(input_leaf=leaf, head_outputs=outputs, pending=pending, inputs=mb)
+
+    def backward(self, ctx: RoundContext, mb: MicroBatchInputs, record: ForwardRecord) -> dict:
+        labels = {}
+        for key in LABEL_KEYS:
+            if key not in mb.tensors:
+                raise StageError("invalid", f"micro-batch {mb.index}: the gpu stage needs input {key!r}")
+            labels[key] = mb.tensors[key].to(self.device)
+        regret_target = None
+        stats: dict[str, Any] = {"regret_computations": 0, "bentham_evaluations": 0}
+        if record.pending is not None:
+            t0 = time.perf_counter()
+            reply = record.pending.result()  # raises ServiceError naming the regret service address
+            ctx.timings["regret_wait"] += time.perf_counter() - t0
+            regret_target = reply.regret.to(self.device)
+            stats.update(
+                regret_computations=int(reply.regret_computations),
+                bentham_evaluations=int(reply.bentham_evaluations),
+                regret_mean=float(regret_target.mean()) if regret_target.numel() else 0.0,
+                regret_max=float(regret_target.max()) if regret_target.numel() else 0.0,
+            )
+        assert record.head_outputs is not None and record.input_leaf is not None
+        loss, parts = multitask_loss(record.head_outputs, labels, regret_target, self.loss_weights)
+        # Scale by 1/(micro-batches x accumulation) BEFORE backward; .grad is never rescaled later.
+        (loss * ctx.plan.loss_multiplier * ctx.plan.loss_scale).backward()
+        grad = record.input_leaf.grad
+        if grad is None:  # the CPU stage holds no trainable path into this stage (cannot happen with embeddings)
+            grad = torch.zeros_like(record.input_leaf)
+        ctx.link.send("prev", ctx.plan.run_id, ctx.plan.step, mb.index, GRADIENT, grad.detach())
+        stats.update(losses=parts, total_loss=float(loss.detach()), samples=int(record.input_leaf.shape[0]))
+        return stats
+
+    def evaluate(self, ctx: RoundContext, mb: MicroBatchInputs) -> dict:
+        act = ctx.runtime.mailbox.get(
+            (ctx.plan.run_id, ctx.plan.step, mb.index, EVAL_ACTIVATION), ctx.plan.deadline_seconds,
+            f"the evaluation activation of micro-batch {mb.index} from the cpu stage",
+        )
+        mask = self._mask(mb)
+        with ctx.autocast():
+            outputs = self.module(act.to(self.device), mask)
+        return {"outputs": {k: v.detach().float().cpu() for k, v in outputs.items()}}
+
+    def check_tensor(self, kind: str, tensor: torch.Tensor) -> None:
+        h = self.module.shape.hidden_size
+        if tensor.ndim != 3 or tensor.shape[-1] != h or not tensor.is_floating_point():
+            raise StageError("invalid", f"{kind} must be a float tensor [batch, seq, {h}], got {tensor.dtype} {list(tensor.shape)}")

@@ -1,0 +1,317 @@
+"""One optimizer step across the pipeline, as the orchestrator drives it.
+
+For each accumulation round the orchestrator sends every stage its plan at the same time (the
+CPU stage gets token ids, the GPU stage the attention mask and labels); the stages then exchange
+activations and gradients directly. After the last round it combines the stages' squared
+gradient norms into the global norm, computes one clip coefficient, decides (fp16) whether the
+step is skipped, and tells both stages to apply it. A failure on any stage aborts the step on all
+of them: no stage ever updates its weights alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import grpc
+import torch
+
+from orchestrator.stage_client import StageClient, micro_batch_message
+from redheart import codec
+from redheart.config import HybridConfig
+from redheart.rpc import ServiceError
+from redheart.v1 import stage_pb2, tensor_pb2
+
+CPU_KEYS = ("input_ids", "attention_mask")
+LABEL_KEYS = ("labels.emotions", "labels.emotions_mask", "labels.bentham", "labels.bentham_mask", "labels.judgment")
+GPU_KEYS = ("attention_mask",) + LABEL_KEYS
+HEAD_NAMES = ("emotion", "bentham", "judgment", "regret")
+
+
+class StepFailed(RuntimeError):
+    """A step could not complete on some stage; it was aborted everywhere (no optimizer update)."""
+
+    def __init__(self, step: int, stage: str, cause: BaseException) -> None:
+        self.step = step
+        self.stage = stage
+        self.cause = cause
+        super().__init__(f"step {step} failed on the {stage}: {cause}")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient norm is inf/NaN in fp32 training: the run stops before the update."""
+
+
+@dataclass
+class Batch:
+    """The samples of one accumulation round: tensors [B, ...] and their scenario ids."""
+
+    tensors: dict[str, torch.Tensor]
+    ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def slice(self, start: int, stop: int) -> "Batch":
+        return Batch({k: v[start:stop] for k, v in self.tensors.items()}, self.ids[start:stop])
+
+
+@dataclass
+class StepOutcome:
+    step: int
+    losses: dict[str, float]
+    total_loss: float
+    micro_batch_losses: list[float]
+    grad_norm: float
+    clip_coefficient: float
+    learning_rate: float
+    skipped: bool
+    loss_scale: float
+    regret_mean: float
+    regret_computations: int
+    bentham_evaluations: int
+    samples: int
+    tokens: int
+    seconds: float
+    stage_timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    spans: dict[str, list[tuple[str, int, float, float]]] = field(default_factory=dict)
+    peak_gpu_memory_bytes: int = 0
+
+
+def clip_coefficient(total_norm: float, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_'s coefficient: max_norm / (norm + 1e-6), at most 1."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (total_norm + 1e-6))
+
+
+class DynamicLossScale:
+    """fp16 loss scaling owned by the orchestrator, so the skip decision is global across stages."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_interval = growth_interval
+        self._good_steps = 0
+
+    def update(self, found_inf: bool) -> None:
+        if not self.enabled:
+            return
+        if found_inf:
+            self.scale = max(self.scale / 2.0, 1.0)
+            self._good_steps = 0
+        else:
+            self._good_steps += 1
+            if self._good_steps % self.growth_interval == 0:
+                self.scale *= 2.0
+
+    def state(self) -> dict[str, float]:
+        return {"scale": self.scale, "good_steps": self._good_steps, "enabled": self.enabled}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.scale = float(state.get("scale", self.scale))
+        self._good_steps = int(state.get("good_steps", 0))
+
+
+class PipelineDriver:
+    def __init__(self, cpu: StageClient, gpu: StageClient, config: HybridConfig, run_id: str,
+                 *, fp16_loss_scaling: bool = False, lookahead: int = 0) -> None:
+        self.cpu = cpu
+        self.gpu = gpu
+        self.stages = (cpu, gpu)
+        self.config = config
+        self.run_id = run_id
+        self.scaler = DynamicLossScale(fp16_loss_scaling)
+        self.lookahead = lookahead
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-call")
+        self.eval_passes = 0
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- plans
+
+    def _plans(self, step: int, round_index: int, batch: Batch, forward_only: bool = False,
+               eval_id: int = 0) -> tuple[stage_pb2.StepPlan, stage_pb2.StepPlan]:
+        t = self.config.train
+        mbs = self.config.micro_batches if not forward_only else max(1, math.ceil(len(batch) / t.micro_batch_size))
+        size = t.micro_batch_size
+        accum = t.gradient_accumulation_steps
+        plans = []
+        for keys in (CPU_KEYS, GPU_KEYS):
+            plan = stage_pb2.StepPlan(
+                envelope=tensor_pb2.Envelope(run_id=self.run_id, step=eval_id if forward_only else step),
+                accumulation_round=0 if forward_only else round_index,
+                accumulation_steps=1 if forward_only else accum,
+                schedule=t.schedule,
+                loss_multiplier=1.0 / (mbs * accum),
+                loss_scale=self.scaler.scale,
+                deadline_seconds=self.config.orchestrator.step_deadline_seconds,
+                forward_only=forward_only,
+                lookahead=0 if forward_only else min(self.lookahead, mbs),
+            )
+            for i in range(mbs):
+                part = batch.slice(i * size, (i + 1) * size)
+                index = i if forward_only else round_index * mbs + i
+                plan.micro_batches.append(micro_batch_message(index, part.tensors, keys, part.ids))
+            plans.append(plan)
+        return plans[0], plans[1]
+
+    def _run_on_stages(self, step: int, plans: Sequence[stage_pb2.StepPlan]) -> list[stage_pb2.StepResult]:
+        timeout = self.config.orchestrator.step_deadline_seconds + 30.0
+        futures = [self.pool.submit(stage.run_step, plan, timeout) for stage, plan in zip(self.stages, plans)]
+        results: list[Any] = [None, None]
+        errors: list[tuple[str, BaseException]] = []
+        aborted = False
+        pending = list(enumerate(futures))
+        while pending:
+            still = []
+            for i, fut in pending:
+                if not fut.done():
+                    still.append((i, fut))
+                    continue
+                try:
+                    results[i] = fut.result()
+                except BaseException as exc:  # noqa: BLE001 - any failure aborts the step everywhere
+                    errors.append((self.stages[i].name, exc))
+                    if not aborted:
+                        aborted = True
+                        self._abort_all(step, f"{self.stages[i].name} failed: {exc}")
+            pending = still
+            if pending:
+                time.sleep(0.002)
+        if errors:
+            # Report the root cause, not the ABORTED answer of the stage we stopped because of it.
+            errors.sort(key=lambda e: isinstance(e[1], ServiceError) and e[1].code == grpc.StatusCode.ABORTED)
+            stage, exc = errors[0]
+            raise StepFailed(step, stage, exc)
+        return results
+
+    def _abort_all(self, step: int, reason: str) -> None:
+        for stage in self.stages:
+            try:
+                stage.abort(self.run_id, step, reason)
+            except ServiceError:
+                pass  # a dead stage cannot be aborted; it restarts from a checkpoint
+
+    # ---- a training step
+
+    def run_step(self, step: int, rounds: Sequence[Batch], learning_rate: float) -> StepOutcome:
+        t = self.config.train
+        if len(rounds) != t.gradient_accumulation_steps:
+            raise ValueError(f"step {step}: {len(rounds)} rounds given, gradient_accumulation_steps is {t.gradient_accumulation_steps}")
+        start = time.perf_counter()
+        per_mb: list[stage_pb2.MicroBatchResult] = []
+        stage_timings = {s.name: {"forward": 0.0, "backward": 0.0, "wait": 0.0, "serialize": 0.0, "send": 0.0,
+                                  "bytes_sent": 0.0, "bytes_received": 0.0, "total": 0.0, "regret_wait": 0.0} for s in self.stages}
+        spans: dict[str, list] = {s.name: [] for s in self.stages}
+        norms: dict[str, float] = {}
+        found_inf = False
+        peak = 0
+        tokens = 0
+        samples = 0
+        for r, batch in enumerate(rounds):
+            if len(batch) != t.batch_size:
+                raise ValueError(f"step {step} round {r}: batch of {len(batch)} samples, train.batch_size is {t.batch_size}")
+            plans = self._plans(step, r, batch)
+            results = self._run_on_stages(step, plans)
+            tokens += int(batch.tensors["attention_mask"].sum())
+            samples += len(batch)
+            for stage, res in zip(self.stages, results):
+                tm = res.timings
+                acc = stage_timings[stage.name]
+                acc["forward"] += tm.forward_seconds
+                acc["backward"] += tm.backward_seconds
+                acc["wait"] += tm.wait_seconds
+                acc["serialize"] += tm.serialize_seconds
+                acc["send"] += tm.send_seconds
+                acc["bytes_sent"] += tm.bytes_sent
+                acc["bytes_received"] += tm.bytes_received
+                acc["total"] += tm.total_seconds
+                acc["regret_wait"] += tm.regret_wait_seconds
+                spans[stage.name].extend((s.action, s.micro_batch, s.start, s.end) for s in res.spans)
+                if res.has_grad_norm:
+                    norms[stage.name] = res.grad_norm_sq
+                    found_inf |= res.found_inf
+                peak = max(peak, res.peak_memory_bytes)
+            per_mb.extend(sorted(results[1].micro_batches, key=lambda m: m.index))
+        if set(norms) != {s.name for s in self.stages}:
+            raise StepFailed(step, "orchestrator", RuntimeError(f"gradient norms missing from {sorted({s.name for s in self.stages} - set(norms))}"))
+        total_norm = math.sqrt(sum(norms.values())) if all(math.isfinite(v) for v in norms.values()) else float("inf")
+        losses = _mean_losses(per_mb)
+        mb_losses = [m.total_loss for m in per_mb]
+        skip = False
+        if self.scaler.enabled:
+            skip = found_inf or not math.isfinite(total_norm)
+        else:
+            bad_mb = [m.index for m in per_mb if not math.isfinite(m.total_loss)]
+            bad_stage = [name for name, v in norms.items() if not math.isfinite(v)]
+            if bad_mb or bad_stage:
+                self._abort_all(step, "non-finite loss or gradient")
+                where = []
+                if bad_mb:
+                    where.append(f"loss of micro-batch(es) {bad_mb} on the gpu stage")
+                if bad_stage:
+                    where.append(f"gradient norm on the {', '.join(bad_stage)}")
+                raise NonFiniteError(
+                    f"step {step}: non-finite {' and '.join(where)} in fp32 training; the update was not applied "
+                    f"(fix: lower train.learning_rate, set train.max_grad_norm, or check the data)"
+                )
+        coef = clip_coefficient(total_norm, t.max_grad_norm) if not skip else 0.0
+        scale = self.scaler.scale
+        applied = [self.pool.submit(s.apply, self.run_id, step, coef, learning_rate, skip, scale) for s in self.stages]
+        errors = []
+        for s, fut in zip(self.stages, applied):
+            try:
+                fut.result()
+            except BaseException as exc:  # noqa: BLE001
+                errors.append((s.name, exc))
+        if errors:
+            raise StepFailed(step, errors[0][0], errors[0][1])
+        self.scaler.update(skip)
+        regret_values = [m.regret_mean for m in per_mb if m.regret_computations]
+        return StepOutcome(
+            step=step,
+            losses=losses,
+            total_loss=sum(mb_losses) / len(mb_losses),
+            micro_batch_losses=mb_losses,
+            grad_norm=total_norm,
+            clip_coefficient=coef,
+            learning_rate=learning_rate,
+            skipped=skip,
+            loss_scale=scale,
+            regret_mean=sum(regret_values) / len(regret_values) if regret_values else 0.0,
+            regret_computations=sum(m.regret_computations for m in per_mb),
+            bentham_evaluations=sum(m.bentham_evaluations for m in per_mb),
+            samples=samples,
+            tokens=tokens,
+            seconds=time.perf_counter() - start,
+            stage_timings=stage_timings,
+            spans=spans,
+            peak_gpu_memory_bytes=peak,
+        )
+
+    # ---- evaluation
+
+    def evaluate(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Forward-only pass of one batch through both stages; returns the head outputs [B, ...]."""
+        self.eval_passes += 1
+        eval_id = self.eval_passes
+        plans = self._plans(0, 0, batch, forward_only=True, eval_id=eval_id)
+        results = self._run_on_stages(eval_id, plans)
+        outputs: dict[str, list[torch.Tensor]] = {}
+        for mb in sorted(results[1].micro_batches, key=lambda m: m.index):
+            for name, msg in mb.outputs.items():
+                outputs.setdefault(name, []).append(codec.decode(msg))
+        return {k: torch.cat(v) for k, v in outputs.items()}
+
+
+def _mean_losses(per_mb: Sequence[stage_pb2.MicroBatchResult]) -> dict[str, float]:
+    sums: dict[str, list[float]] = {}
+    for m in per_mb:
+        for head, value in m.losses.items():
+            sums.setdefault(head, []).append(value)
+    return {head: sum(v) / len(v) for head, v in sums.items()}

@@ -1,0 +1,83 @@
+"""Single-process training of the same model: the yardstick of ``--verify`` and the equivalence tests.
+
+It builds both stage modules in this process from the same seed, runs the micro-batches in order
+with the same dropout seeds, loss scaling and regret calculus as the pipeline, clips with
+``torch.nn.utils.clip_grad_norm_`` over all parameters and steps AdamW. A pipelined step must give
+the same losses and parameters (fp32 on CPU: rtol 1e-5, atol 4e-5).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from orchestrator.pipeline import LABEL_KEYS, Batch
+from redheart.config import HybridConfig
+from redheart.losses import multitask_loss
+from redheart.model import CpuStageModule, GpuStageModule, derive_seed, resolve_model_shape
+from redheart.stage_runtime import build_optimizer
+
+
+class SingleProcessTrainer:
+    def __init__(self, config: HybridConfig) -> None:
+        self.config = config
+        shape = resolve_model_shape(config.model)
+        self.cpu = CpuStageModule(shape)
+        self.gpu = GpuStageModule(shape)
+        self.optimizers = [build_optimizer(self.cpu, config.train), build_optimizer(self.gpu, config.train)]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.cpu.parameters()) + list(self.gpu.parameters())
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        out = {n: p.detach() for n, p in self.cpu.global_named_parameters()}
+        out.update({n: p.detach() for n, p in self.gpu.global_named_parameters()})
+        return out
+
+    def step(self, step: int, rounds: Sequence[Batch], learning_rate: float) -> dict:
+        t = self.config.train
+        mbs = self.config.micro_batches
+        accum = t.gradient_accumulation_steps
+        multiplier = 1.0 / (mbs * accum)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        mb_losses, heads = [], {}
+        for r, batch in enumerate(rounds):
+            for i in range(mbs):
+                part = batch.slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
+                index = r * mbs + i
+                ids, mask = part.tensors["input_ids"], part.tensors["attention_mask"]
+                torch.manual_seed(derive_seed(t.seed, step, index, 0))
+                hidden = self.cpu(ids, mask)
+                torch.manual_seed(derive_seed(t.seed, step, index, 1))
+                outputs = self.gpu(hidden, mask)
+                regret_target = None
+                if self.config.regret.enabled:
+                    from redheart import calculus
+
+                    regret_target = calculus.score_tensor(
+                        outputs["bentham"].detach(), self.config.regret.regrets_per_step, self.config.regret.bentham_per_regret
+                    )
+                labels = {k: part.tensors[k] for k in LABEL_KEYS}
+                loss, parts = multitask_loss(outputs, labels, regret_target, t.loss_weights)
+                (loss * multiplier * 1.0).backward()
+                mb_losses.append(float(loss.detach()))
+                for head, value in parts.items():
+                    heads.setdefault(head, []).append(value)
+        params = self.parameters()
+        if t.max_grad_norm > 0:
+            total = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+        else:
+            total = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None))
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = learning_rate
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return {
+            "micro_batch_losses": mb_losses,
+            "losses": {h: sum(v) / len(v) for h, v in heads.items()},
+            "grad_norm": total,
+        }

@@ -1,0 +1,96 @@
+"""Client of one pipeline stage service. All its grpc errors surface as redheart.rpc.ServiceError."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import grpc
+import torch
+
+from redheart import codec
+from redheart.rpc import ServiceError, call, make_channel
+from redheart.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
+
+
+@dataclass
+class StageInfo:
+    rank: int
+    name: str
+    device: str
+    fingerprint: str
+    settings: dict[str, Any]
+    num_parameters: int
+    layer_range: str
+    next_step: int
+    run_id: str
+
+
+class StageClient:
+    def __init__(self, name: str, address: str, *, max_message_mb: int, rpc_timeout: float,
+                 credentials: grpc.ChannelCredentials | None = None, metadata=None) -> None:
+        self.name = name  # "cpu stage" / "gpu stage"
+        self.address = address
+        self.rpc_timeout = rpc_timeout
+        self.metadata = metadata
+        self.channel = make_channel(address, max_message_mb, credentials)
+        self.stub = stage_pb2_grpc.PipelineStageStub(self.channel)
+
+    def _call(self, method: str, request, *, timeout: float | None = None, idempotent: bool = True, retry_until=None):
+        return call(getattr(self.stub, method), request, service=self.name, address=self.address,
+                    timeout=timeout or self.rpc_timeout, idempotent=idempotent, retry_until=retry_until,
+                    metadata=self.metadata, method_name=method)
+
+    def describe(self) -> StageInfo:
+        r = self._call("Describe", stage_pb2.DescribeRequest())
+        return StageInfo(r.stage_rank, r.stage_name, r.device, r.model_fingerprint, json.loads(r.model_settings_json or "{}"),
+                         r.num_parameters, r.layer_range, r.next_step, r.current_run_id)
+
+    def start_run(self, run_id: str, settings: Mapping[str, Any], *, next_address: str, prev_address: str,
+                  regret_address: str, first_step: int, reinitialize: bool) -> int:
+        r = self._call("StartRun", stage_pb2.StartRunRequest(
+            run_id=run_id, train_settings_json=json.dumps(settings), next_stage_address=next_address,
+            prev_stage_address=prev_address, regret_address=regret_address, first_step=first_step,
+            reinitialize=reinitialize))
+        return r.num_parameters
+
+    def run_step(self, request: stage_pb2.StepPlan, timeout: float) -> stage_pb2.StepResult:
+        # Idempotent on the stage side (results are cached per (run, step, round)), so a retry after
+        # a dropped connection returns the same result instead of running the round twice.
+        return self._call("RunStep", request, timeout=timeout, idempotent=True, retry_until=time.monotonic() + timeout)
+
+    def apply(self, run_id: str, step: int, clip: float, lr: float, skip: bool, loss_scale: float) -> stage_pb2.ApplyResponse:
+        return self._call("ApplyStep", stage_pb2.ApplyRequest(
+            envelope=tensor_pb2.Envelope(run_id=run_id, step=step), clip_coefficient=clip, learning_rate=lr,
+            skip=skip, loss_scale=loss_scale))
+
+    def abort(self, run_id: str, step: int, reason: str) -> None:
+        self._call("AbortStep", stage_pb2.AbortRequest(run_id=run_id, step=step, reason=reason), timeout=10.0)
+
+    def save(self, run_id: str, step: int, directory: str) -> stage_pb2.SaveStateResponse:
+        return self._call("SaveState", stage_pb2.SaveStateRequest(run_id=run_id, step=step, directory=directory))
+
+    def load(self, run_id: str, step: int, directory: str) -> int:
+        return self._call("LoadState", stage_pb2.LoadStateRequest(run_id=run_id, step=step, directory=directory)).next_step
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        out = {}
+        try:
+            for item in self.stub.GetParameters(stage_pb2.GetParametersRequest(), timeout=self.rpc_timeout * 10, metadata=self.metadata):
+                out[item.name] = codec.decode(item.tensor)
+        except grpc.RpcError as exc:
+            raise ServiceError(self.name, self.address, "GetParameters", exc.code(), exc.details() or "") from None
+        return out
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def micro_batch_message(index: int, tensors: Mapping[str, torch.Tensor], keys: Sequence[str],
+                        sample_ids: Sequence[str] = ()) -> stage_pb2.MicroBatch:
+    mb = stage_pb2.MicroBatch(index=index, sample_ids=list(sample_ids))
+    for key in keys:
+        mb.inputs[key].CopyFrom(codec.encode(tensors[key], name=f"micro-batch {index} {key}"))
+    return mb

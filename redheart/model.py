@@ -1,0 +1,340 @@
+"""The Red Heart multi-task model, defined once and cut into two pipeline stages.
+
+* CPU stage (:class:`CpuStageModule`): token + position embeddings and transformer layers
+  ``[0, cpu_layers)``.
+* GPU stage (:class:`GpuStageModule`): layers ``[cpu_layers, num_layers)``, the final norm, masked
+  mean pooling and the heads (emotion, Bentham, judgment, regret).
+
+Composing the two is the whole model; the single-process reference does exactly that, so a
+pipelined step and a single-process step run the same modules on the same numbers.
+
+Weights are initialised per module from a generator seeded by ``(init_seed, global module name)``,
+so each stage can build only its own part and still hold exactly the weights the whole model
+would have: no stage ever materialises the other's layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:  # avoid an import cycle: config imports this module lazily
+    from redheart.config import ModelConfig
+
+NUM_EMOTIONS = 6
+NUM_BENTHAM = 8  # 7 circumstances in [0, 1] + valence in [-1, 1]
+NUM_JUDGMENTS = 5
+HEADS = ("emotion", "bentham", "judgment", "regret")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Everything both stages must agree on (fingerprinted in the handshake)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    ffn_size: int
+    vocab_size: int
+    max_seq_len: int
+    cpu_layers: int
+    dropout: float
+    init_seed: int
+
+    @property
+    def gpu_layers(self) -> int:
+        return self.num_layers - self.cpu_layers
+
+
+PRESETS: dict[str, dict[str, int]] = {
+    # tests: well under 2M parameters, 4 layers so the split is meaningful
+    "tiny": dict(hidden_size=64, num_layers=4, num_heads=4, ffn_size=256, vocab_size=2048, max_seq_len=64),
+    # the demo: learns visibly within minutes on 2 CPU cores
+    "small": dict(hidden_size=128, num_layers=5, num_heads=4, ffn_size=512, vocab_size=4096, max_seq_len=64),
+    # the original target_params = 200_000_000
+    "base": dict(hidden_size=1024, num_layers=13, num_heads=16, ffn_size=4096, vocab_size=32000, max_seq_len=256),
+}
+
+
+def count_parameters(shape: ModelShape) -> dict[str, int]:
+    """Parameter counts without building the model (for planning and the 200M check)."""
+    h, f, v = shape.hidden_size, shape.ffn_size, shape.vocab_size
+    per_layer = (
+        2 * (2 * h)  # two layer norms
+        + (h * 3 * h + 3 * h)  # qkv projection
+        + (h * h + h)  # output projection
+        + (h * f + f)  # ffn in
+        + (f * h + h)  # ffn out
+    )
+    embeddings = v * h + shape.max_seq_len * h
+    heads = (h * h + h) + (h * NUM_EMOTIONS + NUM_EMOTIONS) + (h * NUM_BENTHAM + NUM_BENTHAM)
+    heads += (h * NUM_JUDGMENTS + NUM_JUDGMENTS) + (h + 1) + 2 * h  # regret head + final norm
+    cpu = embeddings + shape.cpu_layers * per_layer
+    gpu = shape.gpu_layers * per_layer + heads
+    return {"cpu_stage": cpu, "gpu_stage": gpu, "total": cpu + gpu, "per_layer": per_layer}
+
+
+def _shape_for_target(target: int) -> dict[str, int]:
+    """A sensible shape with about `target` parameters: widest hidden size whose depth stays >= 6."""
+    best = None
+    for hidden in (128, 192, 256, 384, 512, 768, 1024, 1280, 1536, 2048):
+        vocab = 8192 if target < 60_000_000 else 32000
+        seq = 128 if target < 60_000_000 else 256
+        probe = ModelShape(hidden, 1, max(1, hidden // 64), 4 * hidden, vocab, seq, 0, 0.0, 0)
+        counts = count_parameters(probe)
+        fixed = counts["total"] - counts["per_layer"]
+        layers = round((target - fixed) / counts["per_layer"])
+        if layers >= 6 or best is None:
+            best = dict(hidden_size=hidden, num_layers=max(2, layers), num_heads=max(1, hidden // 64),
+                        ffn_size=4 * hidden, vocab_size=vocab, max_seq_len=seq)
+        if layers < 6:
+            break
+    assert best is not None
+    return best
+
+
+def resolve_model_shape(cfg: "ModelConfig", *, cpu_layers_override: int | None = None) -> ModelShape:
+    """Preset / target_params / explicit fields -> a concrete, validated shape and split."""
+    if cfg.preset == "custom":
+        base: dict[str, int] = {}
+    elif cfg.preset in PRESETS:
+        base = dict(PRESETS[cfg.preset])
+    else:
+        raise ValueError(f"model.preset = {cfg.preset!r} is not one of {', '.join(PRESETS)} or custom")
+    if cfg.target_params is not None:
+        if cfg.target_params < 100_000:
+            raise ValueError(f"model.target_params = {cfg.target_params} is too small (at least 100000)")
+        base = _shape_for_target(cfg.target_params)
+    for key in ("hidden_size", "num_layers", "num_heads", "ffn_size", "vocab_size", "max_seq_len"):
+        value = getattr(cfg, key)
+        if value is not None:
+            base[key] = value
+    missing = [k for k in ("hidden_size", "num_layers", "num_heads", "vocab_size", "max_seq_len") if k not in base]
+    if missing:
+        raise ValueError(f"model.preset = \"custom\" needs {', '.join('model.' + k for k in missing)}")
+    base.setdefault("ffn_size", 4 * base["hidden_size"])
+    for key, value in base.items():
+        if value < 1:
+            raise ValueError(f"model.{key} = {value} must be at least 1")
+    if base["hidden_size"] % base["num_heads"]:
+        raise ValueError(
+            f"model.hidden_size = {base['hidden_size']} is not divisible by model.num_heads = {base['num_heads']}"
+        )
+    if base["vocab_size"] < 16:
+        raise ValueError(f"model.vocab_size = {base['vocab_size']} is too small (at least 16)")
+    layers = base["num_layers"]
+    if cpu_layers_override is not None:
+        cpu_layers = cpu_layers_override
+    elif cfg.cpu_layers is not None:
+        cpu_layers = cfg.cpu_layers
+    elif isinstance(cfg.gpu_layers_ratio, str):
+        # "auto" is resolved by the orchestrator's profiler before the stages start; a stage
+        # started without it falls back to the designed 40/60 split.
+        cpu_layers = round(layers * 0.4)
+    else:
+        cpu_layers = round(layers * (1.0 - cfg.gpu_layers_ratio))
+    if not 0 <= cpu_layers <= layers:
+        raise ValueError(f"model.cpu_layers = {cpu_layers} must be in 0..{layers} (model.num_layers)")
+    return ModelShape(
+        hidden_size=base["hidden_size"],
+        num_layers=layers,
+        num_heads=base["num_heads"],
+        ffn_size=base["ffn_size"],
+        vocab_size=base["vocab_size"],
+        max_seq_len=base["max_seq_len"],
+        cpu_layers=cpu_layers,
+        dropout=float(cfg.dropout),
+        init_seed=cfg.init_seed,
+    )
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _seed_for(init_seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{init_seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, init_seed: int, prefix: str) -> None:
+    """Deterministic init of every sub-module, keyed by its global name (not by creation order)."""
+    for name, sub in module.named_modules():
+        full = f"{prefix}.{name}" if name else prefix
+        gen = torch.Generator().manual_seed(_seed_for(init_seed, full))
+        if isinstance(sub, nn.Linear):
+            sub.weight.copy_(torch.randn(sub.weight.shape, generator=gen) * 0.02)
+            if sub.bias is not None:
+                sub.bias.zero_()
+        elif isinstance(sub, nn.Embedding):
+            sub.weight.copy_(torch.randn(sub.weight.shape, generator=gen) * 0.02)
+        elif isinstance(sub, nn.LayerNorm):
+            sub.weight.fill_(1.0)
+            sub.bias.zero_()
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        q, k, v = self.qkv(x).split(h, dim=-1)  # 3 x [B, T, H]
+        # [B, T, H] -> [B, heads, T, H/heads]
+        q = q.view(b, t, self.heads, h // self.heads).transpose(1, 2)
+        k = k.view(b, t, self.heads, h // self.heads).transpose(1, 2)
+        v = v.view(b, t, self.heads, h // self.heads).transpose(1, 2)
+        # key_mask [B, T] bool (True = real token) -> [B, 1, 1, T], broadcast over heads and queries
+        attn_mask = key_mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )  # [B, heads, T, H/heads]
+        y = y.transpose(1, 2).reshape(b, t, h)  # [B, T, H]
+        return self.proj(y)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm transformer encoder layer."""
+
+    def __init__(self, hidden: int, heads: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden)
+        self.attn = SelfAttention(hidden, heads, dropout)
+        self.norm2 = nn.LayerNorm(hidden)
+        self.ffn_in = nn.Linear(hidden, ffn)
+        self.ffn_out = nn.Linear(ffn, hidden)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), key_mask))
+        x = x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(self.norm2(x)))))
+        return x
+
+
+class _LayerStack(nn.Module):
+    """Layers keyed by their global index, so parameter names are the same in any split."""
+
+    def __init__(self, shape: ModelShape, indices: range, checkpointing: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict(
+            {str(i): EncoderLayer(shape.hidden_size, shape.num_heads, shape.ffn_size, shape.dropout) for i in indices}
+        )
+        self.checkpointing = checkpointing
+        for i in indices:
+            init_weights(self.layers[str(i)], shape.init_seed, f"layers.{i}")
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers.values():
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                # preserve_rng_state keeps dropout identical in the recomputation.
+                x = torch.utils.checkpoint.checkpoint(layer, x, key_mask, use_reentrant=False)
+            else:
+                x = layer(x, key_mask)
+        return x
+
+
+class CpuStageModule(nn.Module):
+    """Embeddings + the first `cpu_layers` layers. forward(input_ids [B,T], mask [B,T]) -> [B,T,H]."""
+
+    def __init__(self, shape: ModelShape, *, checkpointing: bool = False) -> None:
+        super().__init__()
+        self.shape = shape
+        self.token = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        self.position = nn.Embedding(shape.max_seq_len, shape.hidden_size)
+        self.dropout = nn.Dropout(shape.dropout)
+        init_weights(self.token, shape.init_seed, "embeddings.token")
+        init_weights(self.position, shape.init_seed, "embeddings.position")
+        self.stack = _LayerStack(shape, range(0, shape.cpu_layers), checkpointing)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        b, t = input_ids.shape
+        if t > self.shape.max_seq_len:
+            raise ValueError(f"input_ids has {t} positions, the model's max_seq_len is {self.shape.max_seq_len}")
+        positions = torch.arange(t, device=input_ids.device)  # [T]
+        x = self.token(input_ids) + self.position(positions)[None]  # [B, T, H]
+        x = self.dropout(x)
+        return self.stack(x, attention_mask.bool())
+
+    def global_named_parameters(self):
+        for name, p in self.named_parameters():
+            yield _global_name(name), p
+
+
+class GpuStageModule(nn.Module):
+    """Remaining layers + norm + pooling + heads. forward(hidden [B,T,H], mask [B,T]) -> head outputs."""
+
+    def __init__(self, shape: ModelShape, *, checkpointing: bool = False) -> None:
+        super().__init__()
+        self.shape = shape
+        h = shape.hidden_size
+        self.stack = _LayerStack(shape, range(shape.cpu_layers, shape.num_layers), checkpointing)
+        self.norm = nn.LayerNorm(h)
+        self.pooler = nn.Linear(h, h)
+        self.emotion = nn.Linear(h, NUM_EMOTIONS)
+        self.bentham = nn.Linear(h, NUM_BENTHAM)
+        self.judgment = nn.Linear(h, NUM_JUDGMENTS)
+        self.regret = nn.Linear(h, 1)
+        for name in ("norm", "pooler", "emotion", "bentham", "judgment", "regret"):
+            init_weights(getattr(self, name), shape.init_seed, f"heads.{name}")
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = attention_mask.bool()
+        x = self.norm(self.stack(hidden, mask))  # [B, T, H]
+        weights = mask.to(x.dtype)[..., None]  # [B, T, 1]
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # [B, H]
+        pooled = torch.tanh(self.pooler(pooled))  # [B, H]
+        raw_bentham = self.bentham(pooled)  # [B, 8]
+        # 7 circumstances live in [0, 1], valence in [-1, 1].
+        bentham = torch.cat([torch.sigmoid(raw_bentham[:, :7]), torch.tanh(raw_bentham[:, 7:])], dim=1)
+        return {
+            "emotion_logits": self.emotion(pooled),  # [B, 6]
+            "bentham": bentham,  # [B, 8]
+            "judgment_logits": self.judgment(pooled),  # [B, 5]
+            "regret": F.softplus(self.regret(pooled)).squeeze(-1),  # [B], regret >= 0
+        }
+
+    def global_named_parameters(self):
+        for name, p in self.named_parameters():
+            yield _global_name(name), p
+
+
+def _global_name(local: str) -> str:
+    """Module-local parameter name -> the name it has in the whole model (same in every split)."""
+    if local.startswith("stack.layers."):
+        return "layers." + local[len("stack.layers."):]
+    if local.startswith(("token.", "position.")):
+        return "embeddings." + local
+    return "heads." + local
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from parts (dropout per (seed, step, micro-batch, stage))."""
+    return _seed_for(0, ":".join(str(p) for p in parts))
+
+
+def estimate_stage_memory_bytes(shape: ModelShape, stage: str, micro_batch: int, in_flight: int,
+                                bytes_per_param: int = 4, activation_bytes: int = 4) -> dict[str, int]:
+    """Rough training-memory estimate of one stage: weights + grads + AdamW (2 states) + activations."""
+    counts = count_parameters(shape)
+    params = counts["cpu_stage" if stage == "cpu" else "gpu_stage"]
+    layers = shape.cpu_layers if stage == "cpu" else shape.gpu_layers
+    weights = params * bytes_per_param
+    grads = params * 4
+    optimizer = params * 8
+    t, h, f = shape.max_seq_len, shape.hidden_size, shape.ffn_size
+    # per layer per sample: ~ residuals, norms, qkv, attention probs, ffn hidden (saved for backward)
+    per_layer_sample = (8 * t * h + 2 * t * f + shape.num_heads * t * t) * activation_bytes
+    activations = in_flight * micro_batch * max(layers, 1) * per_layer_sample
+    total = weights + grads + optimizer + activations
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
+            "total": total, "parameters": params}
+

@@ -1,0 +1,562 @@
+"""gRPC side of a pipeline stage, shared by the CPU and GPU stage processes.
+
+* :class:`StageServicer` – thin: decode (validated) -> call :class:`StageRuntime` -> encode.
+* :class:`GrpcPeerLink` – pushes activations / gradients straight to the neighbouring stage on a
+  sender thread, so serialization and transfer overlap the next micro-batch's compute.
+* :func:`create_stage_server` – the factory behind ``cpu_stage.server.create_server`` and
+  ``gpu_stage.server.create_server``: returns ``(StageServer, port)``; port 0 binds a free port.
+* :func:`run_stage_cli` – the ``redheart-cpu-stage`` / ``redheart-gpu-stage`` process main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import grpc
+import torch
+from prometheus_client import CollectorRegistry
+
+from redheart import codec
+from redheart.config import ConfigError, HybridConfig, load_config
+from redheart.metrics_common import StageMetrics, start_metrics_endpoint
+from redheart.rpc import RpcFailure, ServiceError, bind, make_channel, make_server, rpc_method, set_serving
+from redheart.stage_runtime import (
+    ACTIVATION,
+    EVAL_ACTIVATION,
+    GRADIENT,
+    MicroBatchInputs,
+    RoundPlan,
+    RoundResult,
+    StageError,
+    StageRuntime,
+)
+from redheart.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
+
+log = logging.getLogger(__name__)
+
+_KIND_TO_WIRE = {ACTIVATION: tensor_pb2.ACTIVATION, GRADIENT: tensor_pb2.GRADIENT, EVAL_ACTIVATION: tensor_pb2.EVAL_ACTIVATION}
+_WIRE_TO_KIND = {v: k for k, v in _KIND_TO_WIRE.items()}
+_STATUS = {
+    "precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "aborted": grpc.StatusCode.ABORTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+STAGE_METHODS = ("Describe", "StartRun", "RunStep", "ApplyStep", "AbortStep", "PushTensor", "SaveState", "LoadState", "GetParameters")
+VERSION = "0.1.0"
+
+
+def _to_failure(exc: StageError) -> RpcFailure:
+    return RpcFailure(_STATUS.get(exc.kind, grpc.StatusCode.INTERNAL), str(exc))
+
+
+# ----------------------------------------------------------------------------- peer link
+
+
+class GrpcPeerLink:
+    """Ordered, asynchronous delivery of tensors to the neighbouring stages."""
+
+    def __init__(self, stage_name: str, codec_name: str, max_message_mb: int, metrics: StageMetrics | None,
+                 credentials: grpc.ChannelCredentials | None = None, metadata=None) -> None:
+        self.stage_name = stage_name
+        self.codec_name = codec_name
+        self.max_message_mb = max_message_mb
+        self.metrics = metrics
+        self.credentials = credentials
+        self.metadata = metadata
+        self.addresses: dict[str, str] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, stage_pb2_grpc.PipelineStageStub] = {}
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._stats = {"serialize_seconds": 0.0, "send_seconds": 0.0, "bytes_sent": 0}
+        self._thread = threading.Thread(target=self._worker, name=f"{stage_name}-sender", daemon=True)
+        self._thread.start()
+
+    def connect(self, addresses: dict[str, str]) -> None:
+        for ch in self._channels.values():
+            ch.close()
+        self._channels.clear()
+        self._stubs.clear()
+        self.addresses = {k: v for k, v in addresses.items() if v}
+        for direction, address in self.addresses.items():
+            channel = make_channel(address, self.max_message_mb, self.credentials)
+            self._channels[direction] = channel
+            self._stubs[direction] = stage_pb2_grpc.PipelineStageStub(channel)
+        with self._cond:
+            self._error = None
+
+    def send(self, direction: str, run_id: str, step: int, micro_batch: int, kind: str, tensor: torch.Tensor,
+             deadline: float | None = None) -> None:
+        if direction not in self._stubs:
+            raise StageError("precondition", f"the {self.stage_name} stage has no {direction} stage address (StartRun did not give one)")
+        with self._cond:
+            if self._error is not None:
+                raise StageError("unavailable", str(self._error))
+            self._pending += 1
+        # The tensor is already detached; copying to host here keeps CUDA work off the sender thread.
+        self._queue.put((direction, run_id, step, micro_batch, kind, tensor.detach(), deadline or time.monotonic() + 600.0))
+
+    def _worker(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            direction, run_id, step, micro_batch, kind, tensor, deadline = item
+            try:
+                t0 = time.perf_counter()
+                name = f"{kind}[step {step}, micro-batch {micro_batch}]"
+                msg = codec.encode(tensor.cpu(), codec=self.codec_name, name=name)
+                t1 = time.perf_counter()
+                request = stage_pb2.TensorTransfer(
+                    envelope=tensor_pb2.Envelope(run_id=run_id, step=step, micro_batch=micro_batch, kind=_KIND_TO_WIRE[kind]),
+                    tensor=msg,
+                    sender=self.stage_name,
+                )
+                self._push(direction, request, deadline)
+                t2 = time.perf_counter()
+                nbytes = codec.encoded_nbytes(msg)
+                with self._cond:
+                    self._stats["serialize_seconds"] += t1 - t0
+                    self._stats["send_seconds"] += t2 - t1
+                    self._stats["bytes_sent"] += nbytes
+                if self.metrics is not None:
+                    self.metrics.wire_bytes.labels(self.metrics.stage, "sent").inc(nbytes)
+                    self.metrics.serialize_seconds.labels(self.metrics.stage, "encode").inc(t1 - t0)
+            except BaseException as exc:  # keep the thread alive; report on flush / next send
+                with self._cond:
+                    if self._error is None:
+                        self._error = exc
+            finally:
+                with self._cond:
+                    self._pending -= 1
+                    self._cond.notify_all()
+
+    def _push(self, direction: str, request, deadline: float) -> None:
+        address = self.addresses[direction]
+        stub = self._stubs[direction]
+        delay = 0.05
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                stub.PushTensor(request, timeout=max(0.05, min(remaining, 300.0)), metadata=self.metadata)
+                return
+            except grpc.RpcError as exc:
+                # Pushes are idempotent (the receiver drops duplicates), so retrying is safe.
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay < deadline:
+                    time.sleep(delay)
+                    delay = min(2 * delay, 1.0)
+                    continue
+                peer = "gpu" if direction == "next" else "cpu"
+                raise ServiceError(f"{peer} stage", address, "PushTensor", exc.code(), exc.details() or "") from None
+
+    def error(self) -> BaseException | None:
+        with self._cond:
+            return self._error
+
+    def flush(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StageError("deadline", f"{self._pending} tensor(s) still unsent after {timeout:.0f}s")
+                self._cond.wait(remaining)
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise StageError("unavailable", f"sending to the peer stage failed: {err}")
+
+    def reset_error(self) -> None:
+        with self._cond:
+            self._error = None
+
+    def stats(self) -> dict[str, float]:
+        with self._cond:
+            return dict(self._stats)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        for ch in self._channels.values():
+            ch.close()
+
+
+# ----------------------------------------------------------------------------- servicer
+
+
+def _decode_inputs(mb: stage_pb2.MicroBatch, limits: codec.TensorLimits) -> MicroBatchInputs:
+    tensors = {}
+    for key, msg in mb.inputs.items():
+        if not msg.name:
+            msg.name = f"micro-batch {mb.index} input {key}"
+        tensors[key] = codec.decode(msg, limits=limits)
+    return MicroBatchInputs(index=mb.index, tensors=tensors, sample_ids=list(mb.sample_ids))
+
+
+def _encode_result(result: RoundResult, link_stats: dict[str, float], received: int, decode_seconds: float) -> stage_pb2.StepResult:
+    out = stage_pb2.StepResult(
+        envelope=tensor_pb2.Envelope(run_id=result.run_id, step=result.step),
+        accumulation_round=result.accumulation_round,
+        found_inf=result.found_inf,
+        peak_memory_bytes=result.peak_memory_bytes,
+    )
+    if result.grad_norm_sq is not None:
+        out.grad_norm_sq = result.grad_norm_sq
+        out.has_grad_norm = True
+    for mb in result.micro_batches:
+        item = out.micro_batches.add(
+            index=mb["index"],
+            total_loss=mb.get("total_loss", 0.0),
+            regret_mean=mb.get("regret_mean", 0.0),
+            regret_max=mb.get("regret_max", 0.0),
+            regret_computations=mb.get("regret_computations", 0),
+            bentham_evaluations=mb.get("bentham_evaluations", 0),
+            samples=mb.get("samples", 0),
+        )
+        for head, value in mb.get("losses", {}).items():
+            item.losses[head] = value
+        for name, tensor in mb.get("outputs", {}).items():
+            item.outputs[name].CopyFrom(codec.encode(tensor, name=name))
+    t = result.timings
+    out.timings.CopyFrom(
+        stage_pb2.StepTimings(
+            forward_seconds=t.get("forward", 0.0),
+            backward_seconds=t.get("backward", 0.0),
+            wait_seconds=t.get("wait", 0.0),
+            serialize_seconds=link_stats.get("serialize_seconds", 0.0) + decode_seconds,
+            send_seconds=link_stats.get("send_seconds", 0.0),
+            bytes_sent=int(link_stats.get("bytes_sent", 0)),
+            bytes_received=received,
+            total_seconds=t.get("total", 0.0),
+            regret_wait_seconds=t.get("regret_wait", 0.0),
+        )
+    )
+    for action, mb_index, start, end in result.spans:
+        out.spans.add(action=action, micro_batch=mb_index, start=start, end=end)
+    return out
+
+
+class StageServicer(stage_pb2_grpc.PipelineStageServicer):
+    def __init__(self, runtime: StageRuntime, link: GrpcPeerLink, config: HybridConfig, metrics: StageMetrics | None,
+                 device: str, layer_range: str) -> None:
+        self.runtime = runtime
+        self.link = link
+        self.config = config
+        self.metrics = metrics
+        self.device = device
+        self.layer_range = layer_range
+        self.limits = codec.TensorLimits(
+            max_rank=config.wire.max_rank,
+            max_bytes=config.wire.max_message_mb * 1024 * 1024,
+            max_elements=config.wire.max_message_mb * 1024 * 1024,
+        )
+        self._recv_lock = threading.Lock()
+        self._received_bytes = 0
+        self._decode_seconds = 0.0
+
+    @rpc_method
+    def Describe(self, request, context):
+        rt = self.runtime
+        return stage_pb2.DescribeResponse(
+            stage_rank=rt.part.rank,
+            num_stages=rt.part.num_stages,
+            stage_name=rt.name,
+            device=self.device,
+            model_fingerprint=rt.fingerprint(),
+            model_settings_json=json.dumps(rt.model_settings(), sort_keys=True),
+            num_parameters=rt.num_parameters(),
+            layer_range=self.layer_range,
+            version=VERSION,
+            current_run_id=rt.run_id,
+            next_step=rt.next_step,
+        )
+
+    @rpc_method
+    def StartRun(self, request, context):
+        if not request.run_id:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "StartRun needs a run_id")
+        try:
+            settings = json.loads(request.train_settings_json or "{}")
+        except json.JSONDecodeError as exc:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"train_settings_json is not JSON: {exc}") from None
+        if not isinstance(settings, dict):
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "train_settings_json must be a JSON object")
+        if request.first_step < 0:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"first_step {request.first_step} is negative")
+        try:
+            settings.setdefault("empty_cache_every", self.config.gpu_stage.empty_cache_every)
+            self.link.connect({"next": request.next_stage_address, "prev": request.prev_stage_address})
+            n = self.runtime.start_run(
+                request.run_id, settings, reinitialize=request.reinitialize, first_step=request.first_step,
+                peers={"next": request.next_stage_address, "prev": request.prev_stage_address},
+                regret_address=request.regret_address,
+            )
+        except StageError as exc:
+            raise _to_failure(exc) from None
+        except (TypeError, ValueError) as exc:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"StartRun settings: {exc}") from None
+        if self.metrics is not None:
+            self.metrics.parameters.labels(self.metrics.stage).set(n)
+            self.metrics.next_step.labels(self.metrics.stage).set(self.runtime.next_step)
+        return stage_pb2.StartRunResponse(num_parameters=n)
+
+    @rpc_method
+    def RunStep(self, request, context):
+        env = request.envelope
+        if request.accumulation_steps < 1 or not 0 <= request.accumulation_round < request.accumulation_steps:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step}: accumulation round {request.accumulation_round} of {request.accumulation_steps} is impossible")
+        if request.schedule not in ("1f1b", "gpipe"):
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step}: unknown schedule {request.schedule!r} (1f1b or gpipe)")
+        if not (request.loss_multiplier > 0 and request.loss_scale > 0 and request.deadline_seconds > 0):
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step}: loss_multiplier, loss_scale and deadline_seconds must be > 0")
+        if request.lookahead < 0 or request.lookahead > len(request.micro_batches):
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step}: lookahead {request.lookahead} out of range")
+        indices = [mb.index for mb in request.micro_batches]
+        if len(set(indices)) != len(indices) or any(i < 0 for i in indices):
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step}: micro-batch indices {indices} must be distinct and >= 0")
+        micro_batches = [_decode_inputs(mb, self.limits) for mb in request.micro_batches]
+        plan = RoundPlan(
+            run_id=env.run_id,
+            step=env.step,
+            accumulation_round=request.accumulation_round,
+            accumulation_steps=request.accumulation_steps,
+            schedule=request.schedule,
+            micro_batches=micro_batches,
+            loss_multiplier=request.loss_multiplier,
+            loss_scale=request.loss_scale,
+            deadline_seconds=request.deadline_seconds,
+            forward_only=request.forward_only,
+            lookahead=request.lookahead,
+        )
+        before = self.link.stats()
+        with self._recv_lock:
+            recv_before, decode_before = self._received_bytes, self._decode_seconds
+        self.link.reset_error()
+        try:
+            result = self.runtime.run_round(plan, self.link)
+        except StageError as exc:
+            raise _to_failure(exc) from None
+        except ServiceError as exc:  # the regret service failed past its retries
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"step {env.step}: {exc}") from None
+        after = self.link.stats()
+        with self._recv_lock:
+            received = self._received_bytes - recv_before
+            decode = self._decode_seconds - decode_before
+        delta = {k: after[k] - before[k] for k in after}
+        if self.metrics is not None and not plan.forward_only:
+            self.metrics.observe_round(result)
+            self.metrics.next_step.labels(self.metrics.stage).set(self.runtime.next_step)
+        return _encode_result(result, delta, received, decode)
+
+    @rpc_method
+    def ApplyStep(self, request, context):
+        env = request.envelope
+        try:
+            out = self.runtime.apply(env.run_id, env.step, request.clip_coefficient, request.learning_rate, request.skip,
+                                     loss_scale=request.loss_scale if request.loss_scale > 0 else 1.0)
+        except StageError as exc:
+            raise _to_failure(exc) from None
+        if self.metrics is not None:
+            self.metrics.steps_applied.labels(self.metrics.stage).inc()
+            self.metrics.next_step.labels(self.metrics.stage).set(out["next_step"])
+        return stage_pb2.ApplyResponse(next_step=out["next_step"], seconds=out["seconds"], applied=out["applied"])
+
+    @rpc_method
+    def AbortStep(self, request, context):
+        self.runtime.abort(request.run_id, request.step, request.reason or "aborted by the orchestrator")
+        return stage_pb2.AbortResponse()
+
+    @rpc_method
+    def PushTensor(self, request, context):
+        env = request.envelope
+        if env.kind not in _WIRE_TO_KIND:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step} micro-batch {env.micro_batch}: unknown tensor kind {env.kind}")
+        kind = _WIRE_TO_KIND[env.kind]
+        try:
+            self.runtime.check_push(env.run_id, env.step, env.micro_batch, kind)
+        except StageError as exc:
+            raise _to_failure(exc) from None
+        msg = request.tensor
+        if not msg.name:
+            msg.name = f"{kind}[step {env.step}, micro-batch {env.micro_batch}]"
+        t0 = time.perf_counter()
+        tensor = codec.decode(msg, limits=self.limits)
+        elapsed = time.perf_counter() - t0
+        try:
+            self.runtime.part.check_tensor(kind, tensor)
+        except StageError as exc:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step} micro-batch {env.micro_batch}: {exc}") from None
+        nbytes = codec.encoded_nbytes(msg)
+        with self._recv_lock:
+            self._received_bytes += nbytes
+            self._decode_seconds += elapsed
+        if self.metrics is not None:
+            self.metrics.wire_bytes.labels(self.metrics.stage, "received").inc(nbytes)
+            self.metrics.serialize_seconds.labels(self.metrics.stage, "decode").inc(elapsed)
+        fresh = self.runtime.mailbox.put((env.run_id, env.step, env.micro_batch, kind), tensor)
+        return stage_pb2.PushAck(duplicate=not fresh)
+
+    @rpc_method
+    def SaveState(self, request, context):
+        if not request.directory:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "SaveState needs a directory")
+        try:
+            out = self.runtime.save(request.run_id, request.step, request.directory)
+        except StageError as exc:
+            raise _to_failure(exc) from None
+        if self.metrics is not None:
+            self.metrics.checkpoint_seconds.labels(self.metrics.stage).observe(out["seconds"])
+        return stage_pb2.SaveStateResponse(files=out["files"], bytes=out["bytes"], seconds=out["seconds"], sha256=out["sha256"])
+
+    @rpc_method
+    def LoadState(self, request, context):
+        if not request.directory:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "LoadState needs a directory")
+        try:
+            next_step = self.runtime.load(request.run_id, request.step, request.directory,
+                                          self.config.checkpoint.max_load_mb * 1024 * 1024)
+        except StageError as exc:
+            raise _to_failure(exc) from None
+        return stage_pb2.LoadStateResponse(next_step=next_step)
+
+    def GetParameters(self, request, context):
+        # A generator: errors here are programming errors, reported by grpc as UNKNOWN.
+        for name, tensor in self.runtime.named_parameters():
+            yield tensor_pb2.NamedTensor(name=name, tensor=codec.encode(tensor.float().cpu(), name=name))
+
+
+# ----------------------------------------------------------------------------- server
+
+
+@dataclass
+class StageServer:
+    """A running stage service: grpc server + health + peer link. stop() drains then stops."""
+
+    server: grpc.Server
+    health: Any
+    servicer: StageServicer
+    link: GrpcPeerLink
+    port: int
+    name: str
+
+    def stop(self, grace: float = 10.0) -> None:
+        set_serving(self.health, False)
+        self.server.stop(grace).wait()
+        self.link.close()
+        regret = getattr(self.servicer.runtime.part, "regret", None)
+        if regret is not None:
+            regret.close()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self.server.wait_for_termination(timeout)
+
+
+def create_stage_server(
+    config: HybridConfig,
+    *,
+    stage: str,
+    part_factory: Callable[[], Any],
+    host: str,
+    port: int,
+    registry: CollectorRegistry | None = None,
+    device: str = "cpu",
+    layer_range: str = "",
+    metrics_factory: Callable[[CollectorRegistry], StageMetrics] | None = None,
+) -> tuple[StageServer, int]:
+    from redheart.model import resolve_model_shape
+
+    shape = resolve_model_shape(config.model)
+    metrics = None
+    if registry is not None:
+        metrics = metrics_factory(registry) if metrics_factory else StageMetrics(registry, stage=stage, methods=STAGE_METHODS)
+    runtime = StageRuntime(part_factory, shape)
+    link = GrpcPeerLink(stage, config.wire.codec, config.wire.max_message_mb, metrics)
+    servicer = StageServicer(runtime, link, config, metrics, device=device, layer_range=layer_range)
+    interceptors = [metrics.grpc] if metrics is not None else []
+    server, health = make_server(
+        max_message_mb=config.wire.max_message_mb,
+        max_concurrent_rpcs=config.wire.max_concurrent_rpcs,
+        interceptors=interceptors,
+    )
+    stage_pb2_grpc.add_PipelineStageServicer_to_server(servicer, server)
+    bound = bind(server, host, port)
+    server.start()
+    if metrics is not None:
+        metrics.parameters.labels(stage).set(runtime.num_parameters())
+    set_serving(health, True, ["redheart.v1.PipelineStage"])
+    return StageServer(server, health, servicer, link, bound, stage), bound
+
+
+# ----------------------------------------------------------------------------- process main
+
+
+def run_stage_cli(stage: str, create_server: Callable[..., tuple[StageServer, int]], argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"redheart-{stage}-stage",
+        description=f"Run the Red Heart {stage.upper()} pipeline stage service.",
+    )
+    parser.add_argument("--config", required=True, help="the run's TOML file (reads [model], [{0}_stage], [wire], [metrics])".format(stage))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config key (repeatable)")
+    parser.add_argument("--host", help=f"interface to bind (default: {stage}_stage.host)")
+    parser.add_argument("--port", type=int, help=f"port to bind, 0 for any (default: {stage}_stage.port)")
+    parser.add_argument("--metrics-port", type=int, help=f"/metrics port, 0 for any (default: {stage}_stage.metrics_port)")
+    parser.add_argument("--log-level", default=os.environ.get("REDHEART_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s {stage}-stage %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, overrides=args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    section = getattr(config, f"{stage}_stage")
+    host = args.host or section.host
+    port = section.port if args.port is None else args.port
+    metrics_port = section.metrics_port if args.metrics_port is None else args.metrics_port
+    if section.threads:
+        torch.set_num_threads(section.threads)
+    registry = CollectorRegistry()
+    try:
+        server, bound = create_server(config, host=host, port=port, registry=registry)
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"error: {stage} stage cannot start: {exc}", file=sys.stderr)
+        return 1
+    bound_metrics = 0
+    if config.metrics.enabled and (metrics_port or args.metrics_port == 0):
+        try:
+            _http, bound_metrics = start_metrics_endpoint(registry, config.metrics.host, metrics_port)
+        except OSError as exc:
+            print(f"error: cannot serve metrics on {config.metrics.host}:{metrics_port}: {exc}", file=sys.stderr)
+            server.stop(0)
+            return 1
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s: draining (health NOT_SERVING, in-flight calls finish)", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    d = server.servicer
+    log.info("%s stage listening on %s:%d (%s, %s, %d parameters), metrics on %s", stage, host, bound, d.device,
+             d.layer_range, d.runtime.num_parameters(), bound_metrics or "off")
+    print(f"REDHEART_READY service={stage}_stage port={bound} metrics_port={bound_metrics}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    server.stop(grace=10.0)
+    log.info("%s stage stopped", stage)
+    return 0
