@@ -282,6 +282,8 @@ class LaunchConfig:
     """How long a locally started service may take to become healthy."""
     log_dir: str = ""
     """Where local services write their logs (empty: <output_dir>/logs)."""
+    max_restarts: int = 3
+    """Recoveries per run after a service dies mid-step (local: restart it; remote: wait for it)."""
 
 
 SECTIONS: dict[str, type] = {
@@ -774,6 +776,8 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
         fail("checkpoint", "save_checkpoint_every", f"checkpoint.save_checkpoint_every = {c.save_checkpoint_every} must be >= 0")
     if c.keep_last < 1:
         fail("checkpoint", "keep_last", f"checkpoint.keep_last = {c.keep_last} must be >= 1")
+    if cfg.launch.max_restarts < 0:
+        fail("launch", "max_restarts", f"launch.max_restarts = {cfg.launch.max_restarts} must be >= 0")
     o = cfg.orchestrator
     for key in ("connect_timeout_seconds", "step_deadline_seconds", "rpc_timeout_seconds"):
         if getattr(o, key) <= 0:

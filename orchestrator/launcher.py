@@ -1,0 +1,217 @@
+"""Local launch: the orchestrator starts the services as child processes on loopback.
+
+Each child runs ``python -m <package>.cli --config <resolved config>``; with ``launch.ports =
+"auto"`` it binds port 0 and reports the port it got on one stdout line::
+
+    REDHEART_READY service=cpu_stage port=43121 metrics_port=40117
+
+Children run in their own process group so a Ctrl-C at the terminal reaches the orchestrator
+first, which then stops them in order (SIGTERM, a grace period, SIGKILL). They are stopped on
+every exit path: normal end, errors, signals, and interpreter exit (atexit).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from redheart.config import HybridConfig
+
+log = logging.getLogger(__name__)
+
+_READY = re.compile(r"REDHEART_READY service=(\S+) port=(\d+) metrics_port=(\d+)")
+
+SERVICE_MODULES = {
+    "cpu_stage": "cpu_stage.cli",
+    "gpu_stage": "gpu_stage.cli",
+    "regret": "regret_service.cli",
+}
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass
+class ServiceProcess:
+    name: str  # cpu_stage | gpu_stage | regret
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+    port: int = 0
+    metrics_port: int = 0
+    restarts: int = 0
+    _ready: threading.Event = field(default_factory=threading.Event)
+    _reader: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        self._ready.clear()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.log_path, "ab", buffering=0)
+        log_file.write(f"\n--- starting {' '.join(self.argv)} ---\n".encode())
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,
+        )
+        log_file.close()
+        self._reader = threading.Thread(target=self._read_stdout, args=(self.proc,), name=f"{self.name}-stdout", daemon=True)
+        self._reader.start()
+
+    def _read_stdout(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        with open(self.log_path, "ab", buffering=0) as out:
+            for raw in proc.stdout:
+                out.write(raw)
+                match = _READY.search(raw.decode(errors="replace"))
+                if match:
+                    self.port = int(match.group(2))
+                    self.metrics_port = int(match.group(3))
+                    self._ready.set()
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._ready.wait(0.2):
+                return
+            if not self.alive():
+                raise LaunchError(
+                    f"{self.name} exited with code {self.proc.returncode if self.proc else '?'} before it was ready; "
+                    f"its log {self.log_path} ends with:\n{tail(self.log_path)}"
+                )
+        raise LaunchError(f"{self.name} did not report ready within {timeout:.0f}s; see {self.log_path}:\n{tail(self.log_path)}")
+
+    def stop(self, grace: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs of SIGTERM; killing it", self.name, grace)
+                self.kill()
+            except ProcessLookupError:
+                pass
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self.proc.kill()
+            self.proc.wait(10)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+class LocalLauncher:
+    """Starts, watches, restarts and stops the local services of one run."""
+
+    def __init__(self, config: HybridConfig, config_path: Path, log_dir: Path) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.log_dir = log_dir
+        self.services: dict[str, ServiceProcess] = {}
+        self._closed = False
+        atexit.register(self.stop_all)
+
+    def _argv(self, name: str) -> list[str]:
+        cfg = self.config
+        argv = [sys.executable, "-m", SERVICE_MODULES[name], "--config", str(self.config_path)]
+        section = cfg.regret if name == "regret" else getattr(cfg, name)
+        auto = cfg.launch.ports == "auto"
+        argv += ["--host", "127.0.0.1", "--port", "0" if auto else str(section.port)]
+        if cfg.metrics.enabled:
+            argv += ["--metrics-port", "0" if auto else str(section.metrics_port)]
+        cores = os.cpu_count() or 1
+        if name == "cpu_stage" and cfg.cpu_stage.threads == 0:
+            # Two stages share the machine: give each half of the cores unless told otherwise,
+            # so they overlap instead of fighting over the same threads.
+            argv += ["--set", f"cpu_stage.threads={max(1, cores // 2)}"]
+        if name == "gpu_stage" and cfg.gpu_stage.threads == 0:
+            argv += ["--set", f"gpu_stage.threads={max(1, cores - cores // 2)}"]
+        return argv
+
+    def start(self, names: list[str]) -> None:
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        for name in names:
+            svc = ServiceProcess(name, self._argv(name), self.log_dir / f"{name}.log", env)
+            self.services[name] = svc
+            svc.start()
+        for name in names:
+            self.services[name].wait_ready(self.config.launch.startup_timeout_seconds)
+            log.info("started %s (pid %d) on %s, metrics port %s", name, self.services[name].pid,
+                     self.services[name].address, self.services[name].metrics_port or "off")
+
+    def restart(self, name: str) -> ServiceProcess:
+        """Start a dead service again on the same port (peers keep their addresses)."""
+        svc = self.services[name]
+        svc.stop(grace=5.0)
+        argv = list(svc.argv)
+        if "--port" in argv:
+            argv[argv.index("--port") + 1] = str(svc.port)
+        if "--metrics-port" in argv and svc.metrics_port:
+            argv[argv.index("--metrics-port") + 1] = str(svc.metrics_port)
+        svc.argv = argv
+        svc.restarts += 1
+        deadline = time.monotonic() + self.config.launch.startup_timeout_seconds
+        while True:
+            svc.start()
+            try:
+                svc.wait_ready(self.config.launch.startup_timeout_seconds)
+                return svc
+            except LaunchError:
+                # The old socket can linger for a moment after a kill -9; try again until the deadline.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def dead(self) -> list[str]:
+        return [name for name, svc in self.services.items() if not svc.alive()]
+
+    def stop_all(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Stages first (they hold the run's state), the regret service last.
+        for name in ("cpu_stage", "gpu_stage", "regret"):
+            svc = self.services.get(name)
+            if svc is not None:
+                code = svc.stop()
+                log.info("stopped %s (exit code %s)", name, code)
+        atexit.unregister(self.stop_all)

@@ -1,0 +1,639 @@
+"""HybridDistributedTrainer: a whole training run across the CPU stage, the GPU stage and the
+regret service, as the original prototype promised::
+
+    report, checkpoint = HybridDistributedTrainer(HybridConfig(...)).train()
+
+One run: prepare data and tokenizer -> start (local) or reach (remote) the services -> handshake
+(model fingerprints must agree) -> start or resume the run -> optimizer steps with logging,
+evaluation and coordinated checkpoints -> final evaluation, explanations, report.json, loss.png.
+A service that dies mid-step aborts that step on every stage; the run then recovers from the last
+complete checkpoint (restarting the service itself in local mode) and goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from prometheus_client import CollectorRegistry
+
+from orchestrator import checkpoint as ckpt
+from orchestrator.data import PreparedData, StepBatches, prepare_data, to_batch
+from orchestrator.launcher import LaunchError, LocalLauncher
+from orchestrator.metrics import OrchestratorMetrics
+from orchestrator.pipeline import NonFiniteError, PipelineDriver, StepFailed, StepOutcome
+from orchestrator.progress import Progress
+from orchestrator.stage_client import StageClient
+from redheart.config import HybridConfig, diff_settings
+from redheart.metrics_common import start_metrics_endpoint
+from redheart.model import count_parameters, resolve_model_shape
+from redheart.rpc import ServiceError, wait_for_serving
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message says why and what to do."""
+
+
+def learning_rate_at(step: int, total_steps: int, train) -> float:
+    """Warm-up then cosine / linear decay to min_lr_ratio x peak, or constant."""
+    peak = train.learning_rate
+    if train.warmup_steps and step < train.warmup_steps:
+        return peak * (step + 1) / train.warmup_steps
+    if train.scheduler_type == "constant":
+        return peak
+    span = max(1, total_steps - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / span)
+    floor = peak * train.min_lr_ratio
+    if train.scheduler_type == "linear":
+        return floor + (peak - floor) * (1.0 - progress)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class OutputLock:
+    """One run per output directory: a lock file holding the pid; stale when that process is gone."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / ".lock"
+        self.held = False
+
+    def holder(self) -> int | None:
+        try:
+            pid = int(self.path.read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+        if pid == os.getpid():
+            return None
+        return pid if psutil.pid_exists(pid) else None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        other = self.holder()
+        if other is not None:
+            raise RunError(f"{self.path.parent} is in use by another run (pid {other}); "
+                           f"fix: wait for it, stop it, or pass another --output-dir")
+        self.path.write_text(f"{os.getpid()} {time.time():.0f}\n")
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+
+def _settings_for_stages(config: HybridConfig) -> dict[str, Any]:
+    return {
+        "train": dataclasses.asdict(config.train),
+        "regret": dataclasses.asdict(config.regret),
+        "empty_cache_every": config.gpu_stage.empty_cache_every,
+    }
+
+
+class HybridDistributedTrainer:
+    def __init__(self, config: HybridConfig, *, registry: CollectorRegistry | None = None,
+                 resume: str | bool | None = None, config_path: str | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.metrics = OrchestratorMetrics(self.registry)
+        self.resume = resume
+        self.config_path = config_path
+        self.output_dir = config.output_dir()
+        self.checkpoint_root = config.checkpoint_dir()
+        self.launcher: LocalLauncher | None = None
+        self.clients: dict[str, StageClient] = {}
+        self.addresses: dict[str, str] = {}
+        self.stage_info: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.validation: list[dict[str, Any]] = []
+        self.restarts: dict[str, int] = {"cpu_stage": 0, "gpu_stage": 0, "regret": 0}
+        self.recoveries: list[dict[str, Any]] = []
+        self.stop_requested = threading.Event()
+        self.totals = {"samples": 0, "tokens": 0, "regret_computations": 0, "bentham_evaluations": 0,
+                       "skipped_steps": 0, "step_seconds": 0.0}
+        self.peak_rss: dict[str, int] = {}
+        self.regret_sum = 0.0
+        self.regret_n = 0
+        self.metrics_port = 0
+
+    # ------------------------------------------------------------------ services
+
+    def _open_services(self, stack: ExitStack) -> None:
+        cfg = self.config
+        regret_needed = cfg.regret.enabled and cfg.regret.address != "inprocess"
+        if cfg.launch.mode == "local":
+            log_dir = Path(cfg.launch.log_dir) if cfg.launch.log_dir else self.output_dir / "logs"
+            resolved = self.output_dir / "config.toml"
+            self.launcher = LocalLauncher(cfg, resolved, log_dir)
+            stack.callback(self.launcher.stop_all)
+            names = ["cpu_stage", "gpu_stage"] + (["regret"] if regret_needed else [])
+            try:
+                self.launcher.start(names)
+            except LaunchError as exc:
+                raise RunError(str(exc)) from None
+            self.addresses = {n: self.launcher.services[n].address for n in names}
+        else:
+            self.addresses = {"cpu_stage": cfg.cpu_stage_address(), "gpu_stage": cfg.gpu_stage_address()}
+            if regret_needed:
+                self.addresses["regret"] = cfg.regret_address()
+        self.addresses.setdefault("regret", "inprocess" if cfg.regret.enabled else "")
+        timeout = cfg.orchestrator.connect_timeout_seconds
+        for name in ("cpu_stage", "gpu_stage") + (("regret",) if regret_needed else ()):
+            try:
+                wait_for_serving(self.addresses[name], timeout=timeout, service_name=name.replace("_", " "),
+                                 alive=self._alive_check(name))
+            except ServiceError as exc:
+                raise RunError(f"{exc} (fix: start it with `redheart-{name.replace('_', '-').replace('regret', 'regret')} --config ...` "
+                               f"or check {name}.address)") from None
+        for name in ("cpu_stage", "gpu_stage"):
+            self.clients[name] = StageClient(name.replace("_", " "), self.addresses[name],
+                                             max_message_mb=cfg.wire.max_message_mb,
+                                             rpc_timeout=cfg.orchestrator.rpc_timeout_seconds)
+            stack.callback(self.clients[name].close)
+
+    def _alive_check(self, name: str):
+        if self.launcher is None or name not in self.launcher.services:
+            return None
+        return self.launcher.services[name].alive
+
+    def _handshake(self) -> None:
+        mine = self.config.model_settings()
+        fp = self.config.model_fingerprint()
+        for name, expected_rank in (("cpu_stage", 0), ("gpu_stage", 1)):
+            info = self.clients[name].describe()
+            if info.rank != expected_rank:
+                raise RunError(f"{name} at {self.addresses[name]} is pipeline stage {info.rank} ({info.name}), expected stage {expected_rank}; "
+                               f"are cpu_stage.address and gpu_stage.address swapped?")
+            if info.fingerprint != fp:
+                diffs = diff_settings(mine, info.settings)
+                raise RunError(f"{name} at {self.addresses[name]} was started with different model settings: "
+                               f"{'; '.join(diffs)} (fix: start every service with the same [model] section)")
+            self.stage_info[name] = info
+
+    def _start_run(self, run_id: str, first_step: int) -> None:
+        settings = _settings_for_stages(self.config)
+        cpu, gpu = self.addresses["cpu_stage"], self.addresses["gpu_stage"]
+        regret = self.addresses.get("regret", "")
+        self.clients["cpu_stage"].start_run(run_id, settings, next_address=gpu, prev_address="",
+                                            regret_address="", first_step=first_step, reinitialize=True)
+        self.clients["gpu_stage"].start_run(run_id, settings, next_address="", prev_address=cpu,
+                                            regret_address=regret, first_step=first_step, reinitialize=True)
+
+    def _restore(self, run_id: str, info: ckpt.CheckpointInfo | None) -> int:
+        """Put both stages at a checkpoint (or at the initial weights when there is none)."""
+        step = info.step if info is not None else 0
+        self._start_run(run_id, step)
+        if info is not None:
+            with ThreadPoolExecutor(2) as pool:
+                futures = [pool.submit(self.clients[n].load, run_id, step, str(info.path / n.split("_")[0])) for n in ("cpu_stage", "gpu_stage")]
+                for f in futures:
+                    f.result()
+        return step
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, run_id: str, step: int, batches: StepBatches, driver: PipelineDriver, data: PreparedData) -> Path:
+        start = time.perf_counter()
+        directory = ckpt.step_dir(self.checkpoint_root, step)
+        if directory.exists():
+            shutil.rmtree(directory)  # a leftover of an interrupted save: redo it
+        directory.mkdir(parents=True)
+        with ThreadPoolExecutor(2) as pool:
+            futures = {n: pool.submit(self.clients[n].save, run_id, step, str(directory / n.split("_")[0])) for n in ("cpu_stage", "gpu_stage")}
+            shards = {n: f.result() for n, f in futures.items()}
+        epoch, offset = batches.position(step)
+        manifest = {
+            "run_id": run_id,
+            "step": step,
+            "epoch": epoch,
+            "step_in_epoch": offset,
+            "model_fingerprint": self.config.model_fingerprint(),
+            "config": self.config.to_dict(),
+            "tokenizer": str(data.tokenizer_path),
+            "tokenizer_sha256": data.tokenizer_sha256,
+            "loss_scale": driver.scaler.state(),
+            "shards": {n: {"sha256": s.sha256, "bytes": s.bytes, "files": list(s.files)} for n, s in shards.items()},
+            "history": self.history,
+            "validation": self.validation,
+            "totals": self.totals,
+            "regret_sum": self.regret_sum,
+            "regret_n": self.regret_n,
+            "restarts": self.restarts,
+        }
+        ckpt.write_manifest(directory, manifest)
+        ckpt.prune(self.checkpoint_root, self.config.checkpoint.keep_last)
+        seconds = time.perf_counter() - start
+        self.metrics.checkpoint_seconds.observe(seconds)
+        self.metrics.checkpoints.inc()
+        log.info("checkpoint step %d -> %s (%.2fs, %.1f MB)", step, directory, seconds,
+                 sum(s.bytes for s in shards.values()) / 1e6)
+        return directory
+
+    def _restore_orchestrator_state(self, manifest: dict[str, Any], driver: PipelineDriver | None) -> None:
+        self.history = list(manifest.get("history", []))
+        self.validation = list(manifest.get("validation", []))
+        self.totals.update(manifest.get("totals", {}))
+        self.regret_sum = float(manifest.get("regret_sum", 0.0))
+        self.regret_n = int(manifest.get("regret_n", 0))
+        for k, v in manifest.get("restarts", {}).items():
+            self.restarts[k] = max(self.restarts.get(k, 0), int(v))
+        if driver is not None:
+            driver.scaler.load(manifest.get("loss_scale", {}))
+
+    # ------------------------------------------------------------------ recovery
+
+    def _recover(self, error: StepFailed, run_id: str, driver: PipelineDriver) -> int:
+        """A stage or the regret service failed mid-step: bring it back, reload the last checkpoint."""
+        used = sum(self.restarts.values())
+        if used >= self.config.launch.max_restarts:
+            raise RunError(f"{error}; giving up after {used} recoveries (launch.max_restarts = {self.config.launch.max_restarts})") from error
+        log.warning("%s -- recovering from the last complete checkpoint", error)
+        dead: list[str] = []
+        if self.launcher is not None:
+            time.sleep(0.5)  # let a dying process finish dying before we look
+            dead = self.launcher.dead()
+            for name in dead:
+                log.warning("restarting %s (it exited with code %s)", name, self.launcher.services[name].proc.returncode)
+                try:
+                    svc = self.launcher.restart(name)
+                except LaunchError as exc:
+                    raise RunError(f"cannot restart {name}: {exc}") from error
+                self.addresses[name] = svc.address
+                self.restarts[name] += 1
+                self.metrics.restarts.labels(name).inc()
+        for name in ("cpu_stage", "gpu_stage", "regret"):
+            address = self.addresses.get(name, "")
+            if address and address != "inprocess":
+                try:
+                    wait_for_serving(address, timeout=self.config.orchestrator.step_deadline_seconds, service_name=name.replace("_", " "))
+                except ServiceError as exc:
+                    raise RunError(f"{exc}; cannot recover step {error.step}") from error
+        if not dead:
+            # Nothing died (e.g. a dropped connection or a deadline): still count the recovery.
+            key = "regret" if "regret" in str(error.cause).lower() and "regret" in self.addresses else (
+                "gpu_stage" if "gpu" in error.stage else "cpu_stage")
+            self.restarts[key] += 1
+            self.metrics.restarts.labels(key).inc()
+        info = ckpt.latest(self.checkpoint_root)
+        if info is not None and info.manifest.get("run_id") != run_id:
+            info = None
+        step = self._restore(run_id, info)
+        if info is not None:
+            restarts = dict(self.restarts)
+            self._restore_orchestrator_state(info.manifest, driver)
+            self.restarts = {k: max(v, restarts.get(k, 0)) for k, v in self.restarts.items()}
+        else:
+            self.history, self.validation = [], []
+            for key in self.totals:
+                self.totals[key] = 0 if key != "step_seconds" else 0.0
+            self.regret_sum, self.regret_n = 0.0, 0
+            driver.scaler.load({"scale": 2.0**16 if driver.scaler.enabled else 1.0, "good_steps": 0})
+        self.recoveries.append({"failed_step": error.step, "stage": error.stage, "error": str(error.cause)[:500],
+                                "restarted": dead, "resumed_from_step": step, "time": time.time()})
+        log.warning("recovered: continuing from step %d", step)
+        return step
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _evaluate(self, driver: PipelineDriver, data: PreparedData, label: str, explanations_path: Path | None = None) -> dict[str, Any]:
+        from redheart import calculus
+        from redheart.data import baseline_metrics, compute_metrics
+
+        val = data.validation
+        size = self.config.train.batch_size
+        outputs: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, len(val), size):
+            indices = list(range(start, min(start + size, len(val))))
+            out = driver.evaluate(to_batch(val, indices))
+            for k, v in out.items():
+                outputs.setdefault(k, []).append(v)
+        pred = {k: torch.cat(v) for k, v in outputs.items()}
+        labels = val.labels(list(range(len(val))))
+        scores = calculus.score(pred["bentham"].numpy(), self.config.regret.regrets_per_step, self.config.regret.bentham_per_regret)
+        labels["regret_target"] = torch.from_numpy(scores.regret).float()
+        metrics = compute_metrics(pred, labels)
+        train_labels = data.train.labels(list(range(len(data.train))))
+        if self.regret_n:
+            train_labels["regret_target"] = torch.full((len(data.train),), self.regret_sum / self.regret_n)
+        baseline = baseline_metrics(train_labels, labels)
+        entry = {"label": label, "step": self._current_step, "metrics": metrics, "baseline": baseline}
+        for key, value in metrics.items():
+            if key in ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae"):
+                self.metrics.validation.labels(key).set(value)
+        for key, value in baseline.items():
+            name = key.removeprefix("baseline_")
+            if name in ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae"):
+                self.metrics.validation_baseline.labels(name).set(value)
+        if explanations_path is not None:
+            with open(explanations_path, "w", encoding="utf-8") as fh:
+                for i, sid in enumerate(val.ids):
+                    fh.write(json.dumps({
+                        "scenario_id": sid,
+                        "regret": float(scores.regret[i]),
+                        "predicted_regret": float(pred["regret"][i]),
+                        "best_counterfactual": scores.best_name[i],
+                        "actual_utility": float(scores.actual_utility[i]),
+                        "counterfactual_utilities": [float(x) for x in scores.counterfactual_utilities[i]],
+                        "actual_perspective_utilities": [float(x) for x in scores.actual_perspectives[i]],
+                        "best_perspective_utilities": [float(x) for x in scores.best_perspectives[i]],
+                        "predicted_bentham": [round(float(x), 6) for x in pred["bentham"][i]],
+                    }, ensure_ascii=False) + "\n")
+        return entry
+
+    # ------------------------------------------------------------------ the run
+
+    def _record_step(self, outcome: StepOutcome, epoch: int) -> None:
+        self.metrics.observe_step(outcome)
+        self.metrics.epoch.set(epoch)
+        self.metrics.step.set(outcome.step + 1)
+        self.totals["samples"] += outcome.samples
+        self.totals["tokens"] += outcome.tokens
+        self.totals["regret_computations"] += outcome.regret_computations
+        self.totals["bentham_evaluations"] += outcome.bentham_evaluations
+        self.totals["skipped_steps"] += int(outcome.skipped)
+        self.totals["step_seconds"] += outcome.seconds
+        if outcome.regret_computations:
+            self.regret_sum += outcome.regret_mean
+            self.regret_n += 1
+
+    def _sample_memory(self) -> dict[str, int]:
+        procs = {"orchestrator": psutil.Process()}
+        if self.launcher is not None:
+            for name, svc in self.launcher.services.items():
+                if svc.alive():
+                    try:
+                        procs[name] = psutil.Process(svc.pid)
+                    except psutil.NoSuchProcess:
+                        pass
+        out = {}
+        for name, proc in procs.items():
+            try:
+                rss = proc.memory_info().rss
+                if name == "regret":  # its workers are child processes: count them too
+                    rss += sum(c.memory_info().rss for c in proc.children(recursive=True))
+            except psutil.Error:
+                continue
+            out[name] = rss
+            self.peak_rss[name] = max(self.peak_rss.get(name, 0), rss)
+        return out
+
+    def _install_signal_handlers(self, stack: ExitStack) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, _frame):
+            if self.stop_requested.is_set():
+                raise KeyboardInterrupt
+            log.warning("received %s: finishing the current step, then checkpoint and stop (again to abort)",
+                        signal.Signals(signum).name)
+            self.stop_requested.set()
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        stack.callback(lambda: [signal.signal(s, h) for s, h in previous.items()])
+
+    def _prepare_output(self, stack: ExitStack) -> OutputLock:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        lock = OutputLock(self.output_dir)
+        lock.acquire()
+        stack.callback(lock.release)
+        (self.output_dir / "config.toml").write_text(self.config.to_toml(), encoding="utf-8")
+        return lock
+
+    def _start_metrics(self) -> None:
+        cfg = self.config
+        if cfg.metrics.enabled and cfg.orchestrator.metrics_port:
+            port = 0 if cfg.launch.mode == "local" and cfg.launch.ports == "auto" else cfg.orchestrator.metrics_port
+            try:
+                self._metrics_server, self.metrics_port = start_metrics_endpoint(self.registry, cfg.metrics.host, port)
+            except OSError as exc:
+                raise RunError(f"cannot serve orchestrator metrics on {cfg.metrics.host}:{port}: {exc} "
+                               f"(fix: another orchestrator.metrics_port, or 0 to disable)") from None
+            log.info("orchestrator metrics on http://%s:%d/metrics", cfg.metrics.host, self.metrics_port)
+
+    def train(self) -> tuple[dict[str, Any], Path]:
+        cfg = self.config
+        wall_start = time.time()
+        self._current_step = 0
+        with ExitStack() as stack:
+            self._prepare_output(stack)
+            self._install_signal_handlers(stack)
+            resume_info = self._resume_info()
+            tokenizer_path = None
+            if resume_info is not None:
+                tokenizer_path = Path(resume_info.manifest["tokenizer"])
+                if not tokenizer_path.exists():
+                    raise RunError(f"checkpoint {resume_info.path} needs its tokenizer {tokenizer_path}, which is gone")
+            data = prepare_data(cfg, self.output_dir, tokenizer_path=tokenizer_path)
+            if resume_info is not None and data.tokenizer_sha256 != resume_info.manifest.get("tokenizer_sha256"):
+                raise RunError(f"tokenizer {data.tokenizer_path} differs from the one checkpoint {resume_info.path} was trained with")
+            batches = StepBatches(cfg, data.train)
+            self._start_metrics()
+            self._open_services(stack)
+            self._handshake()
+            shape = resolve_model_shape(cfg.model)
+            counts = count_parameters(shape)
+            run_id = resume_info.manifest["run_id"] if resume_info is not None else f"run-{uuid.uuid4().hex[:12]}"
+            gpu_device = self.stage_info["gpu_stage"].device
+            fp16 = cfg.train.use_mixed_precision and gpu_device.startswith("cuda")
+            lookahead = cfg.regret.lookahead if cfg.regret.enabled and self.addresses.get("regret") not in ("", "inprocess") else 0
+            driver = PipelineDriver(self.clients["cpu_stage"], self.clients["gpu_stage"], cfg, run_id,
+                                    fp16_loss_scaling=fp16, lookahead=lookahead)
+            stack.callback(driver.close)
+            step = self._restore(run_id, resume_info)
+            if resume_info is not None:
+                self._restore_orchestrator_state(resume_info.manifest, driver)
+                log.info("resumed run %s at step %d from %s", run_id, step, resume_info.path)
+            log.info(
+                "run %s: %d parameters (cpu stage %d: %s; gpu stage %d on %s: %s), %d train / %d validation scenarios, "
+                "%d steps (%d per epoch), batch %d x %d micro-batches x %d accumulation",
+                run_id, counts["total"], counts["cpu_stage"], self.stage_info["cpu_stage"].layer_range,
+                counts["gpu_stage"], gpu_device, self.stage_info["gpu_stage"].layer_range, len(data.train), len(data.validation),
+                batches.total_steps, batches.steps_per_epoch, cfg.train.batch_size, cfg.micro_batches,
+                cfg.train.gradient_accumulation_steps,
+            )
+            progress = Progress(batches.total_steps, cfg.orchestrator.progress)
+            stack.callback(progress.close)
+            last_checkpoint: Path | None = resume_info.path if resume_info is not None else None
+            evaluated_epochs = {v.get("epoch") for v in self.validation}
+            stopped_early = False
+            while step < batches.total_steps:
+                epoch, _ = batches.position(step)
+                self._current_step = step
+                lr = learning_rate_at(step, batches.total_steps, cfg.train)
+                try:
+                    outcome = driver.run_step(step, batches.rounds(step), lr)
+                except StepFailed as exc:
+                    if isinstance(exc.cause, ServiceError) and exc.cause.code is not None and exc.cause.code.name in ("INVALID_ARGUMENT",):
+                        raise RunError(str(exc)) from exc  # a bug or bad input, not a fault: recovering would loop
+                    step = self._recover(exc, run_id, driver)
+                    evaluated_epochs = {v.get("epoch") for v in self.validation}
+                    continue
+                except NonFiniteError:
+                    self.metrics.nonfinite.inc()
+                    raise
+                self._record_step(outcome, epoch)
+                step += 1
+                self._current_step = step
+                if step % cfg.train.log_every_n_steps == 0 or step == batches.total_steps:
+                    memory = self._sample_memory()
+                    entry = {
+                        "step": step, "epoch": epoch, "loss": outcome.total_loss, "losses": outcome.losses,
+                        "learning_rate": lr, "grad_norm": outcome.grad_norm, "step_seconds": outcome.seconds,
+                        "samples_per_second": outcome.samples / outcome.seconds if outcome.seconds else 0.0,
+                        "regret_mean": outcome.regret_mean,
+                        "regret_computations": outcome.regret_computations,
+                        "bentham_evaluations": outcome.bentham_evaluations,
+                        "bubble": {k.split()[0]: (v["wait"] / v["total"] if v["total"] else 0.0) for k, v in outcome.stage_timings.items()},
+                        "rss_bytes": memory, "skipped": outcome.skipped,
+                    }
+                    self.history.append(entry)
+                    heads = " ".join(f"{h}={v:.4f}" for h, v in sorted(outcome.losses.items()))
+                    progress.message(
+                        f"step {step}/{batches.total_steps} epoch {epoch} loss {outcome.total_loss:.4f} ({heads}) "
+                        f"lr {lr:.2e} |g| {outcome.grad_norm:.3f} {outcome.seconds:.3f}s/step "
+                        f"{entry['samples_per_second']:.1f} samples/s regret {outcome.regret_mean:.4f} "
+                        f"rss {' '.join(f'{k}={v / 2**20:.0f}MiB' for k, v in memory.items())}"
+                    )
+                progress.update(step, outcome.total_loss, outcome.samples / outcome.seconds if outcome.seconds else 0.0)
+                end_of_epoch = step % batches.steps_per_epoch == 0
+                if end_of_epoch and cfg.train.eval_every_epoch and step < batches.total_steps and epoch not in evaluated_epochs:
+                    entry = self._evaluate(driver, data, f"epoch {epoch}")
+                    entry["epoch"] = epoch
+                    self.validation.append(entry)
+                    evaluated_epochs.add(epoch)
+                    progress.message(f"validation after epoch {epoch}: {_fmt_metrics(entry)}")
+                every = cfg.checkpoint.save_checkpoint_every
+                if every and step % every == 0 and step < batches.total_steps:
+                    t0 = time.perf_counter()
+                    last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
+                    progress.message(f"checkpoint at step {step}: {last_checkpoint} ({time.perf_counter() - t0:.2f}s)")
+                if self.stop_requested.is_set():
+                    stopped_early = step < batches.total_steps
+                    break
+            self._current_step = step
+            final = self._evaluate(driver, data, "final", explanations_path=self.output_dir / "explanations.jsonl")
+            final["epoch"] = batches.position(max(step - 1, 0))[0]
+            self.validation.append(final)
+            progress.message(f"final validation: {_fmt_metrics(final)}")
+            if last_checkpoint is None or ckpt.read_manifest(last_checkpoint).get("step") != step:
+                last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
+            self._sample_memory()
+            report = self._report(run_id, step, batches, data, counts, wall_start, last_checkpoint, stopped_early)
+            (self.output_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
+            try:
+                plot_losses(self.history, self.output_dir / "loss.png")
+            except Exception as exc:  # a plot must never fail a finished run
+                log.warning("could not draw loss.png: %s", exc)
+            log.info("report: %s", self.output_dir / "report.json")
+            return report, last_checkpoint
+
+    def _resume_info(self) -> ckpt.CheckpointInfo | None:
+        if not self.resume:
+            return None
+        try:
+            if self.resume is True or self.resume == "latest":
+                info = ckpt.latest(self.checkpoint_root)
+                if info is None:
+                    raise RunError(f"--resume: no complete checkpoint under {self.checkpoint_root}")
+            else:
+                info = ckpt.resolve(Path(str(self.resume)))
+        except ckpt.CheckpointError as exc:
+            raise RunError(f"--resume: {exc}") from None
+        if info.manifest.get("model_fingerprint") != self.config.model_fingerprint():
+            theirs = info.manifest.get("config", {}).get("model", {})
+            mine = self.config.to_dict()["model"]
+            raise RunError(f"--resume: checkpoint {info.path} was trained with different model settings: "
+                           f"{'; '.join(diff_settings(mine, theirs)) or 'resolved shape differs'}")
+        return info
+
+    def _report(self, run_id, step, batches: StepBatches, data: PreparedData, counts, wall_start, last_checkpoint, stopped_early) -> dict:
+        wall = time.time() - wall_start
+        step_seconds = self.totals["step_seconds"] or 1e-9
+        regret_steps = max(1, step)
+        return {
+            "run_id": run_id,
+            "config": self.config.to_dict(),
+            "parameters": {"cpu_stage": counts["cpu_stage"], "gpu_stage": counts["gpu_stage"], "total": counts["total"]},
+            "stages": {n: {"address": self.addresses[n], "device": i.device, "layers": i.layer_range, "parameters": i.num_parameters}
+                       for n, i in self.stage_info.items()},
+            "steps": step,
+            "total_steps": batches.total_steps,
+            "steps_per_epoch": batches.steps_per_epoch,
+            "epochs": step / batches.steps_per_epoch,
+            "stopped_early": stopped_early,
+            "wall_seconds": wall,
+            "train_seconds": self.totals["step_seconds"],
+            "samples": self.totals["samples"],
+            "tokens": self.totals["tokens"],
+            "samples_per_second": self.totals["samples"] / step_seconds,
+            "tokens_per_second": self.totals["tokens"] / step_seconds,
+            "skipped_steps": self.totals["skipped_steps"],
+            "loss_history": self.history,
+            "validation": self.validation,
+            "final_validation": self.validation[-1] if self.validation else None,
+            "regret": {
+                "computations": self.totals["regret_computations"],
+                "bentham_evaluations": self.totals["bentham_evaluations"],
+                "computations_per_scenario": self.totals["regret_computations"] / max(1, self.totals["samples"]),
+                "bentham_evaluations_per_scenario": self.totals["bentham_evaluations"] / max(1, self.totals["samples"]),
+                "computations_per_step": self.totals["regret_computations"] / regret_steps,
+                "mean_regret": self.regret_sum / self.regret_n if self.regret_n else 0.0,
+                "explanations": str(self.output_dir / "explanations.jsonl"),
+            },
+            "peak_rss_bytes": self.peak_rss,
+            "restarts": self.restarts,
+            "recoveries": self.recoveries,
+            "data": data.summary(),
+            "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+        }
+
+
+def _fmt_metrics(entry: dict) -> str:
+    m, b = entry["metrics"], entry["baseline"]
+    parts = []
+    for key in ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae"):
+        if key in m:
+            parts.append(f"{key} {m[key]:.4f} (baseline {b.get('baseline_' + key, float('nan')):.4f})")
+    return ", ".join(parts)
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(steps, [h["loss"] for h in history], label="total", linewidth=2, color="black")
+    heads = sorted({k for h in history for k in h["losses"]})
+    for head in heads:
+        ax.plot(steps, [h["losses"].get(head, float("nan")) for h in history], label=head)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.set_title("Red Heart training loss per head")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

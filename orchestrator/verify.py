@@ -1,0 +1,96 @@
+"""``redheart-orchestrate --config F --verify``: prove the live pipeline trains exactly like one process.
+
+Runs ``orchestrator.verify_steps`` optimizer steps through the live stages (local or remote) and
+the same steps in this process from the same initial weights and batches, then prints the largest
+absolute difference of the losses and of every parameter. Exit code 0 within tolerance
+(``verify_rtol`` / ``verify_atol``, default 1e-5 / 4e-5, torch's pipelining tests), 1 above it.
+Run it after changing the split or moving a stage to another host.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+
+from orchestrator.data import StepBatches, prepare_data
+from orchestrator.pipeline import PipelineDriver
+from orchestrator.reference import SingleProcessTrainer
+from orchestrator.trainer import HybridDistributedTrainer, learning_rate_at
+
+
+@dataclass
+class VerifyResult:
+    steps: int
+    max_loss_diff: float
+    max_param_diff: float
+    worst_parameter: str
+    parameters_compared: int
+    ok: bool
+    failures: list[str]
+
+
+def verify(trainer: HybridDistributedTrainer, out=sys.stdout) -> VerifyResult:
+    cfg = trainer.config
+    o = cfg.orchestrator
+    if cfg.train.use_mixed_precision:
+        print("note: --verify compares fp32 math; mixed precision is switched off for the check", file=out)
+        cfg = cfg.replace(**{"train.use_mixed_precision": False})
+        trainer.config = cfg
+    with ExitStack() as stack:
+        trainer._prepare_output(stack)
+        data = prepare_data(cfg, trainer.output_dir)
+        batches = StepBatches(cfg, data.train)
+        trainer._open_services(stack)
+        trainer._handshake()
+        run_id = f"verify-{uuid.uuid4().hex[:8]}"
+        regret = trainer.addresses.get("regret", "")
+        lookahead = cfg.regret.lookahead if cfg.regret.enabled and regret not in ("", "inprocess") else 0
+        driver = PipelineDriver(trainer.clients["cpu_stage"], trainer.clients["gpu_stage"], cfg, run_id, lookahead=lookahead)
+        stack.callback(driver.close)
+        trainer._restore(run_id, None)
+        reference = SingleProcessTrainer(cfg)
+        steps = min(o.verify_steps, batches.total_steps)
+        failures: list[str] = []
+        max_loss = 0.0
+        print(f"verifying {steps} step(s): pipeline at {trainer.addresses['cpu_stage']} + {trainer.addresses['gpu_stage']} "
+              f"(regret: {regret or 'off'}) against single-process training", file=out)
+        for step in range(steps):
+            lr = learning_rate_at(step, batches.total_steps, cfg.train)
+            rounds = batches.rounds(step)
+            got = driver.run_step(step, rounds, lr)
+            want = reference.step(step, rounds, lr)
+            a, b = torch.tensor(got.micro_batch_losses, dtype=torch.float64), torch.tensor(want["micro_batch_losses"], dtype=torch.float64)
+            diff = float((a - b).abs().max())
+            max_loss = max(max_loss, diff)
+            try:
+                torch.testing.assert_close(a, b, rtol=o.verify_rtol, atol=o.verify_atol)
+                status = "ok"
+            except AssertionError:
+                status = "MISMATCH"
+                failures.append(f"step {step}: micro-batch losses differ by up to {diff:.3e}")
+            print(f"  step {step}: loss pipeline {got.total_loss:.6f} single-process {sum(want['micro_batch_losses']) / len(want['micro_batch_losses']):.6f} "
+                  f"max |diff| {diff:.3e}  grad norm {got.grad_norm:.6f} vs {want['grad_norm']:.6f}  {status}", file=out)
+        live = {**trainer.clients["cpu_stage"].parameters(), **trainer.clients["gpu_stage"].parameters()}
+        ref = reference.named_parameters()
+        missing = sorted(set(ref) ^ set(live))
+        if missing:
+            failures.append(f"parameter names differ: {missing[:5]}")
+        worst, worst_name = 0.0, ""
+        for name in sorted(set(ref) & set(live)):
+            d = float((live[name] - ref[name]).abs().max()) if ref[name].numel() else 0.0
+            if d > worst:
+                worst, worst_name = d, name
+            try:
+                torch.testing.assert_close(live[name], ref[name], rtol=o.verify_rtol, atol=o.verify_atol)
+            except AssertionError:
+                failures.append(f"parameter {name} differs by up to {d:.3e}")
+        ok = not failures
+        print(f"largest loss difference {max_loss:.3e}; largest parameter difference {worst:.3e}"
+              f"{f' ({worst_name})' if worst_name else ''} over {len(ref)} tensors; tolerance rtol {o.verify_rtol} atol {o.verify_atol}", file=out)
+        print("VERIFY OK: the pipeline trains like a single process" if ok else
+              "VERIFY FAILED:\n  " + "\n  ".join(failures[:20]), file=out)
+        return VerifyResult(steps, max_loss, worst, worst_name, len(ref), ok, failures)
