@@ -14,7 +14,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grpc
 import torch
@@ -118,7 +118,8 @@ class DynamicLossScale:
 
 class PipelineDriver:
     def __init__(self, cpu: StageClient, gpu: StageClient, config: HybridConfig, run_id: str,
-                 *, fp16_loss_scaling: bool = False, lookahead: int = 0) -> None:
+                 *, fp16_loss_scaling: bool = False, lookahead: int = 0,
+                 dead_services: Callable[[], list[str]] | None = None) -> None:
         self.cpu = cpu
         self.gpu = gpu
         self.stages = (cpu, gpu)
@@ -127,6 +128,9 @@ class PipelineDriver:
         self.scaler = DynamicLossScale(fp16_loss_scaling)
         self.lookahead = lookahead
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-call")
+        # Local launch: the processes we started. A dead one fails the step at once instead of
+        # after the step deadline (the surviving stage would otherwise wait on it that long).
+        self.dead_services = dead_services
         self.eval_passes = 0
 
     def close(self) -> None:
@@ -167,7 +171,16 @@ class PipelineDriver:
         errors: list[tuple[str, BaseException]] = []
         aborted = False
         pending = list(enumerate(futures))
+        last_check = time.monotonic()
         while pending:
+            if self.dead_services is not None and not aborted and time.monotonic() - last_check > 0.25:
+                last_check = time.monotonic()
+                dead = self.dead_services()
+                if dead:
+                    aborted = True
+                    cause = RuntimeError(f"{', '.join(dead)} exited during step {step}")
+                    errors.append((dead[0].replace("_", " "), cause))
+                    self._abort_all(step, str(cause))
             still = []
             for i, fut in pending:
                 if not fut.done():
@@ -185,7 +198,7 @@ class PipelineDriver:
                 time.sleep(0.002)
         if errors:
             # Report the root cause, not the ABORTED answer of the stage we stopped because of it.
-            errors.sort(key=lambda e: isinstance(e[1], ServiceError) and e[1].code == grpc.StatusCode.ABORTED)
+            errors.sort(key=lambda e: (isinstance(e[1], ServiceError) and e[1].code in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE)))
             stage, exc = errors[0]
             raise StepFailed(step, stage, exc)
         return results

@@ -58,8 +58,10 @@ class StageClient:
 
     def run_step(self, request: stage_pb2.StepPlan, timeout: float) -> stage_pb2.StepResult:
         # Idempotent on the stage side (results are cached per (run, step, round)), so a retry after
-        # a dropped connection returns the same result instead of running the round twice.
-        return self._call("RunStep", request, timeout=timeout, idempotent=True, retry_until=time.monotonic() + timeout)
+        # a dropped connection returns the same result instead of running the round twice. The
+        # retry window is short: a stage that stays unreachable is a failure to recover from.
+        return self._call("RunStep", request, timeout=timeout, idempotent=True,
+                          retry_until=time.monotonic() + min(timeout, 10.0))
 
     def apply(self, run_id: str, step: int, clip: float, lr: float, skip: bool, loss_scale: float) -> stage_pb2.ApplyResponse:
         return self._call("ApplyStep", stage_pb2.ApplyRequest(

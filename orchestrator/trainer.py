@@ -454,7 +454,8 @@ class HybridDistributedTrainer:
             fp16 = cfg.train.use_mixed_precision and gpu_device.startswith("cuda")
             lookahead = cfg.regret.lookahead if cfg.regret.enabled and self.addresses.get("regret") not in ("", "inprocess") else 0
             driver = PipelineDriver(self.clients["cpu_stage"], self.clients["gpu_stage"], cfg, run_id,
-                                    fp16_loss_scaling=fp16, lookahead=lookahead)
+                                    fp16_loss_scaling=fp16, lookahead=lookahead,
+                                    dead_services=self.launcher.dead if self.launcher is not None else None)
             stack.callback(driver.close)
             step = self._restore(run_id, resume_info)
             if resume_info is not None:

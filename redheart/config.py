@@ -779,6 +779,11 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
     if cfg.launch.max_restarts < 0:
         fail("launch", "max_restarts", f"launch.max_restarts = {cfg.launch.max_restarts} must be >= 0")
     o = cfg.orchestrator
+    for key in ("verify_rtol", "verify_atol"):
+        if getattr(o, key) < 0:
+            fail("orchestrator", key, f"orchestrator.{key} = {getattr(o, key)} must be >= 0")
+    if o.verify_steps < 1:
+        fail("orchestrator", "verify_steps", f"orchestrator.verify_steps = {o.verify_steps} must be >= 1")
     for key in ("connect_timeout_seconds", "step_deadline_seconds", "rpc_timeout_seconds"):
         if getattr(o, key) <= 0:
             fail("orchestrator", key, f"orchestrator.{key} = {getattr(o, key)} must be > 0")

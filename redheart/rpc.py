@@ -171,9 +171,9 @@ def call(
     give_up = retry_until if retry_until is not None else time.monotonic() + timeout
     delay = 0.05
     while True:
-        remaining = give_up - time.monotonic() if idempotent else timeout
         try:
-            return method(request, timeout=max(0.001, min(timeout, remaining) if idempotent else timeout), metadata=metadata)
+            # Each attempt gets the full deadline; `give_up` only bounds when a new attempt may start.
+            return method(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             details = exc.details() if hasattr(exc, "details") else str(exc)

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny configs, synthetic batches, free ports, real stage servers on port 0."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+# Two stage processes share 2 cores in the tests: one torch thread each keeps them from
+# oversubscribing the machine (and keeps timings of the suite predictable).
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = torch.cuda.is_available()
+    for item in items:
+        if "cuda" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TINY_TOML = """
+[model]
+preset = "tiny"
+[train]
+batch_size = 8
+micro_batch_size = 2
+gradient_accumulation_steps = 1
+learning_rate = 1e-3
+max_steps = 4
+log_every_n_steps = 1
+[data]
+path = "{data}"
+max_scenarios = 300
+[regret]
+num_workers = 2
+[checkpoint]
+save_checkpoint_every = 2
+[orchestrator]
+output_dir = "{out}"
+progress = "log"
+[metrics]
+enabled = false
+"""
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small generated corpus shared by the tests that run the data pipeline."""
+    from redheart.data.generate import write_jsonl
+
+    path = tmp_path_factory.mktemp("data") / "scenarios.jsonl"
+    write_jsonl(path, 600, 0)
+    return path
+
+
+@pytest.fixture
+def tiny_toml(tmp_path, corpus) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(textwrap.dedent(TINY_TOML.format(data=corpus, out=tmp_path / "run")))
+    return path
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_cli(args: list[str], timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env=cli_env(), cwd=cwd or ROOT)
