@@ -169,6 +169,7 @@ class LocalLauncher:
     def start(self, names: list[str]) -> None:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env["REDHEART_PARENT_PID"] = str(os.getpid())  # services stop by themselves if we are killed
         for name in names:
             svc = ServiceProcess(name, self._argv(name), self.log_dir / f"{name}.log", env)
             self.services[name] = svc

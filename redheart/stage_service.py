@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from redheart import codec
 from redheart.config import ConfigError, HybridConfig, load_config
 from redheart.metrics_common import StageMetrics, start_metrics_endpoint
+from redheart.process import watch_parent
 from redheart.rpc import RpcFailure, ServiceError, bind, make_channel, make_server, rpc_method, set_serving
 from redheart.stage_runtime import (
     ACTIVATION,
@@ -551,6 +552,7 @@ def run_stage_cli(stage: str, create_server: Callable[..., tuple[StageServer, in
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    watch_parent(stop)
     d = server.servicer
     log.info("%s stage listening on %s:%d (%s, %s, %d parameters), metrics on %s", stage, host, bound, d.device,
              d.layer_range, d.runtime.num_parameters(), bound_metrics or "off")
