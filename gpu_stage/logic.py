@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -25,6 +26,7 @@ from redheart.stage_runtime import (
     MicroBatchInputs,
     RoundContext,
     StageError,
+    StepAborted,
 )
 
 LABEL_KEYS = ("labels.emotions", "labels.emotions_mask", "labels.bentham", "labels.bentham_mask", "labels.judgment")
@@ -136,7 +138,7 @@ class GpuStagePart:
         stats: dict[str, Any] = {"regret_computations": 0, "bentham_evaluations": 0}
         if record.pending is not None:
             t0 = time.perf_counter()
-            reply = record.pending.result()  # raises ServiceError naming the regret service address
+            reply = self._await_regret(ctx, record.pending, mb.index)
             ctx.timings["regret_wait"] += time.perf_counter() - t0
             regret_target = reply.regret.to(self.device)
             stats.update(
@@ -155,6 +157,18 @@ class GpuStagePart:
         ctx.link.send("prev", ctx.plan.run_id, ctx.plan.step, mb.index, GRADIENT, grad.detach())
         stats.update(losses=parts, total_loss=float(loss.detach()), samples=int(record.input_leaf.shape[0]))
         return stats
+
+    @staticmethod
+    def _await_regret(ctx: RoundContext, pending: Future, micro_batch: int):
+        """Wait for the regret target, but give up at once when the orchestrator aborts the step."""
+        while True:
+            try:
+                return pending.result(timeout=0.1)  # raises ServiceError naming the regret service address
+            except FutureTimeout:
+                reason = ctx.runtime.mailbox.aborted(ctx.plan.run_id, ctx.plan.step)
+                if reason is not None:
+                    pending.cancel()
+                    raise StepAborted(f"step {ctx.plan.step} was aborted while waiting for the regret of micro-batch {micro_batch}: {reason}")
 
     def evaluate(self, ctx: RoundContext, mb: MicroBatchInputs) -> dict:
         act = ctx.runtime.mailbox.get(

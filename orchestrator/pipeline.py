@@ -29,6 +29,7 @@ CPU_KEYS = ("input_ids", "attention_mask")
 LABEL_KEYS = ("labels.emotions", "labels.emotions_mask", "labels.bentham", "labels.bentham_mask", "labels.judgment")
 GPU_KEYS = ("attention_mask",) + LABEL_KEYS
 HEAD_NAMES = ("emotion", "bentham", "judgment", "regret")
+ABORT_GRACE_SECONDS = 30.0
 
 
 class StepFailed(RuntimeError):
@@ -172,7 +173,15 @@ class PipelineDriver:
         aborted = False
         pending = list(enumerate(futures))
         last_check = time.monotonic()
+        aborted_at = 0.0
         while pending:
+            if aborted and not aborted_at:
+                aborted_at = time.monotonic()
+            if aborted_at and time.monotonic() - aborted_at > ABORT_GRACE_SECONDS:
+                # A stage that does not answer its abort: report the step as failed anyway.
+                for i, _fut in pending:
+                    errors.append((self.stages[i].name, RuntimeError(f"no answer {ABORT_GRACE_SECONDS:.0f}s after the step was aborted")))
+                break
             if self.dead_services is not None and not aborted and time.monotonic() - last_check > 0.25:
                 last_check = time.monotonic()
                 dead = self.dead_services()

@@ -101,6 +101,10 @@ class Mailbox:
                 del self._items[key]
             self._cond.notify_all()
 
+    def aborted(self, run_id: str, step: int) -> str | None:
+        with self._cond:
+            return self._aborted.get((run_id, step))
+
     def clear_step(self, run_id: str, step: int, kinds: Sequence[str] | None = None) -> None:
         """Forget everything of a finished step (keeps memory bounded over a long run)."""
         with self._cond:
