@@ -132,6 +132,7 @@ class HybridDistributedTrainer:
         self.regret_sum = 0.0
         self.regret_n = 0
         self.metrics_port = 0
+        self.split_choice = None
 
     # ------------------------------------------------------------------ services
 
@@ -432,9 +433,10 @@ class HybridDistributedTrainer:
         wall_start = time.time()
         self._current_step = 0
         with ExitStack() as stack:
+            resume_info = self._resume_info()
+            self._resolve_split(resume_info)
             self._prepare_output(stack)
             self._install_signal_handlers(stack)
-            resume_info = self._resume_info()
             tokenizer_path = None
             if resume_info is not None:
                 tokenizer_path = Path(resume_info.manifest["tokenizer"])
@@ -557,12 +559,24 @@ class HybridDistributedTrainer:
                 info = ckpt.resolve(Path(str(self.resume)))
         except ckpt.CheckpointError as exc:
             raise RunError(f"--resume: {exc}") from None
+        saved_model = info.manifest.get("config", {}).get("model", {})
+        if self.config.model.gpu_layers_ratio == "auto" and self.config.model.cpu_layers is None and saved_model.get("cpu_layers") is not None:
+            # Keep the split the run was started with; re-measuring could choose another one.
+            self.config = self.config.replace(**{"model.cpu_layers": saved_model["cpu_layers"]})
         if info.manifest.get("model_fingerprint") != self.config.model_fingerprint():
             theirs = info.manifest.get("config", {}).get("model", {})
             mine = self.config.to_dict()["model"]
             raise RunError(f"--resume: checkpoint {info.path} was trained with different model settings: "
                            f"{'; '.join(diff_settings(mine, theirs)) or 'resolved shape differs'}")
         return info
+
+    def _resolve_split(self, resume_info) -> None:
+        from orchestrator.autosplit import resolve_auto_split
+
+        try:
+            self.config, self.split_choice = resolve_auto_split(self.config)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
 
     def _report(self, run_id, step, batches: StepBatches, data: PreparedData, counts, wall_start, last_checkpoint, stopped_early) -> dict:
         wall = time.time() - wall_start
@@ -603,6 +617,12 @@ class HybridDistributedTrainer:
             "recoveries": self.recoveries,
             "data": data.summary(),
             "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+            "split": {
+                "cpu_layers": resolve_model_shape(self.config.model).cpu_layers,
+                "automatic": self.split_choice is not None,
+                "reason": self.split_choice.reason if self.split_choice is not None else "model.gpu_layers_ratio / model.cpu_layers",
+                "predicted_step_seconds": self.split_choice.predicted_step_seconds if self.split_choice is not None else None,
+            },
         }
 
 

@@ -41,6 +41,8 @@ def verify(trainer: HybridDistributedTrainer, out=sys.stdout) -> VerifyResult:
         cfg = cfg.replace(**{"train.use_mixed_precision": False})
         trainer.config = cfg
     with ExitStack() as stack:
+        trainer._resolve_split(None)
+        cfg = trainer.config
         trainer._prepare_output(stack)
         data = prepare_data(cfg, trainer.output_dir)
         batches = StepBatches(cfg, data.train)

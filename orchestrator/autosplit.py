@@ -1,0 +1,221 @@
+"""Automatic split (``model.gpu_layers_ratio = "auto"``): choose how many transformer layers go to
+the CPU stage from *measured* speed on each stage's device, under the GPU memory budget.
+
+Peers balance differently: torchgpipe by time on one device type, DeepSpeed by parameter count,
+torch.distributed.pipelining not at all. A CPU and a GPU differ by an order of magnitude per
+layer, and the CPU stage also carries the embeddings (a large matrix to update) while the GPU
+stage carries the heads and losses, so neither "40/60" nor "equal layers" is balanced.
+
+Model of one optimizer step for a split with ``k`` CPU layers (2 stages, m micro-batches, 1F1B):
+
+    t_cpu(k) = embed + k x layer_cpu              forward + backward of one micro-batch
+    t_gpu(k) = (L - k) x layer_gpu + heads
+    step(k)  ≈ m x max(t_cpu, t_gpu) + min(t_cpu, t_gpu) + 2 x wire + max(opt_cpu(k), opt_gpu(k))
+
+(the slower stage sets the pace; the other adds one micro-batch of fill/drain; both step their
+optimizers at the same time). ``k`` is chosen to minimise step(k) among the splits whose GPU
+stage memory estimate fits ``gpu_memory_gb``. Every measurement and the reason are logged and
+returned, so a user can see why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from redheart import codec
+from redheart.config import HybridConfig
+from redheart.losses import multitask_loss
+from redheart.model import (
+    CpuStageModule,
+    EncoderLayer,
+    GpuStageModule,
+    ModelShape,
+    count_parameters,
+    estimate_stage_memory_bytes,
+    resolve_model_shape,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceProfile:
+    device: str
+    threads: int
+    layer_seconds: float  # forward + backward of one layer, one micro-batch
+    fixed_seconds: float  # embeddings (cpu stage) or heads + loss (gpu stage)
+    optimizer_seconds_per_param: float
+
+
+@dataclass
+class SplitChoice:
+    cpu_layers: int
+    predicted_step_seconds: float
+    candidates: dict[int, float] = field(default_factory=dict)
+    excluded: dict[int, str] = field(default_factory=dict)
+    cpu: DeviceProfile | None = None
+    gpu: DeviceProfile | None = None
+    wire_seconds: float = 0.0
+    reason: str = ""
+
+
+@contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, reps: int) -> float:
+    fn()  # warm-up (allocator, kernels, caches)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / reps
+
+
+def profile_device(shape: ModelShape, device: torch.device, threads: int, micro_batch: int, seq: int,
+                   stage: str, reps: int = 3) -> DeviceProfile:
+    """Measure one layer, the stage's fixed part and the optimizer cost on `device`."""
+    h = shape.hidden_size
+    with _threads(threads), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        layer = EncoderLayer(h, shape.num_heads, shape.ffn_size, 0.0).to(device)
+        x = torch.randn(micro_batch, seq, h, device=device, requires_grad=True)
+        mask = torch.ones(micro_batch, seq, dtype=torch.bool, device=device)
+
+        def layer_step():
+            layer(x, mask).sum().backward()
+
+        layer_seconds = _time(layer_step, device, reps)
+        tiny = ModelShape(h, 0, shape.num_heads, shape.ffn_size, shape.vocab_size, shape.max_seq_len, 0, 0.0, 0)
+        if stage == "cpu":
+            embed = CpuStageModule(tiny).to(device)
+            ids = torch.randint(0, shape.vocab_size, (micro_batch, seq), device=device)
+
+            def fixed():
+                embed(ids, mask).sum().backward()
+
+            fixed_seconds = _time(fixed, device, reps)
+            opt_params = list(embed.parameters())
+        else:
+            heads = GpuStageModule(tiny).to(device)
+            labels = {
+                "labels.emotions": torch.zeros(micro_batch, 6, device=device),
+                "labels.emotions_mask": torch.ones(micro_batch, dtype=torch.bool, device=device),
+                "labels.bentham": torch.zeros(micro_batch, 8, device=device),
+                "labels.bentham_mask": torch.ones(micro_batch, dtype=torch.bool, device=device),
+                "labels.judgment": torch.zeros(micro_batch, dtype=torch.long, device=device),
+            }
+
+            def fixed():
+                loss, _ = multitask_loss(heads(x, mask), labels, torch.zeros(micro_batch, device=device))
+                loss.backward()
+
+            fixed_seconds = _time(fixed, device, reps)
+            opt_params = list(layer.parameters())
+        for p in opt_params:
+            p.grad = torch.zeros_like(p)
+        opt = torch.optim.AdamW(opt_params, lr=1e-4, foreach=False)
+        n = sum(p.numel() for p in opt_params)
+        per_param = _time(opt.step, device, reps) / max(n, 1)
+    return DeviceProfile(str(device), threads, layer_seconds, fixed_seconds, per_param)
+
+
+def wire_seconds(shape: ModelShape, micro_batch: int, seq: int, codec_name: str, bandwidth_bytes_per_s: float = 1.0e9) -> float:
+    """Encode + decode + transfer of one activation and one gradient (measured codec, assumed link)."""
+    t = torch.randn(micro_batch, seq, shape.hidden_size)
+    start = time.perf_counter()
+    for _ in range(3):
+        msg = codec.encode(t, codec=codec_name)
+        codec.decode(msg)
+    serde = (time.perf_counter() - start) / 3
+    return 2 * (serde + codec.encoded_nbytes(msg) / bandwidth_bytes_per_s)
+
+
+def predict_step_seconds(shape: ModelShape, k: int, micro_batches: int, cpu: DeviceProfile, gpu: DeviceProfile, wire: float) -> float:
+    t_cpu = cpu.fixed_seconds + k * cpu.layer_seconds
+    t_gpu = gpu.fixed_seconds + (shape.num_layers - k) * gpu.layer_seconds
+    counts = count_parameters(ModelShape(**{**shape.__dict__, "cpu_layers": k}))
+    opt = max(counts["cpu_stage"] * cpu.optimizer_seconds_per_param, counts["gpu_stage"] * gpu.optimizer_seconds_per_param)
+    return micro_batches * max(t_cpu, t_gpu) + min(t_cpu, t_gpu) + wire + opt
+
+
+def choose_split(config: HybridConfig, *, cpu_profile: DeviceProfile | None = None, gpu_profile: DeviceProfile | None = None) -> SplitChoice:
+    """Measure (unless profiles are given) and pick the number of CPU layers."""
+    shape = resolve_model_shape(config.model)
+    t = config.train
+    seq = shape.max_seq_len
+    mb = t.micro_batch_size
+    import os
+
+    cores = os.cpu_count() or 1
+    cpu_threads = config.cpu_stage.threads or max(1, cores // 2)
+    from gpu_stage.logic import resolve_device
+
+    gpu_device = resolve_device(config.gpu_stage.device)
+    gpu_threads = config.gpu_stage.threads or max(1, cores - cores // 2)
+    cpu = cpu_profile or profile_device(shape, torch.device("cpu"), cpu_threads, mb, seq, "cpu")
+    gpu = gpu_profile or profile_device(shape, gpu_device, gpu_threads, mb, seq, "gpu")
+    wire = wire_seconds(shape, mb, seq, config.wire.codec) * config.micro_batches
+    choice = SplitChoice(cpu_layers=-1, predicted_step_seconds=float("inf"), cpu=cpu, gpu=gpu, wire_seconds=wire)
+    budget = config.gpu_stage.gpu_memory_gb * 1024**3
+    in_flight = 1 + config.regret.lookahead if t.schedule == "1f1b" else config.micro_batches
+    act_bytes = 2 if t.use_mixed_precision else 4
+    for k in range(0, shape.num_layers + 1):
+        candidate = ModelShape(**{**shape.__dict__, "cpu_layers": k})
+        need = estimate_stage_memory_bytes(candidate, "gpu", mb, in_flight, activation_bytes=act_bytes)["total"]
+        if need > budget:
+            choice.excluded[k] = f"GPU stage needs ~{need / 1024**3:.2f} GiB > gpu_memory_gb {config.gpu_stage.gpu_memory_gb}"
+            continue
+        seconds = predict_step_seconds(shape, k, config.micro_batches, cpu, gpu, wire)
+        choice.candidates[k] = seconds
+        if seconds < choice.predicted_step_seconds - 1e-12:
+            choice.cpu_layers, choice.predicted_step_seconds = k, seconds
+    if choice.cpu_layers < 0:
+        raise ValueError(
+            f"no split fits gpu_memory_gb = {config.gpu_stage.gpu_memory_gb}: even with every layer on the CPU stage "
+            f"{choice.excluded[shape.num_layers]} (fix: raise gpu_memory_gb, lower micro_batch_size or use activation checkpointing)"
+        )
+    fixed = round(shape.num_layers * 0.4)
+    fixed_seconds = choice.candidates.get(fixed)
+    choice.reason = (
+        f"one layer fwd+bwd: {cpu.layer_seconds * 1e3:.1f} ms on the CPU stage ({cpu.device}, {cpu.threads} threads) vs "
+        f"{gpu.layer_seconds * 1e3:.1f} ms on the GPU stage ({gpu.device}); embeddings {cpu.fixed_seconds * 1e3:.1f} ms, "
+        f"heads+loss {gpu.fixed_seconds * 1e3:.1f} ms, wire {wire * 1e3:.1f} ms/step. "
+        f"Chose {choice.cpu_layers} CPU layers / {shape.num_layers - choice.cpu_layers} GPU layers: predicted "
+        f"{choice.predicted_step_seconds:.3f} s/step"
+        + (f" vs {fixed_seconds:.3f} s/step for the fixed 40/60 split ({fixed} CPU layers)" if fixed_seconds else "")
+        + (f"; excluded by the GPU memory budget: {sorted(choice.excluded)}" if choice.excluded else "")
+    )
+    return choice
+
+
+def resolve_auto_split(config: HybridConfig) -> tuple[HybridConfig, SplitChoice | None]:
+    """Replace gpu_layers_ratio = "auto" by a measured model.cpu_layers (local launch only)."""
+    if config.model.gpu_layers_ratio != "auto" or config.model.cpu_layers is not None:
+        return config, None
+    if config.launch.mode != "local":
+        raise ValueError(
+            'model.gpu_layers_ratio = "auto" measures both devices on this host before starting the stages, so it needs '
+            'launch.mode = "local"; for remote stages run the automatic split once locally on the GPU host '
+            "(redheart-orchestrate --config F --check prints it) and set model.cpu_layers on every service"
+        )
+    choice = choose_split(config)
+    log.info("automatic split: %s", choice.reason)
+    return config.replace(**{"model.cpu_layers": choice.cpu_layers}), choice
