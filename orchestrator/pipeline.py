@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -204,7 +204,8 @@ class PipelineDriver:
                         self._abort_all(step, f"{self.stages[i].name} failed: {exc}")
             pending = still
             if pending:
-                time.sleep(0.002)
+                # Block until a stage answers (or 0.25 s pass, to look at process liveness again).
+                wait([f for _i, f in pending], timeout=0.25, return_when=FIRST_COMPLETED)
         if errors:
             # Report the root cause, not the ABORTED answer of the stage we stopped because of it.
             errors.sort(key=lambda e: (isinstance(e[1], ServiceError) and e[1].code in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE)))

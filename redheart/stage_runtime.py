@@ -452,11 +452,11 @@ class StageRuntime:
 
     @torch.no_grad()
     def _grad_norm_sq(self, loss_scale: float) -> tuple[float, bool]:
-        total = torch.zeros((), dtype=torch.float64)
-        for p in self.part.module.parameters():
-            if p.grad is not None:
-                total += p.grad.detach().double().pow(2).sum().cpu()
-        value = float(total) / (loss_scale * loss_scale)
+        # Per-tensor norms (as torch.nn.utils.clip_grad_norm_ computes them), summed in float64:
+        # no full-size temporary copies of the gradients.
+        norms = [torch.linalg.vector_norm(p.grad.detach()) for p in self.part.module.parameters() if p.grad is not None]
+        total = sum(float(n) ** 2 for n in torch.stack(norms).double().cpu()) if norms else 0.0
+        value = total / (loss_scale * loss_scale)
         return value, not math.isfinite(value)
 
     def _run_eval(self, plan: RoundPlan, link: PeerLink) -> RoundResult:
