@@ -155,9 +155,10 @@ class StageMetrics:
         self.gpu_allocated = Gauge("redheart_gpu_memory_allocated_bytes", "CUDA memory allocated by tensors (0 on CPU).", ["stage"], registry=r)
         self.gpu_reserved = Gauge("redheart_gpu_memory_reserved_bytes", "CUDA memory reserved by the caching allocator (0 on CPU).", ["stage"], registry=r)
         self.gpu_peak = Gauge("redheart_gpu_memory_peak_bytes", "Peak CUDA memory allocated during the last round (0 on CPU).", ["stage"], registry=r)
+        self.gpu_utilization = Gauge("redheart_gpu_utilization_ratio", "GPU busy share from NVML (0 on CPU or without NVML).", ["stage"], registry=r)
         for metric in (self.forward_seconds, self.backward_seconds, self.round_seconds, self.wait_seconds, self.compute_seconds,
                        self.bubble_ratio, self.steps_applied, self.next_step, self.parameters, self.regret_wait_seconds,
-                       self.checkpoint_seconds, self.gpu_allocated, self.gpu_reserved, self.gpu_peak):
+                       self.checkpoint_seconds, self.gpu_allocated, self.gpu_reserved, self.gpu_peak, self.gpu_utilization):
             metric.labels(stage)
         for op in ("forward", "backward"):
             self.micro_batches.labels(stage, op)
@@ -196,5 +197,9 @@ class StageMetrics:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 self.gpu_allocated.labels(self.stage).set(torch.cuda.memory_allocated())
                 self.gpu_reserved.labels(self.stage).set(torch.cuda.memory_reserved())
+                try:  # NVML is optional (pynvml / nvidia-ml-py); utilization stays 0 without it
+                    self.gpu_utilization.labels(self.stage).set(torch.cuda.utilization() / 100.0)
+                except Exception:
+                    pass
         except Exception:  # pragma: no cover - metrics must never break training
             pass
