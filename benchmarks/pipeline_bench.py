@@ -296,17 +296,20 @@ def draw_timeline(result: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     colors = {"F": "#4C72B0", "B": "#DD8452", "wait": "#CCCCCC"}
-    fig, ax = plt.subplots(figsize=(11, 2.8))
+    fig, ax = plt.subplots(figsize=(11, 3.2))
     for row, name in enumerate(("gpu stage", "cpu stage")):
-        for action, mb, start, end in result["timeline"].get(name, []):
-            ax.barh(row, end - start, left=start, color=colors.get(action, "#999999"), edgecolor="white", height=0.7)
+        spans = result["timeline"].get(name, [])
+        # compute spans first, then the waits on top: a backward's span includes waiting for its gradient
+        for action, mb, start, end in sorted(spans, key=lambda s: s[0] == "wait"):
+            ax.barh(row, end - start, left=start, color=colors.get(action, "#999999"), edgecolor="white", height=0.7,
+                    hatch="//" if action == "wait" else None)
             if action in ("F", "B") and end - start > 0.01 * result["step_seconds"]:
                 ax.text((start + end) / 2, row, f"{action}{mb}", ha="center", va="center", fontsize=7, color="white")
     ax.set_yticks([0, 1], ["GPU stage", "CPU stage"])
     ax.set_xlabel("seconds since the round started")
     ax.set_title(title)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    ax.legend(handles, ["forward", "backward", "waiting on peer"], loc="upper right", fontsize=8)
+    ax.legend(handles, ["forward", "backward", "waiting on peer"], loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
