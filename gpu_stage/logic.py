@@ -73,10 +73,12 @@ class GpuStagePart:
     num_stages = 2
     receives = frozenset({ACTIVATION, EVAL_ACTIVATION})
 
-    def __init__(self, shape: ModelShape, *, device: str = "auto", checkpointing: bool = False, max_message_mb: int = 512) -> None:
+    def __init__(self, shape: ModelShape, *, device: str = "auto", checkpointing: bool = False, max_message_mb: int = 512,
+                 security: Any = None) -> None:
         self.device = resolve_device(device)
         self.module = GpuStageModule(shape, checkpointing=checkpointing).to(self.device)
         self.max_message_mb = max_message_mb
+        self.security = security  # [security] of this process: TLS / mTLS and the token toward the regret service
         self.regret: Any = None
         self.loss_weights: Mapping[str, float] = {}
 
@@ -99,6 +101,7 @@ class GpuStagePart:
                 regret_address,
                 max_message_mb=self.max_message_mb,
                 timeout_seconds=float(regret.get("timeout_seconds", 30.0)),
+                security=self.security,
             )
 
     def discard(self) -> None:

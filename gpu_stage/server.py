@@ -20,7 +20,7 @@ def create_server(config: HybridConfig, *, host: str | None = None, port: int | 
         config,
         stage="gpu",
         part_factory=lambda: GpuStagePart(shape, device=g.device, checkpointing=g.activation_checkpointing,
-                                          max_message_mb=config.wire.max_message_mb),
+                                          max_message_mb=config.wire.max_message_mb, security=config.security),
         host=g.host if host is None else host,
         port=g.port if port is None else port,
         registry=registry,

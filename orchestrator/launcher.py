@@ -170,6 +170,10 @@ class LocalLauncher:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env["REDHEART_PARENT_PID"] = str(os.getpid())  # services stop by themselves if we are killed
+        if self.config.security.token:
+            # The resolved config.toml the children read says token = "<redacted>" (secrets are not
+            # written to the run directory); the environment, which wins over the file, carries it.
+            env["REDHEART_SECURITY__TOKEN"] = self.config.security.token
         for name in names:
             svc = ServiceProcess(name, self._argv(name), self.log_dir / f"{name}.log", env)
             self.services[name] = svc

@@ -30,12 +30,13 @@ class StageInfo:
 
 class StageClient:
     def __init__(self, name: str, address: str, *, max_message_mb: int, rpc_timeout: float,
-                 credentials: grpc.ChannelCredentials | None = None, metadata=None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, metadata=None, security=None) -> None:
         self.name = name  # "cpu stage" / "gpu stage"
         self.address = address
         self.rpc_timeout = rpc_timeout
         self.metadata = metadata
-        self.channel = make_channel(address, max_message_mb, credentials)
+        # security ([security]): TLS / mTLS and the bearer token, applied by make_channel.
+        self.channel = make_channel(address, max_message_mb, security, credentials=credentials)
         self.stub = stage_pb2_grpc.PipelineStageStub(self.channel)
 
     def _call(self, method: str, request, *, timeout: float | None = None, idempotent: bool = True, retry_until=None):

@@ -159,14 +159,15 @@ class HybridDistributedTrainer:
         for name in ("cpu_stage", "gpu_stage") + (("regret",) if regret_needed else ()):
             try:
                 wait_for_serving(self.addresses[name], timeout=timeout, service_name=name.replace("_", " "),
-                                 alive=self._alive_check(name))
+                                 alive=self._alive_check(name), security=cfg.security)
             except ServiceError as exc:
                 raise RunError(f"{exc} (fix: start it with `redheart-{name.replace('_', '-').replace('regret', 'regret')} --config ...` "
                                f"or check {name}.address)") from None
         for name in ("cpu_stage", "gpu_stage"):
             self.clients[name] = StageClient(name.replace("_", " "), self.addresses[name],
                                              max_message_mb=cfg.wire.max_message_mb,
-                                             rpc_timeout=cfg.orchestrator.rpc_timeout_seconds)
+                                             rpc_timeout=cfg.orchestrator.rpc_timeout_seconds,
+                                             security=cfg.security)
             stack.callback(self.clients[name].close)
 
     def _alive_check(self, name: str):
@@ -283,7 +284,8 @@ class HybridDistributedTrainer:
             address = self.addresses.get(name, "")
             if address and address != "inprocess":
                 try:
-                    wait_for_serving(address, timeout=self.config.orchestrator.step_deadline_seconds, service_name=name.replace("_", " "))
+                    wait_for_serving(address, timeout=self.config.orchestrator.step_deadline_seconds, service_name=name.replace("_", " "),
+                                     security=self.config.security)
                 except ServiceError as exc:
                     raise RunError(f"{exc}; cannot recover step {error.step}") from error
         if not dead:

@@ -45,6 +45,7 @@ __all__ = [
     "MetricsConfig",
     "LaunchConfig",
     "WireConfig",
+    "SecurityConfig",
     "HybridConfig",
     "load_config",
     "parse_override",
@@ -231,6 +232,48 @@ class WireConfig:
 
 
 @dataclass
+class SecurityConfig:
+    tls_cert: str = ""
+    """This process's certificate chain (PEM). Servers present it; with require_client_cert, clients present it too. Empty: no TLS (plaintext, as on loopback). Relative paths (here and below) are relative to the working directory. See docs/security.md."""
+    tls_key: str = ""
+    """Unencrypted PEM private key of tls_cert; keep it readable by the service's user only (chmod 600)."""
+    tls_ca: str = ""
+    """CA bundle (PEM) that signed the peers' certificates: clients verify servers with it and, with require_client_cert, servers verify clients. Setting it alone makes a client-only TLS config (e.g. the orchestrator in remote mode)."""
+    require_client_cert: bool = False
+    """Mutual TLS: servers refuse clients without a certificate signed by tls_ca (needs tls_cert, tls_key and tls_ca on every process)."""
+    tls_server_name: str = ""
+    """Name to check in the server certificate instead of the host of the address, e.g. when connecting by IP to a certificate issued for a hostname (empty: the address's host)."""
+    token: str = field(default="", repr=False)
+    """Shared secret every call must carry as `authorization: Bearer <token>` (empty: off); compared in constant time, never logged or written to the run directory. Prefer token_file or the REDHEART_SECURITY__TOKEN environment variable to writing it here or in --set (visible in `ps`). The gRPC health service is exempt."""
+    token_file: str = ""
+    """Read the token from this file (surrounding whitespace stripped) instead of `token`; either, not both."""
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Clients use TLS when a CA or a certificate is configured; servers need tls_cert and tls_key."""
+        return bool(self.tls_cert or self.tls_ca)
+
+    def resolved_token(self) -> str:
+        """The shared token (from `token` or `token_file`), or "" when token authentication is off."""
+        if self.token:
+            return self.token
+        if self.token_file:
+            return Path(self.token_file).read_text(encoding="utf-8").strip()
+        return ""
+
+    def describe(self) -> str:
+        """A log-safe summary of the mode, e.g. "mTLS + token" (never the token itself)."""
+        parts = []
+        if self.tls_enabled:
+            parts.append("mTLS" if self.require_client_cert else "TLS")
+        else:
+            parts.append("plaintext")
+        if self.token or self.token_file:
+            parts.append("token")
+        return " + ".join(parts)
+
+
+@dataclass
 class OrchestratorConfig:
     output_dir: str = "runs/demo"
     """Where the run writes its report, tokenizer, checkpoints and logs."""
@@ -294,11 +337,17 @@ SECTIONS: dict[str, type] = {
     "cpu_stage": CpuStageConfig,
     "gpu_stage": GpuStageConfig,
     "wire": WireConfig,
+    "security": SecurityConfig,
     "orchestrator": OrchestratorConfig,
     "checkpoint": CheckpointConfig,
     "metrics": MetricsConfig,
     "launch": LaunchConfig,
 }
+
+# Values never shown in error messages and replaced by REDACTED wherever the configuration is written
+# out (the run directory's config.toml, report.json, checkpoint manifests).
+SECRET_KEYS: frozenset[tuple[str, str]] = frozenset({("security", "token")})
+REDACTED = "<redacted>"
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "preset"): ("tiny", "small", "base", "custom"),
@@ -335,6 +384,7 @@ class HybridConfig:
     cpu_stage: CpuStageConfig
     gpu_stage: GpuStageConfig
     wire: WireConfig
+    security: SecurityConfig
     orchestrator: OrchestratorConfig
     checkpoint: CheckpointConfig
     metrics: MetricsConfig
@@ -373,11 +423,22 @@ class HybridConfig:
     ) -> "HybridConfig":
         return load_config(path, overrides=overrides, env=env)
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+    def to_dict(self, *, redact_secrets: bool = True) -> dict[str, dict[str, Any]]:
+        """Every section as plain dicts. Secrets (security.token) read "<redacted>" unless asked for."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        if redact_secrets:
+            for section, key in SECRET_KEYS:
+                if out[section].get(key):
+                    out[section][key] = REDACTED
+        return out
 
     def to_toml(self) -> str:
-        """The resolved configuration as TOML (written into every run directory)."""
+        """The resolved configuration as TOML (written into every run directory).
+
+        A set security.token is written as "<redacted>", which loading refuses, so a copy of the
+        file never carries the secret and never silently starts a service without it: the token
+        has to come from REDHEART_SECURITY__TOKEN (the local launcher passes it that way).
+        """
         lines: list[str] = []
         for name, values in self.to_dict().items():
             lines.append(f"[{name}]")
@@ -391,7 +452,7 @@ class HybridConfig:
 
     def replace(self, **dotted: Any) -> "HybridConfig":
         """A copy with some keys changed, e.g. ``cfg.replace(**{"train.max_steps": 4})``; validated."""
-        raw = self.to_dict()
+        raw = self.to_dict(redact_secrets=False)
         for key, value in dotted.items():
             section, name = _split_dotted(key) if "." in key else _resolve_flat_key(key)
             raw[section][name] = value
@@ -434,7 +495,7 @@ class HybridConfig:
         return f"HybridConfig({parts})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, HybridConfig) and self.to_dict() == other.to_dict()
+        return isinstance(other, HybridConfig) and self.to_dict(redact_secrets=False) == other.to_dict(redact_secrets=False)
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
@@ -530,13 +591,13 @@ def load_config(
         section, _, key = var[len("REDHEART_"):].lower().partition("__")
         if section not in SECTIONS:
             raise ConfigError(f"environment {var}: unknown section `{section}`{_did_you_mean(section, SECTIONS)}")
-        raw[section][key] = parse_override_value(value)
+        raw[section][key] = _parse_secret(value) if (section, key) in SECRET_KEYS else parse_override_value(value)
         origin.sources[(section, key)] = f"environment {var}"
 
     for item in overrides or []:
         section, key, value = parse_override(item)
         raw[section][key] = value
-        origin.sources[(section, key)] = f"--set {item}"
+        origin.sources[(section, key)] = f"--set {section}.{key}={REDACTED}" if (section, key) in SECRET_KEYS else f"--set {item}"
     if output_dir is not None:
         raw["orchestrator"]["output_dir"] = output_dir
         origin.sources[("orchestrator", "output_dir")] = "--output-dir"
@@ -556,8 +617,23 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.max_steps=10")
     dotted, _, value = item.partition("=")
-    section, key = _split_dotted(dotted.strip(), context=f"--set {item!r}")
+    shown = f"{dotted.strip()}={REDACTED}" if "token" in dotted.lower() else item
+    section, key = _split_dotted(dotted.strip(), context=f"--set {shown!r}")
+    if (section, key) in SECRET_KEYS:
+        return section, key, _parse_secret(value.strip())
     return section, key, parse_override_value(value.strip())
+
+
+def _parse_secret(text: str) -> str:
+    """A secret from the command line or environment: verbatim (a token of digits stays a string),
+    unless written as a quoted TOML string."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            return text
+        return value if isinstance(value, str) else text
+    return text
 
 
 def _split_dotted(dotted: str, context: str | None = None) -> tuple[str, str]:
@@ -666,6 +742,10 @@ def _build(raw: Mapping[str, Mapping[str, Any]], origin: _Origin) -> HybridConfi
                     f"{origin.where(name, key)}: unknown key `{key}` in [{name}]{_did_you_mean(key, known)}; "
                     f"valid keys: {', '.join(sorted(known))}"
                 )
+            if (name, key) in SECRET_KEYS:
+                if not isinstance(value, str):
+                    # Never echo a secret, not even a mistyped one.
+                    raise ConfigError(f"{origin.where(name, key)}: {name}.{key} must be a string (in quotes); value not shown")
             kwargs[key] = _coerce(value, hints[key], origin.where(name, key), f"{name}.{key}")
             choices = _CHOICES.get((name, key))
             if choices and kwargs[key] not in choices:
@@ -771,6 +851,11 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
                 fail(section, "port", f"launch.mode = \"remote\" needs {section}.address or a fixed {section}.port")
     if cfg.wire.max_message_mb < 1:
         fail("wire", "max_message_mb", f"wire.max_message_mb = {cfg.wire.max_message_mb} must be >= 1")
+    if cfg.wire.max_rank < 1:
+        fail("wire", "max_rank", f"wire.max_rank = {cfg.wire.max_rank} must be >= 1")
+    if cfg.wire.max_concurrent_rpcs < 1:
+        fail("wire", "max_concurrent_rpcs", f"wire.max_concurrent_rpcs = {cfg.wire.max_concurrent_rpcs} must be >= 1")
+    _validate_security(cfg, fail)
     c = cfg.checkpoint
     if c.save_checkpoint_every < 0:
         fail("checkpoint", "save_checkpoint_every", f"checkpoint.save_checkpoint_every = {c.save_checkpoint_every} must be >= 0")
@@ -787,3 +872,81 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
     for key in ("connect_timeout_seconds", "step_deadline_seconds", "rpc_timeout_seconds"):
         if getattr(o, key) <= 0:
             fail("orchestrator", key, f"orchestrator.{key} = {getattr(o, key)} must be > 0")
+
+
+_TOKEN_HINT = "(fix: use printable ASCII without spaces, e.g. the output of `openssl rand -hex 32`)"
+
+
+def _check_token_text(token: str) -> str | None:
+    """Why a token cannot be used (it must travel in an HTTP/2 header), or None. Never quotes it."""
+    if not token:
+        return "is empty"
+    if any(not 0x21 <= ord(c) <= 0x7E for c in token):
+        return f"contains spaces, control or non-ASCII characters {_TOKEN_HINT}"
+    return None
+
+
+def _check_pem_file(path: str, what: str, marker: str) -> str | None:
+    """Why `path` cannot be used as a PEM `what` (missing, unreadable, wrong content), or None."""
+    p = Path(path)
+    if not p.exists():
+        return f"file {path!r} does not exist"
+    if not p.is_file():
+        return f"{path!r} is not a file"
+    try:
+        text = p.read_bytes()
+    except OSError as exc:
+        return f"cannot read {path!r}: {exc.strerror or exc}"
+    if not marker:
+        return None
+    # "-----BEGIN CERTIFICATE-----"; keys: "-----BEGIN [RSA |EC |ENCRYPTED ]PRIVATE KEY-----".
+    if f"{marker}-----".encode() not in text or b"-----BEGIN " not in text:
+        return f"{path!r} is not a PEM {what} (no '-----BEGIN ...{marker}-----' line)"
+    if marker == "PRIVATE KEY" and b"ENCRYPTED" in text:
+        return (f"{path!r} is an encrypted private key; gRPC needs it unencrypted "
+                f"(fix: `openssl pkey -in {path} -out key.pem`, then chmod 600 key.pem)")
+    return None
+
+
+def _validate_security(cfg: HybridConfig, fail) -> None:
+    s = cfg.security
+    for key, what, marker in (("tls_cert", "certificate", "CERTIFICATE"), ("tls_key", "private key", "PRIVATE KEY"),
+                              ("tls_ca", "CA certificate bundle", "CERTIFICATE"), ("token_file", "token file", "")):
+        path = getattr(s, key)
+        if path:
+            problem = _check_pem_file(path, what, marker)
+            if problem:
+                fail("security", key, f"security.{key}: {problem}")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        have, missing = ("tls_cert", "tls_key") if s.tls_cert else ("tls_key", "tls_cert")
+        fail("security", have, f"security.{have} is set but security.{missing} is not "
+                                 "(fix: set both, the certificate and its private key)")
+    if s.require_client_cert:
+        if not s.tls_ca:
+            fail("security", "require_client_cert", "security.require_client_cert = true needs security.tls_ca, "
+                 "the CA that signed the client certificates (fix: set tls_ca)")
+        if not s.tls_cert:
+            fail("security", "require_client_cert", "security.require_client_cert = true needs security.tls_cert and "
+                 "security.tls_key: every process presents its certificate (fix: set both)")
+    if s.tls_server_name and not s.tls_enabled:
+        fail("security", "tls_server_name", "security.tls_server_name is only used with TLS "
+             "(fix: set security.tls_ca / tls_cert, or remove tls_server_name)")
+    if s.tls_ca and not s.tls_cert and cfg.launch.mode == "local":
+        fail("security", "tls_ca", "security.tls_ca turns TLS on, but launch.mode = \"local\" starts the services, "
+             "which need security.tls_cert and security.tls_key to serve TLS (fix: set both)")
+    if s.token and s.token_file:
+        fail("security", "token", "security.token and security.token_file are both set (fix: keep one)")
+    if s.token:
+        if s.token == REDACTED:
+            fail("security", "token", f'security.token is "{REDACTED}": this file is a written-out copy that never '
+                 "stores the token (fix: pass it with REDHEART_SECURITY__TOKEN or security.token_file)")
+        problem = _check_token_text(s.token)
+        if problem:
+            fail("security", "token", f"security.token {problem}")
+    elif s.token_file:
+        try:
+            problem = _check_token_text(s.resolved_token())
+        except (OSError, UnicodeDecodeError) as exc:
+            problem = f"cannot be read as text ({type(exc).__name__})"
+        if problem:
+            fail("security", "token_file", f"the token in security.token_file {s.token_file!r} {problem}")

@@ -9,32 +9,49 @@
 * Clients call through :func:`call` which applies the deadline, retries idempotent calls on
   UNAVAILABLE with backoff, and turns ``grpc.RpcError`` into :class:`ServiceError` naming the
   service address: the one place where client errors are caught.
+* Security (``[security]``, docs/security.md) is applied here and only here: callers pass the
+  config's ``security`` section to :func:`make_server`, :func:`bind` and :func:`make_channel`, which
+  add TLS / mutual TLS credentials and the shared-token check (server) or header (client).
+  ``security=None`` (or an empty section) is plaintext without a token, as before.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import hmac
+import ipaddress
 import logging
 import threading
 import time
 from concurrent import futures
-from typing import Any, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from redheart.codec import TensorValidationError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from redheart.config import SecurityConfig
+
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "HEALTH_METHOD_PREFIX",
     "RpcFailure",
     "ServiceError",
+    "TokenAuthInterceptor",
+    "TokenClientInterceptor",
+    "bind",
     "call",
+    "channel_credentials",
     "channel_options",
     "make_channel",
     "make_server",
     "rpc_method",
+    "server_credentials",
     "wait_for_serving",
 ]
 
@@ -74,11 +91,177 @@ def channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
     ]
 
 
-def make_channel(address: str, max_message_mb: int, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+# ----------------------------------------------------------------------------- security
+
+# The standard health service answers without a token, so load balancers and Kubernetes gRPC probes
+# (which cannot send headers) work. It reveals only SERVING / NOT_SERVING.
+HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
+_AUTH_HEADER = "authorization"
+_UNAUTHENTICATED = "missing or invalid bearer token (fix: give every process the same security.token or security.token_file)"
+
+
+def _read(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def server_credentials(security: "SecurityConfig | None") -> grpc.ServerCredentials | None:
+    """TLS credentials of a server (None: plaintext). mTLS when security.require_client_cert."""
+    if security is None or not security.tls_enabled:
+        return None
+    if not (security.tls_cert and security.tls_key):
+        # A client-only TLS config (tls_ca alone) cannot serve: fail instead of serving plaintext
+        # to clients that expect TLS.
+        from redheart.config import ConfigError
+
+        raise ConfigError("security.tls_ca is set but a server needs security.tls_cert and security.tls_key to serve TLS "
+                          "(fix: give this service its certificate and key, see docs/security.md)")
+    pair = [(_read(security.tls_key), _read(security.tls_cert))]
+    if security.require_client_cert:
+        return grpc.ssl_server_credentials(pair, root_certificates=_read(security.tls_ca), require_client_auth=True)
+    return grpc.ssl_server_credentials(pair, root_certificates=None, require_client_auth=False)
+
+
+def channel_credentials(security: "SecurityConfig | None") -> grpc.ChannelCredentials | None:
+    """TLS credentials of a client (None: plaintext). Presents tls_cert / tls_key when both are set
+    (the client certificate of mutual TLS); verifies the server with tls_ca (or the system roots)."""
+    if security is None or not security.tls_enabled:
+        return None
+    has_pair = bool(security.tls_cert and security.tls_key)
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(security.tls_ca) if security.tls_ca else None,
+        private_key=_read(security.tls_key) if has_pair else None,
+        certificate_chain=_read(security.tls_cert) if has_pair else None,
+    )
+
+
+def _token(security: "SecurityConfig | None") -> str:
+    return security.resolved_token() if security is not None else ""
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Refuses calls without ``authorization: Bearer <token>`` with UNAUTHENTICATED.
+
+    The comparison is constant-time (hmac.compare_digest) and neither the expected nor the received
+    value ever appears in a status message or a log line. The health service is exempt (see
+    HEALTH_METHOD_PREFIX).
+    """
+
+    def __init__(self, token: str, exempt_prefixes: Sequence[str] = (HEALTH_METHOD_PREFIX,)) -> None:
+        if not token:
+            raise ValueError("TokenAuthInterceptor needs a non-empty token")
+        self._expected = f"Bearer {token}".encode("ascii")
+        self._exempt = tuple(exempt_prefixes)
+
+    def _authorized(self, metadata) -> bool:
+        values = [v for k, v in (metadata or ()) if k.lower() == _AUTH_HEADER]
+        if len(values) != 1:
+            return False
+        value = values[0]
+        if isinstance(value, str):
+            try:
+                value = value.encode("ascii")
+            except UnicodeEncodeError:
+                return False
+        return hmac.compare_digest(value, self._expected)
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(self._exempt):
+            return continuation(handler_call_details)
+        if self._authorized(handler_call_details.invocation_metadata):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            # Unknown method: the same answer as a known one, so the caller learns nothing.
+            return grpc.unary_unary_rpc_method_handler(lambda _request, context: context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED))
+
+        # Answer with a handler of the same shape as the real one, so streaming methods fail cleanly.
+        def deny(_request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+
+        def deny_stream(_request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+            yield  # pragma: no cover - makes this a generator
+
+        req, resp = handler.request_deserializer, handler.response_serializer
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(deny, req, resp)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny_stream, req, resp)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(deny, req, resp)
+        return grpc.stream_stream_rpc_method_handler(deny_stream, req, resp)
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class TokenClientInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self._header = (_AUTH_HEADER, f"Bearer {token}")
+
+    def __repr__(self) -> str:  # never show the token
+        return "TokenClientInterceptor(<redacted>)"
+
+    def _details(self, d):
+        metadata = [(k, v) for k, v in (d.metadata or ()) if k.lower() != _AUTH_HEADER] + [self._header]
+        return _CallDetails(d.method, d.timeout, metadata, d.credentials, getattr(d, "wait_for_ready", None),
+                            getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_channel(address: str, max_message_mb: int, security: "SecurityConfig | grpc.ChannelCredentials | None" = None,
+                 *, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A channel with the message limits and, from ``security`` ([security]), TLS / mTLS
+    credentials and the bearer token on every call. ``credentials`` (or ChannelCredentials passed
+    positionally, the old signature) overrides the TLS part."""
+    if isinstance(security, grpc.ChannelCredentials):
+        security, credentials = None, security
     options = channel_options(max_message_mb)
+    if credentials is None:
+        credentials = channel_credentials(security)
+    if security is not None and security.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", security.tls_server_name))
     if credentials is not None:
-        return grpc.secure_channel(address, credentials, options=options)
-    return grpc.insecure_channel(address, options=options)
+        channel = grpc.secure_channel(address, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    token = _token(security)
+    if token:
+        channel = grpc.intercept_channel(channel, TokenClientInterceptor(token))
+    return channel
 
 
 def make_server(
@@ -87,8 +270,19 @@ def make_server(
     max_workers: int = 16,
     max_concurrent_rpcs: int | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    security: "SecurityConfig | None" = None,
 ) -> tuple[grpc.Server, health.HealthServicer]:
-    """A server with message limits and a health servicer (overall status NOT_SERVING until ready)."""
+    """A server with message limits and a health servicer (overall status NOT_SERVING until ready).
+
+    With a token in ``security`` every call but the health service's needs it (UNAUTHENTICATED
+    otherwise). The check runs inside the given interceptors, so metrics count refused calls.
+    TLS is applied when the port is bound: pass the same ``security`` to :func:`bind`.
+    Past ``max_concurrent_rpcs`` calls in flight, grpc answers RESOURCE_EXHAUSTED.
+    """
+    interceptors = list(interceptors)
+    token = _token(security)
+    if token:
+        interceptors.append(TokenAuthInterceptor(token))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
         options=channel_options(max_message_mb)
@@ -97,7 +291,7 @@ def make_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.so_reuseport", 0),
         ],
-        interceptors=list(interceptors),
+        interceptors=interceptors,
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     health_servicer = health.HealthServicer()
@@ -106,9 +300,19 @@ def make_server(
     return server, health_servicer
 
 
-def bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
-    """Bind host:port (port 0: a free port) and return the port actually bound."""
+def bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None, *,
+         security: "SecurityConfig | None" = None) -> int:
+    """Bind host:port (port 0: a free port) and return the port actually bound.
+
+    TLS / mTLS from ``security`` ([security]) unless ``credentials`` are given; plaintext otherwise.
+    """
     target = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    if credentials is None:
+        credentials = server_credentials(security)
+    if credentials is None and not _is_loopback(host):
+        log.warning("listening on %s without TLS: anyone who can reach it can read the traffic%s "
+                    "(see docs/security.md)", target,
+                    " and the token" if _token(security) else " and drive the service")
     try:
         if credentials is not None:
             bound = server.add_secure_port(target, credentials)
@@ -186,11 +390,14 @@ def call(
 
 def wait_for_serving(address: str, *, timeout: float, service_name: str, max_message_mb: int = 4,
                      credentials: grpc.ChannelCredentials | None = None, metadata=None,
-                     alive: Callable[[], bool] | None = None) -> None:
-    """Poll the standard health service until SERVING; raise a clear error naming the address."""
+                     alive: Callable[[], bool] | None = None, security: "SecurityConfig | None" = None) -> None:
+    """Poll the standard health service until SERVING; raise a clear error naming the address.
+
+    Over the same TLS / mTLS as the service's other calls when ``security`` says so.
+    """
     deadline = time.monotonic() + timeout
     last = "no answer"
-    with make_channel(address, max_message_mb, credentials) as channel:
+    with make_channel(address, max_message_mb, security, credentials=credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if alive is not None and not alive():

@@ -70,11 +70,12 @@ class GrpcPeerLink:
     """Ordered, asynchronous delivery of tensors to the neighbouring stages."""
 
     def __init__(self, stage_name: str, codec_name: str, max_message_mb: int, metrics: StageMetrics | None,
-                 credentials: grpc.ChannelCredentials | None = None, metadata=None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, metadata=None, security=None) -> None:
         self.stage_name = stage_name
         self.codec_name = codec_name
         self.max_message_mb = max_message_mb
         self.metrics = metrics
+        self.security = security  # [security]: TLS / mTLS and the token on the pushes to the peer
         self.credentials = credentials
         self.metadata = metadata
         self.addresses: dict[str, str] = {}
@@ -95,7 +96,7 @@ class GrpcPeerLink:
         self._stubs.clear()
         self.addresses = {k: v for k, v in addresses.items() if v}
         for direction, address in self.addresses.items():
-            channel = make_channel(address, self.max_message_mb, self.credentials)
+            channel = make_channel(address, self.max_message_mb, self.security, credentials=self.credentials)
             self._channels[direction] = channel
             self._stubs[direction] = stage_pb2_grpc.PipelineStageStub(channel)
         with self._cond:
@@ -484,16 +485,17 @@ def create_stage_server(
     if registry is not None:
         metrics = metrics_factory(registry) if metrics_factory else StageMetrics(registry, stage=stage, methods=STAGE_METHODS)
     runtime = StageRuntime(part_factory, shape)
-    link = GrpcPeerLink(stage, config.wire.codec, config.wire.max_message_mb, metrics)
+    link = GrpcPeerLink(stage, config.wire.codec, config.wire.max_message_mb, metrics, security=config.security)
     servicer = StageServicer(runtime, link, config, metrics, device=device, layer_range=layer_range)
     interceptors = [metrics.grpc] if metrics is not None else []
     server, health = make_server(
         max_message_mb=config.wire.max_message_mb,
         max_concurrent_rpcs=config.wire.max_concurrent_rpcs,
         interceptors=interceptors,
+        security=config.security,
     )
     stage_pb2_grpc.add_PipelineStageServicer_to_server(servicer, server)
-    bound = bind(server, host, port)
+    bound = bind(server, host, port, security=config.security)
     server.start()
     if metrics is not None:
         metrics.parameters.labels(stage).set(runtime.num_parameters())
@@ -554,8 +556,8 @@ def run_stage_cli(stage: str, create_server: Callable[..., tuple[StageServer, in
     signal.signal(signal.SIGINT, on_signal)
     watch_parent(stop)
     d = server.servicer
-    log.info("%s stage listening on %s:%d (%s, %s, %d parameters), metrics on %s", stage, host, bound, d.device,
-             d.layer_range, d.runtime.num_parameters(), bound_metrics or "off")
+    log.info("%s stage listening on %s:%d (%s, %s, %d parameters, %s), metrics on %s", stage, host, bound, d.device,
+             d.layer_range, d.runtime.num_parameters(), config.security.describe(), bound_metrics or "off")
     print(f"REDHEART_READY service={stage}_stage port={bound} metrics_port={bound_metrics}", flush=True)
     while not stop.wait(0.5):
         pass
