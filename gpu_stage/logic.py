@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 import torch
 
-from redheart.losses import multitask_loss
-from redheart.model import GpuStageModule, ModelShape
+from redheart.losses import IGNORE_INDEX, multitask_loss
+from redheart.model import NUM_JUDGMENTS, GpuStageModule, ModelShape
 from redheart.stage_runtime import (
     ACTIVATION,
     EVAL_ACTIVATION,
@@ -113,7 +113,27 @@ class GpuStagePart:
         except KeyError:
             raise StageError("invalid", f"micro-batch {mb.index}: the gpu stage needs input 'attention_mask'") from None
 
+    def check_labels(self, mb: MicroBatchInputs) -> None:
+        """Labels come over the network: shapes, dtypes and ranges are checked before any compute."""
+        t = mb.tensors
+        for key in LABEL_KEYS:
+            if key not in t:
+                raise StageError("invalid", f"micro-batch {mb.index}: the gpu stage needs input {key!r}")
+        n = t["attention_mask"].shape[0] if "attention_mask" in t else None
+        expected = {"labels.emotions": (n, 6), "labels.emotions_mask": (n,), "labels.bentham": (n, 8),
+                    "labels.bentham_mask": (n,), "labels.judgment": (n,)}
+        for key, shape in expected.items():
+            if tuple(t[key].shape) != shape:
+                raise StageError("invalid", f"micro-batch {mb.index}: {key} has shape {list(t[key].shape)}, expected {list(shape)}")
+        for key in ("labels.emotions", "labels.bentham"):
+            if not t[key].is_floating_point() or not bool(torch.isfinite(t[key]).all()):
+                raise StageError("invalid", f"micro-batch {mb.index}: {key} must be finite floats")
+        judgment = t["labels.judgment"]
+        if judgment.dtype not in (torch.int64, torch.int32) or bool(((judgment != IGNORE_INDEX) & ((judgment < 0) | (judgment >= NUM_JUDGMENTS))).any()):
+            raise StageError("invalid", f"micro-batch {mb.index}: labels.judgment must be integers in [0, {NUM_JUDGMENTS}) or {IGNORE_INDEX} (missing)")
+
     def forward(self, ctx: RoundContext, mb: MicroBatchInputs) -> ForwardRecord:
+        self.check_labels(mb)
         act = ctx.receive(ACTIVATION, mb.index, f"the activation of micro-batch {mb.index} from the cpu stage")
         mask = self._mask(mb)
         if act.shape[:2] != mask.shape:
