@@ -12,9 +12,10 @@ between the services (1, 2, 4, 1, 2, 4) so a change of load on the machine hits 
 :func:`redheart.calculus.score` on the same batch. The services stop with SIGTERM. The client runs in
 this process; the services and their workers in theirs, as in training.
 
-Reported: scored scenarios per second (median call and overall), the ratio to 1 worker, and the
-workers' busy seconds from the service's /metrics. Absolute numbers depend on the machine; compare
-only the rows of one run.
+Reported: scored scenarios per second (from the median call, and overall), the ratio to 1 worker,
+the workers' busy seconds per call from the service's /metrics, and the best call (least disturbed
+by other load) with its ratio. Absolute numbers depend on the machine; compare only the rows of
+one run.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def _start_service(workers: int, batch: int, tmp: Path) -> tuple[subprocess.Pope
         f"[wire]\nmax_message_mb = {max(64, batch * 64 // (1 << 20) + 16)}\n",
         encoding="utf-8",
     )
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # The services read only this file: no REDHEART_* overrides (a token, ports) from the caller's shell.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REDHEART_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     proc = subprocess.Popen(
         [sys.executable, "-m", "regret_service.cli", "--config", str(config), "--metrics-port", "0",
          "--log-level", "WARNING"],
@@ -141,6 +144,7 @@ def run(workers_list: list[int], batch: int, calls: int, warmup: int, rounds: in
             "calls": calls,
             "batch": batch,
             "median_call_seconds": statistics.median(seconds[k]),
+            "best_call_seconds": min(seconds[k]),
             "scenarios_per_second": batch / statistics.median(seconds[k]),
             "overall_scenarios_per_second": batch * calls / sum(seconds[k]),
             "worker_busy_seconds_per_call": busy[k] / calls,
@@ -148,9 +152,13 @@ def run(workers_list: list[int], batch: int, calls: int, warmup: int, rounds: in
     base = rows[0]["scenarios_per_second"]
     for row in rows:
         row["ratio_to_first"] = row["scenarios_per_second"] / base
+        row["best_call_ratio_to_first"] = rows[0]["best_call_seconds"] / row["best_call_seconds"]
+        # The same scenarios cost the same CPU whatever the worker count: much more busy time per
+        # call means the workers waited for a CPU that another process held.
+        row["disturbed"] = row["worker_busy_seconds_per_call"] > 1.4 * rows[0]["worker_busy_seconds_per_call"]
     return {
         "benchmark": "regret_workers",
-        "what": "Score calls through the real gRPC service (one process per worker count, calls interleaved), "
+        "what": "Score calls through the real gRPC service (one process per worker count, blocks alternating), "
                 "bit-identical to calculus.score",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "processor": platform.processor()},
@@ -180,12 +188,19 @@ def main(argv: list[str] | None = None) -> int:
           f"({os.cpu_count()} CPUs, {result['machine_idle_percent_before']:.0f}% idle before the run)")
     if (result["machine_idle_percent_before"] or 100) < 80:
         print("warning: other processes were using the CPUs; the ratios understate the scaling", file=sys.stderr)
-    print(f"{'workers':>7} | {'median call ms':>14} | {'scenarios/s':>12} | {'overall/s':>12} | {'busy s/call':>11} | {'vs ' + str(workers[0]):>6}")
-    print("-" * 80)
+    print(f"{'workers':>7} | {'median call ms':>14} | {'scenarios/s':>12} | {'overall/s':>12} | {'busy s/call':>11} | "
+          f"{'vs ' + str(workers[0]):>6} | {'best call ms':>12} | {'best vs ' + str(workers[0]):>9}")
+    print("-" * 104)
     for row in result["rows"]:
         print(f"{row['workers']:>7} | {row['median_call_seconds'] * 1e3:>14.1f} | {row['scenarios_per_second']:>12,.0f} | "
               f"{row['overall_scenarios_per_second']:>12,.0f} | {row['worker_busy_seconds_per_call']:>11.4f} | "
-              f"{row['ratio_to_first']:>5.2f}x")
+              f"{row['ratio_to_first']:>5.2f}x | {row['best_call_seconds'] * 1e3:>12.1f} | "
+              f"{row['best_call_ratio_to_first']:>8.2f}x")
+    disturbed = [row["workers"] for row in result["rows"] if row["disturbed"]]
+    if disturbed:
+        print(f"warning: the workers of the {disturbed}-worker rows spent >40% more busy time per call than the "
+              f"{workers[0]}-worker row: other processes took CPU during the run; run again on a quiet machine",
+              file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -58,6 +58,7 @@ def _metric(port: int, name: str) -> float:
     return float(match.group(1))
 
 
+@pytest.mark.slow
 def test_serve_score_scrape_and_sigterm(tmp_path):
     config = tmp_path / "regret.toml"
     config.write_text("[regret]\nnum_workers = 2\nmax_batch = 1000000\n", encoding="utf-8")
