@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from redheart.config import TrainConfig, fingerprint
@@ -40,6 +41,15 @@ from redheart.schedule import Action, build_schedule
 log = logging.getLogger(__name__)
 
 ACTIVATION, GRADIENT, EVAL_ACTIVATION = "activation", "gradient", "eval_activation"
+
+
+MAX_STEP = 1 << 62
+"""Steps are int64 on the wire: a run starting near 2**63 would apply a step and then fail to report
+the next one (and every Describe after it)."""
+
+MAX_LEARNING_RATE = 1e30
+"""Above this AdamW's step size (lr / bias correction) no longer fits in float32 and the update fails
+half-way through the parameters; no real schedule comes near it."""
 
 
 class StageError(Exception):
@@ -94,9 +104,16 @@ class Mailbox:
             self._consumed.add(key)
             return self._items.pop(key)
 
+    MAX_ABORTED = 256
+    """Abort marks kept (a step's mark is dropped when the step is cleared); the oldest go first,
+    so AbortStep calls for steps that never run cannot grow the stage's memory without bound."""
+
     def abort(self, run_id: str, step: int, reason: str) -> None:
         with self._cond:
+            self._aborted.pop((run_id, step), None)
             self._aborted[(run_id, step)] = reason
+            while len(self._aborted) > self.MAX_ABORTED:
+                del self._aborted[next(iter(self._aborted))]
             for key in [k for k in self._items if k[0] == run_id and k[1] == step]:
                 del self._items[key]
             self._cond.notify_all()
@@ -188,6 +205,41 @@ class RoundPlan:
     deadline_seconds: float = 600.0
     forward_only: bool = False
     lookahead: int = 0
+
+
+def _check_settings(settings: Mapping[str, Any]) -> None:
+    """The parts of the StartRun settings a step uses later: refused now (INVALID_ARGUMENT) rather
+    than failing inside every RunStep as an INTERNAL error."""
+    for section in ("train", "regret"):
+        value = settings.get(section, {})
+        if not isinstance(value, Mapping):
+            raise StageError("invalid", f"StartRun settings: {section!r} must be a JSON object, got {type(value).__name__}")
+    weights = settings.get("train", {}).get("loss_weights", {})
+    if not isinstance(weights, Mapping) or not all(isinstance(k, str) and _is_real(v) for k, v in weights.items()):
+        raise StageError("invalid", f"StartRun settings: train.loss_weights must map head names to finite numbers, got {weights!r:.200}")
+    every = settings.get("empty_cache_every", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise StageError("invalid", f"StartRun settings: empty_cache_every = {every!r:.50} must be an integer >= 0")
+    regret = settings.get("regret", {})
+    if regret.get("enabled", True):
+        from redheart.calculus import check_counts
+
+        try:
+            check_counts(regret.get("regrets_per_step", 7), regret.get("bentham_per_regret", 3))
+        except ValueError as exc:
+            raise StageError("invalid", f"StartRun settings: regret: {exc}") from None
+        timeout = regret.get("timeout_seconds", 30.0)
+        if not (_is_real(timeout) and timeout > 0):
+            raise StageError("invalid", f"StartRun settings: regret.timeout_seconds = {timeout!r:.50} must be a number > 0")
+
+
+def _check_plan_numbers(plan: RoundPlan) -> None:
+    """Refuse non-finite numbers: an infinite deadline would wait on the peer forever (holding the
+    stage's lock), an infinite loss multiplier or scale would turn every gradient into inf/NaN."""
+    for name in ("deadline_seconds", "loss_multiplier", "loss_scale"):
+        value = getattr(plan, name)
+        if not (math.isfinite(value) and value > 0):
+            raise StageError("invalid", f"step {plan.step}: {name} = {value} must be a finite number > 0")
 
 
 @dataclass
@@ -314,6 +366,9 @@ class StageRuntime:
         with self.lock:
             if self.running.is_set():
                 raise StageError("precondition", f"cannot start run {run_id!r}: a step of run {self.run_id!r} is running")
+            _check_settings(settings)  # before anything changes: a refused StartRun leaves the stage as it was
+            if not 0 <= first_step <= MAX_STEP:
+                raise StageError("invalid", f"cannot start run {run_id!r} at step {first_step}: steps go from 0 to {MAX_STEP}")
             train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
             train = TrainConfig(**{k: v for k, v in dict(settings.get("train", {})).items() if k in train_fields})
             if reinitialize or self.optimizer is None:
@@ -367,6 +422,7 @@ class StageRuntime:
         with self.lock:
             self._check_run(plan.run_id)
             if plan.forward_only:
+                _check_plan_numbers(plan)
                 return self._run_eval(plan, link)
             key = (plan.run_id, plan.step, plan.accumulation_round)
             if key in self.results:
@@ -380,6 +436,7 @@ class StageRuntime:
                 )
             if not plan.micro_batches:
                 raise StageError("invalid", f"step {plan.step}: the plan has no micro-batches")
+            _check_plan_numbers(plan)
             self.current_plan = plan
             self.running.set()
             try:
@@ -456,7 +513,8 @@ class StageRuntime:
         # no full-size temporary copies of the gradients.
         norms = [torch.linalg.vector_norm(p.grad.detach()) for p in self.part.module.parameters() if p.grad is not None]
         total = sum(float(n) ** 2 for n in torch.stack(norms).double().cpu()) if norms else 0.0
-        value = total / (loss_scale * loss_scale)
+        # Divided twice: loss_scale ** 2 can underflow to 0 (a tiny scale); the quotient only overflows to inf.
+        value = total / loss_scale / loss_scale
         return value, not math.isfinite(value)
 
     def _run_eval(self, plan: RoundPlan, link: PeerLink) -> RoundResult:
@@ -494,8 +552,10 @@ class StageRuntime:
                 )
             if not (math.isfinite(clip_coefficient) and clip_coefficient >= 0):
                 raise StageError("invalid", f"ApplyStep for step {step}: clip coefficient {clip_coefficient} is not a finite number >= 0")
-            if not (math.isfinite(learning_rate) and learning_rate >= 0):
-                raise StageError("invalid", f"ApplyStep for step {step}: learning rate {learning_rate} is not a finite number >= 0")
+            if not (math.isfinite(learning_rate) and 0 <= learning_rate <= MAX_LEARNING_RATE):
+                raise StageError("invalid", f"ApplyStep for step {step}: learning rate {learning_rate} is not a number in [0, {MAX_LEARNING_RATE:g}]")
+            if not skip and not (loss_scale > 0 and math.isfinite(clip_coefficient / loss_scale)):
+                raise StageError("invalid", f"ApplyStep for step {step}: clip coefficient {clip_coefficient} / loss scale {loss_scale} is not finite")
             start = time.perf_counter()
             assert self.optimizer is not None
             if not skip:
@@ -545,38 +605,47 @@ class StageRuntime:
             if step != self.next_step:
                 raise StageError("precondition", f"SaveState for step {step}, but this stage has completed {self.next_step} steps")
             start = time.perf_counter()
-            out = Path(directory)
-            out.mkdir(parents=True, exist_ok=True)
-            params = {n: p.detach().to("cpu").contiguous() for n, p in self.named_parameters()}
-            weights_path = out / "weights.safetensors"
-            _atomic_save_tensors(params, weights_path)
-            opt_tensors, opt_meta = self._optimizer_state()
-            _atomic_save_tensors(opt_tensors, out / "optimizer.safetensors")
-            rng = {"torch_cpu": torch.get_rng_state()}
-            if self.part.device.type == "cuda":
-                rng["torch_cuda"] = torch.cuda.get_rng_state(self.part.device)
-            _atomic_save_tensors(rng, out / "rng.safetensors")
-            meta = {
-                "stage": self.name,
-                "run_id": run_id,
-                "step": step,
-                "model_fingerprint": self.fingerprint(),
-                "model_settings": self.model_settings(),
-                "optimizer": opt_meta,
-                "files": {},
-            }
-            total = 0
-            for f in ("weights.safetensors", "optimizer.safetensors", "rng.safetensors"):
-                data = (out / f).read_bytes()
-                total += len(data)
-                meta["files"][f] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            _atomic_write_text(out / "stage.json", json.dumps(meta, indent=2, sort_keys=True))
-            return {
-                "files": [str(out / f) for f in ("weights.safetensors", "optimizer.safetensors", "rng.safetensors", "stage.json")],
-                "bytes": total,
-                "seconds": time.perf_counter() - start,
-                "sha256": meta["files"]["weights.safetensors"]["sha256"],
-            }
+            try:
+                return self._write_shard(run_id, step, Path(directory), start)
+            except (OSError, ValueError, SafetensorError) as exc:
+                # An unwritable, missing or malformed directory (or a full disk) is a problem of the
+                # request or the machine, not a bug: FAILED_PRECONDITION naming the directory.
+                raise StageError("precondition", f"SaveState for step {step}: cannot write the shard to "
+                                                  f"{_short(directory)}: {type(exc).__name__}: {exc}") from None
+
+    def _write_shard(self, run_id: str, step: int, out: Path, start: float) -> dict[str, Any]:
+        """The body of `save` (holding the lock); I/O errors propagate to `save`."""
+        out.mkdir(parents=True, exist_ok=True)
+        params = {n: p.detach().to("cpu").contiguous() for n, p in self.named_parameters()}
+        weights_path = out / "weights.safetensors"
+        _atomic_save_tensors(params, weights_path)
+        opt_tensors, opt_meta = self._optimizer_state()
+        _atomic_save_tensors(opt_tensors, out / "optimizer.safetensors")
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if self.part.device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state(self.part.device)
+        _atomic_save_tensors(rng, out / "rng.safetensors")
+        meta = {
+            "stage": self.name,
+            "run_id": run_id,
+            "step": step,
+            "model_fingerprint": self.fingerprint(),
+            "model_settings": self.model_settings(),
+            "optimizer": opt_meta,
+            "files": {},
+        }
+        total = 0
+        for f in ("weights.safetensors", "optimizer.safetensors", "rng.safetensors"):
+            data = (out / f).read_bytes()
+            total += len(data)
+            meta["files"][f] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        _atomic_write_text(out / "stage.json", json.dumps(meta, indent=2, sort_keys=True))
+        return {
+            "files": [str(out / f) for f in ("weights.safetensors", "optimizer.safetensors", "rng.safetensors", "stage.json")],
+            "bytes": total,
+            "seconds": time.perf_counter() - start,
+            "sha256": meta["files"]["weights.safetensors"]["sha256"],
+        }
 
     def _optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         assert self.optimizer is not None
@@ -600,57 +669,36 @@ class StageRuntime:
         return tensors, {"steps": steps, "param_groups": groups}
 
     def load(self, run_id: str, step: int, directory: str | os.PathLike[str], max_bytes: int) -> int:
-        """Restore weights, optimizer and RNG from a shard written by `save` (no pickle anywhere)."""
+        """Restore weights, optimizer and RNG from a shard written by `save` (no pickle anywhere).
+
+        The shard is an untrusted file: everything is read and checked first (sizes capped, sha256,
+        names, shapes, types), and only then is the stage changed, so a refused load leaves it as it
+        was. Anything unreadable or malformed is a FAILED_PRECONDITION naming the directory."""
         with self.lock:
             if self.running.is_set():
                 raise StageError("precondition", "cannot load state while a step is running")
-            src = Path(directory)
-            meta_path = src / "stage.json"
-            if not meta_path.is_file():
-                raise StageError("precondition", f"no stage shard at {src} (missing stage.json)")
-            meta = json.loads(_read_capped(meta_path, 16 << 20))
-            if meta.get("model_fingerprint") != self.fingerprint():
-                from redheart.config import diff_settings
-
-                diffs = diff_settings(self.model_settings(), meta.get("model_settings", {}))
-                raise StageError("precondition", f"checkpoint {src} was written by a different model: {'; '.join(diffs)}")
-            if int(meta.get("step", -1)) != step:
-                raise StageError("precondition", f"checkpoint {src} holds step {meta.get('step')}, not {step}")
-            for f, info in meta.get("files", {}).items():
-                data = _read_capped(src / f, max_bytes)
-                if hashlib.sha256(data).hexdigest() != info["sha256"]:
-                    raise StageError("precondition", f"checkpoint file {src / f} is corrupt (sha256 mismatch)")
-            weights = load_file(str(src / "weights.safetensors"))
+            try:
+                src = Path(directory)
+                shard = self._read_shard(src, step, max_bytes)
+            except StageError:
+                raise
+            except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, SafetensorError) as exc:
+                raise StageError("precondition", f"checkpoint {_short(directory)} cannot be loaded: {type(exc).__name__}: {exc}") from None
+            meta, weights, opt_state, groups, rng = shard
             params = dict(self.part.module.global_named_parameters())
-            missing = sorted(set(params) - set(weights))
-            unexpected = sorted(set(weights) - set(params))
-            if missing or unexpected:
-                raise StageError("precondition", f"checkpoint {src}: missing {missing[:5]} unexpected {unexpected[:5]}")
             with torch.no_grad():
                 for name, p in params.items():
-                    if weights[name].shape != p.shape:
-                        raise StageError("precondition", f"checkpoint {src}: {name} has shape {tuple(weights[name].shape)}, the model has {tuple(p.shape)}")
                     p.copy_(weights[name].to(p.device, p.dtype))
             self.optimizer = build_optimizer(self.part.module, self.train)
-            opt_tensors = load_file(str(src / "optimizer.safetensors"))
-            opt_meta = meta["optimizer"]
-            by_name = dict(self.part.module.global_named_parameters())
-            for name, step_value in opt_meta["steps"].items():
-                p = by_name[name]
-                state = {"step": torch.tensor(step_value, dtype=torch.float32)}
-                for key in ("exp_avg", "exp_avg_sq"):
-                    t = opt_tensors.get(f"{name}::{key}")
-                    if t is not None:
-                        state[key] = t.to(p.device)
-                self.optimizer.state[p] = state
-            for group, saved in zip(self.optimizer.param_groups, opt_meta["param_groups"]):
-                for k, v in saved.items():
-                    group[k] = tuple(v) if k == "betas" else v
-            rng = load_file(str(src / "rng.safetensors"))
+            for name, state in opt_state.items():
+                p = params[name]
+                self.optimizer.state[p] = {k: (v.to(p.device) if k != "step" else v) for k, v in state.items()}
+            for group, saved in zip(self.optimizer.param_groups, groups):
+                group.update(saved)
             torch.set_rng_state(rng["torch_cpu"])
             if "torch_cuda" in rng and self.part.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["torch_cuda"], self.part.device)
-            self.run_id = run_id or meta["run_id"]
+            self.run_id = run_id or meta.get("run_id") or self.run_id
             self.next_step = step
             self.rounds_done = 0
             self.results.clear()
@@ -659,12 +707,134 @@ class StageRuntime:
             self.current_plan = None
             return self.next_step
 
+    def _read_shard(self, src: Path, step: int, max_bytes: int):
+        """Read and check a shard without touching the stage; raises on anything malformed."""
+        def bad(what: str) -> StageError:
+            return StageError("precondition", f"checkpoint {_short(src)}: {what}")
+
+        meta_path = src / "stage.json"
+        if not meta_path.is_file():
+            raise StageError("precondition", f"no stage shard at {_short(src)} (missing stage.json)")
+        meta = json.loads(_read_capped(meta_path, 16 << 20))
+        if not isinstance(meta, dict):
+            raise bad("stage.json is not a JSON object")
+        if meta.get("model_fingerprint") != self.fingerprint():
+            from redheart.config import diff_settings
+
+            theirs = meta.get("model_settings")
+            diffs = diff_settings(self.model_settings(), theirs) if isinstance(theirs, dict) else ["no model_settings"]
+            raise StageError("precondition", f"checkpoint {_short(src)} was written by a different model: {'; '.join(diffs)}")
+        saved_step = meta.get("step")
+        if type(saved_step) is not int or saved_step != step or not 0 <= step <= MAX_STEP:
+            raise StageError("precondition", f"checkpoint {_short(src)} holds step {saved_step!r}, not {step}")
+        if not isinstance(meta.get("run_id", ""), str):
+            raise bad("run_id is not a string")
+        files = meta.get("files")
+        if not isinstance(files, dict) or set(files) != set(SHARD_FILES):
+            raise bad(f"stage.json must list exactly the files {list(SHARD_FILES)}")
+        for f in SHARD_FILES:
+            info = files[f]
+            if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+                raise bad(f"stage.json has no sha256 for {f}")
+            path = src / f
+            if not path.is_file():  # follows links; devices, FIFOs and directories are refused
+                raise bad(f"{f} is missing or not a regular file")
+            if _sha256_capped(path, max_bytes) != info["sha256"]:
+                raise StageError("precondition", f"checkpoint file {_short(path)} is corrupt (sha256 mismatch)")
+        weights = load_file(str(src / "weights.safetensors"))
+        params = dict(self.part.module.global_named_parameters())
+        missing = sorted(set(params) - set(weights))
+        unexpected = sorted(set(weights) - set(params))
+        if missing or unexpected:
+            raise bad(f"missing {missing[:5]} unexpected {unexpected[:5]}")
+        for name, p in params.items():
+            if weights[name].shape != p.shape or not weights[name].is_floating_point():
+                raise bad(f"{name} is {weights[name].dtype} {tuple(weights[name].shape)}, the model has {p.dtype} {tuple(p.shape)}")
+        opt_meta = meta.get("optimizer")
+        if not isinstance(opt_meta, dict) or not isinstance(opt_meta.get("steps"), dict) or not isinstance(opt_meta.get("param_groups"), list):
+            raise bad("stage.json has no valid optimizer section")
+        opt_tensors = load_file(str(src / "optimizer.safetensors"))
+        opt_state: dict[str, dict[str, torch.Tensor]] = {}
+        for name, step_value in opt_meta["steps"].items():
+            if name not in params:
+                raise bad(f"optimizer state for unknown parameter {name!r}")
+            if not _is_real(step_value):
+                raise bad(f"optimizer step of {name} is {step_value!r}, not a finite number")
+            state = {"step": torch.tensor(float(step_value), dtype=torch.float32)}
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = opt_tensors.get(f"{name}::{key}")
+                if t is not None:
+                    if t.shape != params[name].shape or not t.is_floating_point():
+                        raise bad(f"optimizer {key} of {name} is {t.dtype} {tuple(t.shape)}, the parameter is {tuple(params[name].shape)}")
+                    state[key] = t
+            opt_state[name] = state
+        groups = []
+        template = build_optimizer(self.part.module, self.train).param_groups
+        if len(opt_meta["param_groups"]) != len(template):
+            raise bad(f"{len(opt_meta['param_groups'])} optimizer parameter groups, the stage has {len(template)}")
+        for saved, current in zip(opt_meta["param_groups"], template):
+            if not isinstance(saved, dict):
+                raise bad("an optimizer parameter group is not a JSON object")
+            restored: dict[str, Any] = {}
+            for k, v in saved.items():
+                cur = current.get(k)
+                if k == "betas":
+                    if not (isinstance(v, list) and len(v) == 2 and all(_is_real(b) for b in v)):
+                        raise bad(f"optimizer betas {v!r} are not two numbers")
+                    restored[k] = tuple(float(b) for b in v)
+                elif isinstance(cur, bool):
+                    if not isinstance(v, bool):
+                        raise bad(f"optimizer {k} = {v!r} is not a boolean")
+                    restored[k] = v
+                elif isinstance(cur, (int, float)):
+                    if not _is_real(v):
+                        raise bad(f"optimizer {k} = {v!r} is not a finite number")
+                    restored[k] = v
+                # other keys (None-valued constructor options) are the same for every run: kept as built
+            groups.append(restored)
+        rng = load_file(str(src / "rng.safetensors"))
+        reference = torch.get_rng_state()
+        cpu_state = rng.get("torch_cpu")
+        if cpu_state is None or cpu_state.dtype != torch.uint8 or cpu_state.shape != reference.shape:
+            raise bad("rng.safetensors has no valid torch_cpu state")
+        if "torch_cuda" in rng and self.part.device.type == "cuda":
+            cuda_ref = torch.cuda.get_rng_state(self.part.device)
+            if rng["torch_cuda"].dtype != torch.uint8 or rng["torch_cuda"].shape != cuda_ref.shape:
+                raise bad("rng.safetensors has no valid torch_cuda state")
+        return meta, weights, opt_state, groups, rng
+
+
+SHARD_FILES = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(path: Any, limit: int = 200) -> str:
+    text = str(path)
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def _sha256_capped(path: Path, max_bytes: int) -> str:
+    digest = hashlib.sha256()
+    total = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            total += len(chunk)
+            if total > max_bytes:
+                raise StageError("precondition", f"{_short(path)} is above the load cap of {max_bytes} bytes (checkpoint.max_load_mb)")
+            digest.update(chunk)
+    return digest.hexdigest()
+
 
 def _read_capped(path: Path, max_bytes: int) -> bytes:
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise StageError("precondition", f"{path} is {size} bytes, above the load cap of {max_bytes} (checkpoint.max_load_mb)")
-    return path.read_bytes()
+    # Read at most max_bytes + 1: st_size can lie (procfs, devices), the read cannot.
+    with open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise StageError("precondition", f"{_short(path)} is above the load cap of {max_bytes} bytes (checkpoint.max_load_mb)")
+    return data
 
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
