@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
 
 import grpc
@@ -86,6 +85,9 @@ class RegretServicer(regret_pb2_grpc.RegretServiceServicer):
         except WorkerCrashed as exc:
             self.metrics.requests.labels("failed").inc()
             raise RpcFailure(grpc.StatusCode.INTERNAL, str(exc)) from None
+        except Exception:  # unexpected: rpc_method logs it and answers INTERNAL
+            self.metrics.requests.labels("failed").inc()
+            raise
 
         batch = rows.shape[0]
         self.metrics.observe_batch(
