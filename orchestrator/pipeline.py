@@ -133,6 +133,8 @@ class PipelineDriver:
         # after the step deadline (the surviving stage would otherwise wait on it that long).
         self.dead_services = dead_services
         self.eval_passes = 0
+        # Tries per step: a step run again after an abort (recovery) is a new attempt.
+        self.attempts: dict[int, int] = {}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -157,6 +159,7 @@ class PipelineDriver:
                 deadline_seconds=self.config.orchestrator.step_deadline_seconds,
                 forward_only=forward_only,
                 lookahead=0 if forward_only else min(self.lookahead, mbs),
+                attempt=0 if forward_only else self.attempts.get(step, 1),
             )
             for i in range(mbs):
                 part = batch.slice(i * size, (i + 1) * size)
@@ -216,7 +219,7 @@ class PipelineDriver:
     def _abort_all(self, step: int, reason: str) -> None:
         for stage in self.stages:
             try:
-                stage.abort(self.run_id, step, reason)
+                stage.abort(self.run_id, step, reason, self.attempts.get(step, 0))
             except ServiceError:
                 pass  # a dead stage cannot be aborted; it restarts from a checkpoint
 
@@ -226,6 +229,9 @@ class PipelineDriver:
         t = self.config.train
         if len(rounds) != t.gradient_accumulation_steps:
             raise ValueError(f"step {step}: {len(rounds)} rounds given, gradient_accumulation_steps is {t.gradient_accumulation_steps}")
+        self.attempts[step] = self.attempts.get(step, 0) + 1
+        for old in [s for s in self.attempts if s < step - 16]:
+            del self.attempts[old]
         start = time.perf_counter()
         per_mb: list[stage_pb2.MicroBatchResult] = []
         stage_timings = {s.name: {"forward": 0.0, "backward": 0.0, "wait": 0.0, "serialize": 0.0, "send": 0.0,

@@ -69,8 +69,8 @@ class StageClient:
             envelope=tensor_pb2.Envelope(run_id=run_id, step=step), clip_coefficient=clip, learning_rate=lr,
             skip=skip, loss_scale=loss_scale))
 
-    def abort(self, run_id: str, step: int, reason: str) -> None:
-        self._call("AbortStep", stage_pb2.AbortRequest(run_id=run_id, step=step, reason=reason), timeout=10.0)
+    def abort(self, run_id: str, step: int, reason: str, attempt: int = 0) -> None:
+        self._call("AbortStep", stage_pb2.AbortRequest(run_id=run_id, step=step, reason=reason, attempt=attempt), timeout=10.0)
 
     def save(self, run_id: str, step: int, directory: str) -> stage_pb2.SaveStateResponse:
         return self._call("SaveState", stage_pb2.SaveStateRequest(run_id=run_id, step=step, directory=directory))

@@ -205,6 +205,7 @@ class RoundPlan:
     deadline_seconds: float = 600.0
     forward_only: bool = False
     lookahead: int = 0
+    attempt: int = 0
 
 
 def _check_settings(settings: Mapping[str, Any]) -> None:
@@ -324,6 +325,8 @@ class StageRuntime:
         self.results: dict[tuple[str, int, int], RoundResult] = {}
         self.applied: dict[tuple[str, int], dict[str, Any]] = {}
         self.eval_passes = 0
+        # (run, step) -> highest aborted attempt: an abort that overtakes its RunStep still wins.
+        self.aborted_attempts: dict[tuple[str, int], tuple[int, str]] = {}
         self.running = threading.Event()
         self.peers: dict[str, str] = {}
         self.regret_address = ""
@@ -434,6 +437,9 @@ class StageRuntime:
                     "precondition",
                     f"RunStep for step {plan.step} accumulation round {plan.accumulation_round}, but {self.rounds_done} round(s) of it are done",
                 )
+            mark = self.aborted_attempts.get((plan.run_id, plan.step))
+            if plan.attempt > 0 and mark is not None and plan.attempt <= mark[0]:
+                raise StepAborted(f"step {plan.step} attempt {plan.attempt} was aborted: {mark[1]}")
             if not plan.micro_batches:
                 raise StageError("invalid", f"step {plan.step}: the plan has no micro-batches")
             _check_plan_numbers(plan)
@@ -582,8 +588,17 @@ class StageRuntime:
                     torch.cuda.empty_cache()
             return out
 
-    def abort(self, run_id: str, step: int, reason: str) -> None:
-        """Wake anything waiting on the peer for this step; the step's partial state is discarded."""
+    def abort(self, run_id: str, step: int, reason: str, attempt: int = 0) -> None:
+        """Wake anything waiting on the peer for this step; the step's partial state is discarded.
+
+        With an attempt number, RunSteps of that attempt (or earlier) are refused even when they
+        arrive after the abort: the orchestrator's abort can overtake its own RunStep."""
+        if attempt > 0:
+            key = (run_id, step)
+            if attempt > self.aborted_attempts.get(key, (0, ""))[0]:
+                self.aborted_attempts[key] = (attempt, reason)
+            while len(self.aborted_attempts) > Mailbox.MAX_ABORTED:
+                del self.aborted_attempts[next(iter(self.aborted_attempts))]
         self.mailbox.abort(run_id, step, reason)
         if not self.running.is_set():
             with self.lock:

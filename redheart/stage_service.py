@@ -300,12 +300,13 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"first_step {request.first_step} is negative")
         try:
             settings.setdefault("empty_cache_every", self.config.gpu_stage.empty_cache_every)
-            self.link.connect({"next": request.next_stage_address, "prev": request.prev_stage_address})
             n = self.runtime.start_run(
                 request.run_id, settings, reinitialize=request.reinitialize, first_step=request.first_step,
                 peers={"next": request.next_stage_address, "prev": request.prev_stage_address},
                 regret_address=request.regret_address,
             )
+            # Only after the run was accepted: a refused StartRun must not repoint a running step's link.
+            self.link.connect({"next": request.next_stage_address, "prev": request.prev_stage_address})
         except StageError as exc:
             raise _to_failure(exc) from None
         except (TypeError, ValueError) as exc:
@@ -342,6 +343,7 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
             deadline_seconds=request.deadline_seconds,
             forward_only=request.forward_only,
             lookahead=request.lookahead,
+            attempt=request.attempt,
         )
         before = self.link.stats()
         with self._recv_lock:
@@ -378,7 +380,7 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
 
     @rpc_method
     def AbortStep(self, request, context):
-        self.runtime.abort(request.run_id, request.step, request.reason or "aborted by the orchestrator")
+        self.runtime.abort(request.run_id, request.step, request.reason or "aborted by the orchestrator", request.attempt)
         return stage_pb2.AbortResponse()
 
     @rpc_method
@@ -456,6 +458,11 @@ class StageServer:
 
     def stop(self, grace: float = 10.0) -> None:
         set_serving(self.health, False)
+        runtime = self.servicer.runtime
+        if runtime.running.is_set() and runtime.run_id:
+            # A RunStep waiting on its peer would otherwise hold its thread until the step deadline
+            # (minutes), keeping the process alive long after the grace period.
+            runtime.abort(runtime.run_id, runtime.next_step, "the stage is shutting down")
         self.server.stop(grace).wait()
         self.link.close()
         regret = getattr(self.servicer.runtime.part, "regret", None)

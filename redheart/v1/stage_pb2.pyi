@@ -79,7 +79,7 @@ class MicroBatch(_message.Message):
     def __init__(self, index: _Optional[int] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., sample_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepPlan(_message.Message):
-    __slots__ = ("envelope", "accumulation_round", "accumulation_steps", "schedule", "micro_batches", "loss_multiplier", "loss_scale", "deadline_seconds", "forward_only", "lookahead")
+    __slots__ = ("envelope", "accumulation_round", "accumulation_steps", "schedule", "micro_batches", "loss_multiplier", "loss_scale", "deadline_seconds", "forward_only", "lookahead", "attempt")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     ACCUMULATION_ROUND_FIELD_NUMBER: _ClassVar[int]
     ACCUMULATION_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class StepPlan(_message.Message):
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ONLY_FIELD_NUMBER: _ClassVar[int]
     LOOKAHEAD_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     envelope: _tensor_pb2.Envelope
     accumulation_round: int
     accumulation_steps: int
@@ -100,7 +101,8 @@ class StepPlan(_message.Message):
     deadline_seconds: float
     forward_only: bool
     lookahead: int
-    def __init__(self, envelope: _Optional[_Union[_tensor_pb2.Envelope, _Mapping]] = ..., accumulation_round: _Optional[int] = ..., accumulation_steps: _Optional[int] = ..., schedule: _Optional[str] = ..., micro_batches: _Optional[_Iterable[_Union[MicroBatch, _Mapping]]] = ..., loss_multiplier: _Optional[float] = ..., loss_scale: _Optional[float] = ..., deadline_seconds: _Optional[float] = ..., forward_only: _Optional[bool] = ..., lookahead: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, envelope: _Optional[_Union[_tensor_pb2.Envelope, _Mapping]] = ..., accumulation_round: _Optional[int] = ..., accumulation_steps: _Optional[int] = ..., schedule: _Optional[str] = ..., micro_batches: _Optional[_Iterable[_Union[MicroBatch, _Mapping]]] = ..., loss_multiplier: _Optional[float] = ..., loss_scale: _Optional[float] = ..., deadline_seconds: _Optional[float] = ..., forward_only: _Optional[bool] = ..., lookahead: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class MicroBatchResult(_message.Message):
     __slots__ = ("index", "losses", "total_loss", "regret_mean", "regret_computations", "bentham_evaluations", "samples", "outputs", "regret_max")
@@ -219,14 +221,16 @@ class ApplyResponse(_message.Message):
     def __init__(self, next_step: _Optional[int] = ..., seconds: _Optional[float] = ..., applied: _Optional[bool] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
-    __slots__ = ("run_id", "step", "reason")
+    __slots__ = ("run_id", "step", "reason", "attempt")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     reason: str
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    attempt: int
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class AbortResponse(_message.Message):
     __slots__ = ()

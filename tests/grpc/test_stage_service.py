@@ -229,3 +229,20 @@ def test_retried_run_step_returns_the_cached_result(pipeline):
     first = pipeline.driver._run_on_stages(0, (cpu_plan, gpu_plan))
     again = pipeline.gpu.run_step(gpu_plan, timeout=10)
     assert [m.total_loss for m in again.micro_batches] == [m.total_loss for m in first[1].micro_batches]
+
+
+def test_an_abort_that_overtakes_its_run_step_still_wins_and_the_next_attempt_runs(pipeline):
+    cfg = pipeline.cfg
+    cpu_plan, gpu_plan = pipeline.driver._plans(0, 0, synthetic_batch(0))
+    for plan in (cpu_plan, gpu_plan):
+        plan.attempt = 1
+    pipeline.gpu.abort(pipeline.run_id, 0, "test: overtaken", attempt=1)
+    start = time.monotonic()
+    with pytest.raises(ServiceError) as err:
+        pipeline.gpu.run_step(gpu_plan, timeout=10)
+    assert err.value.code == grpc.StatusCode.ABORTED and "attempt 1 was aborted" in err.value.details
+    assert time.monotonic() - start < 2  # refused at once, not after the step deadline
+    # the driver's next try of the same step is attempt 2 on both stages (it counts attempts per step)
+    pipeline.driver.attempts[0] = 1
+    out = pipeline.driver.run_step(0, rounds(0, cfg), 1e-3)
+    assert len(out.micro_batch_losses) == 8

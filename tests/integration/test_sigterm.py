@@ -219,12 +219,6 @@ def test_sigterm_of_a_stage_during_a_step_drains_and_exits_0(stages_sigterm, sta
     assert "received SIGTERM" in log
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "redheart/stage_service.py StageServer.stop / run_stage_cli: after the grace period grpc cancels the "
-    "in-flight RunStep, but its servicer thread is still blocked in Mailbox.get until the plan's "
-    "deadline_seconds (orchestrator.step_deadline_seconds, default 600 s); the interpreter joins the "
-    "grpc thread pool at exit, so the process lingers that long. Fix: abort the running step "
-    "(runtime.abort(run_id, next_step, 'the stage is shutting down')) when stopping."))
 @pytest.mark.parametrize("stage", ["cpu", "gpu"])
 def test_sigterm_of_a_stage_waiting_on_its_peer_exits_within_the_grace_period(stages_sigterm, stage):
     code, after = stages_sigterm["exits"][stage]
