@@ -507,6 +507,7 @@ class HybridDistributedTrainer:
                         "bentham_evaluations": outcome.bentham_evaluations,
                         "bubble": {k.split()[0]: (v["wait"] / v["total"] if v["total"] else 0.0) for k, v in outcome.stage_timings.items()},
                         "rss_bytes": memory, "skipped": outcome.skipped,
+                        "peak_gpu_memory_bytes": outcome.peak_gpu_memory_bytes,
                     }
                     self.history.append(entry)
                     heads = " ".join(f"{h}={v:.4f}" for h, v in sorted(outcome.losses.items()))
@@ -615,6 +616,7 @@ class HybridDistributedTrainer:
                 "explanations": str(self.output_dir / "explanations.jsonl"),
             },
             "peak_rss_bytes": self.peak_rss,
+            "peak_gpu_memory_bytes": max([h.get("peak_gpu_memory_bytes", 0) for h in self.history] or [0]),
             "restarts": self.restarts,
             "recoveries": self.recoveries,
             "data": data.summary(),
