@@ -68,37 +68,31 @@ class GrpcServerMetrics(grpc.ServerInterceptor):
             method = "other"  # keeps label cardinality fixed against arbitrary method names
         service, handled, seconds = self.service, self.handled, self.seconds
 
+        def record(context, started: float, failed: bool) -> None:
+            code = _code_of(context, default="UNKNOWN" if failed else "OK")
+            handled.labels(service, method, code).inc()
+            seconds.labels(service, method).observe(time.perf_counter() - started)
+
         def wrap_unary(behavior):
             def wrapped(request, context):
-                start = time.perf_counter()
-                code = "OK"
+                started, failed = time.perf_counter(), True
                 try:
-                    return behavior(request, context)
-                except Exception:
-                    code = _code_of(context, default="UNKNOWN")
-                    raise
+                    result = behavior(request, context)
+                    failed = False
+                    return result
                 finally:
-                    if code == "OK":
-                        code = _code_of(context, default="OK")
-                    handled.labels(service, method, code).inc()
-                    seconds.labels(service, method).observe(time.perf_counter() - start)
+                    record(context, started, failed)
 
             return wrapped
 
         def wrap_stream(behavior):
             def wrapped(request, context):
-                start = time.perf_counter()
-                code = "OK"
+                started, failed = time.perf_counter(), True
                 try:
                     yield from behavior(request, context)
-                except Exception:
-                    code = _code_of(context, default="UNKNOWN")
-                    raise
+                    failed = False
                 finally:
-                    if code == "OK":
-                        code = _code_of(context, default="OK")
-                    handled.labels(service, method, code).inc()
-                    seconds.labels(service, method).observe(time.perf_counter() - start)
+                    record(context, started, failed)
 
             return wrapped
 
