@@ -143,7 +143,14 @@ class GpuStagePart:
         with ctx.autocast():
             outputs = self.module(leaf, mask)
         pending = None
-        if self.regret is not None:
+        if self.regret is not None and not bool(torch.isfinite(outputs["bentham"]).all()):
+            # A diverged forward (fp32 blow-up, fp16 overflow): no regret target can be computed.
+            # A NaN target makes this micro-batch's loss NaN, which the orchestrator turns into a
+            # global skip (fp16) or a stop naming step, stage and micro-batch (fp32).
+            nan = torch.full(outputs["bentham"].shape[:1], float("nan"))
+            pending = Future()
+            pending.set_result(InProcessReply(nan, 0, 0))
+        elif self.regret is not None:
             deadline = time.monotonic() + ctx.plan.deadline_seconds
             pending = self.regret.submit(
                 ctx.plan.run_id, ctx.plan.step, mb.index, outputs["bentham"].detach().float().cpu(),

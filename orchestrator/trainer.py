@@ -261,6 +261,21 @@ class HybridDistributedTrainer:
 
     # ------------------------------------------------------------------ recovery
 
+    # Statuses a restart or a retry from the last checkpoint can cure: the service went away,
+    # timed out, or the step was aborted because another one did.
+    _FAULT_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED", "UNKNOWN"}
+
+    def _is_fault(self, error: StepFailed) -> bool:
+        if self.launcher is not None and self.launcher.dead():
+            return True
+        cause = error.cause
+        if isinstance(cause, ServiceError):
+            if cause.code is not None and cause.code.name == "FAILED_PRECONDITION":
+                # A stage that restarted on its own (remote mode: a pod rescheduled) knows no run.
+                return "no run started" in cause.details or "is not the current run" in cause.details
+            return cause.code is None or cause.code.name in self._FAULT_CODES
+        return isinstance(cause, RuntimeError)  # a dead process or a stage that never answered its abort
+
     def _recover(self, error: StepFailed, run_id: str, driver: PipelineDriver) -> int:
         """A stage or the regret service failed mid-step: bring it back, reload the last checkpoint."""
         used = sum(self.restarts.values())
@@ -485,7 +500,7 @@ class HybridDistributedTrainer:
                 try:
                     outcome = driver.run_step(step, batches.rounds(step), lr)
                 except StepFailed as exc:
-                    if isinstance(exc.cause, ServiceError) and exc.cause.code is not None and exc.cause.code.name in ("INVALID_ARGUMENT",):
+                    if not self._is_fault(exc):
                         raise RunError(str(exc)) from exc  # a bug or bad input, not a fault: recovering would loop
                     step = self._recover(exc, run_id, driver)
                     evaluated_epochs = {v.get("epoch") for v in self.validation}

@@ -111,3 +111,11 @@ def test_stage_cli_rejects_a_bad_config_with_exit_2(tmp_path):
     bad.write_text("[cpu_stage]\nprot = 1\n")
     result = run_cli(["cpu_stage.cli", "--config", str(bad)], timeout=60)
     assert result.returncode == 2 and f"{bad}:2" in result.stderr and "did you mean `port`" in result.stderr
+
+
+def test_a_diverging_fp32_run_stops_before_the_update_naming_step_and_stage(tiny_toml):
+    result = run_cli(["orchestrator.cli", "--config", str(tiny_toml), "--set", "train.learning_rate=1e25",
+                      "--set", "train.max_grad_norm=0.0", "--set", "train.max_steps=30", "--set", 'regret.address="inprocess"'])
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "non-finite" in result.stderr and "in fp32 training; the update was not applied" in result.stderr
+    assert "step " in result.stderr and ("gpu stage" in result.stderr or "micro-batch" in result.stderr)

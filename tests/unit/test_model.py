@@ -124,3 +124,20 @@ def test_regret_and_weights():
     total, parts = multitask_loss(out, _labels(), target, {"regret": 2.0, "emotion": 0.0})
     expected = parts["bentham"] + parts["judgment"] + 2.0 * parts["regret"]
     assert float(total) == pytest.approx(expected, rel=1e-6)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    shape = resolve_model_shape(ModelConfig(preset="tiny", dropout=0.1))
+    ids = torch.randint(4, shape.vocab_size, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    grads = []
+    for checkpointing in (False, True):
+        cpu, gpu = CpuStageModule(shape, checkpointing=checkpointing), GpuStageModule(shape, checkpointing=checkpointing)
+        torch.manual_seed(7)  # the same dropout masks; recomputation must replay them
+        out = gpu(cpu(ids, mask), mask)
+        (out["bentham"].sum() + out["emotion_logits"].sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in list(cpu.global_named_parameters()) + list(gpu.global_named_parameters())
+                      if p.grad is not None})
+    assert len(grads[0]) == len(grads[1]) > 20
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
