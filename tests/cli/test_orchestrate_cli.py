@@ -119,3 +119,27 @@ def test_a_diverging_fp32_run_stops_before_the_update_naming_step_and_stage(tiny
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "non-finite" in result.stderr and "in fp32 training; the update was not applied" in result.stderr
     assert "step " in result.stderr and ("gpu stage" in result.stderr or "micro-batch" in result.stderr)
+
+
+def test_services_started_separately_train_with_a_remote_orchestrator(tmp_path, tiny_toml):
+    cpu, cpu_port = _start("cpu_stage.cli", tiny_toml)
+    gpu, gpu_port = _start("gpu_stage.cli", tiny_toml)
+    regret, regret_port = _start("regret_service.cli", tiny_toml, "--metrics-port", "0")
+    try:
+        result = run_cli(["orchestrator.cli", "--config", str(tiny_toml), "--set", 'launch.mode="remote"',
+                          "--set", f'cpu_stage.address="127.0.0.1:{cpu_port}"', "--set", f'gpu_stage.address="127.0.0.1:{gpu_port}"',
+                          "--set", f'regret.address="127.0.0.1:{regret_port}"', "--set", "train.max_steps=4"], timeout=180)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads((tmp_path / "run" / "report.json").read_text())
+        assert report["steps"] == 4 and report["stages"]["cpu_stage"]["address"] == f"127.0.0.1:{cpu_port}"
+        assert report["regret"]["computations"] == 4 * 8 * 7
+        # the same services take a second run (a new run id) without a restart
+        result = run_cli(["orchestrator.cli", "--config", str(tiny_toml), "--set", 'launch.mode="remote"',
+                          "--set", f'cpu_stage.address="127.0.0.1:{cpu_port}"', "--set", f'gpu_stage.address="127.0.0.1:{gpu_port}"',
+                          "--set", f'regret.address="127.0.0.1:{regret_port}"', "--verify", "--set", "orchestrator.verify_steps=1"],
+                         timeout=180)
+        assert result.returncode == 0 and "VERIFY OK" in result.stdout, result.stderr[-3000:]
+    finally:
+        for p in (cpu, gpu, regret):
+            p.terminate()
+            assert p.wait(30) == 0
