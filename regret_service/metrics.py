@@ -48,6 +48,11 @@ class RegretMetrics:
             "Bentham hedonic evaluations (scenarios x regrets_per_step x bentham_per_regret).",
             registry=registry,
         )
+        self.in_flight = Gauge(
+            "redheart_regret_requests_in_flight",
+            "Score calls being handled right now.",
+            registry=registry,
+        )
         self.regret_mean = Gauge(
             "redheart_regret_mean",
             "Mean regret of the last scored batch.",

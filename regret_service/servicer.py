@@ -51,6 +51,10 @@ class RegretServicer(regret_pb2_grpc.RegretServiceServicer):
 
     @rpc_method
     def Score(self, request: regret_pb2.ScoreRequest, context: grpc.ServicerContext) -> regret_pb2.ScoreResponse:
+        with self.metrics.in_flight.track_inprogress():
+            return self._score(request, context)
+
+    def _score(self, request: regret_pb2.ScoreRequest, context: grpc.ServicerContext) -> regret_pb2.ScoreResponse:
         try:
             rows, ids = self._validated(request)
         except RpcFailure:

@@ -86,7 +86,11 @@ def test_serve_score_scrape_and_sigterm(tmp_path):
             # A call in flight when SIGTERM arrives is still answered (1M scenarios: ~1 s of scoring).
             big = np.random.default_rng(1).random((1_000_000, 8), dtype=np.float32)
             in_flight = client.submit("cli-run", 0, 1, torch.from_numpy(big))
-            time.sleep(0.3)
+            # SIGTERM only once the server is handling it (32 MB take a while to arrive on a busy machine).
+            deadline = time.monotonic() + 30
+            while _metric(metrics_port, "redheart_regret_requests_in_flight") < 1:
+                assert time.monotonic() < deadline and not in_flight.done(), "the large Score never reached the server"
+                time.sleep(0.01)
             start = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             reply = in_flight.result(timeout=30)
