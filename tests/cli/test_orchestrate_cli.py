@@ -143,3 +143,15 @@ def test_services_started_separately_train_with_a_remote_orchestrator(tmp_path, 
         for p in (cpu, gpu, regret):
             p.terminate()
             assert p.wait(30) == 0
+
+
+def test_automatic_split_trains_and_reports_why(tmp_path, tiny_toml):
+    result = run_cli(["orchestrator.cli", "--config", str(tiny_toml), "--set", 'model.gpu_layers_ratio="auto"',
+                      "--set", "train.max_steps=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "automatic split: one layer fwd+bwd" in result.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["split"]["automatic"] and 0 <= report["split"]["cpu_layers"] <= 4
+    assert "Chose" in report["split"]["reason"]
+    resolved = (tmp_path / "run" / "config.toml").read_text()
+    assert f"cpu_layers = {report['split']['cpu_layers']}" in resolved  # the services were started with it
