@@ -112,7 +112,6 @@ def _torch_pp_worker(rank: int, args, port: int, result_path: str) -> None:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
-    from orchestrator.pipeline import LABEL_KEYS
     from redheart.losses import multitask_loss
     from redheart.model import CpuStageModule, GpuStageModule, resolve_model_shape
     from redheart.stage_runtime import build_optimizer

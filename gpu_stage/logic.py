@@ -201,10 +201,7 @@ class GpuStagePart:
                     raise StepAborted(f"step {ctx.plan.step} was aborted while waiting for the regret of micro-batch {micro_batch}: {reason}")
 
     def evaluate(self, ctx: RoundContext, mb: MicroBatchInputs) -> dict:
-        act = ctx.runtime.mailbox.get(
-            (ctx.plan.run_id, ctx.plan.step, mb.index, EVAL_ACTIVATION), ctx.plan.deadline_seconds,
-            f"the evaluation activation of micro-batch {mb.index} from the cpu stage",
-        )
+        act = ctx.receive(EVAL_ACTIVATION, mb.index, f"the evaluation activation of micro-batch {mb.index} from the cpu stage")
         mask = self._mask(mb)
         with ctx.autocast():
             outputs = self.module(act.to(self.device), mask)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -42,6 +43,15 @@ class PreparedData:
     skipped_lines: int
     truncated: int
     source_counts: dict[str, int]
+
+    @cached_property
+    def train_labels(self) -> dict[str, torch.Tensor]:
+        """Labels of the whole training split (the baselines' reference), built once per run."""
+        return self.train.labels(list(range(len(self.train))))
+
+    @cached_property
+    def validation_labels(self) -> dict[str, torch.Tensor]:
+        return self.validation.labels(list(range(len(self.validation))))
 
     def summary(self) -> dict:
         return {

@@ -28,7 +28,6 @@ from redheart.v1 import stage_pb2, tensor_pb2
 CPU_KEYS = ("input_ids", "attention_mask")
 LABEL_KEYS = ("labels.emotions", "labels.emotions_mask", "labels.bentham", "labels.bentham_mask", "labels.judgment")
 GPU_KEYS = ("attention_mask",) + LABEL_KEYS
-HEAD_NAMES = ("emotion", "bentham", "judgment", "regret")
 ABORT_GRACE_SECONDS = 30.0
 
 
@@ -147,24 +146,27 @@ class PipelineDriver:
         mbs = self.config.micro_batches if not forward_only else max(1, math.ceil(len(batch) / t.micro_batch_size))
         size = t.micro_batch_size
         accum = t.gradient_accumulation_steps
+        header = stage_pb2.StepPlan(
+            envelope=tensor_pb2.Envelope(run_id=self.run_id, step=eval_id if forward_only else step),
+            accumulation_round=0 if forward_only else round_index,
+            accumulation_steps=1 if forward_only else accum,
+            schedule=t.schedule,
+            loss_multiplier=1.0 / (mbs * accum),
+            loss_scale=self.scaler.scale,
+            deadline_seconds=self.config.orchestrator.step_deadline_seconds,
+            forward_only=forward_only,
+            lookahead=0 if forward_only else min(self.lookahead, mbs),
+            attempt=0 if forward_only else self.attempts.get(step, 1),
+        )
+        parts = [batch.slice(i * size, (i + 1) * size) for i in range(mbs)]
+        first = round_index * mbs if not forward_only else 0
         plans = []
+        # Same header for both stages; each gets only the inputs it uses (ids for the first, labels for the last).
         for keys in (CPU_KEYS, GPU_KEYS):
-            plan = stage_pb2.StepPlan(
-                envelope=tensor_pb2.Envelope(run_id=self.run_id, step=eval_id if forward_only else step),
-                accumulation_round=0 if forward_only else round_index,
-                accumulation_steps=1 if forward_only else accum,
-                schedule=t.schedule,
-                loss_multiplier=1.0 / (mbs * accum),
-                loss_scale=self.scaler.scale,
-                deadline_seconds=self.config.orchestrator.step_deadline_seconds,
-                forward_only=forward_only,
-                lookahead=0 if forward_only else min(self.lookahead, mbs),
-                attempt=0 if forward_only else self.attempts.get(step, 1),
-            )
-            for i in range(mbs):
-                part = batch.slice(i * size, (i + 1) * size)
-                index = i if forward_only else round_index * mbs + i
-                plan.micro_batches.append(micro_batch_message(index, part.tensors, keys, part.ids))
+            plan = stage_pb2.StepPlan()
+            plan.CopyFrom(header)
+            for i, part in enumerate(parts):
+                plan.micro_batches.append(micro_batch_message(first + i, part.tensors, keys, part.ids))
             plans.append(plan)
         return plans[0], plans[1]
 

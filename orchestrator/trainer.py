@@ -121,18 +121,22 @@ class HybridDistributedTrainer:
         self.clients: dict[str, StageClient] = {}
         self.addresses: dict[str, str] = {}
         self.stage_info: dict[str, Any] = {}
-        self.history: list[dict[str, Any]] = []
-        self.validation: list[dict[str, Any]] = []
         self.restarts: dict[str, int] = {"cpu_stage": 0, "gpu_stage": 0, "regret": 0}
         self.recoveries: list[dict[str, Any]] = []
         self.stop_requested = threading.Event()
-        self.totals = {"samples": 0, "tokens": 0, "regret_computations": 0, "bentham_evaluations": 0,
-                       "skipped_steps": 0, "step_seconds": 0.0}
+        self._reset_progress()
         self.peak_rss: dict[str, int] = {}
-        self.regret_sum = 0.0
-        self.regret_n = 0
         self.metrics_port = 0
         self.split_choice = None
+
+    def _reset_progress(self) -> None:
+        """What a run has done so far: empty at the start, and again when a recovery finds no checkpoint."""
+        self.history: list[dict[str, Any]] = []
+        self.validation: list[dict[str, Any]] = []
+        self.totals = {"samples": 0, "tokens": 0, "regret_computations": 0, "bentham_evaluations": 0,
+                       "skipped_steps": 0, "step_seconds": 0.0}
+        self.regret_sum = 0.0
+        self.regret_n = 0
 
     # ------------------------------------------------------------------ services
 
@@ -161,7 +165,7 @@ class HybridDistributedTrainer:
                 wait_for_serving(self.addresses[name], timeout=timeout, service_name=name.replace("_", " "),
                                  alive=self._alive_check(name), security=cfg.security)
             except ServiceError as exc:
-                raise RunError(f"{exc} (fix: start it with `redheart-{name.replace('_', '-').replace('regret', 'regret')} --config ...` "
+                raise RunError(f"{exc} (fix: start it with `redheart-{name.replace('_', '-')} --config ...` "
                                f"or check {name}.address)") from None
         for name in ("cpu_stage", "gpu_stage"):
             self.clients[name] = StageClient(name.replace("_", " "), self.addresses[name],
@@ -318,10 +322,7 @@ class HybridDistributedTrainer:
             self._restore_orchestrator_state(info.manifest, driver)
             self.restarts = {k: max(v, restarts.get(k, 0)) for k, v in self.restarts.items()}
         else:
-            self.history, self.validation = [], []
-            for key in self.totals:
-                self.totals[key] = 0 if key != "step_seconds" else 0.0
-            self.regret_sum, self.regret_n = 0.0, 0
+            self._reset_progress()
             driver.scaler.load({"scale": 2.0**16 if driver.scaler.enabled else 1.0, "good_steps": 0})
         self.recoveries.append({"failed_step": error.step, "stage": error.stage, "error": str(error.cause)[:500],
                                 "restarted": dead, "resumed_from_step": step, "time": time.time()})
@@ -343,11 +344,11 @@ class HybridDistributedTrainer:
             for k, v in out.items():
                 outputs.setdefault(k, []).append(v)
         pred = {k: torch.cat(v) for k, v in outputs.items()}
-        labels = val.labels(list(range(len(val))))
+        labels = dict(data.validation_labels)  # a copy: regret_target is added below
         scores = calculus.score(pred["bentham"].numpy(), self.config.regret.regrets_per_step, self.config.regret.bentham_per_regret)
         labels["regret_target"] = torch.from_numpy(scores.regret).float()
         metrics = compute_metrics(pred, labels)
-        train_labels = data.train.labels(list(range(len(data.train))))
+        train_labels = dict(data.train_labels)
         if self.regret_n:
             train_labels["regret_target"] = torch.full((len(data.train),), self.regret_sum / self.regret_n)
         baseline = baseline_metrics(train_labels, labels)

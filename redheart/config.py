@@ -703,11 +703,11 @@ def _coerce(value: Any, tp: Any, where: str, dotted: str) -> Any:
                 continue
             try:
                 return _coerce(value, option, where, dotted)
-            except ConfigError as exc:
+            except ConfigError:
                 errors.append(_type_name(typing.get_origin(option) or option))
         raise ConfigError(f"{where}: {dotted} = {value!r} must be {' or '.join(errors)}")
     if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
+        _key_tp, val_tp = typing.get_args(tp)
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: {dotted} = {value!r} must be a table, e.g. {{ name = 1.0 }}")
         return {str(k): _coerce(v, val_tp, where, f"{dotted}.{k}") for k, v in value.items()}

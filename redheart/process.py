@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,3 @@ def watch_parent(stop: threading.Event, interval: float = 1.0) -> threading.Thre
     thread.start()
     return thread
 
-
-def wait_forever(stop: threading.Event) -> None:
-    while not stop.wait(0.5):
-        time.sleep(0)

@@ -22,7 +22,6 @@ import functools
 import hmac
 import ipaddress
 import logging
-import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -413,18 +412,3 @@ def wait_for_serving(address: str, *, timeout: float, service_name: str, max_mes
     raise ServiceError(service_name, address, "Health/Check", grpc.StatusCode.DEADLINE_EXCEEDED,
                        f"not SERVING after {timeout:.0f}s (last: {last}); is it running and reachable?")
 
-
-class StopFlag:
-    """A settable flag shared by a server's threads (SIGTERM handling)."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._event.wait(timeout)

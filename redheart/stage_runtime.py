@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from redheart.config import TrainConfig, fingerprint
 from redheart.model import ModelShape, derive_seed
-from redheart.schedule import Action, build_schedule
+from redheart.schedule import build_schedule
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,6 @@ class Mailbox:
             self._aborted.clear()
             self._cond.notify_all()
 
-    def pending_keys(self) -> list[tuple[str, int, int, str]]:
-        with self._cond:
-            return sorted(self._items)
 
 
 class PeerLink(Protocol):
@@ -265,8 +262,6 @@ class RoundContext:
             if end - start > 1e-4:
                 self.spans.append(("wait", micro_batch, start - self.started, end - self.started))
 
-    def global_micro_batch(self, local_index: int) -> int:
-        return local_index
 
     def autocast(self):
         return self.runtime.autocast()
@@ -309,7 +304,7 @@ def build_optimizer(module: torch.nn.Module, train: TrainConfig) -> torch.optim.
 class StageRuntime:
     """One stage's state machine: start a run, run rounds, apply, abort, save, load."""
 
-    def __init__(self, part_factory: Callable[[], StagePart], shape: ModelShape, *, mixed_precision_dtype=None) -> None:
+    def __init__(self, part_factory: Callable[[], StagePart], shape: ModelShape) -> None:
         self._part_factory = part_factory
         self.shape = shape
         self.part: StagePart = part_factory()
@@ -324,12 +319,9 @@ class StageRuntime:
         self.current_plan: RoundPlan | None = None
         self.results: dict[tuple[str, int, int], RoundResult] = {}
         self.applied: dict[tuple[str, int], dict[str, Any]] = {}
-        self.eval_passes = 0
         # (run, step) -> highest aborted attempt: an abort that overtakes its RunStep still wins.
         self.aborted_attempts: dict[tuple[str, int], tuple[int, str]] = {}
         self.running = threading.Event()
-        self.peers: dict[str, str] = {}
-        self.regret_address = ""
         self.mixed_precision = False
 
     # ---- description
@@ -365,7 +357,7 @@ class StageRuntime:
     # ---- lifecycle
 
     def start_run(self, run_id: str, settings: Mapping[str, Any], *, reinitialize: bool, first_step: int,
-                  peers: Mapping[str, str], regret_address: str) -> int:
+                  regret_address: str) -> int:
         with self.lock:
             if self.running.is_set():
                 raise StageError("precondition", f"cannot start run {run_id!r}: a step of run {self.run_id!r} is running")
@@ -386,8 +378,6 @@ class StageRuntime:
             self.results.clear()
             self.applied.clear()
             self.mailbox.reset()
-            self.peers = dict(peers)
-            self.regret_address = regret_address
             self.part.module.train()
             if hasattr(self.part, "configure"):
                 self.part.configure(settings, regret_address)
@@ -422,10 +412,10 @@ class StageRuntime:
 
     def run_round(self, plan: RoundPlan, link: PeerLink) -> RoundResult:
         """Run this stage's actions for one accumulation round (or an evaluation pass)."""
+        _check_plan_numbers(plan)
         with self.lock:
             self._check_run(plan.run_id)
             if plan.forward_only:
-                _check_plan_numbers(plan)
                 return self._run_eval(plan, link)
             key = (plan.run_id, plan.step, plan.accumulation_round)
             if key in self.results:
@@ -442,7 +432,6 @@ class StageRuntime:
                 raise StepAborted(f"step {plan.step} attempt {plan.attempt} was aborted: {mark[1]}")
             if not plan.micro_batches:
                 raise StageError("invalid", f"step {plan.step}: the plan has no micro-batches")
-            _check_plan_numbers(plan)
             self.current_plan = plan
             self.running.set()
             try:
@@ -518,7 +507,7 @@ class StageRuntime:
         # Per-tensor norms (as torch.nn.utils.clip_grad_norm_ computes them), summed in float64:
         # no full-size temporary copies of the gradients.
         norms = [torch.linalg.vector_norm(p.grad.detach()) for p in self.part.module.parameters() if p.grad is not None]
-        total = sum(float(n) ** 2 for n in torch.stack(norms).double().cpu()) if norms else 0.0
+        total = float(torch.stack(norms).double().pow(2).sum()) if norms else 0.0
         # Divided twice: loss_scale ** 2 can underflow to 0 (a tiny scale); the quotient only overflows to inf.
         value = total / loss_scale / loss_scale
         return value, not math.isfinite(value)

@@ -110,7 +110,8 @@ class GrpcPeerLink:
             if self._error is not None:
                 raise StageError("unavailable", str(self._error))
             self._pending += 1
-        # The tensor is already detached; copying to host here keeps CUDA work off the sender thread.
+        # Detached, and referenced by the queue until sent: the sender thread copies it to host memory
+        # and serializes it while the compute thread goes on with the next micro-batch.
         self._queue.put((direction, run_id, step, micro_batch, kind, tensor.detach(), deadline or time.monotonic() + 600.0))
 
     def _worker(self) -> None:
@@ -122,7 +123,7 @@ class GrpcPeerLink:
             try:
                 t0 = time.perf_counter()
                 name = f"{kind}[step {step}, micro-batch {micro_batch}]"
-                msg = codec.encode(tensor.cpu(), codec=self.codec_name, name=name)
+                msg = codec.encode(tensor, codec=self.codec_name, name=name)  # encode copies to host
                 t1 = time.perf_counter()
                 request = stage_pb2.TensorTransfer(
                     envelope=tensor_pb2.Envelope(run_id=run_id, step=step, micro_batch=micro_batch, kind=_KIND_TO_WIRE[kind]),
@@ -302,7 +303,6 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
             settings.setdefault("empty_cache_every", self.config.gpu_stage.empty_cache_every)
             n = self.runtime.start_run(
                 request.run_id, settings, reinitialize=request.reinitialize, first_step=request.first_step,
-                peers={"next": request.next_stage_address, "prev": request.prev_stage_address},
                 regret_address=request.regret_address,
             )
             # Only after the run was accepted: a refused StartRun must not repoint a running step's link.
@@ -323,8 +323,6 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step}: accumulation round {request.accumulation_round} of {request.accumulation_steps} is impossible")
         if request.schedule not in ("1f1b", "gpipe"):
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step}: unknown schedule {request.schedule!r} (1f1b or gpipe)")
-        if not (request.loss_multiplier > 0 and request.loss_scale > 0 and request.deadline_seconds > 0):
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step}: loss_multiplier, loss_scale and deadline_seconds must be > 0")
         if request.lookahead < 0 or request.lookahead > len(request.micro_batches):
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step}: lookahead {request.lookahead} out of range")
         indices = [mb.index for mb in request.micro_batches]

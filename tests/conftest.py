@@ -30,6 +30,20 @@ def pytest_collection_modifyitems(config, items):
 _HANDED_OUT: set[int] = set()
 
 
+def required_tool(name: str) -> str:
+    """Path of a tool from Debian's `prometheus` package. Missing: the test fails under CI (which
+    installs it, see scripts/test.sh) and is skipped elsewhere."""
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"`{name}` not found: install Debian's `prometheus` package (apt-get install prometheus)"
+        if os.environ.get("CI"):
+            pytest.fail(message + " -- required under CI")
+        pytest.skip(message)
+    return path
+
+
 def free_port() -> int:
     """A port nothing listens on now, never the same one twice in a session (the kernel may hand
     a just-closed port out again, and two services of one test must not collide)."""

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 
-import pytest
 
 from conftest import ROOT, cli_env, free_port, run_cli
 

@@ -224,7 +224,6 @@ def test_start_run_rejects_garbage(pipeline):
 
 
 def test_retried_run_step_returns_the_cached_result(pipeline):
-    cfg = pipeline.cfg
     cpu_plan, gpu_plan = pipeline.driver._plans(0, 0, synthetic_batch(0))
     first = pipeline.driver._run_on_stages(0, (cpu_plan, gpu_plan))
     again = pipeline.gpu.run_step(gpu_plan, timeout=10)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import required_tool
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -71,13 +71,7 @@ STOP_DEADLINE_S = 120.0
 
 @pytest.fixture(scope="module")
 def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        message = "the `prometheus` server binary is not installed (Debian: apt-get install prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(message + " -- required under CI")
-        pytest.skip(message)
-    return path
+    return required_tool("prometheus")
 
 
 def _orchestrate_command() -> list[str]:

@@ -13,9 +13,7 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import inspect
 import json
 import re
 import shlex
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
+from process_metrics import all_sample_names, sample_names
 
 from redheart.config import (
     CpuStageConfig,
@@ -207,39 +205,6 @@ def test_promql_metric_names_extracts_what_it_should() -> None:
     assert promql_metric_names("increase(redheart_typo_total[10m]) == 0") == {"redheart_typo_total"}
 
 
-def _sample_names(registry: CollectorRegistry) -> set[str]:
-    return {sample.name for family in registry.collect() for sample in family.samples}
-
-
-def _project_metric_names() -> set[str]:
-    from cpu_stage.metrics import create_metrics as create_cpu
-    from gpu_stage.metrics import create_metrics as create_gpu
-    from orchestrator.metrics import OrchestratorMetrics
-
-    names: set[str] = {"up"}  # Prometheus' own per-target series
-    for build in (OrchestratorMetrics, create_cpu, create_gpu):
-        registry = CollectorRegistry()
-        build(registry)
-        names |= _sample_names(registry)
-    return names
-
-
-def _regret_service_metric_names() -> set[str] | None:
-    if importlib.util.find_spec("regret_service.metrics") is None:
-        return None
-    module = importlib.import_module("regret_service.metrics")
-    factory = getattr(module, "create_metrics", None)
-    if factory is None:
-        classes = [obj for name, obj in vars(module).items()
-                   if inspect.isclass(obj) and name.endswith("Metrics") and obj.__module__ == module.__name__]
-        assert classes, "regret_service.metrics has neither create_metrics(registry) nor a *Metrics class"
-        factory = classes[0]
-    kwargs = {"num_workers": RegretConfig().num_workers} if "num_workers" in inspect.signature(factory).parameters else {}
-    registry = CollectorRegistry()
-    factory(registry, **kwargs)
-    return _sample_names(registry)
-
-
 def _used_names() -> dict[str, set[str]]:
     used: dict[str, set[str]] = {}
     for where, exprs in (("dashboard", _dashboard_expressions()), ("alerts.yml", _alert_expressions())):
@@ -254,32 +219,19 @@ def _is_regret_service_name(name: str) -> bool:
 
 
 def test_every_metric_in_dashboard_and_alerts_exists() -> None:
-    known = _project_metric_names()
-    used = _used_names()
-    # The regret service's own series are checked by the next test (its module may not exist yet);
-    # everything else must come from the orchestrator or a stage.
-    missing = {n: sorted(w) for n, w in used.items() if n not in known and not _is_regret_service_name(n)}
-    assert not missing, f"metric names that no process exports: {missing}"
-    assert len(used) > 30, "suspiciously few metric names found in the dashboard and alerts"
-
-
-def test_every_regret_service_metric_in_dashboard_and_alerts_exists() -> None:
-    regret = _regret_service_metric_names()
-    if regret is None:
-        pytest.skip("regret_service/metrics.py does not exist yet, so redheart_regret_* / redheart_bentham_* "
-                    "names in the dashboard and alerts cannot be checked")
-    known = _project_metric_names() | regret
+    known = all_sample_names()
     used = _used_names()
     missing = {n: sorted(w) for n, w in used.items() if n not in known}
     assert not missing, f"metric names that no process exports: {missing}"
+    assert len(used) > 30, "suspiciously few metric names found in the dashboard and alerts"
     assert any(_is_regret_service_name(n) for n in used), "the dashboard shows nothing of the regret service"
     # The regret service's gRPC series carry service="regret".
-    assert "redheart_grpc_server_handled_total" in regret
+    assert "redheart_grpc_server_handled_total" in sample_names("regret")
 
 
 def test_metrics_reference_documents_every_family() -> None:
     text = METRICS_DOC.read_text(encoding="utf-8")
-    names = _project_metric_names() | (_regret_service_metric_names() or set())
+    names = all_sample_names()
     families = {re.sub(r"_(created|bucket|sum|count)$", "", n) for n in names} - {"up"}
     undocumented = sorted(f for f in families if f not in text)
     assert not undocumented, f"docs/metrics.md does not mention {undocumented}"

@@ -16,19 +16,16 @@ not running them.
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
-import inspect
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import required_tool
+from process_metrics import BUILDERS, registry_of
 import yaml
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -42,13 +39,7 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "${__rate_interval}": "1m", "$__i
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        message = "promtool not found: install Debian's `prometheus` package (apt-get install prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(message + " -- required under CI")
-        pytest.skip(message)
-    return path
+    return required_tool("promtool")
 
 
 def _run(args: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess:
@@ -261,49 +252,9 @@ def test_alert_tests_cover_the_required_alerts() -> None:
 # ----------------------------------------------------------------------------- expositions
 
 
-def _registry_of(factory) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    factory(registry)
-    return registry
-
-
-def _orchestrator(registry):
-    from orchestrator.metrics import OrchestratorMetrics
-
-    return OrchestratorMetrics(registry)
-
-
-def _cpu_stage(registry):
-    from cpu_stage.metrics import create_metrics
-
-    return create_metrics(registry)
-
-
-def _gpu_stage(registry):
-    from gpu_stage.metrics import create_metrics
-
-    return create_metrics(registry)
-
-
-def _regret(registry):
-    if importlib.util.find_spec("regret_service.metrics") is None:
-        pytest.skip("regret_service/metrics.py does not exist yet (being written); its exposition is not checked")
-    module = importlib.import_module("regret_service.metrics")
-    factory = getattr(module, "create_metrics", None)
-    if factory is None:
-        classes = [obj for name, obj in vars(module).items()
-                   if inspect.isclass(obj) and name.endswith("Metrics") and obj.__module__ == module.__name__]
-        assert classes, "regret_service.metrics has neither create_metrics(registry) nor a *Metrics class"
-        factory = classes[0]
-    params = inspect.signature(factory).parameters
-    kwargs = {"num_workers": 4} if "num_workers" in params else {}
-    return factory(registry, **kwargs)
-
-
-@pytest.mark.parametrize("process", [_orchestrator, _cpu_stage, _gpu_stage, _regret],
-                         ids=["orchestrator", "cpu-stage", "gpu-stage", "regret"])
+@pytest.mark.parametrize("process", sorted(BUILDERS))
 def test_check_metrics_exposition(promtool: str, process) -> None:
-    text = generate_latest(_registry_of(process))
+    text = generate_latest(registry_of(process))
     assert b"redheart_" in text
     proc = _run([promtool, "check", "metrics"], stdin=text)
     assert proc.returncode == 0 and not _out(proc).strip(), f"promtool check metrics:\n{_out(proc)}"
