@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from redheart import codec
 from redheart.config import ConfigError, HybridConfig, load_config
 from redheart.metrics_common import StageMetrics, start_metrics_endpoint
-from redheart.process import watch_parent
+from redheart.process import exit_after_shutdown, watch_parent
 from redheart.rpc import RpcFailure, ServiceError, bind, make_channel, make_server, rpc_method, set_serving
 from redheart.stage_runtime import (
     ACTIVATION,
@@ -84,6 +84,7 @@ class GrpcPeerLink:
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._pending = 0
+        self._closing = False
         self._cond = threading.Condition()
         self._stats = {"serialize_seconds": 0.0, "send_seconds": 0.0, "bytes_sent": 0}
         self._thread = threading.Thread(target=self._worker, name=f"{stage_name}-sender", daemon=True)
@@ -160,7 +161,7 @@ class GrpcPeerLink:
                 return
             except grpc.RpcError as exc:
                 # Pushes are idempotent (the receiver drops duplicates), so retrying is safe.
-                if exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay < deadline:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay < deadline and not self._closing:
                     time.sleep(delay)
                     delay = min(2 * delay, 1.0)
                     continue
@@ -191,10 +192,41 @@ class GrpcPeerLink:
         with self._cond:
             return dict(self._stats)
 
-    def close(self) -> None:
+    def purge(self) -> int:
+        """Drop every tensor queued but not yet taken by the sender thread; returns how many.
+
+        An aborted attempt's pushes must not outlive it: left queued they would be retried on the
+        next attempt's channel and could satisfy (or poison) its waits."""
+        dropped = 0
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:  # close() is under way: keep its stop mark
+                self._queue.put(None)
+                break
+            dropped += 1
+        if dropped:
+            with self._cond:
+                self._pending -= dropped
+                self._cond.notify_all()
+        return dropped
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the sender thread and the channels; waits for the thread (bounded).
+
+        Queued tensors are dropped and the push in flight is cancelled by closing its channel, so
+        the thread ends promptly instead of retrying a dead peer until the push deadline."""
+        with self._cond:
+            self._closing = True
+        self.purge()
         self._queue.put(None)
-        for ch in self._channels.values():
+        for ch in list(self._channels.values()):
             ch.close()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("%s stage: the sender thread did not stop within %.0fs", self.stage_name, timeout)
 
 
 # ----------------------------------------------------------------------------- servicer
@@ -462,6 +494,8 @@ class StageServer:
             # (minutes), keeping the process alive long after the grace period.
             runtime.abort(runtime.run_id, runtime.next_step, "the stage is shutting down")
         self.server.stop(grace).wait()
+        # Every thread this stage started is stopped and joined here (the sender, the regret
+        # client's pool): none may be left inside torch or grpc when the process ends.
         self.link.close()
         regret = getattr(self.servicer.runtime.part, "regret", None)
         if regret is not None:
@@ -552,20 +586,25 @@ def run_stage_cli(stage: str, create_server: Callable[..., tuple[StageServer, in
             server.stop(0)
             return 1
     stop = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum, _frame):
-        log.info("received %s: draining (health NOT_SERVING, in-flight calls finish)", signal.Signals(signum).name)
+        received.append(signum)  # no logging here: the handler may interrupt the main thread mid-write
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    watch_parent(stop)
+    watcher = watch_parent(stop)
     d = server.servicer
     log.info("%s stage listening on %s:%d (%s, %s, %d parameters, %s), metrics on %s", stage, host, bound, d.device,
              d.layer_range, d.runtime.num_parameters(), config.security.describe(), bound_metrics or "off")
     print(f"REDHEART_READY service={stage}_stage port={bound} metrics_port={bound_metrics}", flush=True)
     while not stop.wait(0.5):
         pass
+    if received:
+        log.info("received %s: draining (health NOT_SERVING, in-flight calls finish)", signal.Signals(received[0]).name)
     server.stop(grace=10.0)
+    if watcher is not None:
+        watcher.join(timeout=2.0)
     log.info("%s stage stopped", stage)
-    return 0
+    exit_after_shutdown(0, f"{stage} stage")

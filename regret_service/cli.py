@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         server.stop(GRACE_SECONDS)
         if http_server is not None:
             http_server.shutdown()
-    return 0
+    from redheart.process import exit_after_shutdown
+
+    exit_after_shutdown(0, "regret service")  # why not a plain return: see its docstring
 
 
 if __name__ == "__main__":
