@@ -177,6 +177,8 @@ class RegretConfig:
     """Extra forwards the last stage runs before the first backward, so regret calls overlap compute."""
     timeout_seconds: float = 30.0
     """Deadline of one Score call; the GPU stage retries within the step deadline."""
+    cache_mb: int = 64
+    """Memory (MiB, requests and responses) the regret service keeps to answer retried calls."""
 
 
 @dataclass
@@ -229,6 +231,17 @@ class WireConfig:
     """Largest tensor rank a service accepts."""
     max_concurrent_rpcs: int = 64
     """Concurrent RPCs a server accepts before answering RESOURCE_EXHAUSTED."""
+    max_deadline_seconds: float = 3600.0
+    """Longest `deadline_seconds` a RunStep may ask for (how long a stage may wait on its peer);
+    must be at least orchestrator.step_deadline_seconds."""
+    max_plan_samples: int = 4096
+    """Most samples (all micro-batches together) one RunStep plan may carry."""
+    max_plan_tokens: int = 1048576
+    """Most token positions (samples x positions, all micro-batches) one RunStep plan may carry."""
+    max_early_pushes: int = 64
+    """Tensors a stage keeps for a step or evaluation pass whose RunStep has not arrived yet."""
+    max_error_chars: int = 200
+    """Longest piece of a request (a name, a run id, a reason) echoed in an error message."""
 
 
 @dataclass
@@ -872,6 +885,23 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
     for key in ("connect_timeout_seconds", "step_deadline_seconds", "rpc_timeout_seconds"):
         if getattr(o, key) <= 0:
             fail("orchestrator", key, f"orchestrator.{key} = {getattr(o, key)} must be > 0")
+    w = cfg.wire
+    if not w.max_deadline_seconds > 0:
+        fail("wire", "max_deadline_seconds", f"wire.max_deadline_seconds = {w.max_deadline_seconds} must be > 0")
+    if o.step_deadline_seconds > w.max_deadline_seconds:
+        fail("orchestrator", "step_deadline_seconds",
+             f"orchestrator.step_deadline_seconds = {o.step_deadline_seconds} is above wire.max_deadline_seconds = "
+             f"{w.max_deadline_seconds}: the stages would refuse every step (fix: raise wire.max_deadline_seconds)")
+    for key in ("max_plan_samples", "max_plan_tokens", "max_early_pushes"):
+        if getattr(w, key) < 1:
+            fail("wire", key, f"wire.{key} = {getattr(w, key)} must be at least 1")
+    if w.max_error_chars < 16:
+        fail("wire", "max_error_chars", f"wire.max_error_chars = {w.max_error_chars} must be at least 16")
+    if w.max_plan_samples < cfg.train.batch_size:
+        fail("wire", "max_plan_samples", f"wire.max_plan_samples = {w.max_plan_samples} is below train.batch_size = "
+             f"{cfg.train.batch_size}: the stages would refuse every step (fix: raise wire.max_plan_samples)")
+    if cfg.regret.cache_mb < 0:
+        fail("regret", "cache_mb", f"regret.cache_mb = {cfg.regret.cache_mb} must be >= 0 (0: no cache)")
 
 
 _TOKEN_HINT = "(fix: use printable ASCII without spaces, e.g. the output of `openssl rand -hex 32`)"

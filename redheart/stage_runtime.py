@@ -18,6 +18,7 @@ Invariants kept here (design.md section 3):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -46,6 +47,10 @@ ACTIVATION, GRADIENT, EVAL_ACTIVATION = "activation", "gradient", "eval_activati
 MAX_STEP = 1 << 62
 """Steps are int64 on the wire: a run starting near 2**63 would apply a step and then fail to report
 the next one (and every Describe after it)."""
+
+CONTROL_WAIT_SECONDS = 2.0
+"""How long StartRun / SaveState / LoadState / ApplyStep wait for another short control call to
+finish before answering FAILED_PRECONDITION (while a round runs they answer at once)."""
 
 MAX_LEARNING_RATE = 1e30
 """Above this AdamW's step size (lr / bias correction) no longer fits in float32 and the update fails
@@ -76,6 +81,7 @@ class Mailbox:
         self._items: dict[tuple[str, int, int, str], torch.Tensor] = {}
         self._consumed: set[tuple[str, int, int, str]] = set()
         self._aborted: dict[tuple[str, int], str] = {}
+        self._arrived: dict[tuple[str, int], float] = {}  # (run, step) -> when its last tensor arrived
 
     def put(self, key: tuple[str, int, int, str], tensor: torch.Tensor) -> bool:
         """Store; returns False when the key was already delivered (a duplicate to drop)."""
@@ -83,21 +89,36 @@ class Mailbox:
             if key in self._items or key in self._consumed:
                 return False
             self._items[key] = tensor
+            self._arrived[(key[0], key[1])] = time.monotonic()
             self._cond.notify_all()
             return True
 
+    def count(self, run_id: str, step: int, kinds: Sequence[str]) -> int:
+        """Tensors of (run, step) of these kinds held and not yet taken."""
+        with self._cond:
+            return sum(1 for k in self._items if k[0] == run_id and k[1] == step and k[3] in kinds)
+
+    def drop(self, keep) -> None:
+        """Forget the held tensors whose key ``keep(key)`` refuses (older steps, other passes)."""
+        with self._cond:
+            for key in [k for k in self._items if not keep(k)]:
+                del self._items[key]
+
     def get(self, key: tuple[str, int, int, str], timeout: float, describe: str) -> torch.Tensor:
-        deadline = time.monotonic() + timeout
+        """Wait for ``key``. The deadline measures progress: it fails when nothing of this step
+        arrived for ``timeout`` seconds, so a long round whose tensors keep coming never does."""
+        started = time.monotonic()
         with self._cond:
             while key not in self._items:
                 reason = self._aborted.get((key[0], key[1]))
                 if reason is not None:
                     raise StepAborted(f"step {key[1]} was aborted while waiting for {describe}: {reason}")
-                remaining = deadline - time.monotonic()
+                since = max(started, self._arrived.get((key[0], key[1]), 0.0))
+                remaining = since + timeout - time.monotonic()
                 if remaining <= 0:
                     raise StageError(
                         "deadline",
-                        f"timed out after {timeout:.1f}s waiting for {describe} "
+                        f"nothing arrived for {timeout:.1f}s while waiting for {describe} "
                         f"(step {key[1]}, micro-batch {key[2]}); is the peer stage alive?",
                     )
                 self._cond.wait(min(remaining, 1.0))
@@ -129,12 +150,14 @@ class Mailbox:
                 del self._items[key]
             self._consumed = {k for k in self._consumed if not (k[0] == run_id and k[1] == step and (kinds is None or k[3] in kinds))}
             self._aborted.pop((run_id, step), None)
+            self._arrived.pop((run_id, step), None)
 
     def reset(self) -> None:
         with self._cond:
             self._items.clear()
             self._consumed.clear()
             self._aborted.clear()
+            self._arrived.clear()
             self._cond.notify_all()
 
 
@@ -321,8 +344,10 @@ class StageRuntime:
         self.applied: dict[tuple[str, int], dict[str, Any]] = {}
         # (run, step) -> highest aborted attempt: an abort that overtakes its RunStep still wins.
         self.aborted_attempts: dict[tuple[str, int], tuple[int, str]] = {}
+        self.seen_attempts: dict[tuple[str, int], int] = {}  # highest attempt a RunStep of the step carried
         self.running = threading.Event()
         self.mixed_precision = False
+        self.max_early_pushes = 64  # tensors kept for a step or pass whose RunStep has not arrived ([wire])
 
     # ---- description
 
@@ -356,11 +381,23 @@ class StageRuntime:
 
     # ---- lifecycle
 
+    @contextlib.contextmanager
+    def _control(self, what: str):
+        """The lock for a control call that cannot run during a round: FAILED_PRECONDITION at
+        once while one runs (instead of blocking a server thread behind it for the whole round)."""
+        if self.running.is_set():
+            raise StageError("precondition", f"{what}: a step is running on this stage (abort it first)")
+        if not self.lock.acquire(timeout=CONTROL_WAIT_SECONDS):
+            raise StageError("precondition", f"{what}: the stage is busy with another call (a step is starting or "
+                                             f"running); retry or abort it")
+        try:
+            yield
+        finally:
+            self.lock.release()
+
     def start_run(self, run_id: str, settings: Mapping[str, Any], *, reinitialize: bool, first_step: int,
                   regret_address: str) -> int:
-        with self.lock:
-            if self.running.is_set():
-                raise StageError("precondition", f"cannot start run {run_id!r}: a step of run {self.run_id!r} is running")
+        with self._control(f"cannot start run {_short(run_id)}"):
             _check_settings(settings)  # before anything changes: a refused StartRun leaves the stage as it was
             if not 0 <= first_step <= MAX_STEP:
                 raise StageError("invalid", f"cannot start run {run_id!r} at step {first_step}: steps go from 0 to {MAX_STEP}")
@@ -378,6 +415,10 @@ class StageRuntime:
             self.results.clear()
             self.applied.clear()
             self.mailbox.reset()
+            # Abort marks belong to the run (or attempt) they were given for: a new start forgets them.
+            self.aborted_attempts.clear()
+            self.seen_attempts.clear()
+            self.current_plan = None
             self.part.module.train()
             if hasattr(self.part, "configure"):
                 self.part.configure(settings, regret_address)
@@ -389,7 +430,7 @@ class StageRuntime:
         if not self.run_id:
             raise StageError("precondition", "no run started on this stage (the orchestrator must call StartRun first)")
         if run_id != self.run_id:
-            raise StageError("precondition", f"run {run_id!r} is not the current run {self.run_id!r} of this stage")
+            raise StageError("precondition", f"run {_short(run_id)} is not the current run {_short(self.run_id)} of this stage")
 
     def check_push(self, run_id: str, step: int, micro_batch: int, kind: str) -> None:
         """Refuse tensors this stage cannot use, naming step and micro-batch."""
@@ -399,51 +440,86 @@ class StageRuntime:
             raise StageError("invalid", f"the {self.name} stage does not accept {kind} tensors (it receives {', '.join(sorted(expected))})")
         if micro_batch < 0:
             raise StageError("invalid", f"micro-batch {micro_batch} is negative")
+        plan = self.current_plan
         if kind == EVAL_ACTIVATION:
+            # Only for the evaluation pass running now (its micro-batches), or a few ahead of its
+            # RunStep: each is freed when its pass ends, so pushes for passes that never run cannot
+            # grow the stage's memory.
+            if plan is not None and plan.forward_only and plan.step == step and self.running.is_set():
+                if micro_batch not in {mb.index for mb in plan.micro_batches}:
+                    raise StageError("precondition", f"evaluation pass {step} has no micro-batch {micro_batch}")
+                return
+            self._check_early(step, micro_batch, kind, "evaluation pass")
             return
         if step < self.next_step:
             raise StageError("precondition", f"step {step} micro-batch {micro_batch}: step {step} is already applied on this stage (next step is {self.next_step})")
         if step > self.next_step:
             raise StageError("precondition", f"step {step} micro-batch {micro_batch}: this stage is at step {self.next_step}; step {step} is unknown")
-        plan = self.current_plan
-        limit = (plan.accumulation_steps * len(plan.micro_batches)) if plan is not None and plan.step == step else 1 << 16
+        if plan is None or plan.forward_only or plan.step != step:
+            self._check_early(step, micro_batch, kind, "step")
+            return
+        limit = plan.accumulation_steps * len(plan.micro_batches)
         if micro_batch >= limit:
             raise StageError("precondition", f"step {step} micro-batch {micro_batch}: unknown micro-batch (the step has {limit})")
+
+    def _check_early(self, step: int, micro_batch: int, kind: str, what: str) -> None:
+        """A tensor for a step or pass whose RunStep has not arrived here yet: kept, up to a bound."""
+        held = self.mailbox.count(self.run_id, step, (kind,))
+        if held >= self.max_early_pushes:
+            raise StageError("exhausted", f"{what} {step} micro-batch {micro_batch}: {held} {kind} tensors already wait "
+                                          f"for a RunStep of it (wire.max_early_pushes); retry once it started")
 
     def run_round(self, plan: RoundPlan, link: PeerLink) -> RoundResult:
         """Run this stage's actions for one accumulation round (or an evaluation pass)."""
         _check_plan_numbers(plan)
-        with self.lock:
-            self._check_run(plan.run_id)
-            if plan.forward_only:
-                return self._run_eval(plan, link)
-            key = (plan.run_id, plan.step, plan.accumulation_round)
-            if key in self.results:
-                return self.results[key]  # a retried RunStep: same answer, no recompute
-            if plan.step != self.next_step:
-                raise StageError("precondition", f"RunStep for step {plan.step} round {plan.accumulation_round}, but this stage expects step {self.next_step}")
-            if plan.accumulation_round != self.rounds_done:
-                raise StageError(
-                    "precondition",
-                    f"RunStep for step {plan.step} accumulation round {plan.accumulation_round}, but {self.rounds_done} round(s) of it are done",
-                )
-            mark = self.aborted_attempts.get((plan.run_id, plan.step))
-            if plan.attempt > 0 and mark is not None and plan.attempt <= mark[0]:
-                raise StepAborted(f"step {plan.step} attempt {plan.attempt} was aborted: {mark[1]}")
-            if not plan.micro_batches:
-                raise StageError("invalid", f"step {plan.step}: the plan has no micro-batches")
-            self.current_plan = plan
-            self.running.set()
-            try:
-                result = self._run_train_round(plan, link)
-            except BaseException:
-                self._discard_step_state(plan.step)
-                raise
-            finally:
-                self.running.clear()
-            self.results[key] = result
-            self.rounds_done += 1
-            return result
+        # A retried RunStep waits for the round it repeats (then gets its cached result), bounded.
+        if not self.lock.acquire(timeout=plan.deadline_seconds):
+            raise StageError("precondition", f"RunStep for step {plan.step}: another call held the stage for "
+                                             f"{plan.deadline_seconds:.0f}s")
+        try:
+            return self._run_round_locked(plan, link)
+        finally:
+            self.lock.release()
+
+    def _run_round_locked(self, plan: RoundPlan, link: PeerLink) -> RoundResult:
+        self._check_run(plan.run_id)
+        if plan.forward_only:
+            if hasattr(link, "reset_error"):
+                link.reset_error()
+            return self._run_eval(plan, link)
+        key = (plan.run_id, plan.step, plan.accumulation_round)
+        if key in self.results:
+            return self.results[key]  # a retried RunStep: same answer, no recompute
+        if plan.step != self.next_step:
+            raise StageError("precondition", f"RunStep for step {plan.step} round {plan.accumulation_round}, but this stage expects step {self.next_step}")
+        if plan.accumulation_round != self.rounds_done:
+            raise StageError(
+                "precondition",
+                f"RunStep for step {plan.step} accumulation round {plan.accumulation_round}, but {self.rounds_done} round(s) of it are done",
+            )
+        mark = self.aborted_attempts.get((plan.run_id, plan.step))
+        if plan.attempt > 0 and mark is not None and plan.attempt <= mark[0]:
+            raise StepAborted(f"step {plan.step} attempt {plan.attempt} was aborted: {mark[1]}")
+        if not plan.micro_batches:
+            raise StageError("invalid", f"step {plan.step}: the plan has no micro-batches")
+        step_key = (plan.run_id, plan.step)
+        self.seen_attempts[step_key] = max(plan.attempt, self.seen_attempts.get(step_key, 0))
+        # Only now, holding the lock: a retried RunStep must not clear the delivery error of
+        # the round it waited behind.
+        if hasattr(link, "reset_error"):
+            link.reset_error()
+        self.current_plan = plan
+        self.running.set()
+        try:
+            result = self._run_train_round(plan, link)
+        except BaseException:
+            self._discard_step_state(plan.step)
+            raise
+        finally:
+            self.running.clear()
+        self.results[key] = result
+        self.rounds_done += 1
+        return result
 
     def _discard_step_state(self, step: int) -> None:
         if self.optimizer is not None:
@@ -515,6 +591,11 @@ class StageRuntime:
     def _run_eval(self, plan: RoundPlan, link: PeerLink) -> RoundResult:
         started = time.perf_counter()
         ctx = RoundContext(plan=plan, runtime=self, link=link, started=started)
+        # Leftovers of other passes (one that failed before it read them) are dropped now.
+        self.mailbox.drop(lambda k: k[3] != EVAL_ACTIVATION or (k[0] == plan.run_id and k[1] == plan.step))
+        previous = self.current_plan
+        self.current_plan = plan
+        self.running.set()
         self.part.module.eval()
         outputs = []
         try:
@@ -525,6 +606,8 @@ class StageRuntime:
                     ctx.timings["forward"] += time.perf_counter() - t0
             link.flush(plan.deadline_seconds)
         finally:
+            self.running.clear()
+            self.current_plan = previous
             self.part.module.train()
             self.mailbox.clear_step(plan.run_id, plan.step, kinds=[EVAL_ACTIVATION])
         ctx.timings["total"] = time.perf_counter() - started
@@ -532,7 +615,7 @@ class StageRuntime:
 
     def apply(self, run_id: str, step: int, clip_coefficient: float, learning_rate: float, skip: bool,
               loss_scale: float = 1.0) -> dict[str, Any]:
-        with self.lock:
+        with self._control(f"ApplyStep for step {step}"):
             self._check_run(run_id)
             if (run_id, step) in self.applied:
                 return self.applied[(run_id, step)]  # retried ApplyStep: already done
@@ -581,19 +664,41 @@ class StageRuntime:
         """Wake anything waiting on the peer for this step; the step's partial state is discarded.
 
         With an attempt number, RunSteps of that attempt (or earlier) are refused even when they
-        arrive after the abort: the orchestrator's abort can overtake its own RunStep."""
-        if attempt > 0:
-            key = (run_id, step)
-            if attempt > self.aborted_attempts.get(key, (0, ""))[0]:
+        arrive after the abort: the orchestrator's abort can overtake its own RunStep.
+
+        Marks are kept only for what this stage knows: the current run, its current step (or the
+        evaluation pass running now), and an attempt at most one past the highest it has seen for
+        that step. An abort for a step not reached yet, or with a huge attempt, would otherwise
+        refuse that step when the run gets there. Never waits behind a round."""
+        if run_id != self.run_id or not run_id:
+            return
+        plan = self.current_plan
+        running_pass = self.running.is_set() and plan is not None and plan.step == step
+        if step != self.next_step and not running_pass:
+            log.info("%s stage: AbortStep for step %d ignored (the stage is at step %d)", self.name, step, self.next_step)
+            return
+        key = (run_id, step)
+        if attempt > 0 and step == self.next_step:
+            known = self.seen_attempts.get(key, 0)
+            if attempt > known + 1:
+                log.info("%s stage: AbortStep attempt %d of step %d is beyond the attempts seen (%d): not kept",
+                         self.name, attempt, step, known)
+            elif attempt > self.aborted_attempts.get(key, (0, ""))[0]:
                 self.aborted_attempts[key] = (attempt, reason)
             while len(self.aborted_attempts) > Mailbox.MAX_ABORTED:
                 del self.aborted_attempts[next(iter(self.aborted_attempts))]
         self.mailbox.abort(run_id, step, reason)
-        if not self.running.is_set():
-            with self.lock:
-                if run_id == self.run_id and step == self.next_step:
+        if self.running.is_set():
+            return  # the round ends itself (StepAborted) and discards its state
+        # Idle: discard what completed rounds left, if no other call holds the stage right now
+        # (never wait for it: the next RunStep of the step starts over from round 0 anyway).
+        if self.lock.acquire(blocking=False):
+            try:
+                if run_id == self.run_id and step == self.next_step and not self.running.is_set():
                     self._discard_step_state(step)
                     self.mailbox.clear_step(run_id, step)
+            finally:
+                self.lock.release()
 
     # ---- parameters and checkpoints
 
@@ -602,10 +707,8 @@ class StageRuntime:
 
     def save(self, run_id: str, step: int, directory: str | os.PathLike[str]) -> dict[str, Any]:
         """Write this stage's shard: weights and optimizer tensors as safetensors, the rest as JSON."""
-        with self.lock:
+        with self._control(f"cannot save at step {step}"):
             self._check_run(run_id)
-            if self.running.is_set():
-                raise StageError("precondition", f"cannot save at step {step}: a step is running")
             if step != self.next_step:
                 raise StageError("precondition", f"SaveState for step {step}, but this stage has completed {self.next_step} steps")
             start = time.perf_counter()
@@ -678,9 +781,7 @@ class StageRuntime:
         The shard is an untrusted file: everything is read and checked first (sizes capped, sha256,
         names, shapes, types), and only then is the stage changed, so a refused load leaves it as it
         was. Anything unreadable or malformed is a FAILED_PRECONDITION naming the directory."""
-        with self.lock:
-            if self.running.is_set():
-                raise StageError("precondition", "cannot load state while a step is running")
+        with self._control("cannot load state"):
             try:
                 src = Path(directory)
                 shard = self._read_shard(src, step, max_bytes)
@@ -708,6 +809,8 @@ class StageRuntime:
             self.results.clear()
             self.applied.clear()
             self.mailbox.reset()
+            self.aborted_attempts.clear()
+            self.seen_attempts.clear()
             self.current_plan = None
             return self.next_step
 

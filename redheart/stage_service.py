@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import queue
 import signal
@@ -28,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from redheart import codec
 from redheart.config import ConfigError, HybridConfig, load_config
+from redheart.guard import CallBudget, add_parsing_handlers, clip
 from redheart.metrics_common import StageMetrics, start_metrics_endpoint
 from redheart.process import exit_after_shutdown, watch_parent
 from redheart.rpc import RpcFailure, ServiceError, bind, make_channel, make_server, rpc_method, set_serving
@@ -53,10 +55,17 @@ _STATUS = {
     "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
     "aborted": grpc.StatusCode.ABORTED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "internal": grpc.StatusCode.INTERNAL,
 }
 STAGE_METHODS = ("Describe", "StartRun", "RunStep", "ApplyStep", "AbortStep", "PushTensor", "SaveState", "LoadState", "GetParameters")
 VERSION = "0.1.0"
+MAX_RUN_ID = 256
+"""Longest run id a stage accepts (the orchestrator's are far shorter)."""
+SERVER_THREADS = 16
+RESERVED_THREADS = 4
+"""Server threads kept free for health checks and AbortStep (guard.CallBudget)."""
+_EXEMPT = ("/grpc.health.v1.Health/Check", "/redheart.v1.PipelineStage/AbortStep")
 
 
 def _to_failure(exc: StageError) -> RpcFailure:
@@ -161,7 +170,10 @@ class GrpcPeerLink:
                 return
             except grpc.RpcError as exc:
                 # Pushes are idempotent (the receiver drops duplicates), so retrying is safe.
-                if exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay < deadline and not self._closing:
+                # RESOURCE_EXHAUSTED: the peer holds its bound of tensors for a step whose RunStep
+                # has not reached it yet; it frees them once that RunStep starts.
+                if (exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                        and time.monotonic() + delay < deadline and not self._closing):
                     time.sleep(delay)
                     delay = min(2 * delay, 1.0)
                     continue
@@ -173,13 +185,17 @@ class GrpcPeerLink:
             return self._error
 
     def flush(self, timeout: float) -> None:
+        """Wait until every queued tensor was delivered; fails when none was for ``timeout`` s."""
         deadline = time.monotonic() + timeout
         with self._cond:
+            pending = self._pending
             while self._pending > 0:
+                if self._pending < pending:  # progress: the deadline measures time since the last delivery
+                    pending, deadline = self._pending, time.monotonic() + timeout
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise StageError("deadline", f"{self._pending} tensor(s) still unsent after {timeout:.0f}s")
-                self._cond.wait(remaining)
+                    raise StageError("deadline", f"{self._pending} tensor(s) still unsent, none delivered for {timeout:.0f}s")
+                self._cond.wait(min(remaining, 1.0))
             if self._error is not None:
                 err, self._error = self._error, None
                 raise StageError("unavailable", f"sending to the peer stage failed: {err}")
@@ -232,13 +248,30 @@ class GrpcPeerLink:
 # ----------------------------------------------------------------------------- servicer
 
 
-def _decode_inputs(mb: stage_pb2.MicroBatch, limits: codec.TensorLimits) -> MicroBatchInputs:
+def _decode_inputs(mb: stage_pb2.MicroBatch, limits: codec.TensorLimits, max_chars: int) -> MicroBatchInputs:
     tensors = {}
     for key, msg in mb.inputs.items():
-        if not msg.name:
-            msg.name = f"micro-batch {mb.index} input {key}"
+        # The name is echoed in every error about this tensor: bounded, like the key it replaces.
+        msg.name = clip(msg.name or f"micro-batch {mb.index} input {key}", max_chars)
         tensors[key] = codec.decode(msg, limits=limits)
+    batch = tensors.get("attention_mask", tensors.get("input_ids"))
+    if mb.sample_ids and batch is not None and batch.ndim >= 1 and batch.shape[0] != len(mb.sample_ids):
+        raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"micro-batch {mb.index}: {len(mb.sample_ids)} sample_ids for a batch of {batch.shape[0]} "
+                         f"(send one id per sample, or none)")
     return MicroBatchInputs(index=mb.index, tensors=tensors, sample_ids=list(mb.sample_ids))
+
+
+def _plan_size(request: stage_pb2.StepPlan) -> tuple[int, int]:
+    """(samples, token positions) of a plan, from the declared shapes: checked before any decode."""
+    samples = tokens = 0
+    for mb in request.micro_batches:
+        shapes = [list(msg.shape) for key, msg in mb.inputs.items() if key in ("attention_mask", "input_ids")]
+        shape = shapes[0] if shapes else []
+        rows = max(0, shape[0]) if shape else 0
+        samples += rows
+        tokens += rows * (max(0, shape[1]) if len(shape) > 1 else 1)
+    return samples, tokens
 
 
 def _encode_result(result: RoundResult, link_stats: dict[str, float], received: int, decode_seconds: float) -> stage_pb2.StepResult:
@@ -301,6 +334,8 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         self._recv_lock = threading.Lock()
         self._received_bytes = 0
         self._decode_seconds = 0.0
+        self.max_chars = config.wire.max_error_chars
+        runtime.max_early_pushes = config.wire.max_early_pushes
 
     @rpc_method
     def Describe(self, request, context):
@@ -323,10 +358,15 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
     def StartRun(self, request, context):
         if not request.run_id:
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "StartRun needs a run_id")
+        if len(request.run_id) > MAX_RUN_ID:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"run_id of {len(request.run_id)} characters is longer than {MAX_RUN_ID}")
         try:
             settings = json.loads(request.train_settings_json or "{}")
         except json.JSONDecodeError as exc:
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"train_settings_json is not JSON: {exc}") from None
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"train_settings_json is not JSON: {clip(exc, self.max_chars)}") from None
+        except RecursionError:  # "[" * 100000: deeper than the parser goes
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "train_settings_json is nested too deeply") from None
         if not isinstance(settings, dict):
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "train_settings_json must be a JSON object")
         if request.first_step < 0:
@@ -342,7 +382,9 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         except StageError as exc:
             raise _to_failure(exc) from None
         except (TypeError, ValueError) as exc:
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"StartRun settings: {exc}") from None
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"StartRun settings: {clip(exc, self.max_chars)}") from None
+        except RecursionError:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "StartRun settings are nested too deeply") from None
         if self.metrics is not None:
             self.metrics.parameters.labels(self.metrics.stage).set(n)
             self.metrics.next_step.labels(self.metrics.stage).set(self.runtime.next_step)
@@ -357,10 +399,24 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step}: unknown schedule {request.schedule!r} (1f1b or gpipe)")
         if request.lookahead < 0 or request.lookahead > len(request.micro_batches):
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step}: lookahead {request.lookahead} out of range")
+        wire = self.config.wire
+        if not (math.isfinite(request.deadline_seconds) and 0 < request.deadline_seconds <= wire.max_deadline_seconds):
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"step {env.step}: deadline_seconds = {request.deadline_seconds} must be in (0, "
+                             f"{wire.max_deadline_seconds:g}] (wire.max_deadline_seconds)")
+        samples, tokens = _plan_size(request)
+        if len(request.micro_batches) > wire.max_plan_samples or samples > wire.max_plan_samples:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"step {env.step}: {len(request.micro_batches)} micro-batches of {samples} samples in all exceed "
+                             f"wire.max_plan_samples = {wire.max_plan_samples}")
+        if tokens > wire.max_plan_tokens:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"step {env.step}: {tokens} token positions exceed wire.max_plan_tokens = {wire.max_plan_tokens}")
         indices = [mb.index for mb in request.micro_batches]
         if len(set(indices)) != len(indices) or any(i < 0 for i in indices):
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step}: micro-batch indices {indices} must be distinct and >= 0")
-        micro_batches = [_decode_inputs(mb, self.limits) for mb in request.micro_batches]
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"step {env.step}: micro-batch indices {clip(indices, self.max_chars)} must be distinct and >= 0")
+        micro_batches = [_decode_inputs(mb, self.limits, self.max_chars) for mb in request.micro_batches]
         plan = RoundPlan(
             run_id=env.run_id,
             step=env.step,
@@ -378,7 +434,6 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         before = self.link.stats()
         with self._recv_lock:
             recv_before, decode_before = self._received_bytes, self._decode_seconds
-        self.link.reset_error()
         try:
             result = self.runtime.run_round(plan, self.link)
         except StageError as exc:
@@ -410,7 +465,8 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
 
     @rpc_method
     def AbortStep(self, request, context):
-        self.runtime.abort(request.run_id, request.step, request.reason or "aborted by the orchestrator", request.attempt)
+        self.runtime.abort(request.run_id, request.step, clip(request.reason or "aborted by the orchestrator", self.max_chars),
+                           request.attempt)
         return stage_pb2.AbortResponse()
 
     @rpc_method
@@ -424,8 +480,7 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         except StageError as exc:
             raise _to_failure(exc) from None
         msg = request.tensor
-        if not msg.name:
-            msg.name = f"{kind}[step {env.step}, micro-batch {env.micro_batch}]"
+        msg.name = clip(msg.name or f"{kind}[step {env.step}, micro-batch {env.micro_batch}]", self.max_chars)
         t0 = time.perf_counter()
         tensor = codec.decode(msg, limits=self.limits)
         elapsed = time.perf_counter() - t0
@@ -489,10 +544,11 @@ class StageServer:
     def stop(self, grace: float = 10.0) -> None:
         set_serving(self.health, False)
         runtime = self.servicer.runtime
-        if runtime.running.is_set() and runtime.run_id:
+        plan = runtime.current_plan
+        if runtime.running.is_set() and runtime.run_id and plan is not None:
             # A RunStep waiting on its peer would otherwise hold its thread until the step deadline
             # (minutes), keeping the process alive long after the grace period.
-            runtime.abort(runtime.run_id, runtime.next_step, "the stage is shutting down")
+            runtime.abort(runtime.run_id, plan.step, "the stage is shutting down")
         self.server.stop(grace).wait()
         # Every thread this stage started is stopped and joined here (the sender, the regret
         # client's pool): none may be left inside torch or grpc when the process ends.
@@ -527,13 +583,15 @@ def create_stage_server(
     link = GrpcPeerLink(stage, config.wire.codec, config.wire.max_message_mb, metrics, security=config.security)
     servicer = StageServicer(runtime, link, config, metrics, device=device, layer_range=layer_range)
     interceptors = [metrics.grpc] if metrics is not None else []
+    interceptors.append(CallBudget(SERVER_THREADS - RESERVED_THREADS, _EXEMPT))
     server, health = make_server(
         max_message_mb=config.wire.max_message_mb,
+        max_workers=SERVER_THREADS,
         max_concurrent_rpcs=config.wire.max_concurrent_rpcs,
         interceptors=interceptors,
         security=config.security,
     )
-    stage_pb2_grpc.add_PipelineStageServicer_to_server(servicer, server)
+    add_parsing_handlers(server, servicer, stage_pb2.DESCRIPTOR.services_by_name["PipelineStage"])
     bound = bind(server, host, port, security=config.security)
     server.start()
     if metrics is not None:
