@@ -339,16 +339,26 @@ def rpc_method(fn: Callable) -> Callable:
         try:
             return fn(self, request, context)
         except RpcFailure as exc:
-            context.abort(exc.code, exc.message)
+            context.abort(exc.code, _bounded(exc.message))
         except TensorValidationError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _bounded(str(exc)))
         except grpc.RpcError:
             raise  # context.abort() raises this; let it through
         except Exception as exc:  # a bug or an unexpected state: report it, do not die
             log.exception("%s failed", fn.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{fn.__name__}: {type(exc).__name__}: {exc}")
+            context.abort(grpc.StatusCode.INTERNAL, _bounded(f"{fn.__name__}: {type(exc).__name__}: {exc}"))
 
     return wrapper
+
+
+MAX_STATUS_CHARS = 2000
+"""A status message travels in the trailers, whose size gRPC limits (8 KiB by default): past it the
+client gets RESOURCE_EXHAUSTED "metadata size exceeds limit" instead of the real status. The
+services clip what they echo (wire.max_error_chars); this is the last bound."""
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MAX_STATUS_CHARS else message[:MAX_STATUS_CHARS] + f"... ({len(message)} characters)"
 
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}

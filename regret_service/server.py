@@ -16,8 +16,9 @@ from prometheus_client import CollectorRegistry
 from redheart import calculus
 from redheart.codec import TensorLimits
 from redheart.config import ConfigError, HybridConfig
+from redheart.guard import CallBudget, add_parsing_handlers
 from redheart.rpc import bind, make_server, set_serving
-from redheart.v1 import regret_pb2, regret_pb2_grpc
+from redheart.v1 import regret_pb2
 from regret_service.logic import WorkerPool
 from regret_service.metrics import RegretMetrics
 from regret_service.servicer import RegretServicer
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["RegretServer", "create_server", "SERVICE_FULL_NAME"]
 
+SERVER_THREADS = 16
 SERVICE_FULL_NAME = regret_pb2.DESCRIPTOR.services_by_name["RegretService"].full_name  # redheart.v1.RegretService
 
 
@@ -98,14 +100,17 @@ def create_server(
     metrics.workers_alive.set(0)
     pool = WorkerPool(r.num_workers, r.regrets_per_step, r.bentham_per_regret, listener=metrics)
     limits = TensorLimits(max_rank=config.wire.max_rank)
-    servicer = RegretServicer(pool, metrics, max_batch=r.max_batch, limits=limits)
+    servicer = RegretServicer(pool, metrics, max_batch=r.max_batch, limits=limits, cache_bytes=r.cache_mb << 20,
+                              max_error_chars=config.wire.max_error_chars)
     grpc_server, health = make_server(
         max_message_mb=config.wire.max_message_mb,
+        max_workers=SERVER_THREADS,
         max_concurrent_rpcs=config.wire.max_concurrent_rpcs,
-        interceptors=[metrics.grpc],
+        # Threads kept free for health checks: Score calls wait on the workers.
+        interceptors=[metrics.grpc, CallBudget(SERVER_THREADS - 4, ("/grpc.health.v1.Health/Check",))],
         security=config.security,
     )
-    regret_pb2_grpc.add_RegretServiceServicer_to_server(servicer, grpc_server)
+    add_parsing_handlers(grpc_server, servicer, regret_pb2.DESCRIPTOR.services_by_name["RegretService"])
     set_serving(health, False, [SERVICE_FULL_NAME])
     bound = bind(grpc_server, host, port, security=config.security)
     grpc_server.start()

@@ -25,6 +25,7 @@ import torch
 
 from redheart import calculus
 from redheart.codec import DEFAULT_LIMITS, TensorLimits, TensorValidationError, decode, encode
+from redheart.guard import clip
 from redheart.rpc import RpcFailure, rpc_method
 from redheart.v1 import regret_pb2, regret_pb2_grpc
 from regret_service.logic import PoolClosed, PoolTimeout, WorkerCrashed, WorkerPool
@@ -36,17 +37,24 @@ __all__ = ["RegretServicer", "CACHE_SIZE"]
 
 CACHE_SIZE = 32
 """Responses kept for idempotent retries (a few steps' worth of micro-batches)."""
+CACHE_BYTES = 64 << 20
+"""...and at most this many bytes of requests and responses (regret.cache_mb)."""
 
 
 class RegretServicer(regret_pb2_grpc.RegretServiceServicer):
     def __init__(self, pool: WorkerPool, metrics: RegretMetrics, *, max_batch: int,
-                 limits: TensorLimits = DEFAULT_LIMITS, cache_size: int = CACHE_SIZE) -> None:
+                 limits: TensorLimits = DEFAULT_LIMITS, cache_size: int = CACHE_SIZE,
+                 cache_bytes: int = CACHE_BYTES, max_error_chars: int = 200) -> None:
         self.pool = pool
         self.metrics = metrics
         self.max_batch = max_batch
         self.limits = limits
         self.cache_size = cache_size
-        self._cache: OrderedDict[tuple[str, int, int], tuple[regret_pb2.ScoreRequest, regret_pb2.ScoreResponse]] = OrderedDict()
+        self.cache_bytes = cache_bytes
+        self.max_error_chars = max_error_chars
+        # key -> (request, response, their size in bytes); bounded in entries and in bytes.
+        self._cache: OrderedDict[tuple[str, int, int], tuple[regret_pb2.ScoreRequest, regret_pb2.ScoreResponse, int]] = OrderedDict()
+        self._cached_bytes = 0
         self._lock = threading.Lock()
 
     @rpc_method
@@ -108,19 +116,30 @@ class RegretServicer(regret_pb2_grpc.RegretServiceServicer):
         response.best_counterfactual.CopyFrom(encode(torch.from_numpy(result.best_index), name="best_counterfactual"))
         if request.explain and result.detail is not None:
             response.explanations.extend(_explanations(result.detail, ids))
-        if key is not None:
+        size = request.ByteSize() + response.ByteSize() if key is not None else 0
+        if key is not None and size <= self.cache_bytes:
             with self._lock:
-                self._cache[key] = (request, response)
-                self._cache.move_to_end(key)
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+                old = self._cache.pop(key, None)
+                if old is not None:
+                    self._cached_bytes -= old[2]
+                self._cache[key] = (request, response, size)
+                self._cached_bytes += size
+                while len(self._cache) > self.cache_size or self._cached_bytes > self.cache_bytes:
+                    _key, (_req, _resp, dropped) = self._cache.popitem(last=False)
+                    self._cached_bytes -= dropped
         return response
+
+    def cache_usage(self) -> tuple[int, int]:
+        """(entries, bytes) held for retried calls."""
+        with self._lock:
+            return len(self._cache), self._cached_bytes
 
     def _validated(self, request: regret_pb2.ScoreRequest) -> tuple[np.ndarray, list[str]]:
         if not request.HasField("bentham"):
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "ScoreRequest.bentham is missing (float32 [B, 8])")
         msg = request.bentham
-        label = msg.name or "bentham"
+        msg.name = clip(msg.name or "bentham", self.max_error_chars)  # echoed in every error about it
+        label = msg.name
         # Cheap shape checks before decode touches the bytes: a huge batch is refused unread.
         if len(msg.shape) == 2 and msg.shape[0] > self.max_batch:
             raise RpcFailure(
