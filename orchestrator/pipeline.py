@@ -171,7 +171,10 @@ class PipelineDriver:
         return plans[0], plans[1]
 
     def _run_on_stages(self, step: int, plans: Sequence[stage_pb2.StepPlan]) -> list[stage_pb2.StepResult]:
-        timeout = self.config.orchestrator.step_deadline_seconds + 30.0
+        # A stage fails its round when nothing arrived for step_deadline_seconds, however long the
+        # round is; this call timeout only catches a stage that stopped answering altogether.
+        waits = 2 * max(len(p.micro_batches) for p in plans) + 2
+        timeout = self.config.orchestrator.step_deadline_seconds * waits + 30.0
         futures = [self.pool.submit(stage.run_step, plan, timeout) for stage, plan in zip(self.stages, plans)]
         results: list[Any] = [None, None]
         errors: list[tuple[str, BaseException]] = []

@@ -143,6 +143,8 @@ class StageMetrics:
         self.wire_bytes = Counter("redheart_wire_bytes_total", "Tensor payload bytes between stages.", ["stage", "direction"], registry=r)
         self.serialize_seconds = Counter("redheart_wire_serialize_seconds_total", "Time encoding / decoding tensors.", ["stage", "op"], registry=r)
         self.regret_wait_seconds = Counter("redheart_stage_regret_wait_seconds_total", "Time the last stage waited for regret targets.", ["stage"], registry=r)
+        self.stale_tensors = Counter("redheart_stale_tensors_dropped_total",
+                                     "Pushed tensors dropped because they belong to an older attempt of their step.", ["stage"], registry=r)
         self.checkpoint_seconds = Histogram("redheart_stage_checkpoint_seconds", "Time writing this stage's checkpoint shard.",
                                             ["stage"], buckets=TRAINING_BUCKETS, registry=r)
         self.gpu_allocated = Gauge("redheart_gpu_memory_allocated_bytes", "CUDA memory allocated by tensors (0 on CPU).", ["stage"], registry=r)
@@ -151,7 +153,7 @@ class StageMetrics:
         self.gpu_utilization = Gauge("redheart_gpu_utilization_ratio", "GPU busy share from NVML (0 on CPU or without NVML).", ["stage"], registry=r)
         for metric in (self.forward_seconds, self.backward_seconds, self.round_seconds, self.wait_seconds, self.compute_seconds,
                        self.bubble_ratio, self.steps_applied, self.next_step, self.parameters, self.regret_wait_seconds,
-                       self.checkpoint_seconds, self.gpu_allocated, self.gpu_reserved, self.gpu_peak, self.gpu_utilization):
+                       self.checkpoint_seconds, self.stale_tensors, self.gpu_allocated, self.gpu_reserved, self.gpu_peak, self.gpu_utilization):
             metric.labels(stage)
         for op in ("forward", "backward"):
             self.micro_batches.labels(stage, op)

@@ -74,24 +74,58 @@ class StepAborted(StageError):
 
 
 class Mailbox:
-    """Tensors pushed by the peer, keyed by (run, step, micro-batch, kind); waiters block on a condition."""
+    """Tensors pushed by the peer, keyed by (run, step, micro-batch, kind); waiters block on a condition.
+
+    Each tensor carries the attempt of the step it was sent for (0: not given). Once a RunStep of
+    attempt N started here (:meth:`set_floor`), tensors of attempts below N are stale: dropped on
+    arrival and when the floor rises, counted in ``stale_dropped`` (and ``on_stale``), so a
+    tensor of an aborted try can never satisfy, or be mistaken for a duplicate of, the next one's."""
+
+    MAX_FLOORS = 64
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._items: dict[tuple[str, int, int, str], torch.Tensor] = {}
-        self._consumed: set[tuple[str, int, int, str]] = set()
+        self._items: dict[tuple[str, int, int, str], tuple[int, torch.Tensor]] = {}
+        self._consumed: dict[tuple[str, int, int, str], int] = {}  # key -> attempt it was taken for
         self._aborted: dict[tuple[str, int], str] = {}
         self._arrived: dict[tuple[str, int], float] = {}  # (run, step) -> when its last tensor arrived
+        self._floor: dict[tuple[str, int], int] = {}  # (run, step) -> oldest attempt still accepted
+        self.stale_dropped = 0
+        self.on_stale: Callable[[int], None] | None = None
 
-    def put(self, key: tuple[str, int, int, str], tensor: torch.Tensor) -> bool:
-        """Store; returns False when the key was already delivered (a duplicate to drop)."""
+    def _stale(self, n: int) -> None:
+        self.stale_dropped += n
+        if self.on_stale is not None and n:
+            self.on_stale(n)
+
+    def put(self, key: tuple[str, int, int, str], tensor: torch.Tensor, attempt: int = 0) -> str:
+        """Store; returns "fresh", "duplicate" (already delivered: drop it) or "stale" (dropped)."""
         with self._cond:
-            if key in self._items or key in self._consumed:
-                return False
-            self._items[key] = tensor
+            if attempt != 0 and attempt < self._floor.get((key[0], key[1]), 0):
+                self._stale(1)
+                return "stale"
+            held = self._items.get(key)
+            if (held is not None and held[0] >= attempt) or self._consumed.get(key, -1) >= attempt:
+                return "duplicate"
+            self._items[key] = (attempt, tensor)
             self._arrived[(key[0], key[1])] = time.monotonic()
             self._cond.notify_all()
-            return True
+            return "fresh"
+
+    def set_floor(self, run_id: str, step: int, attempt: int) -> None:
+        """A RunStep of ``attempt`` started: tensors of older attempts of the step are stale."""
+        with self._cond:
+            if attempt <= self._floor.get((run_id, step), 0):
+                return
+            self._floor[(run_id, step)] = attempt
+            while len(self._floor) > self.MAX_FLOORS:
+                del self._floor[next(iter(self._floor))]
+            old = [k for k, (a, _t) in self._items.items() if k[0] == run_id and k[1] == step and 0 < a < attempt]
+            for key in old:
+                del self._items[key]
+            self._consumed = {k: a for k, a in self._consumed.items()
+                              if not (k[0] == run_id and k[1] == step and a < attempt)}
+            self._stale(len(old))
 
     def count(self, run_id: str, step: int, kinds: Sequence[str]) -> int:
         """Tensors of (run, step) of these kinds held and not yet taken."""
@@ -104,12 +138,16 @@ class Mailbox:
             for key in [k for k in self._items if not keep(k)]:
                 del self._items[key]
 
-    def get(self, key: tuple[str, int, int, str], timeout: float, describe: str) -> torch.Tensor:
-        """Wait for ``key``. The deadline measures progress: it fails when nothing of this step
-        arrived for ``timeout`` seconds, so a long round whose tensors keep coming never does."""
+    def get(self, key: tuple[str, int, int, str], timeout: float, describe: str, attempt: int = 0) -> torch.Tensor:
+        """Wait for ``key`` (of ``attempt``; a tensor of a newer attempt is left for it). The
+        deadline measures progress: it fails when nothing of this step arrived for ``timeout``
+        seconds, so a long round whose tensors keep coming never does."""
         started = time.monotonic()
         with self._cond:
-            while key not in self._items:
+            while True:
+                held = self._items.get(key)
+                if held is not None and (attempt == 0 or held[0] in (0, attempt)):
+                    break
                 reason = self._aborted.get((key[0], key[1]))
                 if reason is not None:
                     raise StepAborted(f"step {key[1]} was aborted while waiting for {describe}: {reason}")
@@ -122,8 +160,9 @@ class Mailbox:
                         f"(step {key[1]}, micro-batch {key[2]}); is the peer stage alive?",
                     )
                 self._cond.wait(min(remaining, 1.0))
-            self._consumed.add(key)
-            return self._items.pop(key)
+            self._consumed[key] = held[0]
+            del self._items[key]
+            return held[1]
 
     MAX_ABORTED = 256
     """Abort marks kept (a step's mark is dropped when the step is cleared); the oldest go first,
@@ -144,11 +183,13 @@ class Mailbox:
             return self._aborted.get((run_id, step))
 
     def clear_step(self, run_id: str, step: int, kinds: Sequence[str] | None = None) -> None:
-        """Forget everything of a finished step (keeps memory bounded over a long run)."""
+        """Forget everything of a finished step (keeps memory bounded over a long run). Its attempt
+        floor stays: tensors of an aborted try may still arrive."""
         with self._cond:
             for key in [k for k in self._items if k[0] == run_id and k[1] == step and (kinds is None or k[3] in kinds)]:
                 del self._items[key]
-            self._consumed = {k for k in self._consumed if not (k[0] == run_id and k[1] == step and (kinds is None or k[3] in kinds))}
+            self._consumed = {k: a for k, a in self._consumed.items()
+                              if not (k[0] == run_id and k[1] == step and (kinds is None or k[3] in kinds))}
             self._aborted.pop((run_id, step), None)
             self._arrived.pop((run_id, step), None)
 
@@ -158,6 +199,7 @@ class Mailbox:
             self._consumed.clear()
             self._aborted.clear()
             self._arrived.clear()
+            self._floor.clear()
             self._cond.notify_all()
 
 
@@ -173,6 +215,28 @@ class PeerLink(Protocol):
 
     def stats(self) -> dict[str, float]:
         """Cumulative serialize_seconds, send_seconds, bytes_sent."""
+
+
+class AttemptLink:
+    """The link as a round's stage part sees it: every send carries the round's attempt, and a
+    deadline of the round's (a push never outlives its try)."""
+
+    def __init__(self, link: PeerLink, plan: "RoundPlan") -> None:
+        self._link = link
+        self._plan = plan
+
+    def send(self, direction: str, run_id: str, step: int, micro_batch: int, kind: str, tensor: torch.Tensor) -> None:
+        if getattr(self._link, "carries_attempts", False):
+            self._link.send(direction, run_id, step, micro_batch, kind, tensor,
+                            deadline=time.monotonic() + self._plan.deadline_seconds, attempt=self._plan.attempt)
+        else:
+            self._link.send(direction, run_id, step, micro_batch, kind, tensor)
+
+    def flush(self, timeout: float) -> None:
+        self._link.flush(timeout)
+
+    def stats(self) -> dict[str, float]:
+        return self._link.stats()
 
 
 # ----------------------------------------------------------------------------- stage parts
@@ -278,7 +342,7 @@ class RoundContext:
         start = time.perf_counter()
         try:
             key = (self.plan.run_id, self.plan.step, micro_batch, kind)
-            return self.runtime.mailbox.get(key, self.plan.deadline_seconds, describe)
+            return self.runtime.mailbox.get(key, self.plan.deadline_seconds, describe, self.plan.attempt)
         finally:
             end = time.perf_counter()
             self.timings["wait"] += end - start
@@ -504,6 +568,7 @@ class StageRuntime:
             raise StageError("invalid", f"step {plan.step}: the plan has no micro-batches")
         step_key = (plan.run_id, plan.step)
         self.seen_attempts[step_key] = max(plan.attempt, self.seen_attempts.get(step_key, 0))
+        self.mailbox.set_floor(plan.run_id, plan.step, self.seen_attempts[step_key])
         # Only now, holding the lock: a retried RunStep must not clear the delivery error of
         # the round it waited behind.
         if hasattr(link, "reset_error"):
@@ -514,6 +579,8 @@ class StageRuntime:
             result = self._run_train_round(plan, link)
         except BaseException:
             self._discard_step_state(plan.step)
+            if hasattr(link, "supersede"):  # what this try still had queued must not reach the next one
+                link.supersede(plan.run_id, plan.step)
             raise
         finally:
             self.running.clear()
@@ -537,7 +604,7 @@ class StageRuntime:
         m = len(plan.micro_batches)
         order = build_schedule(plan.schedule, self.part.num_stages, m, extra_warmup=plan.lookahead)[self.part.rank]
         started = time.perf_counter()
-        ctx = RoundContext(plan=plan, runtime=self, link=link, started=started)
+        ctx = RoundContext(plan=plan, runtime=self, link=AttemptLink(link, plan), started=started)
         records: dict[int, ForwardRecord] = {}
         per_mb: dict[int, dict[str, Any]] = {}
         if self.part.device.type == "cuda":
@@ -590,7 +657,7 @@ class StageRuntime:
 
     def _run_eval(self, plan: RoundPlan, link: PeerLink) -> RoundResult:
         started = time.perf_counter()
-        ctx = RoundContext(plan=plan, runtime=self, link=link, started=started)
+        ctx = RoundContext(plan=plan, runtime=self, link=AttemptLink(link, plan), started=started)
         # Leftovers of other passes (one that failed before it read them) are dropped now.
         self.mailbox.drop(lambda k: k[3] != EVAL_ACTIVATION or (k[0] == plan.run_id and k[1] == plan.step))
         previous = self.current_plan

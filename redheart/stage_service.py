@@ -76,7 +76,13 @@ def _to_failure(exc: StageError) -> RpcFailure:
 
 
 class GrpcPeerLink:
-    """Ordered, asynchronous delivery of tensors to the neighbouring stages."""
+    """Ordered, asynchronous delivery of tensors to the neighbouring stages.
+
+    Every push carries the attempt of its step (``Envelope.attempt``). :meth:`supersede` (an
+    abort, a failed round) drops the step's queued pushes and stops the retries of the one in
+    flight: no push outlives its attempt."""
+
+    carries_attempts = True
 
     def __init__(self, stage_name: str, codec_name: str, max_message_mb: int, metrics: StageMetrics | None,
                  credentials: grpc.ChannelCredentials | None = None, metadata=None, security=None) -> None:
@@ -94,6 +100,7 @@ class GrpcPeerLink:
         self._error: BaseException | None = None
         self._pending = 0
         self._closing = False
+        self._generation: dict[tuple[str, int], int] = {}  # (run, step) -> bumped by supersede()
         self._cond = threading.Condition()
         self._stats = {"serialize_seconds": 0.0, "send_seconds": 0.0, "bytes_sent": 0}
         self._thread = threading.Thread(target=self._worker, name=f"{stage_name}-sender", daemon=True)
@@ -113,34 +120,40 @@ class GrpcPeerLink:
             self._error = None
 
     def send(self, direction: str, run_id: str, step: int, micro_batch: int, kind: str, tensor: torch.Tensor,
-             deadline: float | None = None) -> None:
+             deadline: float | None = None, attempt: int = 0) -> None:
         if direction not in self._stubs:
             raise StageError("precondition", f"the {self.stage_name} stage has no {direction} stage address (StartRun did not give one)")
         with self._cond:
             if self._error is not None:
                 raise StageError("unavailable", str(self._error))
             self._pending += 1
+            generation = self._generation.get((run_id, step), 0)
         # Detached, and referenced by the queue until sent: the sender thread copies it to host memory
         # and serializes it while the compute thread goes on with the next micro-batch.
-        self._queue.put((direction, run_id, step, micro_batch, kind, tensor.detach(), deadline or time.monotonic() + 600.0))
+        self._queue.put((direction, run_id, step, micro_batch, kind, tensor.detach(), deadline or time.monotonic() + 600.0,
+                         attempt, generation))
 
     def _worker(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            direction, run_id, step, micro_batch, kind, tensor, deadline = item
+            direction, run_id, step, micro_batch, kind, tensor, deadline, attempt, generation = item
             try:
+                if self._superseded(run_id, step, generation):
+                    continue  # its attempt was aborted while it waited in the queue
                 t0 = time.perf_counter()
                 name = f"{kind}[step {step}, micro-batch {micro_batch}]"
                 msg = codec.encode(tensor, codec=self.codec_name, name=name)  # encode copies to host
                 t1 = time.perf_counter()
                 request = stage_pb2.TensorTransfer(
-                    envelope=tensor_pb2.Envelope(run_id=run_id, step=step, micro_batch=micro_batch, kind=_KIND_TO_WIRE[kind]),
+                    envelope=tensor_pb2.Envelope(run_id=run_id, step=step, micro_batch=micro_batch, kind=_KIND_TO_WIRE[kind],
+                                                 attempt=attempt),
                     tensor=msg,
                     sender=self.stage_name,
                 )
-                self._push(direction, request, deadline)
+                if not self._push(direction, request, deadline, (run_id, step, generation)):
+                    continue
                 t2 = time.perf_counter()
                 nbytes = codec.encoded_nbytes(msg)
                 with self._cond:
@@ -159,15 +172,32 @@ class GrpcPeerLink:
                     self._pending -= 1
                     self._cond.notify_all()
 
-    def _push(self, direction: str, request, deadline: float) -> None:
+    def _superseded(self, run_id: str, step: int, generation: int) -> bool:
+        with self._cond:
+            return self._closing or self._generation.get((run_id, step), 0) != generation
+
+    def supersede(self, run_id: str, step: int) -> int:
+        """The current attempt of (run, step) is over: drop its queued pushes, stop retrying the
+        one in flight. Returns how many queued pushes were dropped."""
+        with self._cond:
+            key = (run_id, step)
+            self._generation[key] = self._generation.get(key, 0) + 1
+            while len(self._generation) > 64:
+                del self._generation[next(iter(self._generation))]
+        return self.purge(lambda item: item[1] == run_id and item[2] == step)
+
+    def _push(self, direction: str, request, deadline: float, owner: tuple[str, int, int]) -> bool:
+        """Deliver with retries; False when the push's attempt was superseded meanwhile."""
         address = self.addresses[direction]
         stub = self._stubs[direction]
         delay = 0.05
         while True:
+            if self._superseded(*owner):
+                return False
             remaining = deadline - time.monotonic()
             try:
                 stub.PushTensor(request, timeout=max(0.05, min(remaining, 300.0)), metadata=self.metadata)
-                return
+                return True
             except grpc.RpcError as exc:
                 # Pushes are idempotent (the receiver drops duplicates), so retrying is safe.
                 # RESOURCE_EXHAUSTED: the peer holds its bound of tensors for a step whose RunStep
@@ -208,21 +238,25 @@ class GrpcPeerLink:
         with self._cond:
             return dict(self._stats)
 
-    def purge(self) -> int:
-        """Drop every tensor queued but not yet taken by the sender thread; returns how many.
+    def purge(self, match: Callable[[tuple], bool] | None = None) -> int:
+        """Drop the tensors queued but not yet taken by the sender thread (those ``match`` picks;
+        default all); returns how many.
 
         An aborted attempt's pushes must not outlive it: left queued they would be retried on the
         next attempt's channel and could satisfy (or poison) its waits."""
         dropped = 0
+        kept = []
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is None:  # close() is under way: keep its stop mark
-                self._queue.put(None)
-                break
+            if item is None or (match is not None and not match(item)):
+                kept.append(item)  # None: close() is under way, keep its stop mark
+                continue
             dropped += 1
+        for item in kept:
+            self._queue.put(item)
         if dropped:
             with self._cond:
                 self._pending -= dropped
@@ -336,6 +370,8 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         self._decode_seconds = 0.0
         self.max_chars = config.wire.max_error_chars
         runtime.max_early_pushes = config.wire.max_early_pushes
+        if metrics is not None:
+            runtime.mailbox.on_stale = metrics.stale_tensors.labels(metrics.stage).inc
 
     @rpc_method
     def Describe(self, request, context):
@@ -467,6 +503,8 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
     def AbortStep(self, request, context):
         self.runtime.abort(request.run_id, request.step, clip(request.reason or "aborted by the orchestrator", self.max_chars),
                            request.attempt)
+        if request.run_id == self.runtime.run_id:
+            self.link.supersede(request.run_id, request.step)  # what this stage still had to send for it
         return stage_pb2.AbortResponse()
 
     @rpc_method
@@ -495,8 +533,8 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         if self.metrics is not None:
             self.metrics.wire_bytes.labels(self.metrics.stage, "received").inc(nbytes)
             self.metrics.serialize_seconds.labels(self.metrics.stage, "decode").inc(elapsed)
-        fresh = self.runtime.mailbox.put((env.run_id, env.step, env.micro_batch, kind), tensor)
-        return stage_pb2.PushAck(duplicate=not fresh)
+        outcome = self.runtime.mailbox.put((env.run_id, env.step, env.micro_batch, kind), tensor, env.attempt)
+        return stage_pb2.PushAck(duplicate=outcome == "duplicate", stale=outcome == "stale")
 
     @rpc_method
     def SaveState(self, request, context):

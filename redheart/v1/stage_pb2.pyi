@@ -247,10 +247,12 @@ class TensorTransfer(_message.Message):
     def __init__(self, envelope: _Optional[_Union[_tensor_pb2.Envelope, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sender: _Optional[str] = ...) -> None: ...
 
 class PushAck(_message.Message):
-    __slots__ = ("duplicate",)
+    __slots__ = ("duplicate", "stale")
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
     duplicate: bool
-    def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
+    stale: bool
+    def __init__(self, duplicate: _Optional[bool] = ..., stale: _Optional[bool] = ...) -> None: ...
 
 class SaveStateRequest(_message.Message):
     __slots__ = ("run_id", "step", "directory")

@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18redheart/v1/tensor.proto\x12\x0bredheart.v1\"\x9d\x01\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.redheart.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12!\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x12.redheart.v1.Codec\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x0e\n\x06scales\x18\x06 \x01(\x0c\x12\x0c\n\x04name\x18\x07 \x01(\t\"^\n\x08\x45nvelope\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\x05\x12\x1f\n\x04kind\x18\x04 \x01(\x0e\x32\x11.redheart.v1.Kind\"@\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.redheart.v1.Tensor*\x88\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x12\t\n\x05UINT8\x10\x06\x12\x08\n\x04\x42OOL\x10\x07\x12\x0b\n\x07\x46LOAT64\x10\x08\x12\x08\n\x04INT8\x10\t*P\n\x05\x43odec\x12\r\n\tCODEC_RAW\x10\x00\x12\x0e\n\nCODEC_FP16\x10\x01\x12\x0e\n\nCODEC_BF16\x10\x02\x12\x18\n\x14\x43ODEC_INT8_BLOCKWISE\x10\x03*O\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nACTIVATION\x10\x01\x12\x0c\n\x08GRADIENT\x10\x02\x12\x13\n\x0f\x45VAL_ACTIVATION\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18redheart/v1/tensor.proto\x12\x0bredheart.v1\"\x9d\x01\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.redheart.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12!\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x12.redheart.v1.Codec\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x0e\n\x06scales\x18\x06 \x01(\x0c\x12\x0c\n\x04name\x18\x07 \x01(\t\"o\n\x08\x45nvelope\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\x05\x12\x1f\n\x04kind\x18\x04 \x01(\x0e\x32\x11.redheart.v1.Kind\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\"@\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.redheart.v1.Tensor*\x88\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x12\t\n\x05UINT8\x10\x06\x12\x08\n\x04\x42OOL\x10\x07\x12\x0b\n\x07\x46LOAT64\x10\x08\x12\x08\n\x04INT8\x10\t*P\n\x05\x43odec\x12\r\n\tCODEC_RAW\x10\x00\x12\x0e\n\nCODEC_FP16\x10\x01\x12\x0e\n\nCODEC_BF16\x10\x02\x12\x18\n\x14\x43ODEC_INT8_BLOCKWISE\x10\x03*O\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nACTIVATION\x10\x01\x12\x0c\n\x08GRADIENT\x10\x02\x12\x13\n\x0f\x45VAL_ACTIVATION\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'redheart.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=364
-  _globals['_DTYPE']._serialized_end=500
-  _globals['_CODEC']._serialized_start=502
-  _globals['_CODEC']._serialized_end=582
-  _globals['_KIND']._serialized_start=584
-  _globals['_KIND']._serialized_end=663
+  _globals['_DTYPE']._serialized_start=381
+  _globals['_DTYPE']._serialized_end=517
+  _globals['_CODEC']._serialized_start=519
+  _globals['_CODEC']._serialized_end=599
+  _globals['_KIND']._serialized_start=601
+  _globals['_KIND']._serialized_end=680
   _globals['_TENSOR']._serialized_start=42
   _globals['_TENSOR']._serialized_end=199
   _globals['_ENVELOPE']._serialized_start=201
-  _globals['_ENVELOPE']._serialized_end=295
-  _globals['_NAMEDTENSOR']._serialized_start=297
-  _globals['_NAMEDTENSOR']._serialized_end=361
+  _globals['_ENVELOPE']._serialized_end=312
+  _globals['_NAMEDTENSOR']._serialized_start=314
+  _globals['_NAMEDTENSOR']._serialized_end=378
 # @@protoc_insertion_point(module_scope)

@@ -71,16 +71,18 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., scales: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("run_id", "step", "micro_batch", "kind")
+    __slots__ = ("run_id", "step", "micro_batch", "kind", "attempt")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     micro_batch: int
     kind: Kind
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")
