@@ -298,6 +298,9 @@ class OrchestratorConfig:
     """Deadline of one accumulation round on a stage (and of waiting on a peer)."""
     rpc_timeout_seconds: float = 60.0
     """Deadline of the short control calls (describe, apply, save, load)."""
+    lease_seconds: float = 10.0
+    """A stage aborts a round whose RunStep call from the orchestrator ended (the orchestrator died
+    or gave up) and was not retried within this many seconds, and is then free for a new run."""
     verify_steps: int = 3
     """Optimizer steps --verify compares against single-process training."""
     verify_rtol: float = 1e-5
@@ -882,7 +885,7 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
             fail("orchestrator", key, f"orchestrator.{key} = {getattr(o, key)} must be >= 0")
     if o.verify_steps < 1:
         fail("orchestrator", "verify_steps", f"orchestrator.verify_steps = {o.verify_steps} must be >= 1")
-    for key in ("connect_timeout_seconds", "step_deadline_seconds", "rpc_timeout_seconds"):
+    for key in ("connect_timeout_seconds", "step_deadline_seconds", "rpc_timeout_seconds", "lease_seconds"):
         if getattr(o, key) <= 0:
             fail("orchestrator", key, f"orchestrator.{key} = {getattr(o, key)} must be > 0")
     w = cfg.wire

@@ -369,6 +369,7 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         self._received_bytes = 0
         self._decode_seconds = 0.0
         self.max_chars = config.wire.max_error_chars
+        self._callers: dict[tuple[str, int, int], int] = {}  # live RunStep calls per (run, step, round)
         runtime.max_early_pushes = config.wire.max_early_pushes
         if metrics is not None:
             runtime.mailbox.on_stale = metrics.stale_tensors.labels(metrics.stage).inc
@@ -470,6 +471,7 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         before = self.link.stats()
         with self._recv_lock:
             recv_before, decode_before = self._received_bytes, self._decode_seconds
+        self._hold_lease(plan, context)
         try:
             result = self.runtime.run_round(plan, self.link)
         except StageError as exc:
@@ -485,6 +487,39 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
             self.metrics.observe_round(result)
             self.metrics.next_step.labels(self.metrics.stage).set(self.runtime.next_step)
         return _encode_result(result, delta, received, decode)
+
+    def _hold_lease(self, plan: RoundPlan, context) -> None:
+        """The orchestrator's RunStep call is its lease on the round: when the call ends (the
+        orchestrator died, its connection broke, it gave up) and no retry of the same round
+        arrives within orchestrator.lease_seconds, the round is aborted, so the stage does not
+        hold its lock for the step deadline and a new orchestrator's StartRun is accepted."""
+        key = (plan.run_id, plan.step, plan.accumulation_round)
+        with self._recv_lock:
+            self._callers[key] = self._callers.get(key, 0) + 1
+
+        def expire() -> None:
+            rt = self.runtime
+            with self._recv_lock:
+                gone = self._callers.get(key, 0) == 0
+            if gone and rt.running.is_set() and rt.current_plan is not None and rt.current_plan.run_id == key[0] \
+                    and rt.current_plan.step == key[1] and rt.current_plan.accumulation_round == key[2]:
+                log.warning("%s stage: the orchestrator's call for step %d ended %.0fs ago: aborting the round",
+                            rt.name, key[1], lease)
+                rt.abort(key[0], key[1], "the orchestrator stopped waiting for this round (its lease expired)")
+
+        def ended() -> None:
+            with self._recv_lock:
+                self._callers[key] -= 1
+                if self._callers[key] == 0:
+                    del self._callers[key]
+            if self.runtime.running.is_set():
+                timer = threading.Timer(lease, expire)
+                timer.name, timer.daemon = "lease-timer", True
+                timer.start()
+
+        lease = self.config.orchestrator.lease_seconds
+        if not context.add_callback(ended):
+            ended()  # the call already ended
 
     @rpc_method
     def ApplyStep(self, request, context):
