@@ -36,9 +36,9 @@ from redheart.model import (
     GpuStageModule,
     ModelShape,
     count_parameters,
-    estimate_stage_memory_bytes,
     resolve_model_shape,
 )
+from redheart.gpu_memory import stage_estimates
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +175,10 @@ def choose_split(config: HybridConfig, *, cpu_profile: DeviceProfile | None = No
     wire = wire_seconds(shape, mb, seq, config.wire.codec) * config.micro_batches
     choice = SplitChoice(cpu_layers=-1, predicted_step_seconds=float("inf"), cpu=cpu, gpu=gpu, wire_seconds=wire)
     budget = config.gpu_stage.gpu_memory_gb * 1024**3
-    in_flight = 1 + config.regret.lookahead if t.schedule == "1f1b" else config.micro_batches
-    act_bytes = 2 if t.use_mixed_precision else 4
     for k in range(0, shape.num_layers + 1):
         candidate = ModelShape(**{**shape.__dict__, "cpu_layers": k})
-        need = estimate_stage_memory_bytes(candidate, "gpu", mb, in_flight, activation_bytes=act_bytes)["total"]
+        # The estimate pre-flight and the stage itself enforce (checkpointing, autocast cache, CUDA context).
+        need = stage_estimates(config, candidate, gpu_on_cuda=gpu_device.type == "cuda")["gpu"]["total"]
         if need > budget:
             choice.excluded[k] = f"GPU stage needs ~{need / 1024**3:.2f} GiB > gpu_memory_gb {config.gpu_stage.gpu_memory_gb}"
             continue

@@ -128,6 +128,7 @@ class HybridDistributedTrainer:
         self.peak_rss: dict[str, int] = {}
         self.metrics_port = 0
         self.split_choice = None
+        self._loss_scale_state: dict[str, Any] = {}
 
     def _reset_progress(self) -> None:
         """What a run has done so far: empty at the start, and again when a recovery finds no checkpoint."""
@@ -471,13 +472,16 @@ class HybridDistributedTrainer:
             counts = count_parameters(shape)
             run_id = resume_info.manifest["run_id"] if resume_info is not None else f"run-{uuid.uuid4().hex[:12]}"
             gpu_device = self.stage_info["gpu_stage"].device
-            fp16 = cfg.train.use_mixed_precision and gpu_device.startswith("cuda")
             lookahead = cfg.regret.lookahead if cfg.regret.enabled and self.addresses.get("regret") not in ("", "inprocess") else 0
+            step = self._restore(run_id, resume_info)
+            # Each stage chose its precision from its own device at StartRun; fp16 on either needs the scale.
+            fp16 = any(self.clients[n].precision == "fp16" for n in ("cpu_stage", "gpu_stage"))
+            for n in ("cpu_stage", "gpu_stage"):
+                log.info("%s trains in %s: %s", n, self.clients[n].precision, self.clients[n].precision_reason)
             driver = PipelineDriver(self.clients["cpu_stage"], self.clients["gpu_stage"], cfg, run_id,
                                     fp16_loss_scaling=fp16, lookahead=lookahead,
                                     dead_services=self.launcher.dead if self.launcher is not None else None)
             stack.callback(driver.close)
-            step = self._restore(run_id, resume_info)
             if resume_info is not None:
                 self._restore_orchestrator_state(resume_info.manifest, driver)
                 log.info("resumed run %s at step %d from %s", run_id, step, resume_info.path)
@@ -524,6 +528,7 @@ class HybridDistributedTrainer:
                         "bubble": {k.split()[0]: (v["wait"] / v["total"] if v["total"] else 0.0) for k, v in outcome.stage_timings.items()},
                         "rss_bytes": memory, "skipped": outcome.skipped,
                         "peak_gpu_memory_bytes": outcome.peak_gpu_memory_bytes,
+                        "loss_scale": outcome.loss_scale,
                     }
                     self.history.append(entry)
                     heads = " ".join(f"{h}={v:.4f}" for h, v in sorted(outcome.losses.items()))
@@ -557,6 +562,7 @@ class HybridDistributedTrainer:
             if last_checkpoint is None or ckpt.read_manifest(last_checkpoint).get("step") != step:
                 last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
             self._sample_memory()
+            self._loss_scale_state = driver.scaler.state()
             report = self._report(run_id, step, batches, data, counts, wall_start, last_checkpoint, stopped_early)
             (self.output_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
             try:
@@ -605,7 +611,9 @@ class HybridDistributedTrainer:
             "run_id": run_id,
             "config": self.config.to_dict(),
             "parameters": {"cpu_stage": counts["cpu_stage"], "gpu_stage": counts["gpu_stage"], "total": counts["total"]},
-            "stages": {n: {"address": self.addresses[n], "device": i.device, "layers": i.layer_range, "parameters": i.num_parameters}
+            "stages": {n: {"address": self.addresses[n], "device": i.device, "layers": i.layer_range, "parameters": i.num_parameters,
+                           "device_name": i.device_name, "compute_capability": i.compute_capability,
+                           "memory_budget_bytes": i.memory_budget_bytes, "device_total_memory_bytes": i.total_memory_bytes}
                        for n, i in self.stage_info.items()},
             "steps": step,
             "total_steps": batches.total_steps,
@@ -633,6 +641,8 @@ class HybridDistributedTrainer:
             },
             "peak_rss_bytes": self.peak_rss,
             "peak_gpu_memory_bytes": max([h.get("peak_gpu_memory_bytes", 0) for h in self.history] or [0]),
+            "precision": {n: {"used": c.precision, "reason": c.precision_reason} for n, c in self.clients.items()},
+            "loss_scale": self._loss_scale_state,
             "restarts": self.restarts,
             "recoveries": self.recoveries,
             "data": data.summary(),

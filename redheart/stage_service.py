@@ -285,6 +285,8 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
             version=VERSION,
             current_run_id=rt.run_id,
             next_step=rt.next_step,
+            precision=rt.train_precision() if rt.run_id else "",
+            **(rt.part.describe_device() if hasattr(rt.part, "describe_device") else {}),
         )
 
     @rpc_method
@@ -314,7 +316,8 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         if self.metrics is not None:
             self.metrics.parameters.labels(self.metrics.stage).set(n)
             self.metrics.next_step.labels(self.metrics.stage).set(self.runtime.next_step)
-        return stage_pb2.StartRunResponse(num_parameters=n)
+        return stage_pb2.StartRunResponse(num_parameters=n, precision=self.runtime.precision.name,
+                                          precision_reason=self.runtime.precision.reason)
 
     @rpc_method
     def RunStep(self, request, context):
