@@ -139,7 +139,8 @@ class PipelineDriver:
         self.stages = (cpu, gpu)
         self.config = config
         self.run_id = run_id
-        self.scaler = DynamicLossScale(fp16_loss_scaling, max_consecutive_skips=config.train.max_consecutive_skips)
+        self.scaler = DynamicLossScale(fp16_loss_scaling, init_scale=config.train.initial_loss_scale,
+                                       max_consecutive_skips=config.train.max_consecutive_skips)
         self.lookahead = lookahead
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-call")
         # Local launch: the processes we started. A dead one fails the step at once instead of

@@ -324,7 +324,7 @@ class HybridDistributedTrainer:
             self.restarts = {k: max(v, restarts.get(k, 0)) for k, v in self.restarts.items()}
         else:
             self._reset_progress()
-            driver.scaler.load({"scale": 2.0**16 if driver.scaler.enabled else 1.0, "good_steps": 0})
+            driver.scaler.load({"scale": self.config.train.initial_loss_scale if driver.scaler.enabled else 1.0, "good_steps": 0})
         self.recoveries.append({"failed_step": error.step, "stage": error.stage, "error": str(error.cause)[:500],
                                 "restarted": dead, "resumed_from_step": step, "time": time.time()})
         log.warning("recovered: continuing from step %d", step)

@@ -147,6 +147,8 @@ class TrainConfig:
     """Let fp32 matmuls use TF32 tensor cores on GPUs with compute capability >= 8.0."""
     max_consecutive_skips: int = 32
     """fp16: stop the run after this many consecutive steps skipped for overflow (0: no limit)."""
+    initial_loss_scale: float = 65536.0
+    """fp16: the dynamic loss scale's start (halved on overflow, doubled after 2000 good steps)."""
     schedule: str = "1f1b"
     """Pipeline schedule: 1f1b or gpipe."""
     seed: int = 0
@@ -800,6 +802,8 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
         fail("train", "weight_decay", f"train.weight_decay = {t.weight_decay} must be >= 0")
     if not 0 <= t.min_lr_ratio <= 1:
         fail("train", "min_lr_ratio", f"train.min_lr_ratio = {t.min_lr_ratio} must be in [0, 1]")
+    if not t.initial_loss_scale >= 1.0 or t.initial_loss_scale == float("inf"):
+        fail("train", "initial_loss_scale", f"train.initial_loss_scale = {t.initial_loss_scale} must be a finite number >= 1")
     if t.max_consecutive_skips < 0:
         fail("train", "max_consecutive_skips", f"train.max_consecutive_skips = {t.max_consecutive_skips} must be >= 0 (0: no limit)")
     if t.max_grad_norm < 0:
