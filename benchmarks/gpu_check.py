@@ -90,8 +90,15 @@ def _run(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.
                                **(env or {})})
 
 
+def cuda_test_files() -> list[str]:
+    """The test modules with CUDA-marked tests: collecting only them needs no test-only packages
+    (hypothesis, pyyaml, ...) on the GPU host."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
+                  if "mark.cuda" in p.read_text(encoding="utf-8"))
+
+
 def section_pytest(args) -> dict:
-    targets = ["tests"] if not args.dry_run else ["tests/integration/test_cuda.py", "tests/unit/test_gpu_transfers.py"]
+    targets = cuda_test_files()
     proc = _run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rs", *targets],
                 timeout=args.pytest_timeout)
     lines = (proc.stdout + proc.stderr).strip().splitlines()
