@@ -99,3 +99,16 @@ def test_gpu_gauges_stay_zero_on_cpu_and_nvml_is_optional():
         import pynvml  # noqa: F401
     except ImportError:
         assert nvml_handle(0) is None  # without the `gpu` extra the gauge simply stays 0
+
+
+def test_the_split_profiles_a_device_in_a_child_process_in_the_stage_precision():
+    from orchestrator.autosplit import profile_in_subprocess
+    from redheart.model import resolve_model_shape
+
+    cfg = HybridConfig(model={"preset": "tiny"}, train={"use_mixed_precision": True})
+    shape = resolve_model_shape(cfg.model)
+    prof = profile_in_subprocess(cfg, shape, "cpu", 1, 2, 16, "gpu", timeout=300)
+    assert prof.device == "cpu" and prof.precision == "bf16"
+    assert prof.layer_seconds > 0 and prof.fixed_seconds > 0 and prof.optimizer_seconds_per_param > 0
+    with pytest.raises(ValueError, match="profiling the gpu stage's layers on cpu failed"):
+        profile_in_subprocess(cfg, dataclasses.replace(shape, num_heads=3), "cpu", 1, 2, 16, "gpu", timeout=300)
