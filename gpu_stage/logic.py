@@ -184,7 +184,11 @@ class GpuStagePart:
         grad = record.input_leaf.grad
         if grad is None:  # the CPU stage holds no trainable path into this stage (cannot happen with embeddings)
             grad = torch.zeros_like(record.input_leaf)
-        ctx.link.send("prev", ctx.plan.run_id, ctx.plan.step, mb.index, GRADIENT, grad.detach())
+        # Back in the compute dtype under mixed precision (fp16 overflow of a scaled gradient shows up
+        # as inf in the CPU stage's norm: a global skip, as loss scaling intends).
+        wire = ctx.runtime.wire_dtype()
+        grad = grad.detach() if wire is None else grad.detach().to(wire)
+        ctx.link.send("prev", ctx.plan.run_id, ctx.plan.step, mb.index, GRADIENT, grad)
         stats.update(losses=parts, total_loss=float(loss.detach()), samples=int(record.input_leaf.shape[0]))
         return stats
 
