@@ -237,10 +237,14 @@ class GpuStagePart:
         grad = record.input_leaf.grad
         if grad is None:  # the CPU stage holds no trainable path into this stage (cannot happen with embeddings)
             grad = torch.zeros_like(record.input_leaf)
+        # Back in the compute dtype under mixed precision (fp16 overflow of a scaled gradient shows up
+        # as inf in the CPU stage's norm: a global skip, as loss scaling intends).
+        wire = ctx.runtime.wire_dtype()
+        grad = grad.detach() if wire is None else grad.detach().to(wire)
         if self.sender is not None:
             self.sender.send(ctx.link, "prev", ctx.plan.run_id, ctx.plan.step, mb.index, GRADIENT, grad)
         else:
-            ctx.link.send("prev", ctx.plan.run_id, ctx.plan.step, mb.index, GRADIENT, grad.detach())
+            ctx.link.send("prev", ctx.plan.run_id, ctx.plan.step, mb.index, GRADIENT, grad)
         stats.update(losses=parts, total_loss=loss.detach(), samples=int(record.input_leaf.shape[0]))
         return stats
 

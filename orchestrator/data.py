@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.pipeline import Batch
+from orchestrator.batching import Batch
 from redheart.config import ConfigError, HybridConfig
 from redheart.data import (
     DataError,
     EncodedDataset,
     batches_per_epoch,
+    bucket_by_length,
     encode_dataset,
     epoch_order,
     load_jsonl,
@@ -155,7 +156,12 @@ class StepBatches:
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(self.train.sources, epoch, self.config.data.seed, self.config.data.source_weights or None)}
+            d = self.config.data
+            order = epoch_order(self.train.sources, epoch, d.seed, d.source_weights or None)
+            if d.length_bucketing:
+                lengths = self.train.attention_mask.sum(dim=1)  # [N] real tokens per row
+                order = bucket_by_length(order, lengths, self.samples_per_step, d.bucket_window, d.seed, epoch)
+            self._orders = {epoch: order}
         return self._orders[epoch]
 
     def position(self, step: int) -> tuple[int, int]:

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import torch
 
-from orchestrator.pipeline import LABEL_KEYS, Batch
+from orchestrator.batching import Batch, step_micro_batches
+from orchestrator.pipeline import LABEL_KEYS
 from redheart.config import HybridConfig
 from redheart.losses import multitask_loss
 from redheart.model import CpuStageModule, GpuStageModule, derive_seed, resolve_model_shape
@@ -52,35 +53,31 @@ class SingleProcessTrainer:
 
     def step(self, step: int, rounds: Sequence[Batch], learning_rate: float) -> dict:
         t = self.config.train
-        mbs = self.config.micro_batches
-        accum = t.gradient_accumulation_steps
-        multiplier = 1.0 / (mbs * accum)
+        parts = step_micro_batches(rounds, t.micro_batch_size, t.pad_to_multiple_of)
+        multiplier = 1.0 / len(parts)  # 1 / (micro-batches x accumulation steps), as the pipeline
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         mb_losses, heads = [], {}
-        for r, batch in enumerate(rounds):
-            for i in range(mbs):
-                part = batch.slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
-                index = r * mbs + i
-                ids, mask = part.tensors["input_ids"], part.tensors["attention_mask"]
-                torch.manual_seed(derive_seed(t.seed, step, index, 0))
-                hidden = self.cpu(ids, mask)
-                torch.manual_seed(derive_seed(t.seed, step, index, 1))  # seeds the CUDA generators too
-                dev = self.device
-                outputs = self.gpu(hidden.to(dev), mask.to(dev))
-                regret_target = None
-                if self.config.regret.enabled:
-                    from redheart import calculus
+        dev = self.device
+        for index, part in enumerate(parts):
+            ids, mask = part.tensors["input_ids"], part.tensors["attention_mask"]
+            torch.manual_seed(derive_seed(t.seed, step, index, 0))
+            hidden = self.cpu(ids, mask)
+            torch.manual_seed(derive_seed(t.seed, step, index, 1))  # seeds the CUDA generators too
+            outputs = self.gpu(hidden.to(dev), mask.to(dev))
+            regret_target = None
+            if self.config.regret.enabled:
+                from redheart import calculus
 
-                    regret_target = calculus.score_tensor(
-                        outputs["bentham"].detach(), self.config.regret.regrets_per_step, self.config.regret.bentham_per_regret
-                    )
-                labels = {k: part.tensors[k].to(dev) for k in LABEL_KEYS}
-                loss, parts = multitask_loss(outputs, labels, regret_target, t.loss_weights)
-                (loss * multiplier * 1.0).backward()
-                mb_losses.append(float(loss.detach()))
-                for head, value in parts.items():
-                    heads.setdefault(head, []).append(value)
+                regret_target = calculus.score_tensor(
+                    outputs["bentham"].detach(), self.config.regret.regrets_per_step, self.config.regret.bentham_per_regret
+                )
+            labels = {k: part.tensors[k].to(dev) for k in LABEL_KEYS}
+            loss, head_losses = multitask_loss(outputs, labels, regret_target, t.loss_weights)
+            (loss * multiplier * 1.0).backward()
+            mb_losses.append(float(loss.detach()))
+            for head, value in head_losses.items():
+                heads.setdefault(head, []).append(value)
         params = self.parameters()
         if t.max_grad_norm > 0:
             total = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))

@@ -540,6 +540,13 @@ def run_stage_cli(stage: str, create_server: Callable[..., tuple[StageServer, in
     metrics_port = section.metrics_port if args.metrics_port is None else args.metrics_port
     if section.threads:
         torch.set_num_threads(section.threads)
+    try:
+        # The stage runs one action at a time: an inter-op pool would only add threads competing
+        # for the cores its intra-op threads use.
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already fixed in this process (a test that runs several stages in one)
+        pass
+    log.info("%s stage: torch threads intra-op %d, inter-op %d", stage, torch.get_num_threads(), torch.get_num_interop_threads())
     registry = CollectorRegistry()
     try:
         server, bound = create_server(config, host=host, port=port, registry=registry)
