@@ -20,7 +20,7 @@ def test_the_stage_trains_alone_in_process_on_cpu():
     r = run_stage(_config("cpu"), steps=2, seq=16, count_syncs=True)
     assert r["precision"] == "bf16" and r["device"] == "cpu"
     assert r["gradients_sent"] == 3 * 4  # warm-up + 2 steps, 4 micro-batches each
-    assert r["gradient_dtype"] == "torch.float32"  # the leaf's grad: the received activation was fp32
+    assert r["gradient_dtype"] == "torch.bfloat16"  # mixed precision: the compute dtype on the wire
     assert all(isinstance(v, float) and v == v for v in r["losses"])  # read back once per round, as floats
     assert r["host_syncs_per_micro_batch"] is None  # counted on CUDA only
     assert r["peak_memory_bytes"] == 0 and r["estimate_bytes"] > 0
