@@ -83,9 +83,11 @@ def run_stage(config: HybridConfig, *, steps: int = 3, seq: int | None = None, c
     times, fwd, bwd, syncs, skipped, peak = [], [], [], [], 0, 0
     losses: list[float] = []
     for step in range(warmup + steps):
-        mbs = [synthetic_micro_batch(step * m + i, t.micro_batch_size, seq, gen) for i in range(m)]
-        for mb in mbs:
-            act = torch.randn(t.micro_batch_size, seq, shape.hidden_size, generator=gen)
+        # Every other micro-batch a quarter narrower: batches padded to their longest text differ in width.
+        widths = [max(1, seq - (i % 2) * (seq // 4)) for i in range(m)]
+        mbs = [synthetic_micro_batch(step * m + i, t.micro_batch_size, widths[i], gen) for i in range(m)]
+        for mb, width in zip(mbs, widths):
+            act = torch.randn(t.micro_batch_size, width, shape.hidden_size, generator=gen)
             runtime.mailbox.put(("inprocess", step, mb.index, ACTIVATION), act)
         plan = RoundPlan("inprocess", step, 0, 1, t.schedule, mbs, loss_multiplier=1.0 / m, loss_scale=scale,
                          deadline_seconds=120.0)

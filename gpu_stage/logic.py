@@ -85,7 +85,7 @@ class GpuStagePart:
         self.loss_weights: Mapping[str, float] = {}
         self.budget_bytes = budget_bytes  # gpu_memory_gb as enforced by gpu_stage.device.enforce_budget (0: not capped)
         # CUDA: gradients leave through a side-stream copy and a sender thread (gpu_stage/transfer.py).
-        self.sender = DeviceToHostSender(self.device) if self.device.type == "cuda" else None
+        self.sender = DeviceToHostSender.for_device(self.device) if self.device.type == "cuda" else None
         self._round_key: tuple | None = None
         self._round_inputs: dict[int, dict[str, torch.Tensor]] = {}
         self._round_counts: dict[int, dict[str, int]] = {}
@@ -116,11 +116,13 @@ class GpuStagePart:
             if self.device.type != "cuda":
                 self._round_inputs = {m.index: {k: m.tensors[k].to(self.device) for k in ROUND_KEYS} for m in mbs}
             else:
-                sizes = [m.tensors["attention_mask"].shape[0] for m in mbs]
-                moved = {}
+                moved: dict[str, list[torch.Tensor]] = {}
                 for k in ROUND_KEYS:
-                    # [sum of micro-batch sizes, ...] on the device, then split back into per-micro-batch views
-                    moved[k] = to_device(torch.cat([m.tensors[k] for m in mbs]), self.device).split(sizes)
+                    # Micro-batches padded to their own longest text differ in width: flattened,
+                    # [sum of numels] goes over in one copy and is split back into views of each shape.
+                    parts = [m.tensors[k] for m in mbs]
+                    flat = to_device(torch.cat([p.reshape(-1) for p in parts]), self.device)
+                    moved[k] = [piece.view(p.shape) for piece, p in zip(flat.split([p.numel() for p in parts]), parts)]
                 self._round_inputs = {m.index: {k: moved[k][i] for k in ROUND_KEYS} for i, m in enumerate(mbs)}
         return self._round_inputs[mb.index]
 

@@ -37,6 +37,19 @@ class DeviceToHostSender:
     Order is kept (one FIFO); ``drain`` blocks until every queued tensor was handed to the link,
     and must run before the link's own ``flush`` (which only knows what was handed to it)."""
 
+    _instances: dict[str, "DeviceToHostSender"] = {}
+    _instances_lock = threading.Lock()
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "DeviceToHostSender":
+        """One sender (thread and copy stream) per device and process: the stage part is rebuilt
+        at every new run, its sender is not."""
+        with cls._instances_lock:
+            key = str(device)
+            if key not in cls._instances:
+                cls._instances[key] = cls(device)
+            return cls._instances[key]
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device)
@@ -97,9 +110,13 @@ class DeviceToHostSender:
                     raise err
                 raise StageError("unavailable", f"sending to the peer stage failed: {err}")
 
-    def discard(self) -> None:
-        """Forget an error of an aborted step (the next step starts clean)."""
+    def discard(self, timeout: float = 30.0) -> None:
+        """After an aborted step: let what is queued reach the link (so it cannot land in the next
+        step's sends), then forget its error; the next step starts clean."""
+        deadline = time.monotonic() + timeout
         with self._cond:
+            while self._pending > 0 and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
             self._error = None
 
     def close(self) -> None:
