@@ -16,7 +16,8 @@ others; `--skip NAME` leaves one out):
   pipeline  the preset through the real pipeline (3 processes) in bf16 and in fp16: precision used,
             loss scale, wire bytes per element, per-stage times, peak GPU memory vs the budget
   verify    `redheart-orchestrate --verify` on the tiny preset with the GPU stage on the device
-  single    the same model all on the device in one process, same batch: the pipeline's yardstick
+  single    the same workload (corpus, batches, padding, precision) all on the device in one
+            process: the pipeline's yardstick (s/step ratio in the summary)
 
 Prints a summary and writes it as JSON (--out, default benchmarks/results/gpu_check.json).
 """
@@ -109,8 +110,7 @@ def _config(args, **overrides):
     from redheart.config import HybridConfig
 
     sections = {"model": {"preset": args.preset}, "gpu_stage": {"device": args.device},
-                "train": {"batch_size": args.batch, "micro_batch_size": max(1, args.batch // args.micro_batches),
-                          "use_mixed_precision": True}}
+                "train": {"batch_size": args.batch, "micro_batch_size": args.micro_batch_size, "use_mixed_precision": True}}
     for key, value in overrides.items():
         section, name = key.split(".")
         sections.setdefault(section, {})[name] = value
@@ -134,18 +134,23 @@ def section_stage(args) -> dict:
     return out
 
 
-def _pipeline_cmd(args, out_dir: Path, dtype: str, extra: list[str]) -> list[str]:
+def _workload_overrides(args, dtype: str, steps: int) -> list[str]:
+    """The workload both the pipeline and the all-on-device run train: same corpus, batches, precision."""
     sets = {"model.preset": f'"{args.preset}"', "model.gpu_layers_ratio": '"auto"', "gpu_stage.device": f'"{args.device}"',
             "train.use_mixed_precision": "true", "train.mixed_precision_dtype": f'"{dtype}"',
-            "train.batch_size": str(args.batch), "train.micro_batch_size": str(max(1, args.batch // args.micro_batches)),
-            "train.max_steps": str(args.pipeline_steps), "train.log_every_n_steps": "1", "train.warmup_steps": "0",
+            "train.batch_size": str(args.batch), "train.micro_batch_size": str(args.micro_batch_size),
+            "train.max_steps": str(steps), "train.log_every_n_steps": "1", "train.warmup_steps": "0",
             "train.eval_every_epoch": "false", "data.max_scenarios": str(args.scenarios),
             "checkpoint.save_checkpoint_every": "0", "metrics.enabled": "false", 'orchestrator.progress': '"log"',
             "regret.address": '"inprocess"' if args.dry_run else '""'}
+    return [f"{key}={value}" for key, value in sets.items()]
+
+
+def _pipeline_cmd(args, out_dir: Path, dtype: str, extra: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "orchestrator.cli", "--config", str(ROOT / "examples" / "hybrid.toml"),
            "--output-dir", str(out_dir)]
-    for key, value in sets.items():
-        cmd += ["--set", f"{key}={value}"]
+    for item in _workload_overrides(args, dtype, args.pipeline_steps):
+        cmd += ["--set", item]
     return cmd + extra
 
 
@@ -198,57 +203,67 @@ def section_verify(args) -> dict:
 
 
 def section_single(args) -> dict:
-    """All on one device in one process (autocast in the stage's precision), the batch the pipeline trains."""
+    """The same workload all on one device in one process: the pipeline's micro-batches (same corpus,
+    tokenizer, padding, accumulation) in order, autocast in the stage's precision, the regret
+    calculus as target, fused AdamW. What the hybrid pipeline is measured against."""
     import torch
 
     from gpu_stage.logic import resolve_device
-    from gpu_stage.inprocess import synthetic_micro_batch
+    from orchestrator.batching import step_micro_batches
+    from orchestrator.data import StepBatches, prepare_data
+    from orchestrator.pipeline import LABEL_KEYS
+    from redheart import calculus
+    from redheart.config import load_config
     from redheart.losses import multitask_loss
     from redheart.model import CpuStageModule, GpuStageModule, resolve_model_shape
     from redheart.precision import choose_precision, device_capability
 
-    cfg = _config(args)
     device = resolve_device(args.device)
-    shape = resolve_model_shape(cfg.model)
-    seq = args.seq or shape.max_seq_len
     out = {}
     for dtype in args.dtypes:
+        cfg = load_config(ROOT / "examples" / "hybrid.toml", env={},
+                          overrides=_workload_overrides(args, dtype, args.single_steps + 1) + _tokenizer_args(args)[1::2],
+                          output_dir=str(Path(args.workdir) / f"single-{dtype}"))
         try:
             p = choose_precision(True, dtype, True, device.type, device_capability(device))
         except ValueError as exc:
             out[dtype] = {"error": str(exc)}
             continue
+        t = cfg.train
+        data = prepare_data(cfg, Path(args.workdir) / f"single-{dtype}")
+        batches = StepBatches(cfg, data.train)
+        shape = resolve_model_shape(cfg.model)
         cpu, gpu = CpuStageModule(shape).to(device), GpuStageModule(shape).to(device)
         params = list(cpu.parameters()) + list(gpu.parameters())
-        fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        opt = torch.optim.AdamW(params, lr=1e-4, **fused)
+        opt = torch.optim.AdamW(params, lr=t.learning_rate, fused=True)
         scaler = torch.amp.GradScaler(device.type, enabled=p.loss_scaling)
-        gen = torch.Generator().manual_seed(0)
-        mb = synthetic_micro_batch(0, args.batch, seq, gen)
-        ids = torch.randint(4, shape.vocab_size, (args.batch, seq), generator=gen).to(device)
-        mask = mb.tensors["attention_mask"].to(device)
-        labels = {k: v.to(device) for k, v in mb.tensors.items() if k.startswith("labels.")}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = []
-        for i in range(args.single_steps + 1):
+        for step in range(args.single_steps + 1):
+            parts = step_micro_batches(batches.rounds(step), t.micro_batch_size, t.pad_to_multiple_of)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            with torch.autocast(device.type, dtype=p.autocast_dtype):
-                outputs = gpu(cpu(ids, mask), mask)
-            loss, _ = multitask_loss(outputs, labels, None, lazy=True)
-            scaler.scale(loss).backward()
+            for part in parts:
+                mask = part.tensors["attention_mask"].to(device, non_blocking=True)
+                ids = part.tensors["input_ids"].to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=p.autocast_dtype):
+                    outputs = gpu(cpu(ids, mask), mask)
+                target = calculus.score_tensor(outputs["bentham"], cfg.regret.regrets_per_step, cfg.regret.bentham_per_regret)
+                labels = {k: part.tensors[k].to(device, non_blocking=True) for k in LABEL_KEYS}
+                loss, _ = multitask_loss(outputs, labels, target, t.loss_weights, lazy=True)
+                scaler.scale(loss / len(parts)).backward()
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            if i:
+            if step:
                 times.append(time.perf_counter() - start)
-        out[dtype] = {"precision": p.name, "step_seconds": statistics.median(times),
+        out[dtype] = {"precision": p.name, "step_seconds": statistics.median(times), "micro_batches": len(parts),
                       "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0}
         del cpu, gpu, opt
     return out
@@ -302,19 +317,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--preset", default="base")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--micro-batches", type=int, default=4)
+    parser.add_argument("--micro-batch-size", type=int, default=0, help="0: the project's automatic choice")
     parser.add_argument("--seq", type=int, default=0, help="sequence length of the in-process runs (0: the preset's)")
     parser.add_argument("--dtypes", default="bf16,fp16", help="mixed_precision_dtype values to run (comma-separated)")
     parser.add_argument("--skip", action="append", default=[], choices=SECTIONS)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
     args = parser.parse_args(argv)
+    os.chdir(ROOT)  # the example config's relative paths (the bundled corpus) are the pipeline runs' too
     args.dry_run = args.device == "cpu"
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if args.dry_run:
         # On CPU every dtype trains in bf16 (redheart/precision.py): one run says it all.
         args.dtypes = args.dtypes[:1]
     small = args.dry_run
-    args.stage_steps, args.pipeline_steps, args.single_steps = (2, 1, 2) if small else (10, 12, 10)
+    args.stage_steps, args.pipeline_steps, args.single_steps = (1, 1, 1) if small else (10, 12, 10)
     args.scenarios = 200 if small else 2000
     args.pytest_timeout, args.pipeline_timeout, args.verify_timeout = (60, 60, 60) if small else (240, 120, 90)
     if small and not args.seq:
