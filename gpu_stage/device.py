@@ -30,8 +30,8 @@ def device_facts(device: torch.device) -> dict[str, Any]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(index)
     major, minor = torch.cuda.get_device_capability(index)
-    return {"device": f"cuda:{index}", "name": torch.cuda.get_device_name(index), "capability": f"{major}.{minor}",
-            "free_bytes": int(free), "total_bytes": int(total)}
+    return {"device": f"cuda:{index}", "name": torch.cuda.get_device_name(index),
+            "capability": f"{major}.{minor}", "free_bytes": int(free), "total_bytes": int(total)}
 
 
 def probe(device: str, timeout: float = 120.0) -> dict[str, Any]:
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print(f"CUDA is not available in this process (torch {torch.__version__}, built for CUDA {torch.version.cuda})",
-              file=sys.stderr)
+        print(f"CUDA is not available in this process (torch {torch.__version__}, "
+              f"built for CUDA {torch.version.cuda})", file=sys.stderr)
         return 2
     try:
         device = torch.device(args.device)

@@ -30,7 +30,8 @@ class CollectingLink:
         self.sent: list[tuple[str, int, int, str, torch.Tensor]] = []
         self._lock = threading.Lock()
 
-    def send(self, direction: str, run_id: str, step: int, micro_batch: int, kind: str, tensor: torch.Tensor) -> None:
+    def send(self, direction: str, run_id: str, step: int, micro_batch: int, kind: str,
+             tensor: torch.Tensor) -> None:
         with self._lock:
             self.sent.append((direction, step, micro_batch, kind, tensor.detach().to("cpu", copy=True)))
 
@@ -75,7 +76,8 @@ def run_stage(config: HybridConfig, *, steps: int = 3, seq: int | None = None, c
     runtime = StageRuntime(lambda: GpuStagePart(shape, device=part_device,
                                                 checkpointing=config.gpu_stage.activation_checkpointing), shape)
     device = runtime.part.device
-    settings = {"train": dataclasses.asdict(t), "regret": {**dataclasses.asdict(config.regret), "enabled": True}}
+    regret = {**dataclasses.asdict(config.regret), "enabled": True}
+    settings = {"train": dataclasses.asdict(t), "regret": regret}
     runtime.start_run("inprocess", settings, reinitialize=True, first_step=0, regret_address="inprocess")
     link = CollectingLink()
     gen = torch.Generator().manual_seed(0)
@@ -119,13 +121,16 @@ def run_stage(config: HybridConfig, *, steps: int = 3, seq: int | None = None, c
             losses.extend(mb["total_loss"] for mb in result.micro_batches)
     est = stage_estimates(config, shape, gpu_on_cuda=device.type == "cuda")["gpu"]
     return {
-        "device": str(device), "precision": runtime.precision.name, "precision_reason": runtime.precision.reason,
+        "device": str(device), "precision": runtime.precision.name,
+        "precision_reason": runtime.precision.reason,
         "step_seconds": statistics.median(times), "forward_seconds_per_micro_batch": statistics.median(fwd),
         "backward_seconds_per_micro_batch": statistics.median(bwd),
-        "host_syncs_per_micro_batch": max(syncs) if syncs else None, "skipped_steps": skipped, "final_loss_scale": scale,
+        "host_syncs_per_micro_batch": max(syncs) if syncs else None, "skipped_steps": skipped,
+        "final_loss_scale": scale,
         "losses": losses, "gradients_sent": len(link.sent),
         "gradient_dtype": str(link.sent[-1][4].dtype) if link.sent else None,
-        "peak_memory_bytes": int(max(peak, runtime._apply_peak)), "estimate_bytes": est["total"] - est["cuda_context"],
+        "peak_memory_bytes": int(max(peak, runtime._apply_peak)),
+        "estimate_bytes": est["total"] - est["cuda_context"],
         "estimate": est,
     }
 

@@ -83,7 +83,8 @@ class GpuStagePart:
         self.security = security  # [security] of this process: TLS / mTLS and the token toward the regret service
         self.regret: Any = None
         self.loss_weights: Mapping[str, float] = {}
-        self.budget_bytes = budget_bytes  # gpu_memory_gb as enforced by gpu_stage.device.enforce_budget (0: not capped)
+        # gpu_memory_gb as enforced by gpu_stage.device.enforce_budget (0: not capped)
+        self.budget_bytes = budget_bytes
         # CUDA: gradients leave through a side-stream copy and a sender thread (gpu_stage/transfer.py).
         self.sender = DeviceToHostSender.for_device(self.device) if self.device.type == "cuda" else None
         self._round_key: tuple | None = None
@@ -111,10 +112,12 @@ class GpuStagePart:
             for m in mbs:
                 missing = [k for k in ROUND_KEYS if k not in m.tensors]
                 if missing:
-                    raise StageError("invalid", f"micro-batch {m.index}: the gpu stage needs input {missing[0]!r}")
+                    raise StageError("invalid",
+                                     f"micro-batch {m.index}: the gpu stage needs input {missing[0]!r}")
             self._round_counts = {m.index: label_counts(m.tensors) for m in mbs}
             if self.device.type != "cuda":
-                self._round_inputs = {m.index: {k: m.tensors[k].to(self.device) for k in ROUND_KEYS} for m in mbs}
+                self._round_inputs = {m.index: {k: m.tensors[k].to(self.device) for k in ROUND_KEYS}
+                                      for m in mbs}
             else:
                 moved: dict[str, list[torch.Tensor]] = {}
                 for k in ROUND_KEYS:
@@ -122,7 +125,8 @@ class GpuStagePart:
                     # [sum of numels] goes over in one copy and is split back into views of each shape.
                     parts = [m.tensors[k] for m in mbs]
                     flat = to_device(torch.cat([p.reshape(-1) for p in parts]), self.device)
-                    moved[k] = [piece.view(p.shape) for piece, p in zip(flat.split([p.numel() for p in parts]), parts)]
+                    pieces = flat.split([p.numel() for p in parts])
+                    moved[k] = [piece.view(p.shape) for piece, p in zip(pieces, parts)]
                 self._round_inputs = {m.index: {k: moved[k][i] for k in ROUND_KEYS} for i, m in enumerate(mbs)}
         return self._round_inputs[mb.index]
 
@@ -185,7 +189,8 @@ class GpuStagePart:
         act = ctx.receive(ACTIVATION, mb.index, f"the activation of micro-batch {mb.index} from the cpu stage")
         host_mask = self._mask(mb)
         if act.shape[:2] != host_mask.shape:
-            raise StageError("invalid", f"step {ctx.plan.step} micro-batch {mb.index}: activation shape {list(act.shape)} does not match attention_mask {list(host_mask.shape)}")
+            raise StageError("invalid", f"step {ctx.plan.step} micro-batch {mb.index}: activation shape "
+                                        f"{list(act.shape)} does not match attention_mask {list(host_mask.shape)}")
         mask = self._inputs(ctx, mb)["attention_mask"]
         # The received activation is the leaf whose gradient goes back to the CPU stage.
         leaf = to_device(act, self.device).requires_grad_(True)

@@ -102,7 +102,8 @@ class DeviceToHostSender:
             while self._pending > 0:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise StageError("deadline", f"{self._pending} gradient(s) still copying to host after {timeout:.0f}s")
+                    raise StageError("deadline",
+                                     f"{self._pending} gradient(s) still copying to host after {timeout:.0f}s")
                 self._cond.wait(remaining)
             if self._error is not None:
                 err, self._error = self._error, None

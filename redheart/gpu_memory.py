@@ -43,7 +43,8 @@ def stage_estimates(config, shape: ModelShape, gpu_on_cuda: bool) -> dict[str, d
     t = config.train
     act_bytes = 2 if t.use_mixed_precision else 4
     flight = in_flight_micro_batches(config)
-    checkpointing = {"cpu": config.cpu_stage.activation_checkpointing, "gpu": config.gpu_stage.activation_checkpointing}
+    checkpointing = {"cpu": config.cpu_stage.activation_checkpointing,
+                     "gpu": config.gpu_stage.activation_checkpointing}
     return {
         s: estimate_stage_memory_bytes(shape, s, t.micro_batch_size, flight[s], activation_bytes=act_bytes,
                                        checkpointing=checkpointing[s], autocast=t.use_mixed_precision,
@@ -53,8 +54,8 @@ def stage_estimates(config, shape: ModelShape, gpu_on_cuda: bool) -> dict[str, d
 
 
 def describe_estimate(est: dict[str, int]) -> str:
-    parts = [f"{k} {est[k] / GiB:.2f}" for k in ("weights", "gradients", "optimizer", "activations", "autocast_cache", "cuda_context")
-             if est.get(k)]
+    keys = ("weights", "gradients", "optimizer", "activations", "autocast_cache", "cuda_context")
+    parts = [f"{k} {est[k] / GiB:.2f}" for k in keys if est.get(k)]
     return f"{est['total'] / GiB:.2f} GiB ({', '.join(parts)})"
 
 
@@ -73,7 +74,8 @@ def check_device_budget(budget_bytes: int, estimate_bytes: int, free_bytes: int 
     out = [BudgetFinding(
         estimate_bytes <= budget_bytes, True,
         f"GPU stage memory estimate {estimate_bytes / GiB:.2f} GiB vs gpu_memory_gb = {gb:g}",
-        SPLIT_FIX + f", or raise gpu_stage.gpu_memory_gb to at least {_ceil_gb(estimate_bytes)} if the card has it",
+        SPLIT_FIX + f", or raise gpu_stage.gpu_memory_gb to at least {_ceil_gb(estimate_bytes)} "
+                    f"if the card has it",
     )]
     if total_bytes is None or free_bytes is None:
         return out
@@ -92,7 +94,8 @@ def check_device_budget(budget_bytes: int, estimate_bytes: int, free_bytes: int 
     if budget_bytes > free_bytes and estimate_bytes <= free_bytes:
         out.append(BudgetFinding(
             False, False,
-            f"gpu_memory_gb = {gb:g} is above the {free_bytes / GiB:.2f} GiB free on {device}: the budget cannot be reached",
+            f"gpu_memory_gb = {gb:g} is above the {free_bytes / GiB:.2f} GiB free on {device}: "
+            f"the budget cannot be reached",
             f"lower gpu_stage.gpu_memory_gb to {free_bytes / GiB:.1f} or free the card",
         ))
     return out
@@ -107,8 +110,8 @@ def allocator_fraction(budget_bytes: int, total_bytes: int, context_bytes: int =
         raise ValueError(f"the card reports {total_bytes} bytes of memory")
     room = min(budget_bytes, total_bytes) - context_bytes
     if room <= 0:
-        raise ValueError(f"gpu_memory_gb = {budget_bytes / GiB:g} cannot hold the CUDA context (~{context_bytes / GiB:.2f} GiB) "
-                         f"(fix: raise gpu_stage.gpu_memory_gb)")
+        raise ValueError(f"gpu_memory_gb = {budget_bytes / GiB:g} cannot hold the CUDA context "
+                         f"(~{context_bytes / GiB:.2f} GiB) (fix: raise gpu_stage.gpu_memory_gb)")
     return room / total_bytes
 
 
