@@ -112,3 +112,17 @@ def test_the_split_profiles_a_device_in_a_child_process_in_the_stage_precision()
     assert prof.layer_seconds > 0 and prof.fixed_seconds > 0 and prof.optimizer_seconds_per_param > 0
     with pytest.raises(ValueError, match="profiling the gpu stage's layers on cpu failed"):
         profile_in_subprocess(cfg, dataclasses.replace(shape, num_heads=3), "cpu", 1, 2, 16, "gpu", timeout=300)
+
+
+@pytest.mark.cuda
+def test_gpu_gauges_read_the_stage_device_at_scrape_time():
+    index = torch.cuda.device_count() - 1  # the last card: a device-0 reading would be wrong on multi-GPU hosts
+    registry = CollectorRegistry()
+    metrics = StageMetrics(registry, stage="gpu", methods=STAGE_METHODS)
+    metrics.bind_device(f"cuda:{index}")
+    before = registry.get_sample_value("redheart_gpu_memory_allocated_bytes", {"stage": "gpu"})
+    block = torch.empty(64 << 20, dtype=torch.uint8, device=f"cuda:{index}")
+    after = registry.get_sample_value("redheart_gpu_memory_allocated_bytes", {"stage": "gpu"})
+    assert after - before >= 64 << 20
+    assert registry.get_sample_value("redheart_gpu_memory_reserved_bytes", {"stage": "gpu"}) >= after
+    del block
