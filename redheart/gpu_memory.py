@@ -54,7 +54,7 @@ def stage_estimates(config, shape: ModelShape, gpu_on_cuda: bool) -> dict[str, d
 
 
 def describe_estimate(est: dict[str, int]) -> str:
-    keys = ("weights", "gradients", "optimizer", "activations", "autocast_cache", "cuda_context")
+    keys = ("weights", "gradients", "optimizer", "activations", "autocast_cache", "cuda_workspace", "cuda_context")
     parts = [f"{k} {est[k] / GiB:.2f}" for k in keys if est.get(k)]
     return f"{est['total'] / GiB:.2f} GiB ({', '.join(parts)})"
 
