@@ -135,23 +135,65 @@ def fit_bow_baseline(input_ids: torch.Tensor, attention_mask: torch.Tensor, labe
     features = order[: MAX_FEATURES][doc_freq[order[: MAX_FEATURES]] > 0]
     k = features.numel()
     feat = _feature_index(features, vocab)[ids]  # [N, L]
-    weights: dict[str, torch.Tensor] = {}
-
+    targets: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (head, row mask [N], targets [M, out])
     emo_rows = labels["labels.emotions_mask"].bool()
     if bool(emo_rows.any()):
-        y = (labels["labels.emotions"][emo_rows] >= 0.5).double()  # [M, 6]
-        weights["emotion"] = _solve(feat[emo_rows], mask[emo_rows], y, k)
+        targets.append(("emotion", emo_rows, (labels["labels.emotions"][emo_rows] >= 0.5).double()))  # [M, 6]
     ben_rows = labels["labels.bentham_mask"].bool()
     if bool(ben_rows.any()):
-        target = labels["labels.bentham"][ben_rows]  # [M, 8]
-        weights["bentham"] = _solve(feat[ben_rows], mask[ben_rows], target.double(), k)
+        bentham = labels["labels.bentham"][ben_rows]  # [M, 8]
+        targets.append(("bentham", ben_rows, bentham.double()))
         from redheart import calculus
 
-        regret = calculus.score(target.float().numpy(), regrets_per_step, bentham_per_regret).regret
-        weights["regret"] = _solve(feat[ben_rows], mask[ben_rows], torch.from_numpy(regret).double()[:, None], k)
+        regret = calculus.score(bentham.float().numpy(), regrets_per_step, bentham_per_regret).regret
+        targets.append(("regret", ben_rows, torch.from_numpy(regret).double()[:, None]))  # [M, 1]
     jud = labels["labels.judgment"].long()
     jud_rows = jud != -100
     if bool(jud_rows.any()):
-        y = torch.nn.functional.one_hot(jud[jud_rows], len(JUDGMENTS)).double()  # [M, 5]
-        weights["judgment"] = _solve(feat[jud_rows], mask[jud_rows], y, k)
+        targets.append(("judgment", jud_rows, torch.nn.functional.one_hot(jud[jud_rows], len(JUDGMENTS)).double()))
+    # Heads labeled on the same rows share one Gram matrix and one solve (the bundled corpus labels
+    # every head on every row): the solve is linear in the targets, so this changes no number's meaning.
+    weights: dict[str, torch.Tensor] = {}
+    groups: list[tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]] = []
+    for head, rows, y in targets:
+        for group_rows, members in groups:
+            if torch.equal(group_rows, rows):
+                members.append((head, y))
+                break
+        else:
+            groups.append((rows, [(head, y)]))
+    for rows, members in groups:
+        solved = _solve(feat[rows], mask[rows], torch.cat([y for _h, y in members], dim=1), k)  # [K+1, sum(out)]
+        col = 0
+        for head, y in members:
+            weights[head] = solved[:, col:col + y.shape[1]].clone()
+            col += y.shape[1]
     return BowBaseline(features, weights)
+
+
+# ---- the baselines file (checkpoint and model folder): what the baselines need from the train split
+
+_LABEL_PREFIX = "train."
+_REGRET_MEAN = "train.regret_target_mean"
+
+
+def baselines_tensors(train_labels: Mapping[str, torch.Tensor], bow: BowBaseline | None,
+                      regret_target_mean: float | None) -> dict[str, torch.Tensor]:
+    """Tensors of baselines.safetensors: train-split labels, the bow fit, the run's mean regret target."""
+    out = {_LABEL_PREFIX + k: v.contiguous() for k, v in train_labels.items() if k != "regret_target"}
+    if bow is not None:
+        out.update(bow.to_tensors())
+    if regret_target_mean is not None:
+        out[_REGRET_MEAN] = torch.tensor([regret_target_mean], dtype=torch.float64)
+    return out
+
+
+def read_baselines_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], BowBaseline | None]:
+    """(train labels as the trainer's baselines see them, bow fit) from baselines.safetensors."""
+    labels = {k[len(_LABEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_LABEL_PREFIX) and k != _REGRET_MEAN}
+    if "labels.judgment" not in labels:
+        raise ValueError("baselines.safetensors holds no train labels")
+    if _REGRET_MEAN in tensors:
+        # The same construction as the trainer: a float32 column of the mean it kept.
+        labels["regret_target"] = torch.full((labels["labels.judgment"].shape[0],), float(tensors[_REGRET_MEAN][0]))
+    return labels, BowBaseline.from_tensors(tensors)
