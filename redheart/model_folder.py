@@ -190,7 +190,12 @@ def write_folder(out: Path, config: dict[str, Any], weights: Mapping[str, torch.
             files[BASELINES_FILE] = file_entry(tmp / BASELINES_FILE)
         config = dict(config, format=FORMAT, format_version=FORMAT_VERSION, files=files)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False), encoding="utf-8")
-        for name in files:
+        # mkdtemp makes the folder private (0700); a model folder is meant to be shared like any output.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for name in (*files, CONFIG_FILE):
+            os.chmod(tmp / name, 0o666 & ~umask)
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
         if out.exists():
