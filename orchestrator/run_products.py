@@ -10,19 +10,27 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 from redheart import model_folder
 from redheart.config import HybridConfig
 from redheart.model import resolve_model_shape
 
+log = logging.getLogger(__name__)
+
 
 def fit_bow(config: HybridConfig, data):
     from redheart.data.bow_baseline import fit_bow_baseline
 
-    return fit_bow_baseline(data.train.input_ids, data.train.attention_mask, data.train_labels,
-                            regrets_per_step=config.regret.regrets_per_step,
-                            bentham_per_regret=config.regret.bentham_per_regret)
+    start = time.perf_counter()
+    bow = fit_bow_baseline(data.train.input_ids, data.train.attention_mask, data.train_labels,
+                           regrets_per_step=config.regret.regrets_per_step,
+                           bentham_per_regret=config.regret.bentham_per_regret)
+    log.info("fitted the bag-of-words baseline (%d token features, %d heads) on %d training scenarios in %.1fs",
+             bow.features.numel(), len(bow.weights), len(data.train), time.perf_counter() - start)
+    return bow
 
 
 def write_baselines(directory: Path, data, bow, regret_target_mean: float | None) -> dict[str, str]:

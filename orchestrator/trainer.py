@@ -683,7 +683,8 @@ def _fmt_metrics(entry: dict) -> str:
     parts = []
     for key in ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae"):
         if key in m:
-            parts.append(f"{key} {m[key]:.4f} (baseline {b.get('baseline_' + key, float('nan')):.4f})")
+            bow = f", bag-of-words {b['baseline_bow_' + key]:.4f}" if "baseline_bow_" + key in b else ""
+            parts.append(f"{key} {m[key]:.4f} (baseline {b.get('baseline_' + key, float('nan')):.4f}{bow})")
     return ", ".join(parts)
 
 
