@@ -68,10 +68,12 @@ def full_model_parameters(shape: ModelShape) -> dict[str, tuple[int, ...]]:
 
 
 def _shape_from(settings: Any, where: Path) -> ModelShape:
-    try:
-        return ModelShape(**settings)
-    except TypeError as exc:
-        raise ModelFolderError(f"{where}: model_settings do not describe a model: {exc}") from None
+    ints = model_folder.SHAPE_KEYS + ("cpu_layers", "init_seed")
+    if (not isinstance(settings, dict) or set(settings) != set(ints) | {"dropout"}
+            or not all(type(settings[k]) is int and settings[k] >= 0 for k in ints)
+            or not isinstance(settings["dropout"], (int, float))):
+        raise ModelFolderError(f"{where}: model_settings {settings!r:.200} do not describe a model")
+    return ModelShape(**settings)
 
 
 def _read_shard(directory: Path, stage: str, manifest: dict[str, Any]) -> tuple[dict[str, torch.Tensor], ModelShape]:
