@@ -65,14 +65,16 @@ def read_inputs(path: Path) -> tuple[list[str], list[str | None]]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{number}: invalid JSON at column {exc.colno}: {exc.msg}") from None
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object with a \"text\", got {type(obj).__name__}")
+            raise ValueError(
+                f'{path}:{number}: expected a JSON object with a "text", got {type(obj).__name__}'
+            )
         text = obj.get("text")
         if not isinstance(text, str) or not text.strip():
             what = "missing" if "text" not in obj else f"{text!r:.40} is not a non-empty string"
-            raise ValueError(f"{path}:{number}: \"text\" {what}; every line needs the scenario's text")
+            raise ValueError(f'{path}:{number}: "text" {what}; every line needs the scenario\'s text')
         sid = obj.get("id")
         if sid is not None and (isinstance(sid, bool) or not isinstance(sid, (str, int))):
-            raise ValueError(f"{path}:{number}: \"id\" = {sid!r:.40} must be a string or integer")
+            raise ValueError(f'{path}:{number}: "id" = {sid!r:.40} must be a string or integer')
         texts.append(text)
         ids.append(None if sid is None else str(sid))
     if not texts:
@@ -88,11 +90,19 @@ def _wants_table(fmt: str, stream) -> bool:
 
 
 @click.command(name="redheart-export")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
-              help="A checkpoint step directory, a checkpoint root or a run directory (newest complete checkpoint).")
+@click.option(
+    "--checkpoint",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A checkpoint step directory, a checkpoint root or a run directory (newest complete checkpoint).",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The model folder to write.")
-@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-              help="The run's tokenizer.json, if it moved (its sha256 must match the manifest).")
+@click.option(
+    "--tokenizer",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The run's tokenizer.json, if it moved (its sha256 must match the manifest).",
+)
 def export_main(checkpoint: Path, out: Path, tokenizer: Path | None) -> None:
     """Merge the stage shards of a complete checkpoint into one model folder (docs/model-format.md)."""
     from inference.export import export_checkpoint
@@ -100,25 +110,51 @@ def export_main(checkpoint: Path, out: Path, tokenizer: Path | None) -> None:
 
     folder = _run(export_checkpoint, checkpoint, out, tokenizer=tokenizer)
     config = read_config(folder)
-    click.echo(f"exported step {config['source']['step']} of run {config['source']['run_id']} "
-               f"({config['parameters']} parameters) -> {folder}")
+    click.echo(
+        f"exported step {config['source']['step']} of run {config['source']['run_id']} "
+        f"({config['parameters']} parameters) -> {folder}"
+    )
 
 
 # ----------------------------------------------------------------------------- predict
 
 
 @click.command(name="redheart-predict")
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="An exported model folder.")
+@click.option(
+    "--model", "model_dir", required=True, type=click.Path(path_type=Path), help="An exported model folder."
+)
 @click.argument("texts", nargs=-1)
-@click.option("--input", "input_path", type=click.Path(path_type=Path), default=None,
-              help="JSONL with one {\"text\": ..., \"id\": ...} per line (after any TEXT arguments).")
-@click.option("--output", type=click.Path(path_type=Path), default=None, help="Write JSONL here instead of stdout.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help='JSONL with one {"text": ..., "id": ...} per line (after any TEXT arguments).',
+)
+@click.option(
+    "--output", type=click.Path(path_type=Path), default=None, help="Write JSONL here instead of stdout."
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N."
+)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--format", "fmt", type=click.Choice(["auto", "table", "jsonl"]), default="auto", show_default=True,
-              help="stdout: a table on a terminal, JSONL otherwise.")
-def predict_main(model_dir: Path, texts: tuple[str, ...], input_path: Path | None, output: Path | None,
-                 device: str, batch_size: int, fmt: str) -> None:
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "table", "jsonl"]),
+    default="auto",
+    show_default=True,
+    help="stdout: a table on a terminal, JSONL otherwise.",
+)
+def predict_main(
+    model_dir: Path,
+    texts: tuple[str, ...],
+    input_path: Path | None,
+    output: Path | None,
+    device: str,
+    batch_size: int,
+    fmt: str,
+) -> None:
     """Predict emotions, Bentham circumstances, judgment and regret, with the calculus' explanation."""
     all_texts: list[str] = list(texts)
     ids: list[str | None] = [None] * len(texts)
@@ -148,15 +184,38 @@ def predict_main(model_dir: Path, texts: tuple[str, ...], input_path: Path | Non
 
 
 @click.command(name="redheart-evaluate")
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="An exported model folder.")
-@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="Labeled JSONL scenarios (docs/data.md).")
-@click.option("--split", type=click.Choice(["all", "validation", "train"]), default="all", show_default=True,
-              help="all rows, or the training run's own hash split of this file.")
-@click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON result here.")
+@click.option(
+    "--model", "model_dir", required=True, type=click.Path(path_type=Path), help="An exported model folder."
+)
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Labeled JSONL scenarios (docs/data.md).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["all", "validation", "train"]),
+    default="all",
+    show_default=True,
+    help="all rows, or the training run's own hash split of this file.",
+)
+@click.option(
+    "--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON result here."
+)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["auto", "table", "json"]), default="auto", show_default=True,
-              help="stdout: a table on a terminal (or with --output), JSON otherwise.")
-def evaluate_main(model_dir: Path, data_path: Path, split: str, output: Path | None, device: str, fmt: str) -> None:
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "table", "json"]),
+    default="auto",
+    show_default=True,
+    help="stdout: a table on a terminal (or with --output), JSON otherwise.",
+)
+def evaluate_main(
+    model_dir: Path, data_path: Path, split: str, output: Path | None, device: str, fmt: str
+) -> None:
     """The training report's validation metrics, trivial and bag-of-words baselines, on any labeled file."""
     from inference.predictor import RedHeartModel
     from inference.render import evaluation_table

@@ -20,7 +20,14 @@ import torch
 from safetensors.torch import load_file
 
 from redheart import calculus, model_folder
-from redheart.data import DataError, baseline_metrics, compute_metrics, encode_dataset, load_jsonl, split_train_validation
+from redheart.data import (
+    DataError,
+    baseline_metrics,
+    compute_metrics,
+    encode_dataset,
+    load_jsonl,
+    split_train_validation,
+)
 from redheart.data.bow_baseline import read_baselines_tensors
 from redheart.data.evaluation import bow_baseline_metrics, compare_with_baselines
 
@@ -38,11 +45,15 @@ def select_split(scenarios: list, config: dict[str, Any], split: str, path: Path
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     data = config.get("data") or {}
     if data.get("validation_path"):
-        raise DataError(f"{path}: the run validated on a separate file ({data['validation_path']}), not on a split of its "
-                        f"training data (fix: evaluate that file with split all)")
+        raise DataError(
+            f"{path}: the run validated on a separate file ({data['validation_path']}), not on a split of its "
+            f"training data (fix: evaluate that file with split all)"
+        )
     if data.get("max_scenarios"):
         scenarios = scenarios[: int(data["max_scenarios"])]
-    train, validation = split_train_validation(scenarios, float(data.get("validation_fraction", 0.1)), int(data.get("seed", 0)))
+    train, validation = split_train_validation(
+        scenarios, float(data.get("validation_fraction", 0.1)), int(data.get("seed", 0))
+    )
     return validation if split == "validation" else train
 
 
@@ -54,7 +65,9 @@ def evaluate_file(model: "RedHeartModel", path: Path, *, split: str = "all") -> 
     size = int((model.config.get("evaluation") or {}).get("micro_batch_size", 2))
     parts: dict[str, list[torch.Tensor]] = {}
     for lo in range(0, len(data), size):
-        out = model.forward(data.input_ids[lo:lo + size], data.attention_mask[lo:lo + size])  # [m, L] as the pipeline sends
+        out = model.forward(
+            data.input_ids[lo : lo + size], data.attention_mask[lo : lo + size]
+        )  # [m, L] as the pipeline sends
         for k, v in out.items():
             parts.setdefault(k, []).append(v)
     pred = {k: torch.cat(v) for k, v in parts.items()}
@@ -65,7 +78,9 @@ def evaluate_file(model: "RedHeartModel", path: Path, *, split: str = "all") -> 
     baseline: dict[str, float] = {}
     notes = []
     if model_folder.BASELINES_FILE in model.config["files"]:
-        stored = load_file(str(model_folder.verify_file(model.folder, model.config, model_folder.BASELINES_FILE)))
+        stored = load_file(
+            str(model_folder.verify_file(model.folder, model.config, model_folder.BASELINES_FILE))
+        )
         train_labels, bow = read_baselines_tensors(stored)
         baseline = baseline_metrics(train_labels, labels)
         if bow is not None:

@@ -50,8 +50,10 @@ def find_checkpoint(path: Path) -> Path:
     if not path.is_dir():
         raise ModelFolderError(f"checkpoint {path} does not exist")
     if path.name.startswith("step-") or any((path / s / "stage.json").exists() for s in STAGES):
-        raise ModelFolderError(f"{path / MANIFEST} is missing: {path} is not a complete checkpoint "
-                               f"(the run was probably interrupted while saving; use an earlier step)")
+        raise ModelFolderError(
+            f"{path / MANIFEST} is missing: {path} is not a complete checkpoint "
+            f"(the run was probably interrupted while saving; use an earlier step)"
+        )
     for root in (path, path / "checkpoints"):
         steps = sorted(p for p in root.glob("step-*") if (p / MANIFEST).is_file()) if root.is_dir() else []
         if steps:
@@ -69,27 +71,36 @@ def full_model_parameters(shape: ModelShape) -> dict[str, tuple[int, ...]]:
 
 def _shape_from(settings: Any, where: Path) -> ModelShape:
     ints = model_folder.SHAPE_KEYS + ("cpu_layers", "init_seed")
-    if (not isinstance(settings, dict) or set(settings) != set(ints) | {"dropout"}
-            or not all(type(settings[k]) is int and settings[k] >= 0 for k in ints)
-            or not isinstance(settings["dropout"], (int, float))):
+    if (
+        not isinstance(settings, dict)
+        or set(settings) != set(ints) | {"dropout"}
+        or not all(type(settings[k]) is int and settings[k] >= 0 for k in ints)
+        or not isinstance(settings["dropout"], (int, float))
+    ):
         raise ModelFolderError(f"{where}: model_settings {settings!r:.200} do not describe a model")
     return ModelShape(**settings)
 
 
-def _read_shard(directory: Path, stage: str, manifest: dict[str, Any]) -> tuple[dict[str, torch.Tensor], ModelShape]:
+def _read_shard(
+    directory: Path, stage: str, manifest: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], ModelShape]:
     shard = directory / stage
     meta = _read_json(shard / "stage.json", f"the {stage} stage shard is missing")
     for key in ("run_id", "step", "model_fingerprint"):
         if meta.get(key) != manifest.get(key):
-            raise ModelFolderError(f"{shard / 'stage.json'}: {key} {meta.get(key)!r} differs from the manifest's "
-                                   f"{manifest.get(key)!r} (a shard of another run or step)")
+            raise ModelFolderError(
+                f"{shard / 'stage.json'}: {key} {meta.get(key)!r} differs from the manifest's "
+                f"{manifest.get(key)!r} (a shard of another run or step)"
+            )
     weights = shard / "weights.safetensors"
     if not weights.is_file():
         raise ModelFolderError(f"{weights} is missing")
     listed = (meta.get("files") or {}).get("weights.safetensors") or {}
     actual = sha256_file(weights)
     if actual != listed.get("sha256"):
-        raise ModelFolderError(f"{weights} is corrupt: sha256 {actual[:16]}... differs from {shard / 'stage.json'}")
+        raise ModelFolderError(
+            f"{weights} is corrupt: sha256 {actual[:16]}... differs from {shard / 'stage.json'}"
+        )
     in_manifest = ((manifest.get("shards") or {}).get(f"{stage}_stage") or {}).get("sha256")
     if in_manifest is not None and in_manifest != actual:
         raise ModelFolderError(f"{weights} is not the file {directory / MANIFEST} recorded (sha256 differs)")
@@ -104,14 +115,20 @@ def _tokenizer(directory: Path, manifest: dict[str, Any], override: Path | None)
     """The run's tokenizer: as recorded, else next to the run's checkpoints; sha256 must match."""
     want = manifest.get("tokenizer_sha256")
     recorded = Path(str(manifest.get("tokenizer", "")))
-    candidates = [override] if override is not None else [recorded, directory.parent.parent / "tokenizer.json"]
+    candidates = (
+        [override] if override is not None else [recorded, directory.parent.parent / "tokenizer.json"]
+    )
     for path in candidates:
         if path is not None and path.is_file():
             if want is not None and sha256_file(path) != want:
-                raise ModelFolderError(f"tokenizer {path} differs from the one {directory / MANIFEST} was trained with "
-                                       f"(sha256 mismatch)")
+                raise ModelFolderError(
+                    f"tokenizer {path} differs from the one {directory / MANIFEST} was trained with "
+                    f"(sha256 mismatch)"
+                )
             return path
-    raise ModelFolderError(f"the run's tokenizer {recorded} is gone (fix: --tokenizer PATH to the run's tokenizer.json)")
+    raise ModelFolderError(
+        f"the run's tokenizer {recorded} is gone (fix: --tokenizer PATH to the run's tokenizer.json)"
+    )
 
 
 def _baselines(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor] | None:
@@ -126,7 +143,9 @@ def _baselines(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Ten
     return load_file(str(path))
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path | None = None) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path | None = None
+) -> Path:
     """Checkpoint (step dir, checkpoint root or run dir) -> model folder at `out`; returns `out`."""
     directory = find_checkpoint(Path(checkpoint))
     manifest = _read_json(directory / MANIFEST, "not a complete checkpoint")
@@ -136,7 +155,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tokenizer: str
         tensors, shape = _read_shard(directory, stage, manifest)
         twice = sorted(set(tensors) & set(weights))
         if twice:
-            raise ModelFolderError(f"{directory / stage / 'weights.safetensors'} repeats parameters of another shard: {twice[:5]}")
+            raise ModelFolderError(
+                f"{directory / stage / 'weights.safetensors'} repeats parameters of another shard: {twice[:5]}"
+            )
         weights.update(tensors)
         shapes.append(shape)
     shape = shapes[0]
@@ -145,10 +166,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tokenizer: str
     expected = full_model_parameters(shape)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise ModelFolderError(f"{directory}: the shards do not make up the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ModelFolderError(
+            f"{directory}: the shards do not make up the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for name, want in expected.items():
         if tuple(weights[name].shape) != want:
-            raise ModelFolderError(f"{directory}: {name} is {tuple(weights[name].shape)}, the model has {want}")
+            raise ModelFolderError(
+                f"{directory}: {name} is {tuple(weights[name].shape)}, the model has {want}"
+            )
     tok = _tokenizer(directory, manifest, Path(tokenizer) if tokenizer is not None else None)
     run_config = manifest.get("config") or {}
     regret = run_config.get("regret") or {}
@@ -164,13 +189,25 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tokenizer: str
             "judgment": {"kind": "class", "labels": list(JUDGMENTS)},
             "regret": {"kind": "scalar", "labels": ["regret"]},
         },
-        "regret": {"regrets_per_step": int(regret.get("regrets_per_step", 7)),
-                   "bentham_per_regret": int(regret.get("bentham_per_regret", 3)),
-                   "counterfactuals": list(calculus.COUNTERFACTUALS), "perspectives": list(calculus.PERSPECTIVES)},
+        "regret": {
+            "regrets_per_step": int(regret.get("regrets_per_step", 7)),
+            "bentham_per_regret": int(regret.get("bentham_per_regret", 3)),
+            "counterfactuals": list(calculus.COUNTERFACTUALS),
+            "perspectives": list(calculus.PERSPECTIVES),
+        },
         # How the run laid out validation batches, so redheart-evaluate reproduces its numbers bit for bit.
         "evaluation": {"micro_batch_size": int(train.get("micro_batch_size", 2))},
-        "data": {k: data.get(k) for k in ("path", "validation_path", "validation_fraction", "seed", "max_scenarios")},
-        "source": {"checkpoint": str(directory.resolve()), "run_id": manifest.get("run_id"), "step": manifest.get("step"),
-                   "model_fingerprint": manifest.get("model_fingerprint")},
+        "data": {
+            k: data.get(k)
+            for k in ("path", "validation_path", "validation_fraction", "seed", "max_scenarios")
+        },
+        "source": {
+            "checkpoint": str(directory.resolve()),
+            "run_id": manifest.get("run_id"),
+            "step": manifest.get("step"),
+            "model_fingerprint": manifest.get("model_fingerprint"),
+        },
     }
-    return model_folder.write_folder(Path(out), config, {n: weights[n] for n in expected}, tok, _baselines(directory, manifest))
+    return model_folder.write_folder(
+        Path(out), config, {n: weights[n] for n in expected}, tok, _baselines(directory, manifest)
+    )

@@ -59,7 +59,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (fix: --device auto or cpu)")
+        raise ValueError(
+            f"--device {name}: CUDA is not available on this machine (fix: --device auto or cpu)"
+        )
     try:
         return torch.device(name)
     except RuntimeError as exc:
@@ -84,7 +86,9 @@ class RedHeartModel:
         tok_path = model_folder.verify_file(folder, config, model_folder.TOKENIZER_FILE)
         self.tokenizer = load_tokenizer(tok_path)
         if self.tokenizer.get_vocab_size() > self.shape.vocab_size:
-            raise ModelFolderError(f"{tok_path} has {self.tokenizer.get_vocab_size()} tokens, the model's vocab_size is {self.shape.vocab_size}")
+            raise ModelFolderError(
+                f"{tok_path} has {self.tokenizer.get_vocab_size()} tokens, the model's vocab_size is {self.shape.vocab_size}"
+            )
         regret = config.get("regret") or {}
         self.regrets_per_step = int(regret.get("regrets_per_step", 7))
         self.bentham_per_regret = int(regret.get("bentham_per_regret", 3))
@@ -108,7 +112,9 @@ class RedHeartModel:
     def encode(self, texts: Sequence[str]):
         return encode_texts(self.tokenizer, list(texts), self.shape.max_seq_len)
 
-    def outputs(self, texts: Sequence[str], batch_size: int = 32) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def outputs(
+        self, texts: Sequence[str], batch_size: int = 32
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Head outputs for many texts, in input order: length-aware batches (sorted by length,
         each padded only to its longest row), since padding to max_seq_len wastes most compute."""
         if batch_size < 1:
@@ -118,7 +124,7 @@ class RedHeartModel:
         order = torch.sort(lengths, stable=True).indices
         parts: dict[str, list[torch.Tensor]] = {}
         for lo in range(0, len(texts), batch_size):
-            rows = order[lo:lo + batch_size]
+            rows = order[lo : lo + batch_size]
             width = int(lengths[rows].max())
             out = self.forward(enc.input_ids[rows, :width], enc.attention_mask[rows, :width])  # [b, width] in
             for k, v in out.items():
@@ -130,7 +136,9 @@ class RedHeartModel:
 
     # ---- the user-facing API
 
-    def predict(self, texts: Sequence[str], *, ids: Sequence[str | None] | None = None, batch_size: int = 32) -> list[Prediction]:
+    def predict(
+        self, texts: Sequence[str], *, ids: Sequence[str | None] | None = None, batch_size: int = 32
+    ) -> list[Prediction]:
         """One Prediction per text, in order. Texts must be non-empty strings."""
         texts = list(texts)
         for i, text in enumerate(texts):
@@ -148,25 +156,33 @@ class RedHeartModel:
         for i, text in enumerate(texts):
             b = out["bentham"][i].tolist()
             best = int(judgment_p[i].argmax())
-            result.append(Prediction(
-                text=text,
-                emotions={e: float(emotion_p[i, j]) for j, e in enumerate(EMOTIONS)},
-                bentham={k: float(b[j]) for j, k in enumerate(BENTHAM_KEYS[:7])},
-                valence=float(b[7]),
-                judgment=JUDGMENTS[best],
-                judgment_probabilities={c: float(judgment_p[i, j]) for j, c in enumerate(JUDGMENTS)},
-                predicted_regret=float(out["regret"][i]),
-                explanation={
-                    "regret": float(scores.regret[i]),
-                    "best_counterfactual": scores.best_name[i],
-                    "actual_utility": float(scores.actual_utility[i]),
-                    "counterfactual_utilities": {n: float(u) for n, u in zip(names, scores.counterfactual_utilities[i])},
-                    "actual_perspective_utilities": {v: float(u) for v, u in zip(views, scores.actual_perspectives[i])},
-                    "best_perspective_utilities": {v: float(u) for v, u in zip(views, scores.best_perspectives[i])},
-                },
-                id=None if ids is None else ids[i],
-                truncated=bool(truncated[i]),
-            ))
+            result.append(
+                Prediction(
+                    text=text,
+                    emotions={e: float(emotion_p[i, j]) for j, e in enumerate(EMOTIONS)},
+                    bentham={k: float(b[j]) for j, k in enumerate(BENTHAM_KEYS[:7])},
+                    valence=float(b[7]),
+                    judgment=JUDGMENTS[best],
+                    judgment_probabilities={c: float(judgment_p[i, j]) for j, c in enumerate(JUDGMENTS)},
+                    predicted_regret=float(out["regret"][i]),
+                    explanation={
+                        "regret": float(scores.regret[i]),
+                        "best_counterfactual": scores.best_name[i],
+                        "actual_utility": float(scores.actual_utility[i]),
+                        "counterfactual_utilities": {
+                            n: float(u) for n, u in zip(names, scores.counterfactual_utilities[i])
+                        },
+                        "actual_perspective_utilities": {
+                            v: float(u) for v, u in zip(views, scores.actual_perspectives[i])
+                        },
+                        "best_perspective_utilities": {
+                            v: float(u) for v, u in zip(views, scores.best_perspectives[i])
+                        },
+                    },
+                    id=None if ids is None else ids[i],
+                    truncated=bool(truncated[i]),
+                )
+            )
         return result
 
     def evaluate(self, path: str | Path, *, split: str = "all") -> dict[str, Any]:

@@ -25,11 +25,20 @@ def fit_bow(config: HybridConfig, data):
     from redheart.data.bow_baseline import fit_bow_baseline
 
     start = time.perf_counter()
-    bow = fit_bow_baseline(data.train.input_ids, data.train.attention_mask, data.train_labels,
-                           regrets_per_step=config.regret.regrets_per_step,
-                           bentham_per_regret=config.regret.bentham_per_regret)
-    log.info("fitted the bag-of-words baseline (%d token features, %d heads) on %d training scenarios in %.1fs",
-             bow.features.numel(), len(bow.weights), len(data.train), time.perf_counter() - start)
+    bow = fit_bow_baseline(
+        data.train.input_ids,
+        data.train.attention_mask,
+        data.train_labels,
+        regrets_per_step=config.regret.regrets_per_step,
+        bentham_per_regret=config.regret.bentham_per_regret,
+    )
+    log.info(
+        "fitted the bag-of-words baseline (%d token features, %d heads) on %d training scenarios in %.1fs",
+        bow.features.numel(),
+        len(bow.weights),
+        len(data.train),
+        time.perf_counter() - start,
+    )
     return bow
 
 
@@ -49,6 +58,8 @@ def check_init_from(config: HybridConfig) -> dict[str, str] | None:
         return None
     folder = Path(config.model.init_from).resolve()
     folder_config = model_folder.read_config(folder)
-    model_folder.check_shape(folder_config, resolve_model_shape(config.model), where=f"model.init_from = {str(folder)!r}")
+    model_folder.check_shape(
+        folder_config, resolve_model_shape(config.model), where=f"model.init_from = {str(folder)!r}"
+    )
     model_folder.verify_file(folder, folder_config, model_folder.TOKENIZER_FILE)
     return {"path": str(folder), "sha256": folder_config["files"][model_folder.WEIGHTS_FILE]["sha256"]}

@@ -65,8 +65,12 @@ def shape_of(config: Mapping[str, Any], *, cpu_layers: int | None = None) -> Mod
     """The ModelShape a folder's config.json describes (all layers in one piece unless told)."""
     model = config["model"]
     layers = int(model["num_layers"])
-    return ModelShape(**{k: int(model[k]) for k in SHAPE_KEYS}, cpu_layers=layers if cpu_layers is None else cpu_layers,
-                      dropout=float(model.get("dropout", 0.0)), init_seed=int(model.get("init_seed", 0)))
+    return ModelShape(
+        **{k: int(model[k]) for k in SHAPE_KEYS},
+        cpu_layers=layers if cpu_layers is None else cpu_layers,
+        dropout=float(model.get("dropout", 0.0)),
+        init_seed=int(model.get("init_seed", 0)),
+    )
 
 
 def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -74,9 +78,13 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     root = Path(folder)
     path = root / CONFIG_FILE
     if not root.is_dir():
-        raise ModelFolderError(f"{root} is not a model folder (no such directory; make one with redheart-export)")
+        raise ModelFolderError(
+            f"{root} is not a model folder (no such directory; make one with redheart-export)"
+        )
     if not path.is_file():
-        raise ModelFolderError(f"{path} is missing: {root} is not a model folder (make one with redheart-export)")
+        raise ModelFolderError(
+            f"{path} is missing: {root} is not a model folder (make one with redheart-export)"
+        )
     with open(path, "rb") as fh:
         raw = fh.read(MAX_CONFIG_BYTES + 1)
     if len(raw) > MAX_CONFIG_BYTES:
@@ -86,19 +94,21 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFolderError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ModelFolderError(f"{path} is not a Red Heart model config (\"format\" is not {FORMAT!r})")
+        raise ModelFolderError(f'{path} is not a Red Heart model config ("format" is not {FORMAT!r})')
     if config.get("format_version") != FORMAT_VERSION:
-        raise ModelFolderError(f"{path}: unsupported format_version {config.get('format_version')!r} (this version reads {FORMAT_VERSION})")
+        raise ModelFolderError(
+            f"{path}: unsupported format_version {config.get('format_version')!r} (this version reads {FORMAT_VERSION})"
+        )
     model = config.get("model")
     if not isinstance(model, dict):
-        raise ModelFolderError(f"{path} has no \"model\" object")
+        raise ModelFolderError(f'{path} has no "model" object')
     for key in SHAPE_KEYS:
         value = model.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ModelFolderError(f"{path}: model.{key} = {value!r} must be a positive integer")
     files = config.get("files")
     if not isinstance(files, dict) or WEIGHTS_FILE not in files or TOKENIZER_FILE not in files:
-        raise ModelFolderError(f"{path} must list {WEIGHTS_FILE} and {TOKENIZER_FILE} under \"files\"")
+        raise ModelFolderError(f'{path} must list {WEIGHTS_FILE} and {TOKENIZER_FILE} under "files"')
     for name, info in files.items():
         if name not in (WEIGHTS_FILE, TOKENIZER_FILE, BASELINES_FILE):
             raise ModelFolderError(f"{path} lists an unknown file {name!r}")
@@ -113,21 +123,30 @@ def verify_file(folder: Path, config: Mapping[str, Any], name: str) -> Path:
     """The path of a listed file after checking its sha256 against config.json."""
     path = folder / name
     if sha256_file(path) != config["files"][name]["sha256"]:
-        raise ModelFolderError(f"{path} is corrupt: its sha256 differs from the one in {folder / CONFIG_FILE}")
+        raise ModelFolderError(
+            f"{path} is corrupt: its sha256 differs from the one in {folder / CONFIG_FILE}"
+        )
     return path
 
 
 def check_shape(config: Mapping[str, Any], shape: ModelShape, *, where: str) -> None:
     """Refuse a folder whose model shape differs from `shape`, naming every differing key."""
     model = config["model"]
-    diffs = [f"{k}: {model.get(k)!r} in the folder, {getattr(shape, k)!r} here" for k in SHAPE_KEYS if model.get(k) != getattr(shape, k)]
+    diffs = [
+        f"{k}: {model.get(k)!r} in the folder, {getattr(shape, k)!r} here"
+        for k in SHAPE_KEYS
+        if model.get(k) != getattr(shape, k)
+    ]
     if diffs:
-        raise ModelFolderError(f"{where} holds a model of another shape: {'; '.join(diffs)} "
-                               f"(fix: set the [model] section to the folder's shape)")
+        raise ModelFolderError(
+            f"{where} holds a model of another shape: {'; '.join(diffs)} "
+            f"(fix: set the [model] section to the folder's shape)"
+        )
 
 
-def read_weights(folder: Path, config: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]],
-                 *, subset: bool = False) -> dict[str, torch.Tensor]:
+def read_weights(
+    folder: Path, config: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], *, subset: bool = False
+) -> dict[str, torch.Tensor]:
     """Parameters from model.safetensors (sha256 checked), exactly `expected` by name and shape.
 
     With ``subset`` the file may hold more (the other stages' parameters): a stage takes its own."""
@@ -139,17 +158,23 @@ def read_weights(folder: Path, config: Mapping[str, Any], expected: Mapping[str,
     missing = sorted(set(expected) - set(tensors))
     unexpected = [] if subset else sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ModelFolderError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ModelFolderError(
+            f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     out = {}
     for name, want in expected.items():
         t = tensors[name]
         if tuple(t.shape) != tuple(want) or not t.is_floating_point():
-            raise ModelFolderError(f"{path}: {name} is {t.dtype} {tuple(t.shape)}, the model has {tuple(want)}")
+            raise ModelFolderError(
+                f"{path}: {name} is {t.dtype} {tuple(t.shape)}, the model has {tuple(want)}"
+            )
         out[name] = t
     return out
 
 
-def load_into(named_parameters: Iterable[tuple[str, torch.Tensor]], tensors: Mapping[str, torch.Tensor]) -> None:
+def load_into(
+    named_parameters: Iterable[tuple[str, torch.Tensor]], tensors: Mapping[str, torch.Tensor]
+) -> None:
     with torch.no_grad():
         for name, p in named_parameters:
             p.copy_(tensors[name].to(p.device, p.dtype))
@@ -160,36 +185,54 @@ def read_init_weights(spec: Any, module: torch.nn.Module) -> dict[str, torch.Ten
 
     ``spec`` is ``{"path": MODEL_DIR, "sha256": <of model.safetensors>}``: the sha256 the orchestrator
     saw, so a folder changed between the orchestrator's check and the stage's load is refused."""
-    if not isinstance(spec, Mapping) or not isinstance(spec.get("path"), str) or not isinstance(spec.get("sha256"), str):
-        raise ModelFolderError(f"init_from must be {{\"path\": str, \"sha256\": str}}, got {spec!r:.200}")
+    if (
+        not isinstance(spec, Mapping)
+        or not isinstance(spec.get("path"), str)
+        or not isinstance(spec.get("sha256"), str)
+    ):
+        raise ModelFolderError(f'init_from must be {{"path": str, "sha256": str}}, got {spec!r:.200}')
     folder = Path(spec["path"])
     config = read_config(folder)
     if config["files"][WEIGHTS_FILE]["sha256"] != spec["sha256"]:
-        raise ModelFolderError(f"{folder / WEIGHTS_FILE} changed since the orchestrator checked it (sha256 differs)")
+        raise ModelFolderError(
+            f"{folder / WEIGHTS_FILE} changed since the orchestrator checked it (sha256 differs)"
+        )
     check_shape(config, module.shape, where=str(folder))  # type: ignore[arg-type]
     expected = {n: tuple(p.shape) for n, p in module.global_named_parameters()}  # type: ignore[operator]
     return read_weights(folder, config, expected, subset=True)
 
 
-def write_folder(out: Path, config: dict[str, Any], weights: Mapping[str, torch.Tensor], tokenizer: Path,
-                 baselines: Mapping[str, torch.Tensor] | None = None) -> Path:
+def write_folder(
+    out: Path,
+    config: dict[str, Any],
+    weights: Mapping[str, torch.Tensor],
+    tokenizer: Path,
+    baselines: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write a complete folder next to `out`, then rename it into place: never a half-written one.
 
     An existing `out` is replaced only when it is a model folder (never some other directory)."""
     out = Path(out)
     if out.exists() and not (out / CONFIG_FILE).is_file():
-        raise ModelFolderError(f"{out} exists and is not a model folder: refusing to replace it (fix: another --out)")
+        raise ModelFolderError(
+            f"{out} exists and is not a model folder: refusing to replace it (fix: another --out)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
         shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
-        files = {WEIGHTS_FILE: file_entry(tmp / WEIGHTS_FILE), TOKENIZER_FILE: file_entry(tmp / TOKENIZER_FILE)}
+        files = {
+            WEIGHTS_FILE: file_entry(tmp / WEIGHTS_FILE),
+            TOKENIZER_FILE: file_entry(tmp / TOKENIZER_FILE),
+        }
         if baselines is not None:
             save_file(dict(baselines), str(tmp / BASELINES_FILE))
             files[BASELINES_FILE] = file_entry(tmp / BASELINES_FILE)
         config = dict(config, format=FORMAT, format_version=FORMAT_VERSION, files=files)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False), encoding="utf-8")
+        (tmp / CONFIG_FILE).write_text(
+            json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False), encoding="utf-8"
+        )
         # mkdtemp makes the folder private (0700); a model folder is meant to be shared like any output.
         umask = os.umask(0)
         os.umask(umask)

@@ -53,7 +53,9 @@ class BowBaseline:
         weights = {h: tensors[f"bow.{h}"].double() for h in HEADS if f"bow.{h}" in tensors}
         for head, w in weights.items():
             if w.ndim != 2 or w.shape[0] != features.numel() + 1:
-                raise ValueError(f"bow.{head} has shape {tuple(w.shape)}, expected [{features.numel() + 1}, out]")
+                raise ValueError(
+                    f"bow.{head} has shape {tuple(w.shape)}, expected [{features.numel() + 1}, out]"
+                )
         return cls(features, weights)
 
     def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -62,7 +64,11 @@ class BowBaseline:
         index = _feature_index(self.features, vocab)
         out: dict[str, list[torch.Tensor]] = {}
         for lo in range(0, input_ids.shape[0], _CHUNK):
-            x = _design(index[input_ids[lo:lo + _CHUNK]], attention_mask[lo:lo + _CHUNK].bool(), self.features.numel())
+            x = _design(
+                index[input_ids[lo : lo + _CHUNK]],
+                attention_mask[lo : lo + _CHUNK].bool(),
+                self.features.numel(),
+            )
             for head, w in self.weights.items():
                 out.setdefault(head, []).append(x @ w)  # [c, out]
         raw = {h: torch.cat(v) for h, v in out.items()}
@@ -71,7 +77,9 @@ class BowBaseline:
             pred["emotion_logits"] = (raw["emotion"] - 0.5).float()  # [N, 6]: > 0 iff p > 0.5
         if "bentham" in raw:
             b = raw["bentham"]
-            pred["bentham"] = torch.cat([b[:, :7].clamp(0, 1), b[:, 7:].clamp(-1, 1)], dim=1).float()  # [N, 8]
+            pred["bentham"] = torch.cat(
+                [b[:, :7].clamp(0, 1), b[:, 7:].clamp(-1, 1)], dim=1
+            ).float()  # [N, 8]
         if "judgment" in raw:
             pred["judgment_logits"] = raw["judgment"].float()  # [N, 5]
         if "regret" in raw:
@@ -102,7 +110,7 @@ def _solve(feat: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, k: int) -> t
     gram = torch.zeros(kk * kk, dtype=torch.int64)  # flattened [K+1, K+1], exact integer counts
     xty = torch.zeros(kk, y.shape[1], dtype=torch.float64)  # [K+1, out]
     for lo in range(0, feat.shape[0], _CHUNK):
-        f, m = feat[lo:lo + _CHUNK], mask[lo:lo + _CHUNK]
+        f, m = feat[lo : lo + _CHUNK], mask[lo : lo + _CHUNK]
         f = torch.where(m & (f >= 0), f, torch.full_like(f, -1))
         # The constant feature sits in an extra column so pair counting covers bias terms too.
         f = torch.cat([f, torch.full((f.shape[0], 1), k, dtype=torch.long)], dim=1)  # [c, L+1]
@@ -110,14 +118,20 @@ def _solve(feat: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, k: int) -> t
         pairs = f[:, :, None] * kk + f[:, None, :]  # [c, L+1, L+1]
         both = valid[:, :, None] & valid[:, None, :]  # [c, L+1, L+1]
         gram += torch.bincount(pairs[both], minlength=kk * kk)
-        xty += _design(f[:, :-1], valid[:, :-1], k).T @ y[lo:lo + _CHUNK].double()
+        xty += _design(f[:, :-1], valid[:, :-1], k).T @ y[lo : lo + _CHUNK].double()
     a = gram.view(kk, kk).double()  # [K+1, K+1]
     a[torch.arange(k), torch.arange(k)] += RIDGE
     return torch.linalg.solve(a, xty)
 
 
-def fit_bow_baseline(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: Mapping[str, torch.Tensor],
-                     *, regrets_per_step: int = 7, bentham_per_regret: int = 3) -> BowBaseline:
+def fit_bow_baseline(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: Mapping[str, torch.Tensor],
+    *,
+    regrets_per_step: int = 7,
+    bentham_per_regret: int = 3,
+) -> BowBaseline:
     """Fit every head that has labeled rows in `labels` (the keys of EncodedDataset.labels)."""
     mask = attention_mask.bool()
     ids = input_ids.long()
@@ -125,14 +139,14 @@ def fit_bow_baseline(input_ids: torch.Tensor, attention_mask: torch.Tensor, labe
     doc_freq = torch.zeros(vocab, dtype=torch.long)
     for lo in range(0, ids.shape[0], _CHUNK):
         present = torch.zeros(min(_CHUNK, ids.shape[0] - lo), vocab, dtype=torch.bool)  # [c, V]
-        rows = torch.arange(present.shape[0])[:, None].expand_as(ids[lo:lo + _CHUNK])
-        m = mask[lo:lo + _CHUNK]
-        present[rows[m], ids[lo:lo + _CHUNK][m]] = True
+        rows = torch.arange(present.shape[0])[:, None].expand_as(ids[lo : lo + _CHUNK])
+        m = mask[lo : lo + _CHUNK]
+        present[rows[m], ids[lo : lo + _CHUNK][m]] = True
         doc_freq += present.sum(0)
     doc_freq[: len(SPECIAL_TOKENS)] = 0  # [CLS] is in every row: the constant already covers it
     # Stable sort on -frequency keeps ties in token-id order: the same features on every machine.
     order = torch.sort(-doc_freq, stable=True).indices
-    features = order[: MAX_FEATURES][doc_freq[order[: MAX_FEATURES]] > 0]
+    features = order[:MAX_FEATURES][doc_freq[order[:MAX_FEATURES]] > 0]
     k = features.numel()
     feat = _feature_index(features, vocab)[ids]  # [N, L]
     targets: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (head, row mask [N], targets [M, out])
@@ -150,7 +164,9 @@ def fit_bow_baseline(input_ids: torch.Tensor, attention_mask: torch.Tensor, labe
     jud = labels["labels.judgment"].long()
     jud_rows = jud != -100
     if bool(jud_rows.any()):
-        targets.append(("judgment", jud_rows, torch.nn.functional.one_hot(jud[jud_rows], len(JUDGMENTS)).double()))
+        targets.append(
+            ("judgment", jud_rows, torch.nn.functional.one_hot(jud[jud_rows], len(JUDGMENTS)).double())
+        )
     # Heads labeled on the same rows share one Gram matrix and one solve (the bundled corpus labels
     # every head on every row): the solve is linear in the targets, so this changes no number's meaning.
     weights: dict[str, torch.Tensor] = {}
@@ -163,10 +179,12 @@ def fit_bow_baseline(input_ids: torch.Tensor, attention_mask: torch.Tensor, labe
         else:
             groups.append((rows, [(head, y)]))
     for rows, members in groups:
-        solved = _solve(feat[rows], mask[rows], torch.cat([y for _h, y in members], dim=1), k)  # [K+1, sum(out)]
+        solved = _solve(
+            feat[rows], mask[rows], torch.cat([y for _h, y in members], dim=1), k
+        )  # [K+1, sum(out)]
         col = 0
         for head, y in members:
-            weights[head] = solved[:, col:col + y.shape[1]].clone()
+            weights[head] = solved[:, col : col + y.shape[1]].clone()
             col += y.shape[1]
     return BowBaseline(features, weights)
 
@@ -177,8 +195,9 @@ _LABEL_PREFIX = "train."
 _REGRET_MEAN = "train.regret_target_mean"
 
 
-def baselines_tensors(train_labels: Mapping[str, torch.Tensor], bow: BowBaseline | None,
-                      regret_target_mean: float | None) -> dict[str, torch.Tensor]:
+def baselines_tensors(
+    train_labels: Mapping[str, torch.Tensor], bow: BowBaseline | None, regret_target_mean: float | None
+) -> dict[str, torch.Tensor]:
     """Tensors of baselines.safetensors: train-split labels, the bow fit, the run's mean regret target."""
     out = {_LABEL_PREFIX + k: v.contiguous() for k, v in train_labels.items() if k != "regret_target"}
     if bow is not None:
@@ -188,12 +207,20 @@ def baselines_tensors(train_labels: Mapping[str, torch.Tensor], bow: BowBaseline
     return out
 
 
-def read_baselines_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], BowBaseline | None]:
+def read_baselines_tensors(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], BowBaseline | None]:
     """(train labels as the trainer's baselines see them, bow fit) from baselines.safetensors."""
-    labels = {k[len(_LABEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_LABEL_PREFIX) and k != _REGRET_MEAN}
+    labels = {
+        k[len(_LABEL_PREFIX) :]: v
+        for k, v in tensors.items()
+        if k.startswith(_LABEL_PREFIX) and k != _REGRET_MEAN
+    }
     if "labels.judgment" not in labels:
         raise ValueError("baselines.safetensors holds no train labels")
     if _REGRET_MEAN in tensors:
         # The same construction as the trainer: a float32 column of the mean it kept.
-        labels["regret_target"] = torch.full((labels["labels.judgment"].shape[0],), float(tensors[_REGRET_MEAN][0]))
+        labels["regret_target"] = torch.full(
+            (labels["labels.judgment"].shape[0],), float(tensors[_REGRET_MEAN][0])
+        )
     return labels, BowBaseline.from_tensors(tensors)

@@ -21,8 +21,11 @@ def _keyword_task(n: int = 120, seed: int = 0):
     bentham = torch.full((n, 8), 0.5)
     bentham[:, 0] = 0.2 + 0.6 * (cls == 1).float()
     labels = {
-        "labels.emotions": torch.nn.functional.one_hot(cls, 6).float(), "labels.emotions_mask": torch.ones(n, dtype=torch.bool),
-        "labels.bentham": bentham, "labels.bentham_mask": torch.ones(n, dtype=torch.bool), "labels.judgment": cls.clone(),
+        "labels.emotions": torch.nn.functional.one_hot(cls, 6).float(),
+        "labels.emotions_mask": torch.ones(n, dtype=torch.bool),
+        "labels.bentham": bentham,
+        "labels.bentham_mask": torch.ones(n, dtype=torch.bool),
+        "labels.judgment": cls.clone(),
     }
     labels["labels.judgment"][::7] = -100  # some rows unlabeled for judgment: their own Gram matrix
     return ids, mask, labels
@@ -39,7 +42,9 @@ def test_the_fit_is_the_ridge_closed_form():
     y = torch.nn.functional.one_hot(labels["labels.judgment"][rows], 5).double()
     want = torch.linalg.solve(x[rows].T @ x[rows] + penalty, x[rows].T @ y)
     assert torch.allclose(bow.weights["judgment"], want, atol=1e-10)
-    assert 2 not in bow.features.tolist() and 0 not in bow.features.tolist()  # special tokens are not features
+    assert (
+        2 not in bow.features.tolist() and 0 not in bow.features.tolist()
+    )  # special tokens are not features
 
 
 def test_the_fit_is_deterministic_and_round_trips_through_tensors():
@@ -63,9 +68,16 @@ def test_it_reads_the_text_where_a_constant_cannot():
 
 
 def test_a_model_that_loses_to_a_baseline_is_told_so():
-    worse = compare_with_baselines({"bentham_mae": 0.117, "judgment_accuracy": 0.9},
-                                   {"baseline_bow_bentham_mae": 0.028, "baseline_bentham_mae": 0.2,
-                                    "baseline_bow_judgment_accuracy": 0.8, "baseline_judgment_accuracy": 0.4})
+    worse = compare_with_baselines(
+        {"bentham_mae": 0.117, "judgment_accuracy": 0.9},
+        {
+            "baseline_bow_bentham_mae": 0.028,
+            "baseline_bentham_mae": 0.2,
+            "baseline_bow_judgment_accuracy": 0.8,
+            "baseline_judgment_accuracy": 0.4,
+        },
+    )
     assert worse == ["bentham_mae 0.1170 is worse than the bag-of-words baseline (0.0280, lower is better)"]
     assert compare_with_baselines({"judgment_accuracy": 0.3}, {"baseline_judgment_accuracy": 0.4}) == [
-        "judgment_accuracy 0.3000 is worse than the trivial baseline (0.4000, higher is better)"]
+        "judgment_accuracy 0.3000 is worse than the trivial baseline (0.4000, higher is better)"
+    ]

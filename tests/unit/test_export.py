@@ -31,14 +31,22 @@ def test_export_merges_both_shards_under_the_unsplit_names(checkpoint, tmp_path)
     weights = load_file(str(out / model_folder.WEIGHTS_FILE))
     shape = model_folder.shape_of(config)
     assert set(weights) == set(full_model_parameters(shape))
-    assert {"embeddings.token.weight", "layers.0.attn.qkv.weight", "layers.2.ffn_out.bias", "heads.bentham.weight"} <= set(weights)
+    assert {
+        "embeddings.token.weight",
+        "layers.0.attn.qkv.weight",
+        "layers.2.ffn_out.bias",
+        "heads.bentham.weight",
+    } <= set(weights)
     cpu = load_file(str(checkpoint / "cpu" / "weights.safetensors"))
     gpu = load_file(str(checkpoint / "gpu" / "weights.safetensors"))
     for name, tensor in {**cpu, **gpu}.items():
         assert torch.equal(weights[name], tensor), name
     assert config["trained_split"] == {"cpu_layers": 1}
     assert config["heads"]["emotion"]["labels"] == ["joy", "sadness", "anger", "fear", "disgust", "surprise"]
-    assert len(config["heads"]["bentham"]["labels"]) == 8 and config["heads"]["judgment"]["labels"][0] == "author"
+    assert (
+        len(config["heads"]["bentham"]["labels"]) == 8
+        and config["heads"]["judgment"]["labels"][0] == "author"
+    )
     assert (out / "tokenizer.json").read_bytes() == (checkpoint.parents[1] / "tokenizer.json").read_bytes()
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the temp folder was renamed away
     export_checkpoint(checkpoint, out)  # exporting again replaces a model folder
@@ -59,7 +67,9 @@ def test_a_missing_shard_is_refused_naming_it(broken, tmp_path):
     import shutil
 
     shutil.rmtree(broken / "gpu")
-    _refused(broken, tmp_path / "m", rf"{broken}/gpu/stage\.json is missing \(the gpu stage shard is missing\)")
+    _refused(
+        broken, tmp_path / "m", rf"{broken}/gpu/stage\.json is missing \(the gpu stage shard is missing\)"
+    )
 
 
 def test_a_wrong_checksum_is_refused_naming_the_file(broken, tmp_path):

@@ -12,8 +12,12 @@ from model_fixtures import make_checkpoint
 from redheart import calculus, model_folder
 from redheart.model_folder import ModelFolderError
 
-TEXTS = ["I returned the wallet I found to its owner.", "내 친구가 약속을 어겨서 화가 났다.",
-         "My coworker took credit for my report and I said nothing about it for weeks, which I regret.", "ok"]
+TEXTS = [
+    "I returned the wallet I found to its owner.",
+    "내 친구가 약속을 어겨서 화가 났다.",
+    "My coworker took credit for my report and I said nothing about it for weeks, which I regret.",
+    "ok",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +38,14 @@ def test_predictions_name_every_output_and_explain_with_the_calculus(folder):
         assert sum(p.judgment_probabilities.values()) == pytest.approx(1.0)
         assert p.judgment == max(p.judgment_probabilities, key=p.judgment_probabilities.get)
         e = p.explanation
-        assert e["best_counterfactual"] == scores.best_name[i] and e["regret"] == pytest.approx(float(scores.regret[i]))
+        assert e["best_counterfactual"] == scores.best_name[i] and e["regret"] == pytest.approx(
+            float(scores.regret[i])
+        )
         assert list(e["counterfactual_utilities"]) == list(calculus.COUNTERFACTUALS)
         assert list(e["actual_perspective_utilities"]) == ["agent", "affected", "society"]
-        assert e["regret"] == pytest.approx(max(0.0, max(e["counterfactual_utilities"].values()) - e["actual_utility"]))
+        assert e["regret"] == pytest.approx(
+            max(0.0, max(e["counterfactual_utilities"].values()) - e["actual_utility"])
+        )
         json.dumps(p.to_dict(), ensure_ascii=False)  # JSONL-ready
 
 
@@ -66,7 +74,9 @@ def test_a_folder_of_another_shape_or_with_a_corrupt_file_is_refused_naming_the_
     config = json.loads((other / "config.json").read_text())
     config["model"]["hidden_size"] = 64
     (other / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelFolderError, match=rf"{other}/model\.safetensors: embeddings\.token\.weight is .* the model has"):
+    with pytest.raises(
+        ModelFolderError, match=rf"{other}/model\.safetensors: embeddings\.token\.weight is .* the model has"
+    ):
         RedHeartModel.from_pretrained(other)
     shutil.copyfile(folder / "config.json", other / "config.json")
     data = bytearray((other / "model.safetensors").read_bytes())
@@ -93,12 +103,23 @@ def test_a_stage_loads_its_own_part_of_a_folder_at_any_split(folder):
         shape = ModelShape(**{**model_folder.shape_of(config).__dict__, "cpu_layers": cpu_layers})
         for factory in (lambda: CpuStagePart(shape), lambda: GpuStagePart(shape, device="cpu")):
             runtime = StageRuntime(factory, shape)
-            runtime.start_run("r", {"regret": {"enabled": False}, "init_from": spec}, reinitialize=True, first_step=0,
-                              regret_address="")
+            runtime.start_run(
+                "r",
+                {"regret": {"enabled": False}, "init_from": spec},
+                reinitialize=True,
+                first_step=0,
+                regret_address="",
+            )
             for name, p in runtime.part.module.global_named_parameters():
                 assert torch.equal(p.detach(), reference[name]), (cpu_layers, name)
     runtime = StageRuntime(lambda: CpuStagePart(shape), shape)
     before = {n: p.detach().clone() for n, p in runtime.part.module.global_named_parameters()}
     with pytest.raises(StageError, match="changed since the orchestrator checked it"):
-        runtime.start_run("r", {"init_from": dict(spec, sha256="0" * 64)}, reinitialize=True, first_step=0, regret_address="")
+        runtime.start_run(
+            "r",
+            {"init_from": dict(spec, sha256="0" * 64)},
+            reinitialize=True,
+            first_step=0,
+            regret_address="",
+        )
     assert all(torch.equal(p.detach(), before[n]) for n, p in runtime.part.module.global_named_parameters())
