@@ -32,6 +32,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from orchestrator import checkpoint as ckpt
+from orchestrator import run_products
 from orchestrator.data import PreparedData, StepBatches, prepare_data, to_batch
 from orchestrator.launcher import LaunchError, LocalLauncher
 from orchestrator.metrics import OrchestratorMetrics
@@ -128,6 +129,8 @@ class HybridDistributedTrainer:
         self.peak_rss: dict[str, int] = {}
         self.metrics_port = 0
         self.split_choice = None
+        self._bow = None  # the bag-of-words baseline, fitted once per run on the train split
+        self.init_spec: dict[str, str] | None = None  # model.init_from, as the stages receive it
 
     def _reset_progress(self) -> None:
         """What a run has done so far: empty at the start, and again when a recovery finds no checkpoint."""
@@ -195,6 +198,8 @@ class HybridDistributedTrainer:
 
     def _start_run(self, run_id: str, first_step: int) -> None:
         settings = _settings_for_stages(self.config)
+        if self.init_spec is not None:
+            settings["init_from"] = self.init_spec  # each stage loads its own part when it (re)builds
         cpu, gpu = self.addresses["cpu_stage"], self.addresses["gpu_stage"]
         regret = self.addresses.get("regret", "")
         self.clients["cpu_stage"].start_run(run_id, settings, next_address=gpu, prev_address="",
@@ -243,6 +248,7 @@ class HybridDistributedTrainer:
             "regret_n": self.regret_n,
             "restarts": self.restarts,
         }
+        manifest["baselines"] = self._write_baselines(directory, data)
         ckpt.write_manifest(directory, manifest)
         ckpt.prune(self.checkpoint_root, self.config.checkpoint.keep_last)
         seconds = time.perf_counter() - start
@@ -251,6 +257,21 @@ class HybridDistributedTrainer:
         log.info("checkpoint step %d -> %s (%.2fs, %.1f MB)", step, directory, seconds,
                  sum(s.bytes for s in shards.values()) / 1e6)
         return directory
+
+    def _bow_baseline(self, data: PreparedData):
+        if self._bow is None:
+            self._bow = run_products.fit_bow(self.config, data)
+        return self._bow
+
+    def _write_baselines(self, directory: Path, data: PreparedData) -> dict[str, str]:
+        mean = self.regret_sum / self.regret_n if self.regret_n else None
+        return run_products.write_baselines(directory, data, self._bow_baseline(data), mean)
+
+    def _check_init_from(self) -> dict[str, str] | None:
+        try:
+            return run_products.check_init_from(self.config)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
 
     def _restore_orchestrator_state(self, manifest: dict[str, Any], driver: PipelineDriver | None) -> None:
         self.history = list(manifest.get("history", []))
@@ -352,7 +373,13 @@ class HybridDistributedTrainer:
         if self.regret_n:
             train_labels["regret_target"] = torch.full((len(data.train),), self.regret_sum / self.regret_n)
         baseline = baseline_metrics(train_labels, labels)
-        entry = {"label": label, "step": self._current_step, "metrics": metrics, "baseline": baseline}
+        from redheart.data.evaluation import bow_baseline_metrics, compare_with_baselines
+
+        baseline.update(bow_baseline_metrics(self._bow_baseline(data), val.input_ids, val.attention_mask, labels))
+        entry = {"label": label, "step": self._current_step, "metrics": metrics, "baseline": baseline,
+                 "worse_than_baselines": compare_with_baselines(metrics, baseline)}
+        if entry["worse_than_baselines"]:
+            log.warning("%s validation: the model does worse than a baseline: %s", label, "; ".join(entry["worse_than_baselines"]))
         for key, value in metrics.items():
             if key in ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae"):
                 self.metrics.validation.labels(key).set(value)
@@ -453,6 +480,7 @@ class HybridDistributedTrainer:
         with ExitStack() as stack:
             resume_info = self._resume_info()
             self._resolve_split(resume_info)
+            self.init_spec = self._check_init_from()
             self._prepare_output(stack)
             self._install_signal_handlers(stack)
             tokenizer_path = None
@@ -460,6 +488,9 @@ class HybridDistributedTrainer:
                 tokenizer_path = Path(resume_info.manifest["tokenizer"])
                 if not tokenizer_path.exists():
                     raise RunError(f"checkpoint {resume_info.path} needs its tokenizer {tokenizer_path}, which is gone")
+            elif self.init_spec is not None:
+                # Token ids must mean what they meant to the exported embeddings.
+                tokenizer_path = Path(self.init_spec["path"]) / "tokenizer.json"
             data = prepare_data(cfg, self.output_dir, tokenizer_path=tokenizer_path)
             if resume_info is not None and data.tokenizer_sha256 != resume_info.manifest.get("tokenizer_sha256"):
                 raise RunError(f"tokenizer {data.tokenizer_path} differs from the one checkpoint {resume_info.path} was trained with")
@@ -637,6 +668,7 @@ class HybridDistributedTrainer:
             "recoveries": self.recoveries,
             "data": data.summary(),
             "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+            "init_from": self.init_spec,
             "split": {
                 "cpu_layers": resolve_model_shape(self.config.model).cpu_layers,
                 "automatic": self.split_choice is not None,
@@ -651,7 +683,8 @@ def _fmt_metrics(entry: dict) -> str:
     parts = []
     for key in ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae"):
         if key in m:
-            parts.append(f"{key} {m[key]:.4f} (baseline {b.get('baseline_' + key, float('nan')):.4f})")
+            bow = f", bag-of-words {b['baseline_bow_' + key]:.4f}" if "baseline_bow_" + key in b else ""
+            parts.append(f"{key} {m[key]:.4f} (baseline {b.get('baseline_' + key, float('nan')):.4f}{bow})")
     return ", ".join(parts)
 
 

@@ -85,6 +85,8 @@ class ModelConfig:
     """Explicit number of transformer layers on the CPU stage (overrides gpu_layers_ratio)."""
     init_seed: int = 0
     """Seed of the weight initialisation; every stage initialises its own layers from it."""
+    init_from: str = ""
+    """An exported model folder (redheart-export) to start from instead of the seeded initialisation: each stage loads its own parameters from its model.safetensors by global name, so the split may differ from the one it was trained at; the shape must match this section, and the run uses the folder's tokenizer. Empty: seeded initialisation."""
 
 
 @dataclass
@@ -98,7 +100,9 @@ class DataConfig:
     max_scenarios: int = 0
     """Use only the first N scenarios of the file (0: all)."""
     validation_fraction: float = 0.1
-    """Share of scenarios held out for validation (split by a hash of the id)."""
+    """Share of scenarios held out for validation (split by a hash of the id); unused with validation_path."""
+    validation_path: str = ""
+    """A separate JSONL file to validate on (every scenario of it); the whole of `path` is then the training split. Empty: hold out validation_fraction of `path`."""
     seed: int = 0
     """Seed of the split and of the per-epoch shuffling."""
     source_weights: dict[str, float] = field(default_factory=dict)
@@ -854,6 +858,9 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
         fail("data", "max_scenarios", f"data.max_scenarios = {d.max_scenarios} must be >= 0")
     if d.bucket_window < 1:
         fail("data", "bucket_window", f"data.bucket_window = {d.bucket_window} must be at least 1 (optimizer steps per window)")
+    if d.validation_path and Path(d.validation_path).resolve() == Path(d.path).resolve():
+        fail("data", "validation_path", f"data.validation_path = {d.validation_path!r} is data.path itself: validating on the "
+             "training data measures nothing (fix: a separate file, or leave it empty for the hash split)")
     for source, weight in d.source_weights.items():
         if weight < 0:
             fail("data", "source_weights", f"data.source_weights.{source} = {weight} must be >= 0")

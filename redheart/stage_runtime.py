@@ -377,7 +377,10 @@ class StageRuntime:
             train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
             train = TrainConfig(**{k: v for k, v in dict(settings.get("train", {})).items() if k in train_fields})
             if reinitialize or self.optimizer is None:
-                self.part = self._part_factory()
+                part = self._part_factory()
+                if settings.get("init_from"):
+                    _load_init_weights(part, settings["init_from"])  # before self.part: a refusal changes nothing
+                self.part = part
             self.train = train
             self.settings = dict(settings)
             self.mixed_precision = bool(train.use_mixed_precision)
@@ -821,6 +824,17 @@ class StageRuntime:
 
 
 SHARD_FILES = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def _load_init_weights(part: StagePart, spec: Any) -> None:
+    """model.init_from: this stage's parameters from an exported folder, by global name (any split)."""
+    from redheart import model_folder
+
+    try:
+        tensors = model_folder.read_init_weights(spec, part.module)
+    except (model_folder.ModelFolderError, OSError) as exc:
+        raise StageError("precondition", f"StartRun settings: init_from: {exc}") from None
+    model_folder.load_into(part.module.global_named_parameters(), tensors)
 
 
 def _is_real(value: Any) -> bool:
