@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -42,6 +42,9 @@ from redheart.stage_runtime import (
     StageRuntime,
 )
 from redheart.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
+
+if typing.TYPE_CHECKING:
+    from redheart.cli_common import StageArgs
 
 log = logging.getLogger(__name__)
 
@@ -511,19 +514,8 @@ def create_stage_server(
 # ----------------------------------------------------------------------------- process main
 
 
-def run_stage_cli(stage: str, create_server: Callable[..., tuple[StageServer, int]], argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=f"redheart-{stage}-stage",
-        description=f"Run the Red Heart {stage.upper()} pipeline stage service.",
-    )
-    parser.add_argument("--config", required=True, help="the run's TOML file (reads [model], [{0}_stage], [wire], [metrics])".format(stage))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config key (repeatable)")
-    parser.add_argument("--host", help=f"interface to bind (default: {stage}_stage.host)")
-    parser.add_argument("--port", type=int, help=f"port to bind, 0 for any (default: {stage}_stage.port)")
-    parser.add_argument("--metrics-port", type=int, help=f"/metrics port, 0 for any (default: {stage}_stage.metrics_port)")
-    parser.add_argument("--log-level", default=os.environ.get("REDHEART_LOG_LEVEL", "INFO"))
-    args = parser.parse_args(argv)
+def run_stage_cli(stage: str, create_server: Callable[..., tuple[StageServer, int]], args: StageArgs) -> int:
+    """The stage process main; ``args`` comes parsed from the click command in redheart/cli_common.py."""
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s {stage}-stage %(levelname)s %(name)s: %(message)s")
     try:
