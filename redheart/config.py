@@ -407,6 +407,34 @@ class HybridConfig:
         for name in SECTIONS:
             setattr(self, name, getattr(built, name))
 
+    # ---- the original flat attributes, both ways: `config.batch_size` reads and `config.batch_size = 4`
+    # sets train.batch_size, validated like the constructor (the prototype's troubleshooting relies on it).
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails, so sections, methods and properties never come here.
+        if name.startswith("_") or name in SECTIONS:
+            raise AttributeError(name)
+        section, key = _flat_owner(name)
+        return getattr(getattr(self, section), key)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in SECTIONS or name.startswith("_"):
+            object.__setattr__(self, name, value)
+            return
+        if hasattr(type(self), name):
+            owners = [s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+            hint = f" (fix: set config.{owners[0]}.{name})" if owners else ""
+            raise AttributeError(f"HybridConfig.{name} is derived (a method or property) and cannot be assigned{hint}")
+        section, key = _flat_owner(name)
+        raw = self.to_dict(redact_secrets=False)
+        raw[section][key] = value
+        built = _build(raw, origin=_Origin(f"config.{name} = {value!r}"))
+        # Update the section objects in place: code holding `config.train` sees the change too.
+        for sec in SECTIONS:
+            target, source = getattr(self, sec), getattr(built, sec)
+            for f in dataclasses.fields(source):
+                setattr(target, f.name, getattr(source, f.name))
+
     @classmethod
     def _from_sections(cls, sections: Mapping[str, Any]) -> "HybridConfig":
         obj = cls.__new__(cls)
@@ -659,6 +687,24 @@ def _resolve_flat_key(key: str) -> tuple[str, str]:
         )
     every = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
     raise ConfigError(f"HybridConfig({key}=...): unknown setting{_did_you_mean(key, every)}")
+
+
+class ConfigAttributeError(ConfigError, AttributeError):
+    """An unknown or ambiguous flat attribute of HybridConfig (an AttributeError, so hasattr() works)."""
+
+
+def _flat_owner(name: str) -> tuple[str, str]:
+    """The (section, key) a flat HybridConfig attribute stands for, or ConfigAttributeError."""
+    owners = [s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+    if len(owners) == 1:
+        return owners[0], name
+    if owners:
+        raise ConfigAttributeError(
+            f"HybridConfig.{name}: `{name}` exists in several sections ({', '.join(owners)}); "
+            f"use the section, e.g. config.{owners[0]}.{name}"
+        )
+    every = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)] + list(SECTIONS)
+    raise ConfigAttributeError(f"HybridConfig has no setting `{name}`{_did_you_mean(name, every)}")
 
 
 def _did_you_mean(name: str, options) -> str:
