@@ -11,7 +11,7 @@ from typing import Sequence
 
 import click
 
-from redheart.cli_common import CONTEXT_SETTINGS, config_options, invoke, setup_logging
+from redheart.cli_common import command, config_options, invoke, setup_logging
 
 HELP = """Train, verify or pre-flight-check a Red Heart hybrid pipeline run.
 
@@ -31,14 +31,23 @@ Exit codes: 0 success, 1 the run failed (the message says why), 2 bad configurat
 130 interrupted."""
 
 
-@click.command(context_settings=CONTEXT_SETTINGS, help=HELP)
+def _trace_steps(_ctx, _param, value: str | None) -> tuple[int, int] | None:
+    from orchestrator.trace import parse_steps
+
+    try:
+        return None if value is None else parse_steps(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@command(HELP)
 @config_options()
 @click.option("--output-dir", default=None, metavar="DIR", help="where the run writes (orchestrator.output_dir)")
 @click.option("--verify", is_flag=True, help="compare a few pipelined steps with single-process training")
 @click.option("--check", is_flag=True, help="run the pre-flight check and exit")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[PATH]",
               help="continue from the latest complete checkpoint, or from PATH (a step directory or checkpoint root)")
-@click.option("--trace", "trace_steps", default=None, metavar="STEPS",
+@click.option("--trace", "trace_steps", default=None, metavar="STEPS", callback=_trace_steps,
               help="write <output_dir>/trace.json (Chrome trace events) for these steps, e.g. 10-12 or 5")
 def cli(config_path, overrides, log_level, output_dir, verify, check, resume, trace_steps) -> int:
     if verify and check:
@@ -51,14 +60,6 @@ def cli(config_path, overrides, log_level, output_dir, verify, check, resume, tr
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    trace_range = None
-    if trace_steps is not None:
-        from orchestrator.trace import parse_steps
-
-        try:
-            trace_range = parse_steps(trace_steps)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--trace") from None
 
     from orchestrator.preflight import preflight
     from orchestrator.trainer import HybridDistributedTrainer, RunError
@@ -73,8 +74,8 @@ def cli(config_path, overrides, log_level, output_dir, verify, check, resume, tr
         print("error: the pre-flight check failed (details above); fix the problems or run --check", file=sys.stderr)
         return 1
     trainer = HybridDistributedTrainer(config, resume=resume, config_path=config_path)
-    if trace_range is not None:
-        trainer.trace_steps = trace_range
+    if trace_steps is not None:
+        trainer.trace_steps = trace_steps
     try:
         if verify:
             from orchestrator.verify import verify as run_verify

@@ -31,6 +31,20 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
+class ExitCodeCommand(click.Command):
+    """A command whose callback returns the exit status (click otherwise ignores the return value,
+    so CliRunner and the console script would both see 0 for a failed run)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        result = super().invoke(ctx)
+        ctx.exit(int(result or 0))
+
+
+def command(help: str) -> Callable:
+    """``@click.command`` for a redheart command: exit status from the callback, -h, wide help."""
+    return click.command(cls=ExitCodeCommand, context_settings=CONTEXT_SETTINGS, help=help)
+
+
 def port_type() -> click.IntRange:
     return click.IntRange(0, 65535)
 
@@ -92,8 +106,7 @@ class StageArgs:
 def stage_command(stage: str, create_server: Callable) -> click.Command:
     """The click command of one stage service; the service itself is ``run_stage_cli``."""
 
-    @click.command(
-        context_settings=CONTEXT_SETTINGS,
+    @command(
         help=f"""Run the Red Heart {stage.upper()} pipeline stage service.
 
 \b
@@ -113,11 +126,11 @@ Exit codes: 0 stopped by SIGTERM/SIGINT, 1 the service failed, 2 bad configurati
     @click.option("--port", type=port_type(), default=None, help=f"port to bind, 0 for any (default: {stage}_stage.port)")
     @click.option("--metrics-port", type=port_type(), default=None,
                   help=f"/metrics port, 0 for any (default: {stage}_stage.metrics_port)")
-    def command(config_path, overrides, log_level, host, port, metrics_port) -> int:
+    def stage_main(config_path, overrides, log_level, host, port, metrics_port) -> int:
         from redheart.stage_service import run_stage_cli
 
         args = StageArgs(config=config_path, overrides=list(overrides), host=host, port=port,
                          metrics_port=metrics_port, log_level=log_level)
         return run_stage_cli(stage, create_server, args)
 
-    return command
+    return stage_main

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import click
 
-from redheart.cli_common import CONTEXT_SETTINGS, config_options, invoke, port_type, setup_logging
+from redheart.cli_common import command, config_options, invoke, port_type, setup_logging
 
 GRACE_SECONDS = 10.0
 
@@ -49,7 +49,7 @@ Prints one line on stdout once SERVING:
 Exit codes: 0 stopped by SIGTERM/SIGINT, 1 the service failed, 2 bad configuration or arguments."""
 
 
-@click.command(context_settings=CONTEXT_SETTINGS, help=HELP)
+@command(HELP)
 @config_options("the run's TOML file (uses [regret], [wire], [metrics])")
 @click.option("--host", default=None, help="interface to bind (default: regret.host)")
 @click.option("--port", type=port_type(), default=None, help="port to listen on, 0 for any free port (default: regret.port)")

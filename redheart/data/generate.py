@@ -43,6 +43,7 @@ from typing import Any, Sequence
 
 import click
 
+from redheart.cli_common import CONTEXT_SETTINGS, ExitCodeCommand
 from redheart.data.schema import BENTHAM_KEYS, EMOTIONS, JUDGMENTS
 
 __all__ = ["DEFAULT_COUNT", "generate_scenarios", "write_jsonl", "main"]
@@ -770,8 +771,7 @@ Examples:
 The same seed and count always give the same bytes. Exit codes: 0 written, 2 bad arguments."""
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
-               help=_MAKE_DATA_HELP)
+@click.command(cls=ExitCodeCommand, context_settings=CONTEXT_SETTINGS, help=_MAKE_DATA_HELP)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="output .jsonl file (parent dirs are created)")
 @click.option("--count", type=click.IntRange(min=1), default=DEFAULT_COUNT, show_default=True,

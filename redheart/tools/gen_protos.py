@@ -17,6 +17,8 @@ from typing import Sequence
 
 import click
 
+from redheart.cli_common import CONTEXT_SETTINGS, ExitCodeCommand
+
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = ROOT / "protos"
 OUT_PACKAGE = ROOT / "redheart" / "v1"
@@ -44,7 +46,7 @@ def _generate(out_dir: Path) -> list[Path]:
     return sorted((out_dir / "redheart" / "v1").glob("*_pb2*.py*"))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, help="""Generate the Python protobuf / gRPC
+@click.command(cls=ExitCodeCommand, context_settings=CONTEXT_SETTINGS, help="""Generate the Python protobuf / gRPC
 modules (redheart/v1/*_pb2*.py) from protos/redheart/v1/*.proto.
 
 \b
