@@ -435,6 +435,17 @@ class HybridDistributedTrainer:
         (self.output_dir / "config.toml").write_text(self.config.to_toml(), encoding="utf-8")
         return lock
 
+    def _open_tensorboard(self, stack: ExitStack):
+        from orchestrator.tensorboard import TensorBoardUnavailable, open_writer
+
+        try:
+            writer = open_writer(self.config, self.output_dir)
+        except TensorBoardUnavailable as exc:
+            raise RunError(str(exc)) from None
+        if writer is not None:
+            stack.callback(writer.close)
+        return writer
+
     def _start_metrics(self) -> None:
         cfg = self.config
         if cfg.metrics.enabled and cfg.orchestrator.metrics_port:
@@ -454,6 +465,7 @@ class HybridDistributedTrainer:
             resume_info = self._resume_info()
             self._resolve_split(resume_info)
             self._prepare_output(stack)
+            tb = self._open_tensorboard(stack)
             self._install_signal_handlers(stack)
             tokenizer_path = None
             if resume_info is not None:
@@ -511,6 +523,8 @@ class HybridDistributedTrainer:
                     raise
                 self._record_step(outcome, epoch)
                 step += 1
+                if tb is not None:
+                    tb.step(step, outcome)
                 self._current_step = step
                 if step % cfg.train.log_every_n_steps == 0 or step == batches.total_steps:
                     memory = self._sample_memory()
@@ -539,6 +553,8 @@ class HybridDistributedTrainer:
                     entry = self._evaluate(driver, data, f"epoch {epoch}")
                     entry["epoch"] = epoch
                     self.validation.append(entry)
+                    if tb is not None:
+                        tb.validation(entry)
                     evaluated_epochs.add(epoch)
                     progress.message(f"validation after epoch {epoch}: {_fmt_metrics(entry)}")
                 every = cfg.checkpoint.save_checkpoint_every
@@ -553,6 +569,8 @@ class HybridDistributedTrainer:
             final = self._evaluate(driver, data, "final", explanations_path=self.output_dir / "explanations.jsonl")
             final["epoch"] = batches.position(max(step - 1, 0))[0]
             self.validation.append(final)
+            if tb is not None:
+                tb.validation(final)
             progress.message(f"final validation: {_fmt_metrics(final)}")
             if last_checkpoint is None or ckpt.read_manifest(last_checkpoint).get("step") != step:
                 last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)

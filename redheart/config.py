@@ -313,6 +313,8 @@ class MetricsConfig:
     """Serve Prometheus /metrics from every process."""
     host: str = "127.0.0.1"
     """Interface the metrics endpoints bind (0.0.0.0 to let a remote Prometheus scrape)."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to <output_dir>/tensorboard/ (needs the `tensorboard` extra)."""
 
 
 @dataclass
