@@ -73,9 +73,7 @@ def cli(config_path, overrides, log_level, output_dir, verify, check, resume, tr
     if not report.ok:
         print("error: the pre-flight check failed (details above); fix the problems or run --check", file=sys.stderr)
         return 1
-    trainer = HybridDistributedTrainer(config, resume=resume, config_path=config_path)
-    if trace_steps is not None:
-        trainer.trace_steps = trace_steps
+    trainer = HybridDistributedTrainer(config, resume=resume, config_path=config_path, trace_steps=trace_steps)
     try:
         if verify:
             from orchestrator.verify import verify as run_verify

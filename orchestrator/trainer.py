@@ -12,6 +12,7 @@ complete checkpoint (restarting the service itself in local mode) and goes on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,7 +38,9 @@ from orchestrator.launcher import LaunchError, LocalLauncher
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.pipeline import NonFiniteError, PipelineDriver, StepFailed, StepOutcome
 from orchestrator.progress import Progress
+from orchestrator.plots import plot_losses, plot_trace_step
 from orchestrator.stage_client import StageClient
+from orchestrator.trace import TraceRecorder
 from redheart.config import HybridConfig, diff_settings
 from redheart.metrics_common import start_metrics_endpoint
 from redheart.model import count_parameters, resolve_model_shape
@@ -109,8 +112,11 @@ def _settings_for_stages(config: HybridConfig) -> dict[str, Any]:
 
 class HybridDistributedTrainer:
     def __init__(self, config: HybridConfig, *, registry: CollectorRegistry | None = None,
-                 resume: str | bool | None = None, config_path: str | None = None) -> None:
+                 resume: str | bool | None = None, config_path: str | None = None,
+                 trace_steps: tuple[int, int] | None = None) -> None:
         self.config = config
+        # --trace FIRST-LAST: spans of those steps from every process, written to trace.json
+        self.trace = TraceRecorder(trace_steps) if trace_steps else None
         self.registry = registry or CollectorRegistry()
         self.metrics = OrchestratorMetrics(self.registry)
         self.resume = resume
@@ -201,6 +207,29 @@ class HybridDistributedTrainer:
                                             regret_address="", first_step=first_step, reinitialize=True)
         self.clients["gpu_stage"].start_run(run_id, settings, next_address="", prev_address=cpu,
                                             regret_address=regret, first_step=first_step, reinitialize=True)
+        if self.trace is not None:  # measured at every StartRun: a restarted stage has a new clock
+            self.trace.measure_clocks(self.clients)
+            for client in self.clients.values():
+                client.trace = self.trace
+
+    def _span(self, name: str, step: int):
+        """An orchestrator span for the trace (0-based `step`); nothing without --trace."""
+        return self.trace.span(name, step) if self.trace is not None else contextlib.nullcontext()
+
+    def _write_trace(self) -> dict[str, str] | None:
+        if self.trace is None:
+            return None
+        path = self.trace.write(self.output_dir)
+        out = {"json": str(path)}
+        try:
+            png = plot_trace_step(self.trace.events(), self.trace.last, self.output_dir / f"trace-step-{self.trace.last}.png")
+            if png is not None:
+                out["png"] = str(png)
+        except Exception as exc:  # a picture must never fail a finished run
+            log.warning("could not draw the trace picture: %s", exc)
+        log.info("pipeline trace of steps %d-%d: %s (open in https://ui.perfetto.dev or chrome://tracing)",
+                 self.trace.first, self.trace.last, path)
+        return out
 
     def _restore(self, run_id: str, info: ckpt.CheckpointInfo | None) -> int:
         """Put both stages at a checkpoint (or at the initial weights when there is none)."""
@@ -511,7 +540,8 @@ class HybridDistributedTrainer:
                 self._current_step = step
                 lr = learning_rate_at(step, batches.total_steps, cfg.train)
                 try:
-                    outcome = driver.run_step(step, batches.rounds(step), lr)
+                    with self._span(f"step {step + 1}", step):
+                        outcome = driver.run_step(step, batches.rounds(step), lr)
                 except StepFailed as exc:
                     if not self._is_fault(exc):
                         raise RunError(str(exc)) from exc  # a bug or bad input, not a fault: recovering would loop
@@ -550,7 +580,8 @@ class HybridDistributedTrainer:
                 progress.update(step, outcome.total_loss, outcome.samples / outcome.seconds if outcome.seconds else 0.0)
                 end_of_epoch = step % batches.steps_per_epoch == 0
                 if end_of_epoch and cfg.train.eval_every_epoch and step < batches.total_steps and epoch not in evaluated_epochs:
-                    entry = self._evaluate(driver, data, f"epoch {epoch}")
+                    with self._span("evaluation", step - 1):
+                        entry = self._evaluate(driver, data, f"epoch {epoch}")
                     entry["epoch"] = epoch
                     self.validation.append(entry)
                     if tb is not None:
@@ -560,7 +591,8 @@ class HybridDistributedTrainer:
                 every = cfg.checkpoint.save_checkpoint_every
                 if every and step % every == 0 and step < batches.total_steps:
                     t0 = time.perf_counter()
-                    last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
+                    with self._span("checkpoint", step - 1):
+                        last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
                     progress.message(f"checkpoint at step {step}: {last_checkpoint} ({time.perf_counter() - t0:.2f}s)")
                 if self.stop_requested.is_set():
                     stopped_early = step < batches.total_steps
@@ -576,9 +608,10 @@ class HybridDistributedTrainer:
                 last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
             self._sample_memory()
             report = self._report(run_id, step, batches, data, counts, wall_start, last_checkpoint, stopped_early)
+            report["trace"] = self._write_trace()
             (self.output_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
             try:
-                plot_losses(self.history, self.output_dir / "loss.png")
+                plot_losses(self.history, self.output_dir / "loss.png", self.validation)
             except Exception as exc:  # a plot must never fail a finished run
                 log.warning("could not draw loss.png: %s", exc)
             log.info("report: %s", self.output_dir / "report.json")
@@ -671,28 +704,3 @@ def _fmt_metrics(entry: dict) -> str:
         if key in m:
             parts.append(f"{key} {m[key]:.4f} (baseline {b.get('baseline_' + key, float('nan')):.4f})")
     return ", ".join(parts)
-
-
-def plot_losses(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not history:
-        return
-    steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(steps, [h["loss"] for h in history], label="total", linewidth=2, color="black")
-    heads = sorted({k for h in history for k in h["losses"]})
-    for head in heads:
-        ax.plot(steps, [h["losses"].get(head, float("nan")) for h in history], label=head)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.set_title("Red Heart training loss per head")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -89,6 +89,7 @@ class GrpcPeerLink:
         self._pending = 0
         self._cond = threading.Condition()
         self._stats = {"serialize_seconds": 0.0, "send_seconds": 0.0, "bytes_sent": 0}
+        self._spans: list[tuple[str, int, float, float]] = []  # sends (perf_counter) for the trace
         self._thread = threading.Thread(target=self._worker, name=f"{stage_name}-sender", daemon=True)
         self._thread.start()
 
@@ -140,6 +141,8 @@ class GrpcPeerLink:
                     self._stats["serialize_seconds"] += t1 - t0
                     self._stats["send_seconds"] += t2 - t1
                     self._stats["bytes_sent"] += nbytes
+                    if len(self._spans) < 4096:  # bounded: rounds that nobody collects (evaluation)
+                        self._spans.append((f"send {kind}", micro_batch, t0, t2))
                 if self.metrics is not None:
                     self.metrics.wire_bytes.labels(self.metrics.stage, "sent").inc(nbytes)
                     self.metrics.serialize_seconds.labels(self.metrics.stage, "encode").inc(t1 - t0)
@@ -185,6 +188,12 @@ class GrpcPeerLink:
             if self._error is not None:
                 err, self._error = self._error, None
                 raise StageError("unavailable", f"sending to the peer stage failed: {err}")
+
+    def take_spans(self, since: float) -> list[tuple[str, int, float, float, str]]:
+        """The sends since the last call, relative to `since` (a perf_counter), on the sender thread."""
+        with self._cond:
+            spans, self._spans = self._spans, []
+        return [(name, mb, start - since, end - since, "sender") for name, mb, start, end in spans if end >= since]
 
     def reset_error(self) -> None:
         with self._cond:
@@ -252,6 +261,9 @@ def _encode_result(result: RoundResult, link_stats: dict[str, float], received: 
     )
     for action, mb_index, start, end in result.spans:
         out.spans.add(action=action, micro_batch=mb_index, start=start, end=end)
+    for action, mb_index, start, end, thread in result.thread_spans:
+        out.spans.add(action=action, micro_batch=mb_index, start=start, end=end, thread=thread)
+    out.started_unix = result.started_unix
     return out
 
 
@@ -288,6 +300,7 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
             version=VERSION,
             current_run_id=rt.run_id,
             next_step=rt.next_step,
+            wall_clock=time.time(),
         )
 
     @rpc_method
@@ -377,7 +390,8 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         if self.metrics is not None:
             self.metrics.steps_applied.labels(self.metrics.stage).inc()
             self.metrics.next_step.labels(self.metrics.stage).set(out["next_step"])
-        return stage_pb2.ApplyResponse(next_step=out["next_step"], seconds=out["seconds"], applied=out["applied"])
+        return stage_pb2.ApplyResponse(next_step=out["next_step"], seconds=out["seconds"], applied=out["applied"],
+                                       started_unix=out.get("started_unix", 0.0))
 
     @rpc_method
     def AbortStep(self, request, context):
