@@ -132,6 +132,7 @@ class HybridDistributedTrainer:
         self.stop_requested = threading.Event()
         self._reset_progress()
         self.peak_rss: dict[str, int] = {}
+        self._progress: Progress | None = None
         self.metrics_port = 0
         self.split_choice = None
 
@@ -389,8 +390,9 @@ class HybridDistributedTrainer:
             name = key.removeprefix("baseline_")
             if name in ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae"):
                 self.metrics.validation_baseline.labels(name).set(value)
+        phase = self._progress.phase("explanations") if self._progress is not None else contextlib.nullcontext()
         if explanations_path is not None:
-            with open(explanations_path, "w", encoding="utf-8") as fh:
+            with phase, open(explanations_path, "w", encoding="utf-8") as fh:
                 for i, sid in enumerate(val.ids):
                     fh.write(json.dumps({
                         "scenario_id": sid,
@@ -530,7 +532,7 @@ class HybridDistributedTrainer:
                 batches.total_steps, batches.steps_per_epoch, cfg.train.batch_size, cfg.micro_batches,
                 cfg.train.gradient_accumulation_steps,
             )
-            progress = Progress(batches.total_steps, cfg.orchestrator.progress)
+            progress = self._progress = Progress(batches.total_steps, cfg.orchestrator.progress)
             stack.callback(progress.close)
             last_checkpoint: Path | None = resume_info.path if resume_info is not None else None
             evaluated_epochs = {v.get("epoch") for v in self.validation}
@@ -580,7 +582,7 @@ class HybridDistributedTrainer:
                 progress.update(step, outcome.total_loss, outcome.samples / outcome.seconds if outcome.seconds else 0.0)
                 end_of_epoch = step % batches.steps_per_epoch == 0
                 if end_of_epoch and cfg.train.eval_every_epoch and step < batches.total_steps and epoch not in evaluated_epochs:
-                    with self._span("evaluation", step - 1):
+                    with self._span("evaluation", step - 1), progress.phase(f"evaluation after epoch {epoch}"):
                         entry = self._evaluate(driver, data, f"epoch {epoch}")
                     entry["epoch"] = epoch
                     self.validation.append(entry)
@@ -591,21 +593,24 @@ class HybridDistributedTrainer:
                 every = cfg.checkpoint.save_checkpoint_every
                 if every and step % every == 0 and step < batches.total_steps:
                     t0 = time.perf_counter()
-                    with self._span("checkpoint", step - 1):
+                    with self._span("checkpoint", step - 1), progress.phase(f"checkpoint at step {step}"):
                         last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
                     progress.message(f"checkpoint at step {step}: {last_checkpoint} ({time.perf_counter() - t0:.2f}s)")
                 if self.stop_requested.is_set():
                     stopped_early = step < batches.total_steps
                     break
             self._current_step = step
-            final = self._evaluate(driver, data, "final", explanations_path=self.output_dir / "explanations.jsonl")
+            with progress.phase("final evaluation"):
+                final = self._evaluate(driver, data, "final", explanations_path=self.output_dir / "explanations.jsonl")
             final["epoch"] = batches.position(max(step - 1, 0))[0]
             self.validation.append(final)
             if tb is not None:
                 tb.validation(final)
             progress.message(f"final validation: {_fmt_metrics(final)}")
+            progress.summary(final)
             if last_checkpoint is None or ckpt.read_manifest(last_checkpoint).get("step") != step:
-                last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
+                with progress.phase(f"checkpoint at step {step}"):
+                    last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
             self._sample_memory()
             report = self._report(run_id, step, batches, data, counts, wall_start, last_checkpoint, stopped_early)
             report["trace"] = self._write_trace()

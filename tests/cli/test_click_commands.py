@@ -133,3 +133,36 @@ def test_completion_offers_the_options():
     result = subprocess.run([sys.executable, "-m", "regret_service.cli"], capture_output=True, text=True, timeout=60,
                             env=env, cwd=ROOT)
     assert result.returncode == 0 and "--metrics-port" in result.stdout
+
+
+def test_on_a_terminal_the_run_shows_the_rich_display_and_the_final_table(tmp_path, tiny_toml):
+    """The real command under a pseudo-terminal, with progress = "auto" choosing the display itself."""
+    import pty
+    import select
+    import time
+
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--config", str(tiny_toml), "--set",
+                             'orchestrator.progress="auto"', "--set", "train.max_steps=3", "--set",
+                             'regret.address="inprocess"'],
+                            stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=cli_env(), cwd=ROOT)
+    os.close(terminal)
+    chunks = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([controller], [], [], 1.0)
+        if ready:
+            try:
+                data = os.read(controller, 65536)
+            except OSError:  # the terminal closed: the process exited
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(controller)
+    assert proc.wait(30) == 0
+    out = b"".join(chunks).decode("utf-8", "replace")
+    assert "steps" in out and "3/3" in out and "samples/s" in out and "ETA" in out
+    assert "validation (final, step 3)" in out and "judgment_accuracy" in out and "done: 3 steps" in out
