@@ -11,7 +11,7 @@ import grpc
 import torch
 
 from redheart import codec
-from redheart.rpc import ServiceError, call, make_channel
+from redheart.rpc import RetryPolicy, ServiceError, call, make_channel
 from redheart.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
 
 
@@ -30,20 +30,24 @@ class StageInfo:
 
 class StageClient:
     def __init__(self, name: str, address: str, *, max_message_mb: int, rpc_timeout: float,
-                 credentials: grpc.ChannelCredentials | None = None, metadata=None, security=None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, metadata=None, security=None,
+                 retry: RetryPolicy | None = None) -> None:
         self.name = name  # "cpu stage" / "gpu stage"
         self.address = address
         self.rpc_timeout = rpc_timeout
         self.metadata = metadata
         # security ([security]): TLS / mTLS and the bearer token, applied by make_channel.
-        self.channel = make_channel(address, max_message_mb, security, credentials=credentials)
+        # retry ([wire] retry_*): gRPC retries the idempotent calls itself (redheart.rpc.RetryPolicy).
+        self.retry = retry
+        self.channel = make_channel(address, max_message_mb, security, credentials=credentials, retry=retry)
         self.stub = stage_pb2_grpc.PipelineStageStub(self.channel)
         self.trace = None  # an orchestrator.trace.TraceRecorder while --trace is on
 
     def _call(self, method: str, request, *, timeout: float | None = None, idempotent: bool = True, retry_until=None):
         return call(getattr(self.stub, method), request, service=self.name, address=self.address,
                     timeout=timeout or self.rpc_timeout, idempotent=idempotent, retry_until=retry_until,
-                    metadata=self.metadata, method_name=method)
+                    metadata=self.metadata, method_name=method,
+                    channel_retries=self.retry is not None and self.retry.max_attempts > 1)
 
     def describe(self) -> StageInfo:
         r = self._call("Describe", stage_pb2.DescribeRequest())

@@ -44,7 +44,7 @@ from orchestrator.trace import TraceRecorder
 from redheart.config import HybridConfig, diff_settings
 from redheart.metrics_common import start_metrics_endpoint
 from redheart.model import count_parameters, resolve_model_shape
-from redheart.rpc import ServiceError, wait_for_serving
+from redheart.rpc import RetryPolicy, ServiceError, wait_for_serving
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class HybridDistributedTrainer:
             self.clients[name] = StageClient(name.replace("_", " "), self.addresses[name],
                                              max_message_mb=cfg.wire.max_message_mb,
                                              rpc_timeout=cfg.orchestrator.rpc_timeout_seconds,
-                                             security=cfg.security)
+                                             security=cfg.security, retry=RetryPolicy.from_wire(cfg.wire))
             stack.callback(self.clients[name].close)
 
     def _alive_check(self, name: str):

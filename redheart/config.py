@@ -229,6 +229,16 @@ class WireConfig:
     """Largest tensor rank a service accepts."""
     max_concurrent_rpcs: int = 64
     """Concurrent RPCs a server accepts before answering RESOURCE_EXHAUSTED."""
+    retry_max_attempts: int = 5
+    """gRPC retry policy of idempotent calls: attempts in all, 1 to 5 (gRPC's cap; 1: no retries)."""
+    retry_initial_backoff_seconds: float = 0.05
+    """Backoff before the first retry (gRPC draws each delay at random up to the current backoff)."""
+    retry_max_backoff_seconds: float = 2.0
+    """Largest backoff between retries."""
+    retry_backoff_multiplier: float = 2.0
+    """Growth of the backoff from one retry to the next."""
+    retry_status_codes: str = "UNAVAILABLE"
+    """Comma-separated gRPC status codes an idempotent call is retried on, e.g. "UNAVAILABLE,RESOURCE_EXHAUSTED"."""
 
 
 @dataclass
@@ -903,6 +913,7 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
         fail("wire", "max_rank", f"wire.max_rank = {cfg.wire.max_rank} must be >= 1")
     if cfg.wire.max_concurrent_rpcs < 1:
         fail("wire", "max_concurrent_rpcs", f"wire.max_concurrent_rpcs = {cfg.wire.max_concurrent_rpcs} must be >= 1")
+    _validate_retry(cfg.wire, fail)
     _validate_security(cfg, fail)
     c = cfg.checkpoint
     if c.save_checkpoint_every < 0:
@@ -920,6 +931,24 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
     for key in ("connect_timeout_seconds", "step_deadline_seconds", "rpc_timeout_seconds"):
         if getattr(o, key) <= 0:
             fail("orchestrator", key, f"orchestrator.{key} = {getattr(o, key)} must be > 0")
+
+
+def _validate_retry(w: WireConfig, fail) -> None:
+    if not 1 <= w.retry_max_attempts <= 5:
+        fail("wire", "retry_max_attempts", f"wire.retry_max_attempts = {w.retry_max_attempts} must be in 1..5 "
+             "(gRPC caps retry policies at 5 attempts; 1 turns retries off)")
+    for key in ("retry_initial_backoff_seconds", "retry_max_backoff_seconds", "retry_backoff_multiplier"):
+        if not getattr(w, key) > 0:
+            fail("wire", key, f"wire.{key} = {getattr(w, key)} must be > 0")
+    if w.retry_max_backoff_seconds < w.retry_initial_backoff_seconds:
+        fail("wire", "retry_max_backoff_seconds", f"wire.retry_max_backoff_seconds = {w.retry_max_backoff_seconds} is below "
+             f"wire.retry_initial_backoff_seconds = {w.retry_initial_backoff_seconds}")
+    from redheart.rpc import parse_status_codes
+
+    try:
+        parse_status_codes(w.retry_status_codes)
+    except ValueError as exc:
+        fail("wire", "retry_status_codes", f"wire.retry_status_codes: {exc}")
 
 
 _TOKEN_HINT = "(fix: use printable ASCII without spaces, e.g. the output of `openssl rand -hex 32`)"

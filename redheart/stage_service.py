@@ -165,7 +165,10 @@ class GrpcPeerLink:
                 stub.PushTensor(request, timeout=max(0.05, min(remaining, 300.0)), metadata=self.metadata)
                 return
             except grpc.RpcError as exc:
-                # Pushes are idempotent (the receiver drops duplicates), so retrying is safe.
+                # Pushes are idempotent (the receiver drops duplicates), so retrying is safe. A
+                # hand-written loop, not the channel's gRPC retry policy: the push waits out a peer
+                # that is down for up to the plan's deadline (minutes), and gRPC's policy allows at
+                # most 5 attempts inside one call's deadline.
                 if exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay < deadline:
                     time.sleep(delay)
                     delay = min(2 * delay, 1.0)

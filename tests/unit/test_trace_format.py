@@ -40,3 +40,32 @@ def test_stage_spans_are_moved_onto_the_orchestrator_clock():
     x = {e["name"]: e for e in trace["traceEvents"] if e["ph"] == "X"}
     assert x["RunStep gpu stage"]["ts"] == 0 and x["forward mb0"]["ts"] == pytest.approx(1.5e6)
     assert x["forward mb0"]["dur"] == pytest.approx(0.25e6) and x["forward mb0"]["pid"] != x["RunStep gpu stage"]["pid"]
+
+
+def test_loss_png_has_a_validation_panel_beside_the_losses(tmp_path):
+    import matplotlib.image
+
+    from orchestrator.plots import plot_losses
+
+    history = [{"step": s, "loss": 3.0 / s, "losses": {"emotion": 1.0 / s, "judgment": 2.0 / s}} for s in (1, 2, 3)]
+    validation = [{"step": s, "metrics": {"judgment_accuracy": 0.1 * s, "bentham_mae": 0.3 / s},
+                   "baseline": {"baseline_judgment_accuracy": 0.2, "baseline_bentham_mae": 0.25}} for s in (2, 3)]
+    plot_losses(history, tmp_path / "only.png")
+    plot_losses(history, tmp_path / "both.png", validation)
+    only, both = (matplotlib.image.imread(tmp_path / n) for n in ("only.png", "both.png"))
+    assert only.shape[0] == both.shape[0] and both.shape[1] > 1.5 * only.shape[1]  # a second panel
+
+
+def test_the_step_picture_draws_one_row_per_process_and_thread(tmp_path):
+    import matplotlib.image
+
+    from orchestrator.plots import plot_trace_step
+
+    events = [{"name": n, "process": p, "thread": t, "start": a, "end": b, "args": {"step": 2, "micro_batch": 0}}
+              for n, p, t, a, b in (("forward mb0", "cpu stage", "compute", 0.0, 0.01),
+                                    ("forward mb0", "gpu stage", "compute", 0.012, 0.02),
+                                    ("send activation mb0", "cpu stage", "sender", 0.01, 0.011),
+                                    ("step 2", "orchestrator", "MainThread", 0.0, 0.03))]
+    assert plot_trace_step(events, 3, tmp_path / "none.png") is None  # no spans of that step
+    path = plot_trace_step(events, 2, tmp_path / "two.png")
+    assert matplotlib.image.imread(path).shape[0] > 200
