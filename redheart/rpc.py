@@ -313,6 +313,10 @@ def make_channel(address: str, max_message_mb: int, security: "SecurityConfig | 
     service_config = retry.service_config() if retry is not None else None
     if service_config is not None:
         options += [("grpc.enable_retries", 1), ("grpc.service_config", service_config)]
+    if retry is not None:
+        # Reconnect to a restarting peer on the policy's backoff (gRPC's default grows to 120 s).
+        options += [("grpc.initial_reconnect_backoff_ms", max(1, int(retry.initial_backoff * 1000))),
+                    ("grpc.max_reconnect_backoff_ms", max(1, int(retry.max_backoff * 1000)))]
     if credentials is None:
         credentials = channel_credentials(security)
     if security is not None and security.tls_server_name:
@@ -433,21 +437,25 @@ def call(
 ) -> Any:
     """Call a unary RPC with a deadline; idempotent calls are retried on UNAVAILABLE with backoff.
 
-    ``channel_retries``: the channel carries a :class:`RetryPolicy`, so gRPC already retried
-    within the deadline and this function adds nothing, except for a ``retry_until`` window (a
-    time.monotonic() value): gRPC's policy cannot express "keep retrying for N seconds, each
-    attempt with the full deadline" (it caps attempts at 5, all inside one deadline), which is
-    what riding out a stage restart needs, so that stays a loop. Without a policy on the channel
-    the loop retries until ``retry_until`` or one deadline from now, as before.
+    ``channel_retries``: the channel carries a :class:`RetryPolicy`. Then an idempotent call
+    without ``retry_until`` is gRPC's alone, with the old loop's meaning ("retry until one
+    deadline from now"): ``wait_for_ready`` waits out a peer that refuses connections (a service
+    restarting) for the whole deadline, reconnecting on the policy's backoff, and the policy
+    retries an UNAVAILABLE answer. A ``retry_until`` window (a time.monotonic() value) stays a
+    loop: "a few seconds of retries, each attempt with the full deadline" cannot be expressed by
+    the policy (at most 5 attempts inside one deadline), and wait_for_ready would hold a call to a
+    dead stage for its full, long deadline instead of those seconds. Without a policy on the
+    channel the loop retries until ``retry_until`` or one deadline from now, as before.
     """
     name = method_name or "call"
     give_up = retry_until if retry_until is not None else time.monotonic() + timeout
     loop = idempotent and (not channel_retries or retry_until is not None)
+    kwargs = {"wait_for_ready": True} if idempotent and channel_retries and retry_until is None else {}
     delay = 0.05
     while True:
         try:
             # Each attempt gets the full deadline; `give_up` only bounds when a new attempt may start.
-            return method(request, timeout=timeout, metadata=metadata)
+            return method(request, timeout=timeout, metadata=metadata, **kwargs)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             details = exc.details() if hasattr(exc, "details") else str(exc)

@@ -106,3 +106,40 @@ def test_status_codes_come_from_the_config(serve):
 def test_bad_retry_settings_are_refused(key, value, message):
     with pytest.raises(ConfigError, match=message):
         HybridConfig(wire={key: value})
+
+
+def test_a_stage_that_comes_up_late_is_waited_for_within_the_deadline(serve):
+    """What the recovery after a restart needs: connection refused at first, then the service."""
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a free port nobody listens on yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = StageClient("late stage", f"127.0.0.1:{port}", max_message_mb=4, rpc_timeout=30,
+                         retry=RetryPolicy(max_attempts=3, **FAST))
+    late = FlakyStage(failures=0)
+
+    def start_later():
+        time.sleep(1.0)
+        server, health = make_server(max_message_mb=4)
+        stage_pb2_grpc.add_PipelineStageServicer_to_server(late, server)
+        bind(server, "127.0.0.1", port)
+        server.start()
+        started.append(server)
+
+    started: list = []
+    thread = threading.Thread(target=start_later)
+    thread.start()
+    try:
+        assert client.describe().name == "flaky" and late.calls == 1
+    finally:
+        thread.join()
+        for server in started:
+            server.stop(0)
+    nobody = StageClient("gone stage", f"127.0.0.1:{port}", max_message_mb=4, rpc_timeout=1.5,
+                         retry=RetryPolicy(max_attempts=3, **FAST))
+    t0 = time.monotonic()
+    with pytest.raises(ServiceError, match="gone stage at 127.0.0.1"):
+        nobody.describe()
+    assert time.monotonic() - t0 >= 1.0  # it waited for the deadline, as the old loop retried until it
