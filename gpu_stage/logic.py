@@ -173,7 +173,8 @@ class GpuStagePart:
             t1 = time.perf_counter()
             ctx.timings["regret_wait"] += t1 - t0
             # The request's life, sent at the forward, answered at the latest when the wait ended.
-            ctx.thread_spans.append(("regret", mb.index, record.pending_since - ctx.started, t1 - ctx.started, "regret-client"))
+            since, until = record.pending_since - ctx.started, t1 - ctx.started
+            ctx.thread_spans.append(("regret", mb.index, since, until, "regret-client"))
             if t1 - t0 > 1e-4:
                 ctx.thread_spans.append(("regret wait", mb.index, t0 - ctx.started, t1 - ctx.started, ""))
             regret_target = reply.regret.to(self.device)

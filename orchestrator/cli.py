@@ -42,11 +42,13 @@ def _trace_steps(_ctx, _param, value: str | None) -> tuple[int, int] | None:
 
 @command(HELP)
 @config_options()
-@click.option("--output-dir", default=None, metavar="DIR", help="where the run writes (orchestrator.output_dir)")
+@click.option("--output-dir", default=None, metavar="DIR",
+              help="where the run writes (orchestrator.output_dir)")
 @click.option("--verify", is_flag=True, help="compare a few pipelined steps with single-process training")
 @click.option("--check", is_flag=True, help="run the pre-flight check and exit")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[PATH]",
-              help="continue from the latest complete checkpoint, or from PATH (a step directory or checkpoint root)")
+              help="continue from the latest complete checkpoint, or from PATH "
+                   "(a step directory or checkpoint root)")
 @click.option("--trace", "trace_steps", default=None, metavar="STEPS", callback=_trace_steps,
               help="write <output_dir>/trace.json (Chrome trace events) for these steps, e.g. 10-12 or 5")
 def cli(config_path, overrides, log_level, output_dir, verify, check, resume, trace_steps) -> int:

@@ -9,9 +9,19 @@ from typing import Any, Sequence
 VALIDATION_METRICS = ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae")
 
 # forward / backward / waiting / wire / regret / optimizer: the same colour wherever they appear
-COLOURS = {"forward": "#4c72b0", "backward": "#dd8452", "wait": "#c8c8c8", "send": "#55a868", "regret": "#8172b3",
-           "optimizer": "#c44e52", "RunStep": "#937860", "ApplyStep": "#da8bc3", "step": "#8c8c8c",
-           "evaluation": "#64b5cd", "checkpoint": "#ccb974"}
+COLOURS = {
+    "forward": "#4c72b0",
+    "backward": "#dd8452",
+    "wait": "#c8c8c8",
+    "send": "#55a868",
+    "regret": "#8172b3",
+    "optimizer": "#c44e52",
+    "RunStep": "#937860",
+    "ApplyStep": "#da8bc3",
+    "step": "#8c8c8c",
+    "evaluation": "#64b5cd",
+    "checkpoint": "#ccb974",
+}
 
 
 def _pyplot():
@@ -30,7 +40,9 @@ def plot_losses(history: list[dict], path: Path, validation: Sequence[dict[str, 
         return
     plt = _pyplot()
     evaluations = [v for v in validation if v.get("metrics")]
-    fig, axes = plt.subplots(1, 2 if evaluations else 1, figsize=(13 if evaluations else 8, 4.5), squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if evaluations else 1, figsize=(13 if evaluations else 8, 4.5), squeeze=False
+    )
     ax = axes[0][0]
     steps = [h["step"] for h in history]
     ax.plot(steps, [h["loss"] for h in history], label="total", linewidth=2, color="black")
@@ -50,9 +62,21 @@ def plot_losses(history: list[dict], path: Path, validation: Sequence[dict[str, 
             if not any(key in v["metrics"] for v in evaluations):
                 continue
             colour = f"C{i}"
-            ax.plot(at, [v["metrics"].get(key, float("nan")) for v in evaluations], marker="o", color=colour, label=key)
-            ax.plot(at, [v["baseline"].get(f"baseline_{key}", float("nan")) for v in evaluations], linestyle="--",
-                    color=colour, alpha=0.7, label=f"{key} baseline")
+            ax.plot(
+                at,
+                [v["metrics"].get(key, float("nan")) for v in evaluations],
+                marker="o",
+                color=colour,
+                label=key,
+            )
+            ax.plot(
+                at,
+                [v["baseline"].get(f"baseline_{key}", float("nan")) for v in evaluations],
+                linestyle="--",
+                color=colour,
+                alpha=0.7,
+                label=f"{key} baseline",
+            )
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("validation metric (accuracy / F1 up, MAE down)")
         ax.set_title("Validation per evaluation (dashed: baseline)")
@@ -87,10 +111,19 @@ def plot_trace_step(events: Sequence[dict[str, Any]], step: int, path: Path) -> 
                 continue
             start, width = (e["start"] - t0) * 1e3, max((e["end"] - e["start"]) * 1e3, 0.05)
             waiting = "wait" in e["name"]
-            ax.broken_barh([(start, width)], (y - 0.4, 0.8), facecolors=_colour(e["name"]), edgecolor="white",
-                           linewidth=0.3, hatch="//" if waiting else None, alpha=0.8 if waiting else 1.0)
+            ax.broken_barh(
+                [(start, width)],
+                (y - 0.4, 0.8),
+                facecolors=_colour(e["name"]),
+                edgecolor="white",
+                linewidth=0.3,
+                hatch="//" if waiting else None,
+                alpha=0.8 if waiting else 1.0,
+            )
             if "micro_batch" in e["args"] and width > 1.5 and not waiting:
-                ax.text(start + width / 2, y, str(e["args"]["micro_batch"]), ha="center", va="center", fontsize=6)
+                ax.text(
+                    start + width / 2, y, str(e["args"]["micro_batch"]), ha="center", va="center", fontsize=6
+                )
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{p} / {t}" for p, t in rows], fontsize=8)
     ax.invert_yaxis()

@@ -15,7 +15,10 @@ import sys
 from typing import Any, Iterator
 
 METRICS = (  # name, True when higher is better
-    ("judgment_accuracy", True), ("emotion_macro_f1", True), ("bentham_mae", False), ("regret_mae", False),
+    ("judgment_accuracy", True),
+    ("emotion_macro_f1", True),
+    ("bentham_mae", False),
+    ("regret_mae", False),
 )
 SMOOTHING = 0.3  # weight of the newest step in the samples/s average
 
@@ -24,7 +27,9 @@ class Progress:
     def __init__(self, total_steps: int, mode: str = "auto", stream=None) -> None:
         self.total = total_steps
         self.stream = stream or sys.stderr
-        self.bar = mode == "bar" or (mode == "auto" and hasattr(self.stream, "isatty") and self.stream.isatty())
+        self.bar = mode == "bar" or (
+            mode == "auto" and hasattr(self.stream, "isatty") and self.stream.isatty()
+        )
         self.samples_per_second: float | None = None
         self._live = None
         self._task = None
@@ -34,15 +39,31 @@ class Progress:
 
     def _start_live(self) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress as RichProgress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         # force_terminal: mode "bar" asks for the display even where the stream is no TTY.
         self.console = Console(file=self.stream, force_terminal=True)
         self._live = RichProgress(
-            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(),
-            console=self.console, redirect_stdout=False, redirect_stderr=False, speed_estimate_period=60.0,
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            redirect_stdout=False,
+            redirect_stderr=False,
+            speed_estimate_period=60.0,
         )
         self._live.start()
         self._task = self._live.add_task("steps", total=self.total, info="")
@@ -57,8 +78,11 @@ class Progress:
         """step: steps completed so far."""
         if samples_per_second > 0:
             prev = self.samples_per_second
-            self.samples_per_second = samples_per_second if prev is None else (
-                SMOOTHING * samples_per_second + (1 - SMOOTHING) * prev)
+            self.samples_per_second = (
+                samples_per_second
+                if prev is None
+                else (SMOOTHING * samples_per_second + (1 - SMOOTHING) * prev)
+            )
         if self._live is None:
             return
         rate = f"{self.samples_per_second:.1f} samples/s" if self.samples_per_second else ""
@@ -118,7 +142,12 @@ def validation_table(entry: dict[str, Any]):
 
     metrics, baseline = entry["metrics"], entry.get("baseline", {})
     table = Table(title=f"validation ({entry.get('label', 'final')}, step {entry.get('step', '?')})")
-    for column, justify in (("metric", "left"), ("model", "right"), ("baseline", "right"), ("vs baseline", "left")):
+    for column, justify in (
+        ("metric", "left"),
+        ("model", "right"),
+        ("baseline", "right"),
+        ("vs baseline", "left"),
+    ):
         table.add_column(column, justify=justify)
     for key, higher_better in METRICS:
         if key not in metrics:
@@ -129,6 +158,10 @@ def validation_table(entry: dict[str, Any]):
         else:
             better = value > base if higher_better else value < base
             verdict = "[green]better[/green]" if better else "[red]worse[/red]"
-        table.add_row(key + (" (↑)" if higher_better else " (↓)"), f"{value:.4f}",
-                      "" if base is None else f"{base:.4f}", verdict)
+        table.add_row(
+            key + (" (↑)" if higher_better else " (↓)"),
+            f"{value:.4f}",
+            "" if base is None else f"{base:.4f}",
+            verdict,
+        )
     return table

@@ -52,11 +52,15 @@ class TensorBoardWriter:
         w.add_scalar("train/learning_rate", outcome.learning_rate, step)
         w.add_scalar("train/grad_norm", outcome.grad_norm, step)
         w.add_scalar("train/loss_scale", outcome.loss_scale, step)
-        w.add_scalar("train/samples_per_second", outcome.samples / outcome.seconds if outcome.seconds else 0.0, step)
+        w.add_scalar(
+            "train/samples_per_second", outcome.samples / outcome.seconds if outcome.seconds else 0.0, step
+        )
         w.add_scalar("train/regret_mean", outcome.regret_mean, step)
         for stage, t in outcome.stage_timings.items():
             # "cpu stage" -> "cpu": tag names without spaces
-            w.add_scalar(f"pipeline/bubble/{stage.split()[0]}", t["wait"] / t["total"] if t.get("total") else 0.0, step)
+            w.add_scalar(
+                f"pipeline/bubble/{stage.split()[0]}", t["wait"] / t["total"] if t.get("total") else 0.0, step
+            )
 
     def validation(self, entry: dict[str, Any]) -> None:
         """One evaluation entry of the trainer: {"step", "metrics", "baseline", ...}."""

@@ -85,11 +85,19 @@ class TraceRecorder:
 
     # ---- recording
 
-    def _add(self, process: str, thread: str, name: str, start: float, end: float, step: int, **args: Any) -> None:
+    def _add(
+        self, process: str, thread: str, name: str, start: float, end: float, step: int, **args: Any
+    ) -> None:
         """start / end: wall-clock seconds on `process`'s clock."""
         offset = self.offsets.get(process, 0.0)
-        event = {"name": name, "process": process, "thread": thread, "start": start - offset,
-                 "end": max(end, start) - offset, "args": dict(args, step=step + 1)}
+        event = {
+            "name": name,
+            "process": process,
+            "thread": thread,
+            "start": start - offset,
+            "end": max(end, start) - offset,
+            "args": dict(args, step=step + 1),
+        }
         with self._lock:
             self._events.append(event)
 
@@ -111,15 +119,31 @@ class TraceRecorder:
         if request.forward_only or not self.active(step):
             return
         rnd = request.accumulation_round
-        self._add(ORCHESTRATOR, threading.current_thread().name, f"RunStep {stage}", t_call, t_done, step,
-                  accumulation_round=rnd)
+        self._add(
+            ORCHESTRATOR,
+            threading.current_thread().name,
+            f"RunStep {stage}",
+            t_call,
+            t_done,
+            step,
+            accumulation_round=rnd,
+        )
         base = result.started_unix
         if not base:  # a stage without the field: no spans can be placed on the clock
             return
         for s in result.spans:
             name = NAMES.get(s.action, s.action)
-            self._add(stage, s.thread or "compute", f"{name} mb{s.micro_batch}", base + s.start, base + s.end, step,
-                      micro_batch=s.micro_batch, accumulation_round=rnd, action=s.action)
+            self._add(
+                stage,
+                s.thread or "compute",
+                f"{name} mb{s.micro_batch}",
+                base + s.start,
+                base + s.end,
+                step,
+                micro_batch=s.micro_batch,
+                accumulation_round=rnd,
+                action=s.action,
+            )
 
     def stage_apply(self, stage: str, step: int, response, t_call: float, t_done: float) -> None:
         if not self.active(step):
@@ -127,7 +151,14 @@ class TraceRecorder:
         self._add(ORCHESTRATOR, threading.current_thread().name, f"ApplyStep {stage}", t_call, t_done, step)
         if response.started_unix:
             name = "optimizer step" if response.applied else "optimizer step (skipped)"
-            self._add(stage, "optimizer", name, response.started_unix, response.started_unix + response.seconds, step)
+            self._add(
+                stage,
+                "optimizer",
+                name,
+                response.started_unix,
+                response.started_unix + response.seconds,
+                step,
+            )
 
     # ---- output
 
@@ -145,24 +176,46 @@ class TraceRecorder:
         out: list[dict[str, Any]] = []
         for process, pid in pids.items():
             out.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": process}})
-            out.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}})
+            out.append(
+                {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}}
+            )
         for e in events:
             key = (e["process"], e["thread"])
             if key not in tids:
                 tids[key] = len([k for k in tids if k[0] == e["process"]]) + 1
-                out.append({"ph": "M", "name": "thread_name", "pid": pids[e["process"]], "tid": tids[key],
-                            "args": {"name": e["thread"]}})
-            common = {"name": e["name"], "cat": e["args"].get("action", e["process"]), "pid": pids[e["process"]],
-                      "tid": tids[key], "ts": round((e["start"] - t0) * 1e6, 3), "args": e["args"]}
+                out.append(
+                    {
+                        "ph": "M",
+                        "name": "thread_name",
+                        "pid": pids[e["process"]],
+                        "tid": tids[key],
+                        "args": {"name": e["thread"]},
+                    }
+                )
+            common = {
+                "name": e["name"],
+                "cat": e["args"].get("action", e["process"]),
+                "pid": pids[e["process"]],
+                "tid": tids[key],
+                "ts": round((e["start"] - t0) * 1e6, 3),
+                "args": e["args"],
+            }
             if e["thread"] in ASYNC_THREADS:
                 ident = f"{e['process']}/{e['name']}/{e['args'].get('step')}/{e['args'].get('accumulation_round', 0)}"
                 out.append(dict(common, ph="b", id=ident))
                 out.append(dict(common, ph="e", id=ident, ts=round((e["end"] - t0) * 1e6, 3), args={}))
             else:
                 out.append(dict(common, ph="X", dur=round((e["end"] - e["start"]) * 1e6, 3)))
-        return {"traceEvents": out, "displayTimeUnit": "ms",
-                "otherData": {"steps": f"{self.first}-{self.last}", "clock": "orchestrator wall clock, µs from the first span",
-                              "clock_offsets_seconds": self.offsets, "clock_round_trips_seconds": self.round_trips}}
+        return {
+            "traceEvents": out,
+            "displayTimeUnit": "ms",
+            "otherData": {
+                "steps": f"{self.first}-{self.last}",
+                "clock": "orchestrator wall clock, µs from the first span",
+                "clock_offsets_seconds": self.offsets,
+                "clock_round_trips_seconds": self.round_trips,
+            },
+        }
 
     def write(self, directory: Path) -> Path:
         path = Path(directory) / "trace.json"

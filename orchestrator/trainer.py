@@ -223,7 +223,8 @@ class HybridDistributedTrainer:
         path = self.trace.write(self.output_dir)
         out = {"json": str(path)}
         try:
-            png = plot_trace_step(self.trace.events(), self.trace.last, self.output_dir / f"trace-step-{self.trace.last}.png")
+            last = self.trace.last
+            png = plot_trace_step(self.trace.events(), last, self.output_dir / f"trace-step-{last}.png")
             if png is not None:
                 out["png"] = str(png)
         except Exception as exc:  # a picture must never fail a finished run
@@ -390,7 +391,7 @@ class HybridDistributedTrainer:
             name = key.removeprefix("baseline_")
             if name in ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae"):
                 self.metrics.validation_baseline.labels(name).set(value)
-        phase = self._progress.phase("explanations") if self._progress is not None else contextlib.nullcontext()
+        phase = self._progress.phase("explanations") if self._progress else contextlib.nullcontext()
         if explanations_path is not None:
             with phase, open(explanations_path, "w", encoding="utf-8") as fh:
                 for i, sid in enumerate(val.ids):
@@ -601,7 +602,8 @@ class HybridDistributedTrainer:
                     break
             self._current_step = step
             with progress.phase("final evaluation"):
-                final = self._evaluate(driver, data, "final", explanations_path=self.output_dir / "explanations.jsonl")
+                final = self._evaluate(driver, data, "final",
+                                       explanations_path=self.output_dir / "explanations.jsonl")
             final["epoch"] = batches.position(max(step - 1, 0))[0]
             self.validation.append(final)
             if tb is not None:

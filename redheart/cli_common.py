@@ -53,15 +53,33 @@ def config_options(config_help: str = "the run's TOML file (see docs/config.md)"
     """Decorator adding --config, --set and --log-level to a click command."""
 
     def decorate(fn: Callable) -> Callable:
-        fn = click.option("--log-level", envvar="REDHEART_LOG_LEVEL", show_envvar=True, default="INFO",
-                          show_default=True, type=click.Choice(LOG_LEVELS, case_sensitive=False),
-                          help="how much the process logs (to stderr)")(fn)
-        fn = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                          help="override a config key, e.g. --set train.max_steps=10 "
-                               "(repeatable; beats environment and file)")(fn)
+        fn = click.option(
+            "--log-level",
+            envvar="REDHEART_LOG_LEVEL",
+            show_envvar=True,
+            default="INFO",
+            show_default=True,
+            type=click.Choice(LOG_LEVELS, case_sensitive=False),
+            help="how much the process logs (to stderr)",
+        )(fn)
+        fn = click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="SECTION.KEY=VALUE",
+            help="override a config key, e.g. --set train.max_steps=10 "
+            "(repeatable; beats environment and file)",
+        )(fn)
         # A plain string, not click.Path(exists=True): load_config's message names the fix.
-        fn = click.option("--config", "config_path", required=True, envvar="REDHEART_CONFIG", show_envvar=True,
-                          metavar="PATH", help=config_help)(fn)
+        fn = click.option(
+            "--config",
+            "config_path",
+            required=True,
+            envvar="REDHEART_CONFIG",
+            show_envvar=True,
+            metavar="PATH",
+            help=config_help,
+        )(fn)
         return fn
 
     return decorate
@@ -78,8 +96,9 @@ def invoke(command: click.Command, argv: Sequence[str] | None, prog_name: str) -
     caller of ``main([...])`` sees the same behaviour as before.
     """
     try:
-        result = command.main(args=list(argv) if argv is not None else None, prog_name=prog_name,
-                              standalone_mode=False)
+        result = command.main(
+            args=list(argv) if argv is not None else None, prog_name=prog_name, standalone_mode=False
+        )
     except click.ClickException as exc:
         exc.show()
         raise SystemExit(exc.exit_code) from None
@@ -123,14 +142,29 @@ Exit codes: 0 stopped by SIGTERM/SIGINT, 1 the service failed, 2 bad configurati
     )
     @config_options(f"the run's TOML file (reads [model], [{stage}_stage], [wire], [metrics])")
     @click.option("--host", default=None, help=f"interface to bind (default: {stage}_stage.host)")
-    @click.option("--port", type=port_type(), default=None, help=f"port to bind, 0 for any (default: {stage}_stage.port)")
-    @click.option("--metrics-port", type=port_type(), default=None,
-                  help=f"/metrics port, 0 for any (default: {stage}_stage.metrics_port)")
+    @click.option(
+        "--port",
+        type=port_type(),
+        default=None,
+        help=f"port to bind, 0 for any (default: {stage}_stage.port)",
+    )
+    @click.option(
+        "--metrics-port",
+        type=port_type(),
+        default=None,
+        help=f"/metrics port, 0 for any (default: {stage}_stage.metrics_port)",
+    )
     def stage_main(config_path, overrides, log_level, host, port, metrics_port) -> int:
         from redheart.stage_service import run_stage_cli
 
-        args = StageArgs(config=config_path, overrides=list(overrides), host=host, port=port,
-                         metrics_port=metrics_port, log_level=log_level)
+        args = StageArgs(
+            config=config_path,
+            overrides=list(overrides),
+            host=host,
+            port=port,
+            metrics_port=metrics_port,
+            log_level=log_level,
+        )
         return run_stage_cli(stage, create_server, args)
 
     return stage_main

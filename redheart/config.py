@@ -238,7 +238,7 @@ class WireConfig:
     retry_backoff_multiplier: float = 2.0
     """Growth of the backoff from one retry to the next."""
     retry_status_codes: str = "UNAVAILABLE"
-    """Comma-separated gRPC status codes an idempotent call is retried on, e.g. "UNAVAILABLE,RESOURCE_EXHAUSTED"."""
+    """Comma-separated gRPC status codes to retry idempotent calls on, e.g. "UNAVAILABLE,RESOURCE_EXHAUSTED"."""
 
 
 @dataclass
@@ -436,7 +436,8 @@ class HybridConfig:
         if hasattr(type(self), name):
             owners = [s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
             hint = f" (fix: set config.{owners[0]}.{name})" if owners else ""
-            raise AttributeError(f"HybridConfig.{name} is derived (a method or property) and cannot be assigned{hint}")
+            raise AttributeError(f"HybridConfig.{name} is derived (a method or property) and cannot be "
+                                 f"assigned{hint}")
         section, key = _flat_owner(name)
         raw = self.to_dict(redact_secrets=False)
         raw[section][key] = value
@@ -941,7 +942,8 @@ def _validate_retry(w: WireConfig, fail) -> None:
         if not getattr(w, key) > 0:
             fail("wire", key, f"wire.{key} = {getattr(w, key)} must be > 0")
     if w.retry_max_backoff_seconds < w.retry_initial_backoff_seconds:
-        fail("wire", "retry_max_backoff_seconds", f"wire.retry_max_backoff_seconds = {w.retry_max_backoff_seconds} is below "
+        fail("wire", "retry_max_backoff_seconds",
+             f"wire.retry_max_backoff_seconds = {w.retry_max_backoff_seconds} is below "
              f"wire.retry_initial_backoff_seconds = {w.retry_initial_backoff_seconds}")
     from redheart.rpc import parse_status_codes
 

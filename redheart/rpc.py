@@ -302,7 +302,8 @@ class RetryPolicy:
 
 
 def make_channel(address: str, max_message_mb: int, security: "SecurityConfig | grpc.ChannelCredentials | None" = None,
-                 *, credentials: grpc.ChannelCredentials | None = None, retry: RetryPolicy | None = None) -> grpc.Channel:
+                 *, credentials: grpc.ChannelCredentials | None = None,
+                 retry: RetryPolicy | None = None) -> grpc.Channel:
     """A channel with the message limits and, from ``security`` ([security]), TLS / mTLS
     credentials and the bearer token on every call. ``credentials`` (or ChannelCredentials passed
     positionally, the old signature) overrides the TLS part. ``retry``: gRPC retries the

@@ -196,7 +196,8 @@ class GrpcPeerLink:
         """The sends since the last call, relative to `since` (a perf_counter), on the sender thread."""
         with self._cond:
             spans, self._spans = self._spans, []
-        return [(name, mb, start - since, end - since, "sender") for name, mb, start, end in spans if end >= since]
+        return [(name, mb, start - since, end - since, "sender")
+                for name, mb, start, end in spans if end >= since]
 
     def reset_error(self) -> None:
         with self._cond:
@@ -393,8 +394,8 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         if self.metrics is not None:
             self.metrics.steps_applied.labels(self.metrics.stage).inc()
             self.metrics.next_step.labels(self.metrics.stage).set(out["next_step"])
-        return stage_pb2.ApplyResponse(next_step=out["next_step"], seconds=out["seconds"], applied=out["applied"],
-                                       started_unix=out.get("started_unix", 0.0))
+        return stage_pb2.ApplyResponse(next_step=out["next_step"], seconds=out["seconds"],
+                                       applied=out["applied"], started_unix=out.get("started_unix", 0.0))
 
     @rpc_method
     def AbortStep(self, request, context):

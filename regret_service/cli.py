@@ -52,7 +52,8 @@ Exit codes: 0 stopped by SIGTERM/SIGINT, 1 the service failed, 2 bad configurati
 @command(HELP)
 @config_options("the run's TOML file (uses [regret], [wire], [metrics])")
 @click.option("--host", default=None, help="interface to bind (default: regret.host)")
-@click.option("--port", type=port_type(), default=None, help="port to listen on, 0 for any free port (default: regret.port)")
+@click.option("--port", type=port_type(), default=None,
+              help="port to listen on, 0 for any free port (default: regret.port)")
 @click.option("--metrics-port", type=port_type(), default=None,
               help="Prometheus /metrics port, 0 for any free port (default: regret.metrics_port, "
                    "where 0 disables; metrics.enabled = false disables both)")

@@ -46,8 +46,8 @@ def _generate(out_dir: Path) -> list[Path]:
     return sorted((out_dir / "redheart" / "v1").glob("*_pb2*.py*"))
 
 
-@click.command(cls=ExitCodeCommand, context_settings=CONTEXT_SETTINGS, help="""Generate the Python protobuf / gRPC
-modules (redheart/v1/*_pb2*.py) from protos/redheart/v1/*.proto.
+@click.command(cls=ExitCodeCommand, context_settings=CONTEXT_SETTINGS, help="""Generate the Python
+protobuf / gRPC modules (redheart/v1/*_pb2*.py) from protos/redheart/v1/*.proto.
 
 \b
 Examples:

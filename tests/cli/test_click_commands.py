@@ -17,8 +17,14 @@ from redheart.data.generate import make_data
 from redheart.tools.gen_protos import gen_protos
 from regret_service.cli import cli as regret_cli
 
-COMMANDS = {"redheart-orchestrate": orchestrate_cli, "redheart-cpu-stage": cpu_cli, "redheart-gpu-stage": gpu_cli,
-            "redheart-regret": regret_cli, "redheart-make-data": make_data, "redheart-gen-protos": gen_protos}
+COMMANDS = {
+    "redheart-orchestrate": orchestrate_cli,
+    "redheart-cpu-stage": cpu_cli,
+    "redheart-gpu-stage": gpu_cli,
+    "redheart-regret": regret_cli,
+    "redheart-make-data": make_data,
+    "redheart-gen-protos": gen_protos,
+}
 CONFIG_COMMANDS = ["redheart-orchestrate", "redheart-cpu-stage", "redheart-gpu-stage", "redheart-regret"]
 
 
@@ -51,8 +57,14 @@ def test_set_environment_and_file_keep_their_precedence(name, tmp_path):
     assert result.exit_code == 2 and f"{cfg}:2" in result.output and "train.epochs = 0" in result.output
     env = {"REDHEART_CONFIG": None, "REDHEART_TRAIN__EPOCHS": "-1"}
     result = runner().invoke(cmd, ["--config", str(cfg)], env=env)
-    assert result.exit_code == 2 and "environment REDHEART_TRAIN__EPOCHS" in result.output and "= -1" in result.output
-    result = runner().invoke(cmd, ["--config", str(cfg), "--set", "train.epochs=-2", "--set", "train.epochs=-3"], env=env)
+    assert (
+        result.exit_code == 2
+        and "environment REDHEART_TRAIN__EPOCHS" in result.output
+        and "= -1" in result.output
+    )
+    result = runner().invoke(
+        cmd, ["--config", str(cfg), "--set", "train.epochs=-2", "--set", "train.epochs=-3"], env=env
+    )
     assert result.exit_code == 2 and "--set train.epochs=-3" in result.output  # the last --set wins
 
 
@@ -61,25 +73,38 @@ def test_config_and_log_level_come_from_the_environment_and_the_flag_wins(tmp_pa
     env_file.write_text("[train]\nepoch = 3\n")
     flag_file.write_text("[train]\nbatchsize = 3\n")
     result = runner().invoke(regret_cli, [], env={"REDHEART_CONFIG": str(env_file)})
-    assert result.exit_code == 2 and f"{env_file}:2" in result.output and "did you mean `epochs`" in result.output
+    assert (
+        result.exit_code == 2
+        and f"{env_file}:2" in result.output
+        and "did you mean `epochs`" in result.output
+    )
     result = runner().invoke(regret_cli, ["--config", str(flag_file)], env={"REDHEART_CONFIG": str(env_file)})
-    assert result.exit_code == 2 and f"{flag_file}:2" in result.output and "did you mean `batch_size`" in result.output
+    assert (
+        result.exit_code == 2
+        and f"{flag_file}:2" in result.output
+        and "did you mean `batch_size`" in result.output
+    )
     result = runner().invoke(regret_cli, ["--config", str(flag_file)], env={"REDHEART_LOG_LEVEL": "LOUD"})
     assert result.exit_code == 2 and "Invalid value for '--log-level'" in result.output
-    result = runner().invoke(regret_cli, ["--config", str(flag_file), "--log-level", "debug"],
-                             env={"REDHEART_LOG_LEVEL": "LOUD"})
-    assert result.exit_code == 2 and "did you mean `batch_size`" in result.output  # the flag's valid level won
+    result = runner().invoke(
+        regret_cli, ["--config", str(flag_file), "--log-level", "debug"], env={"REDHEART_LOG_LEVEL": "LOUD"}
+    )
+    assert (
+        result.exit_code == 2 and "did you mean `batch_size`" in result.output
+    )  # the flag's valid level won
 
 
 def test_bad_arguments_exit_2_and_name_the_option(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text("")
-    cases = [(cpu_cli, ["--config", str(cfg), "--port", "70000"], "'--port'"),
-             (regret_cli, ["--config", str(cfg), "--metrics-port", "-1"], "'--metrics-port'"),
-             (orchestrate_cli, ["--config", str(cfg), "--verify", "--check"], "cannot be combined"),
-             (orchestrate_cli, ["--config", str(cfg), "--trace", "5-2"], "'--trace'"),
-             (orchestrate_cli, ["--config", str(cfg), "--nope"], "No such option"),
-             (make_data, ["--out", str(tmp_path / "x.jsonl"), "--korean-fraction", "2"], "'--korean-fraction'")]
+    cases = [
+        (cpu_cli, ["--config", str(cfg), "--port", "70000"], "'--port'"),
+        (regret_cli, ["--config", str(cfg), "--metrics-port", "-1"], "'--metrics-port'"),
+        (orchestrate_cli, ["--config", str(cfg), "--verify", "--check"], "cannot be combined"),
+        (orchestrate_cli, ["--config", str(cfg), "--trace", "5-2"], "'--trace'"),
+        (orchestrate_cli, ["--config", str(cfg), "--nope"], "No such option"),
+        (make_data, ["--out", str(tmp_path / "x.jsonl"), "--korean-fraction", "2"], "'--korean-fraction'"),
+    ]
     for cmd, argv, expected in cases:
         result = runner().invoke(cmd, argv, env={"REDHEART_CONFIG": None})
         assert result.exit_code == 2 and expected in result.output, (argv, result.output)
@@ -97,16 +122,23 @@ def test_make_data_through_click_runner_writes_the_same_bytes(tmp_path):
 # ---------------------------------------------------------------- as processes, the way users run them
 
 
-@pytest.mark.parametrize("module,prog", [("orchestrator.cli", "redheart-orchestrate"), ("cpu_stage.cli", "redheart-cpu-stage"),
-                                         ("regret_service.cli", "redheart-regret"),
-                                         ("redheart.tools.gen_protos", "redheart-gen-protos")])
+@pytest.mark.parametrize(
+    "module,prog",
+    [
+        ("orchestrator.cli", "redheart-orchestrate"),
+        ("cpu_stage.cli", "redheart-cpu-stage"),
+        ("regret_service.cli", "redheart-regret"),
+        ("redheart.tools.gen_protos", "redheart-gen-protos"),
+    ],
+)
 def test_processes_print_help_and_exit_2_on_a_missing_config(module, prog):
     result = run_cli([module, "--help"], timeout=60)
     assert result.returncode == 0 and f"Usage: {prog}" in result.stdout and "Examples:" in result.stdout
     if module != "redheart.tools.gen_protos":
         env = {k: v for k, v in cli_env().items() if k != "REDHEART_CONFIG"}
-        missing = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, timeout=60, env=env,
-                                 cwd=ROOT)
+        missing = subprocess.run(
+            [sys.executable, "-m", module], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT
+        )
         assert missing.returncode == 2 and "Missing option '--config'" in missing.stderr
 
 
@@ -114,24 +146,47 @@ def test_a_process_reads_config_and_overrides_from_environment_and_exits_2(tmp_p
     cfg = tmp_path / "run.toml"
     cfg.write_text("[regret]\nnum_workers = 2\n")
     env = dict(cli_env(), REDHEART_CONFIG=str(cfg), REDHEART_REGRET__NUM_WORKERS="0")
-    result = subprocess.run([sys.executable, "-m", "gpu_stage.cli"], capture_output=True, text=True, timeout=60,
-                            env=env, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "gpu_stage.cli"], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT
+    )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "environment REDHEART_REGRET__NUM_WORKERS" in result.stderr and "regret.num_workers = 0" in result.stderr
+    assert (
+        "environment REDHEART_REGRET__NUM_WORKERS" in result.stderr
+        and "regret.num_workers = 0" in result.stderr
+    )
 
 
-@pytest.mark.parametrize("shell,marker", [("bash", "complete -o nosort -F"), ("zsh", "compdef"), ("fish", "complete")])
+@pytest.mark.parametrize(
+    "shell,marker", [("bash", "complete -o nosort -F"), ("zsh", "compdef"), ("fish", "complete")]
+)
 def test_shell_completion_scripts_are_generated(shell, marker):
     env = dict(cli_env(), _REDHEART_ORCHESTRATE_COMPLETE=f"{shell}_source")
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli"], capture_output=True, text=True, timeout=60,
-                            env=env, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+    )
     assert result.returncode == 0 and marker in result.stdout and "redheart-orchestrate" in result.stdout
 
 
 def test_completion_offers_the_options():
-    env = dict(cli_env(), _REDHEART_REGRET_COMPLETE="bash_complete", COMP_WORDS="redheart-regret --met", COMP_CWORD="1")
-    result = subprocess.run([sys.executable, "-m", "regret_service.cli"], capture_output=True, text=True, timeout=60,
-                            env=env, cwd=ROOT)
+    env = dict(
+        cli_env(),
+        _REDHEART_REGRET_COMPLETE="bash_complete",
+        COMP_WORDS="redheart-regret --met",
+        COMP_CWORD="1",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "regret_service.cli"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+    )
     assert result.returncode == 0 and "--metrics-port" in result.stdout
 
 
@@ -142,10 +197,26 @@ def test_on_a_terminal_the_run_shows_the_rich_display_and_the_final_table(tmp_pa
     import time
 
     controller, terminal = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--config", str(tiny_toml), "--set",
-                             'orchestrator.progress="auto"', "--set", "train.max_steps=3", "--set",
-                             'regret.address="inprocess"'],
-                            stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=cli_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "--config",
+            str(tiny_toml),
+            "--set",
+            'orchestrator.progress="auto"',
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            'regret.address="inprocess"',
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+        env=cli_env(),
+        cwd=ROOT,
+    )
     os.close(terminal)
     chunks = []
     deadline = time.monotonic() + 240
@@ -166,3 +237,14 @@ def test_on_a_terminal_the_run_shows_the_rich_display_and_the_final_table(tmp_pa
     out = b"".join(chunks).decode("utf-8", "replace")
     assert "steps" in out and "3/3" in out and "samples/s" in out and "ETA" in out
     assert "validation (final, step 3)" in out and "judgment_accuracy" in out and "done: 3 steps" in out
+
+
+def test_resume_takes_an_optional_path_like_before():
+    for argv, expected in (
+        (["--resume"], "latest"),
+        (["--resume", "--set", "train.max_steps=2"], "latest"),
+        (["--resume", "runs/x/checkpoints"], "runs/x/checkpoints"),
+        ([], None),
+    ):
+        ctx = orchestrate_cli.make_context("redheart-orchestrate", ["--config", "c.toml", *argv])
+        assert ctx.params["resume"] == expected, argv

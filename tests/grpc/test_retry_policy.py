@@ -67,28 +67,47 @@ def test_grpc_itself_retries_unavailable_by_the_channel_policy(serve):
 
 def test_the_stage_client_relies_on_the_policy_and_stops_at_its_attempts(serve):
     flaky = FlakyStage(failures=4)
-    client = StageClient("flaky stage", serve(flaky), max_message_mb=4, rpc_timeout=10,
-                         retry=RetryPolicy(max_attempts=5, **FAST))
+    client = StageClient(
+        "flaky stage",
+        serve(flaky),
+        max_message_mb=4,
+        rpc_timeout=10,
+        retry=RetryPolicy(max_attempts=5, **FAST),
+    )
     assert client.describe().name == "flaky" and flaky.calls == 5
     flaky = FlakyStage(failures=10)
-    client = StageClient("flaky stage", serve(flaky), max_message_mb=4, rpc_timeout=10,
-                         retry=RetryPolicy(max_attempts=2, **FAST))
+    client = StageClient(
+        "flaky stage",
+        serve(flaky),
+        max_message_mb=4,
+        rpc_timeout=10,
+        retry=RetryPolicy(max_attempts=2, **FAST),
+    )
     with pytest.raises(ServiceError, match="flaky stage at 127.0.0.1:.*Describe failed with UNAVAILABLE"):
         client.describe()
     assert flaky.calls == 2  # gRPC's two attempts, no hand-written retries on top
 
 
 def test_status_codes_come_from_the_config(serve):
-    wire = HybridConfig(wire={"retry_status_codes": "UNAVAILABLE, resource_exhausted",
-                              "retry_initial_backoff_seconds": 0.01, "retry_max_backoff_seconds": 0.05}).wire
+    wire = HybridConfig(
+        wire={
+            "retry_status_codes": "UNAVAILABLE, resource_exhausted",
+            "retry_initial_backoff_seconds": 0.01,
+            "retry_max_backoff_seconds": 0.05,
+        }
+    ).wire
     policy = RetryPolicy.from_wire(wire)
     assert policy.status_codes == ("UNAVAILABLE", "RESOURCE_EXHAUSTED") and policy.max_attempts == 5
     flaky = FlakyStage(failures=2, code=grpc.StatusCode.RESOURCE_EXHAUSTED)
-    assert StageClient("s", serve(flaky), max_message_mb=4, rpc_timeout=10, retry=policy).describe().name == "flaky"
+    assert (
+        StageClient("s", serve(flaky), max_message_mb=4, rpc_timeout=10, retry=policy).describe().name
+        == "flaky"
+    )
     assert flaky.calls == 3
     flaky = FlakyStage(failures=2, code=grpc.StatusCode.RESOURCE_EXHAUSTED)  # not retryable by default
-    client = StageClient("s", serve(flaky), max_message_mb=4, rpc_timeout=10,
-                         retry=RetryPolicy.from_wire(HybridConfig().wire))
+    client = StageClient(
+        "s", serve(flaky), max_message_mb=4, rpc_timeout=10, retry=RetryPolicy.from_wire(HybridConfig().wire)
+    )
     with pytest.raises(ServiceError, match="RESOURCE_EXHAUSTED"):
         client.describe()
     assert flaky.calls == 1
@@ -96,13 +115,16 @@ def test_status_codes_come_from_the_config(serve):
     assert one.service_config() is None  # 1 attempt: no policy at all (gRPC refuses maxAttempts < 2)
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("retry_max_attempts", 6, "must be in 1..5"),
-    ("retry_status_codes", "UNAVAILABL", "did you mean UNAVAILABLE"),
-    ("retry_status_codes", "OK", "'OK' is not a gRPC status code"),
-    ("retry_max_backoff_seconds", 0.01, "is below wire.retry_initial_backoff_seconds"),
-    ("retry_backoff_multiplier", 0.0, "must be > 0"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("retry_max_attempts", 6, "must be in 1..5"),
+        ("retry_status_codes", "UNAVAILABL", "did you mean UNAVAILABLE"),
+        ("retry_status_codes", "OK", "'OK' is not a gRPC status code"),
+        ("retry_max_backoff_seconds", 0.01, "is below wire.retry_initial_backoff_seconds"),
+        ("retry_backoff_multiplier", 0.0, "must be > 0"),
+    ],
+)
 def test_bad_retry_settings_are_refused(key, value, message):
     with pytest.raises(ConfigError, match=message):
         HybridConfig(wire={key: value})
@@ -116,8 +138,13 @@ def test_a_stage_that_comes_up_late_is_waited_for_within_the_deadline(serve):
     with socket.socket() as probe:  # a free port nobody listens on yet
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    client = StageClient("late stage", f"127.0.0.1:{port}", max_message_mb=4, rpc_timeout=30,
-                         retry=RetryPolicy(max_attempts=3, **FAST))
+    client = StageClient(
+        "late stage",
+        f"127.0.0.1:{port}",
+        max_message_mb=4,
+        rpc_timeout=30,
+        retry=RetryPolicy(max_attempts=3, **FAST),
+    )
     late = FlakyStage(failures=0)
 
     def start_later():
@@ -137,8 +164,13 @@ def test_a_stage_that_comes_up_late_is_waited_for_within_the_deadline(serve):
         thread.join()
         for server in started:
             server.stop(0)
-    nobody = StageClient("gone stage", f"127.0.0.1:{port}", max_message_mb=4, rpc_timeout=1.5,
-                         retry=RetryPolicy(max_attempts=3, **FAST))
+    nobody = StageClient(
+        "gone stage",
+        f"127.0.0.1:{port}",
+        max_message_mb=4,
+        rpc_timeout=1.5,
+        retry=RetryPolicy(max_attempts=3, **FAST),
+    )
     t0 = time.monotonic()
     with pytest.raises(ServiceError, match="gone stage at 127.0.0.1"):
         nobody.describe()

@@ -12,9 +12,14 @@ pytestmark = pytest.mark.slow
 
 def test_the_four_troubleshooting_assignments_change_the_run(tmp_path, corpus):
     config = HybridConfig(
-        model={"preset": "tiny"}, max_steps=1, log_every_n_steps=1, save_checkpoint_every=0,
-        data={"path": str(corpus), "max_scenarios": 120}, metrics={"enabled": False},
-        orchestrator={"output_dir": str(tmp_path / "start"), "progress": "log"}, regret={"num_workers": 1},
+        model={"preset": "tiny"},
+        max_steps=1,
+        log_every_n_steps=1,
+        save_checkpoint_every=0,
+        data={"path": str(corpus), "max_scenarios": 120},
+        metrics={"enabled": False},
+        orchestrator={"output_dir": str(tmp_path / "start"), "progress": "log"},
+        regret={"num_workers": 1},
     )
     steps = [("batch_size", 4), ("micro_batch_size", 1), ("num_workers", 8), ("gpu_layers_ratio", 0.8)]
     for i, (name, value) in enumerate(steps):
@@ -30,4 +35,6 @@ def test_the_four_troubleshooting_assignments_change_the_run(tmp_path, corpus):
         assert report["config"]["regret"]["num_workers"] == (8 if i >= 2 else 1)
         # tiny has 4 layers: ratio 0.6 keeps 2 on the CPU stage, 0.8 keeps 1.
         assert report["split"]["cpu_layers"] == (1 if i == 3 else 2)
-        assert report["stages"]["cpu_stage"]["layers"] == ("embeddings + layers 0-0" if i == 3 else "embeddings + layers 0-1")
+        assert report["stages"]["cpu_stage"]["layers"] == (
+            "embeddings + layers 0-0" if i == 3 else "embeddings + layers 0-1"
+        )

@@ -17,25 +17,45 @@ def test_every_tag_is_in_the_event_files(tmp_path, corpus):
 
     out = tmp_path / "tb-run"
     config = HybridConfig(
-        model={"preset": "tiny"}, max_steps=3, log_every_n_steps=2, save_checkpoint_every=0,
-        data={"path": str(corpus), "max_scenarios": 120}, metrics={"enabled": False, "tensorboard": True},
-        regret={"address": "inprocess"}, orchestrator={"output_dir": str(out), "progress": "log"},
+        model={"preset": "tiny"},
+        max_steps=3,
+        log_every_n_steps=2,
+        save_checkpoint_every=0,
+        data={"path": str(corpus), "max_scenarios": 120},
+        metrics={"enabled": False, "tensorboard": True},
+        regret={"address": "inprocess"},
+        orchestrator={"output_dir": str(out), "progress": "log"},
     )
     report, _ = HybridDistributedTrainer(config).train()
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    expected = ({"loss/total", "train/learning_rate", "train/grad_norm", "train/loss_scale",
-                 "train/samples_per_second", "pipeline/bubble/cpu", "pipeline/bubble/gpu"}
-                | {f"loss/{h}" for h in HEADS} | {f"validation/{m}" for m in METRICS} | {f"baseline/{m}" for m in METRICS})
+    expected = (
+        {
+            "loss/total",
+            "train/learning_rate",
+            "train/grad_norm",
+            "train/loss_scale",
+            "train/samples_per_second",
+            "pipeline/bubble/cpu",
+            "pipeline/bubble/gpu",
+        }
+        | {f"loss/{h}" for h in HEADS}
+        | {f"validation/{m}" for m in METRICS}
+        | {f"baseline/{m}" for m in METRICS}
+    )
     assert expected <= tags, sorted(expected - tags)
     # every step, not only the logged ones, and the values are the run's own
     total = events.Scalars("loss/total")
     assert [e.step for e in total] == [1, 2, 3]
     assert total[1].value == pytest.approx(report["loss_history"][0]["loss"], rel=1e-6)
     final = report["final_validation"]
-    assert events.Scalars("validation/judgment_accuracy")[-1].value == pytest.approx(final["metrics"]["judgment_accuracy"])
-    assert events.Scalars("baseline/bentham_mae")[-1].value == pytest.approx(final["baseline"]["baseline_bentham_mae"])
+    assert events.Scalars("validation/judgment_accuracy")[-1].value == pytest.approx(
+        final["metrics"]["judgment_accuracy"]
+    )
+    assert events.Scalars("baseline/bentham_mae")[-1].value == pytest.approx(
+        final["baseline"]["baseline_bentham_mae"]
+    )
     assert all(0.0 <= e.value <= 1.0 for e in events.Scalars("pipeline/bubble/gpu"))
 
 

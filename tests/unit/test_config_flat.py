@@ -7,11 +7,18 @@ import pytest
 from redheart.config import ConfigError, HybridConfig
 
 FLAT = {  # flat name -> (section, a valid new value)
-    "batch_size": ("train", 4), "micro_batch_size": ("train", 1), "num_workers": ("regret", 8),
-    "gpu_layers_ratio": ("model", 0.8), "epochs": ("train", 5), "use_mixed_precision": ("train", True),
-    "target_params": ("model", 2_000_000), "gpu_memory_gb": ("gpu_stage", 4.0),
-    "cpu_memory_gb": ("cpu_stage", 64.0), "regrets_per_step": ("regret", 5),
-    "max_grad_norm": ("train", 0.5), "gradient_accumulation_steps": ("train", 2),
+    "batch_size": ("train", 4),
+    "micro_batch_size": ("train", 1),
+    "num_workers": ("regret", 8),
+    "gpu_layers_ratio": ("model", 0.8),
+    "epochs": ("train", 5),
+    "use_mixed_precision": ("train", True),
+    "target_params": ("model", 2_000_000),
+    "gpu_memory_gb": ("gpu_stage", 4.0),
+    "cpu_memory_gb": ("cpu_stage", 64.0),
+    "regrets_per_step": ("regret", 5),
+    "max_grad_norm": ("train", 0.5),
+    "gradient_accumulation_steps": ("train", 2),
 }
 
 
@@ -27,7 +34,9 @@ def test_flat_attribute_reads_and_assigns_the_nested_value(name):
 
 def test_assignment_is_validated_like_the_constructor_and_leaves_the_config_unchanged():
     config = HybridConfig(model={"preset": "tiny"})
-    with pytest.raises(ConfigError, match=r"config.batch_size = 7.*not divisible by train.micro_batch_size = 2"):
+    with pytest.raises(
+        ConfigError, match=r"config.batch_size = 7.*not divisible by train.micro_batch_size = 2"
+    ):
         config.batch_size = 7
     with pytest.raises(ConfigError, match=r"model.gpu_layers_ratio = 1.5 must be in \(0, 1\]"):
         config.gpu_layers_ratio = 1.5

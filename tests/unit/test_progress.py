@@ -7,10 +7,17 @@ import logging
 
 from orchestrator.progress import Progress
 
-FINAL = {"label": "final", "step": 3,
-         "metrics": {"judgment_accuracy": 0.7, "emotion_macro_f1": 0.2, "bentham_mae": 0.1, "regret_mae": 0.5},
-         "baseline": {"baseline_judgment_accuracy": 0.6, "baseline_emotion_macro_f1": 0.4,
-                      "baseline_bentham_mae": 0.2, "baseline_regret_mae": 0.01}}
+FINAL = {
+    "label": "final",
+    "step": 3,
+    "metrics": {"judgment_accuracy": 0.7, "emotion_macro_f1": 0.2, "bentham_mae": 0.1, "regret_mae": 0.5},
+    "baseline": {
+        "baseline_judgment_accuracy": 0.6,
+        "baseline_emotion_macro_f1": 0.4,
+        "baseline_bentham_mae": 0.2,
+        "baseline_regret_mae": 0.01,
+    },
+}
 
 
 class _Text(io.StringIO):
@@ -45,10 +52,12 @@ def test_bar_shows_steps_rate_eta_phases_and_the_final_table():
     out = stream.getvalue()
     assert "checkpoint at step 2" in during and "2/4" in out and "samples/s" in out and "ETA" in out
     assert "step 2/4 epoch 0 loss 1.0000" in out
-    table = out[out.index("validation (final, step 3)"):]
+    table = out[out.index("validation (final, step 3)") :]
     for key in ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae"):
         assert key in table
-    assert table.count("worse") == 2 and table.count("better") == 2  # F1 and regret MAE lose to their baselines
+    assert (
+        table.count("worse") == 2 and table.count("better") == 2
+    )  # F1 and regret MAE lose to their baselines
 
 
 def test_log_records_go_through_the_display_and_the_handler_is_restored():

@@ -31,15 +31,23 @@ def test_stage_spans_are_moved_onto_the_orchestrator_clock():
     result.spans.add(action="F", micro_batch=0, start=0.5, end=0.75)
     result.spans.add(action="send activation", micro_batch=0, start=0.75, end=0.8, thread="sender")
     rec.stage_round("gpu stage", plan, result, 999.0, 1001.0)
-    rec.stage_round("gpu stage", stage_pb2.StepPlan(envelope=tensor_pb2.Envelope(step=2)), result, 0, 1)  # not traced
+    rec.stage_round(
+        "gpu stage", stage_pb2.StepPlan(envelope=tensor_pb2.Envelope(step=2)), result, 0, 1
+    )  # not traced
     events = {e["name"]: e for e in rec.events()}
-    assert events["forward mb0"]["start"] == pytest.approx(1000.5) and events["forward mb0"]["thread"] == "compute"
+    assert (
+        events["forward mb0"]["start"] == pytest.approx(1000.5)
+        and events["forward mb0"]["thread"] == "compute"
+    )
     assert events["send activation mb0"]["thread"] == "sender"
     assert events["RunStep gpu stage"]["start"] == 999.0 and events["forward mb0"]["args"]["step"] == 2
     trace = rec.chrome_trace()
     x = {e["name"]: e for e in trace["traceEvents"] if e["ph"] == "X"}
     assert x["RunStep gpu stage"]["ts"] == 0 and x["forward mb0"]["ts"] == pytest.approx(1.5e6)
-    assert x["forward mb0"]["dur"] == pytest.approx(0.25e6) and x["forward mb0"]["pid"] != x["RunStep gpu stage"]["pid"]
+    assert (
+        x["forward mb0"]["dur"] == pytest.approx(0.25e6)
+        and x["forward mb0"]["pid"] != x["RunStep gpu stage"]["pid"]
+    )
 
 
 def test_loss_png_has_a_validation_panel_beside_the_losses(tmp_path):
@@ -47,9 +55,17 @@ def test_loss_png_has_a_validation_panel_beside_the_losses(tmp_path):
 
     from orchestrator.plots import plot_losses
 
-    history = [{"step": s, "loss": 3.0 / s, "losses": {"emotion": 1.0 / s, "judgment": 2.0 / s}} for s in (1, 2, 3)]
-    validation = [{"step": s, "metrics": {"judgment_accuracy": 0.1 * s, "bentham_mae": 0.3 / s},
-                   "baseline": {"baseline_judgment_accuracy": 0.2, "baseline_bentham_mae": 0.25}} for s in (2, 3)]
+    history = [
+        {"step": s, "loss": 3.0 / s, "losses": {"emotion": 1.0 / s, "judgment": 2.0 / s}} for s in (1, 2, 3)
+    ]
+    validation = [
+        {
+            "step": s,
+            "metrics": {"judgment_accuracy": 0.1 * s, "bentham_mae": 0.3 / s},
+            "baseline": {"baseline_judgment_accuracy": 0.2, "baseline_bentham_mae": 0.25},
+        }
+        for s in (2, 3)
+    ]
     plot_losses(history, tmp_path / "only.png")
     plot_losses(history, tmp_path / "both.png", validation)
     only, both = (matplotlib.image.imread(tmp_path / n) for n in ("only.png", "both.png"))
@@ -61,11 +77,15 @@ def test_the_step_picture_draws_one_row_per_process_and_thread(tmp_path):
 
     from orchestrator.plots import plot_trace_step
 
-    events = [{"name": n, "process": p, "thread": t, "start": a, "end": b, "args": {"step": 2, "micro_batch": 0}}
-              for n, p, t, a, b in (("forward mb0", "cpu stage", "compute", 0.0, 0.01),
-                                    ("forward mb0", "gpu stage", "compute", 0.012, 0.02),
-                                    ("send activation mb0", "cpu stage", "sender", 0.01, 0.011),
-                                    ("step 2", "orchestrator", "MainThread", 0.0, 0.03))]
+    events = [
+        {"name": n, "process": p, "thread": t, "start": a, "end": b, "args": {"step": 2, "micro_batch": 0}}
+        for n, p, t, a, b in (
+            ("forward mb0", "cpu stage", "compute", 0.0, 0.01),
+            ("forward mb0", "gpu stage", "compute", 0.012, 0.02),
+            ("send activation mb0", "cpu stage", "sender", 0.01, 0.011),
+            ("step 2", "orchestrator", "MainThread", 0.0, 0.03),
+        )
+    ]
     assert plot_trace_step(events, 3, tmp_path / "none.png") is None  # no spans of that step
     path = plot_trace_step(events, 2, tmp_path / "two.png")
     assert matplotlib.image.imread(path).shape[0] > 200
