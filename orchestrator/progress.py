@@ -33,6 +33,7 @@ class Progress:
         self.samples_per_second: float | None = None
         self._live = None
         self._task = None
+        self._started = False
         self._handlers: list[tuple[logging.StreamHandler, Any]] = []
         if self.bar:
             self._start_live()
@@ -85,6 +86,11 @@ class Progress:
             )
         if self._live is None:
             return
+        if not self._started:
+            # A resumed run starts at step N: start the clock there, or the steps done before
+            # would count as done in no time and the ETA would be far too short.
+            self._live.reset(self._task, completed=step - 1)
+            self._started = True
         rate = f"{self.samples_per_second:.1f} samples/s" if self.samples_per_second else ""
         self._live.update(self._task, completed=step, info=f"loss {loss:.4f}  {rate}")
 

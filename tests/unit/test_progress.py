@@ -74,3 +74,12 @@ def test_log_records_go_through_the_display_and_the_handler_is_restored():
         assert "a record while the bar is up" in stream.getvalue()
     finally:
         root.removeHandler(handler)
+
+
+def test_a_resumed_run_starts_the_eta_clock_at_its_first_step():
+    stream = _Text()
+    progress = Progress(100, "bar", stream=stream)
+    progress.update(51, 1.0, 10.0)  # resumed at step 50: one step done in this process
+    task = progress._live.tasks[0]
+    assert task.completed == 51 and sum(s.completed for s in task._progress) == 1
+    progress.close()
