@@ -141,8 +141,9 @@ class GrpcPeerLink:
                     self._stats["serialize_seconds"] += t1 - t0
                     self._stats["send_seconds"] += t2 - t1
                     self._stats["bytes_sent"] += nbytes
-                    if len(self._spans) < 4096:  # bounded: rounds that nobody collects (evaluation)
-                        self._spans.append((f"send {kind}", micro_batch, t0, t2))
+                    if len(self._spans) >= 4096:  # bounded: evaluation rounds never collect theirs
+                        del self._spans[:2048]
+                    self._spans.append((f"send {kind}", micro_batch, t0, t2))
                 if self.metrics is not None:
                     self.metrics.wire_bytes.labels(self.metrics.stage, "sent").inc(nbytes)
                     self.metrics.serialize_seconds.labels(self.metrics.stage, "encode").inc(t1 - t0)
