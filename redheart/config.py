@@ -433,6 +433,7 @@ class HybridConfig:
         built = _build(raw, origin=_Origin("HybridConfig(...)"))
         for name in SECTIONS:
             setattr(self, name, getattr(built, name))
+        object.__setattr__(self, "_derived", built._derived)
 
     # ---- the original flat attributes, both ways: `config.batch_size` reads and `config.batch_size = 4`
     # sets train.batch_size, validated like the constructor (the prototype's troubleshooting relies on it).
@@ -456,7 +457,9 @@ class HybridConfig:
         section, key = _flat_owner(name)
         raw = self.to_dict(redact_secrets=False)
         raw[section][key] = value
+        _rederive(self, raw, {(section, key)})
         built = _build(raw, origin=_Origin(f"config.{name} = {value!r}"))
+        object.__setattr__(self, "_derived", built._derived)
         # Update the section objects in place: code holding `config.train` sees the change too.
         for sec in SECTIONS:
             target, source = getattr(self, sec), getattr(built, sec)
@@ -509,9 +512,12 @@ class HybridConfig:
     def replace(self, **dotted: Any) -> "HybridConfig":
         """A copy with some keys changed, e.g. ``cfg.replace(**{"train.max_steps": 4})``; validated."""
         raw = self.to_dict(redact_secrets=False)
+        explicit = set()
         for key, value in dotted.items():
             section, name = _split_dotted(key) if "." in key else _resolve_flat_key(key)
             raw[section][name] = value
+            explicit.add((section, name))
+        _rederive(self, raw, explicit)
         return _build(raw, origin=_Origin("replace(...)"))
 
     # ---- derived values used by several processes
@@ -848,11 +854,27 @@ def auto_micro_batch_size(batch_size: int, num_stages: int) -> int:
     return 1
 
 
+AUTO_KEYS = (("train", "micro_batch_size"),)
+"""Keys whose 0 means "derive from the others"; the config remembers which ones it derived."""
+
+
 def _resolve_auto(cfg: HybridConfig) -> None:
-    """Fill the "auto" (0) values that depend on other keys, before validation sees them."""
+    """Fill the "auto" (0) values that depend on other keys, before validation sees them. The
+    config remembers them, so a later change (``config.batch_size = 4``, ``replace``) derives them
+    again instead of keeping a value chosen for the old batch."""
     t = cfg.train
+    derived = set()
     if t.micro_batch_size == 0 and t.batch_size >= 1:
         t.micro_batch_size = auto_micro_batch_size(t.batch_size, 2)
+        derived.add(("train", "micro_batch_size"))
+    object.__setattr__(cfg, "_derived", frozenset(derived))
+
+
+def _rederive(cfg: HybridConfig, raw: dict[str, dict[str, Any]], explicit: set[tuple[str, str]]) -> None:
+    """Put "auto" back for the derived keys that the change does not set itself."""
+    for key in getattr(cfg, "_derived", frozenset()):
+        if key not in explicit:
+            raw[key[0]][key[1]] = 0
 
 
 def _validate(cfg: HybridConfig, origin: _Origin) -> None:

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.slow
 def test_the_four_troubleshooting_assignments_change_the_run(tmp_path, corpus):
     config = HybridConfig(
         model={"preset": "tiny"},
+        micro_batch_size=2,  # the original prototype's default, which its troubleshooting changes
         max_steps=1,
         log_every_n_steps=1,
         save_checkpoint_every=0,

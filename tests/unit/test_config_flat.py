@@ -33,7 +33,7 @@ def test_flat_attribute_reads_and_assigns_the_nested_value(name):
 
 
 def test_assignment_is_validated_like_the_constructor_and_leaves_the_config_unchanged():
-    config = HybridConfig(model={"preset": "tiny"})
+    config = HybridConfig(model={"preset": "tiny"}, micro_batch_size=2)
     with pytest.raises(
         ConfigError, match=r"config.batch_size = 7.*not divisible by train.micro_batch_size = 2"
     ):
@@ -69,3 +69,14 @@ def test_sections_stay_assignable_and_copies_work():
     assert copy.deepcopy(config) == config == pickle.loads(pickle.dumps(config))
     config.train = copy.deepcopy(config.train)
     assert config.batch_size == 4
+
+
+def test_an_automatic_micro_batch_size_follows_a_new_batch_size():
+    config = HybridConfig(model={"preset": "tiny"})  # micro_batch_size 0: derived from the batch
+    assert (config.batch_size, config.micro_batch_size) == (8, 1)
+    config.batch_size = 32
+    assert config.micro_batch_size == 4  # 8 micro-batches again, not 32 of the old size
+    assert config.replace(batch_size=16).train.micro_batch_size == 2
+    config.micro_batch_size = 8  # set by the user: kept from now on
+    config.batch_size = 64
+    assert config.micro_batch_size == 8
