@@ -13,12 +13,12 @@ always see the same shapes (``--verify`` compares like with like).
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Sequence
 
-from dataclasses import dataclass
-
 import torch
+
+from redheart.data.dataset import trimmed_length
 
 @dataclass
 class Batch:
@@ -36,15 +36,6 @@ class Batch:
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask")
 """Tensors with a sequence axis (axis 1); labels have none and are never cut."""
-
-
-def trimmed_length(attention_mask: torch.Tensor, multiple: int) -> int:
-    """Width a micro-batch is cut to: its longest sequence, rounded up to ``multiple`` (0: no cut)."""
-    full = attention_mask.shape[1]
-    if multiple <= 0 or attention_mask.numel() == 0:
-        return full
-    longest = int(attention_mask.sum(dim=1).max())  # real tokens of the longest row
-    return min(full, max(multiple, math.ceil(longest / multiple) * multiple))
 
 
 def trim_padding(batch: Batch, multiple: int) -> Batch:

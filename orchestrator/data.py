@@ -90,7 +90,16 @@ def prepare_data(config: HybridConfig, output_dir: Path, *, tokenizer_path: Path
     scenarios = result.scenarios
     if config.data.max_scenarios:
         scenarios = scenarios[: config.data.max_scenarios]
-    train, validation = split_train_validation(scenarios, config.data.validation_fraction, config.data.seed)
+    if config.data.validation_path:
+        # A separate validation file: all of data.path trains, all of the other file validates.
+        train = scenarios
+        validation = load_jsonl(config.data.validation_path, skip_invalid=config.data.skip_invalid).scenarios
+        overlap = sorted({s.id for s in train} & {s.id for s in validation})
+        if overlap:
+            raise DataError(f"{config.data.validation_path}: {len(overlap)} scenario id(s) are also in {path} "
+                            f"(e.g. {overlap[0]!r}); validation must be held-out data (fix: remove them from one file)")
+    else:
+        train, validation = split_train_validation(scenarios, config.data.validation_fraction, config.data.seed)
     if not train or not validation:
         raise DataError(f"{path}: {len(scenarios)} scenario(s) leave {len(train)} for training and {len(validation)} for validation "
                         f"(fix: more data or another data.validation_fraction)")

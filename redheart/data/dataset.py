@@ -27,6 +27,7 @@ __all__ = [
     "epoch_order",
     "bucket_by_length",
     "batches_per_epoch",
+    "trimmed_length",
 ]
 
 IGNORE_INDEX = -100
@@ -327,6 +328,17 @@ def bucket_by_length(
         out.extend(steps.flatten().tolist())
     out.extend(order[full:])
     return out
+
+
+def trimmed_length(attention_mask: torch.Tensor, multiple: int) -> int:
+    """Width a micro-batch of right-padded rows is cut to: its longest row, rounded up to
+    ``multiple`` (0: no cut). Shared by the pipeline, the reference and ``redheart-evaluate``, so
+    they all compute on the same shapes."""
+    full = attention_mask.shape[1]
+    if multiple <= 0 or attention_mask.numel() == 0:
+        return full
+    longest = int(attention_mask.sum(dim=1).max())  # real tokens of the longest row
+    return min(full, max(multiple, math.ceil(longest / multiple) * multiple))
 
 
 def batches_per_epoch(n_rows: int, batch_size: int) -> int:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from orchestrator.batching import Batch, computed_tokens, step_micro_batches, trim_padding, trimmed_length
+from orchestrator.batching import Batch, computed_tokens, step_micro_batches, trim_padding
+from redheart.data.dataset import trimmed_length
 from redheart.config import HybridConfig, auto_micro_batch_size
 from redheart.data import bucket_by_length, epoch_order
 from synthetic import synthetic_batch
