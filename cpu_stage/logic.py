@@ -46,8 +46,11 @@ class CpuStagePart:
         ids, mask = self._inputs(mb)
         with ctx.autocast():
             out = self.module(ids, mask)  # [B, T, H]
-        # Detached before it leaves: the graph stays here, only values cross the wire.
-        ctx.link.send("next", ctx.plan.run_id, ctx.plan.step, mb.index, ACTIVATION, out.detach())
+        # Detached before it leaves: the graph stays here, only values cross the wire. Under autocast
+        # the residual stream stays fp32; it travels in the compute dtype (bf16), as the next
+        # stage's matmuls would round it anyway. backward() takes the fp32 `out` with the gradient
+        # cast back, which is what the cast's own backward would do.
+        ctx.link.send("next", ctx.plan.run_id, ctx.plan.step, mb.index, ACTIVATION, _for_wire(ctx, out))
         return ForwardRecord(output=out)
 
     def backward(self, ctx: RoundContext, mb: MicroBatchInputs, record: ForwardRecord) -> dict:
@@ -66,10 +69,16 @@ class CpuStagePart:
         ids, mask = self._inputs(mb)
         with ctx.autocast():
             out = self.module(ids, mask)
-        ctx.link.send("next", ctx.plan.run_id, ctx.plan.step, mb.index, EVAL_ACTIVATION, out)
+        ctx.link.send("next", ctx.plan.run_id, ctx.plan.step, mb.index, EVAL_ACTIVATION, _for_wire(ctx, out))
         return {}
 
     def check_tensor(self, kind: str, tensor: torch.Tensor) -> None:
         h = self.module.shape.hidden_size
         if tensor.ndim != 3 or tensor.shape[-1] != h or not tensor.is_floating_point():
             raise StageError("invalid", f"{kind} must be a float tensor [batch, seq, {h}], got {tensor.dtype} {list(tensor.shape)}")
+
+
+def _for_wire(ctx: RoundContext, tensor: torch.Tensor) -> torch.Tensor:
+    dtype = ctx.runtime.wire_dtype()
+    tensor = tensor.detach()
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor

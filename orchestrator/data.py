@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.pipeline import Batch
+from orchestrator.batching import Batch
 from redheart.config import ConfigError, HybridConfig
 from redheart.data import (
     DataError,
     EncodedDataset,
     batches_per_epoch,
+    bucket_by_length,
     encode_dataset,
     epoch_order,
     load_jsonl,
@@ -89,7 +90,16 @@ def prepare_data(config: HybridConfig, output_dir: Path, *, tokenizer_path: Path
     scenarios = result.scenarios
     if config.data.max_scenarios:
         scenarios = scenarios[: config.data.max_scenarios]
-    train, validation = split_train_validation(scenarios, config.data.validation_fraction, config.data.seed)
+    if config.data.validation_path:
+        # A separate validation file: all of data.path trains, all of the other file validates.
+        train = scenarios
+        validation = load_jsonl(config.data.validation_path, skip_invalid=config.data.skip_invalid).scenarios
+        overlap = sorted({s.id for s in train} & {s.id for s in validation})
+        if overlap:
+            raise DataError(f"{config.data.validation_path}: {len(overlap)} scenario id(s) are also in {path} "
+                            f"(e.g. {overlap[0]!r}); validation must be held-out data (fix: remove them from one file)")
+    else:
+        train, validation = split_train_validation(scenarios, config.data.validation_fraction, config.data.seed)
     if not train or not validation:
         raise DataError(f"{path}: {len(scenarios)} scenario(s) leave {len(train)} for training and {len(validation)} for validation "
                         f"(fix: more data or another data.validation_fraction)")
@@ -155,7 +165,12 @@ class StepBatches:
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(self.train.sources, epoch, self.config.data.seed, self.config.data.source_weights or None)}
+            d = self.config.data
+            order = epoch_order(self.train.sources, epoch, d.seed, d.source_weights or None)
+            if d.length_bucketing:
+                lengths = self.train.attention_mask.sum(dim=1)  # [N] real tokens per row
+                order = bucket_by_length(order, lengths, self.samples_per_step, d.bucket_window, d.seed, epoch)
+            self._orders = {epoch: order}
         return self._orders[epoch]
 
     def position(self, step: int) -> tuple[int, int]:

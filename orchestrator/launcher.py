@@ -138,6 +138,39 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join("    " + line for line in text[-lines:])
 
 
+def gpu_stage_on_cuda(config: HybridConfig) -> bool:
+    device = config.gpu_stage.device
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
+
+
+def stage_threads(config: HybridConfig, cores: int) -> tuple[int, int]:
+    """torch intra-op threads of the (CPU stage, GPU stage) on a machine of `cores` cores.
+
+    With the GPU stage on CUDA, its host thread only launches kernels and copies: one or two threads
+    do, and every other core goes to the CPU stage, which then sets the pace of the pipeline. With
+    both stages on the CPU, the cores are shared in proportion to each stage's layers (the embedding
+    lookup is cheap; its gradient and AdamW update count as about one layer), so neither stage waits
+    on the other for lack of threads.
+    """
+    if cores <= 1:
+        return 1, 1
+    if gpu_stage_on_cuda(config):
+        gpu = 1 if cores < 8 else 2
+        return max(1, cores - gpu), gpu
+    from redheart.model import resolve_model_shape
+
+    shape = resolve_model_shape(config.model)
+    cpu_work = shape.cpu_layers + 1
+    gpu_work = shape.gpu_layers + 0.5  # the heads and losses: small next to a layer
+    cpu = round(cores * cpu_work / (cpu_work + gpu_work))
+    cpu = min(cores - 1, max(1, cpu))
+    return cpu, cores - cpu
+
+
 class LocalLauncher:
     """Starts, watches, restarts and stops the local services of one run."""
 
@@ -157,13 +190,9 @@ class LocalLauncher:
         argv += ["--host", "127.0.0.1", "--port", "0" if auto else str(section.port)]
         if cfg.metrics.enabled:
             argv += ["--metrics-port", "0" if auto else str(section.metrics_port)]
-        cores = os.cpu_count() or 1
-        if name == "cpu_stage" and cfg.cpu_stage.threads == 0:
-            # Two stages share the machine: give each half of the cores unless told otherwise,
-            # so they overlap instead of fighting over the same threads.
-            argv += ["--set", f"cpu_stage.threads={max(1, cores // 2)}"]
-        if name == "gpu_stage" and cfg.gpu_stage.threads == 0:
-            argv += ["--set", f"gpu_stage.threads={max(1, cores - cores // 2)}"]
+        if name in ("cpu_stage", "gpu_stage") and getattr(cfg, name).threads == 0:
+            cpu_threads, gpu_threads = stage_threads(cfg, os.cpu_count() or 1)
+            argv += ["--set", f"{name}.threads={cpu_threads if name == 'cpu_stage' else gpu_threads}"]
         return argv
 
     def start(self, names: list[str]) -> None:

@@ -1,9 +1,10 @@
 """One optimizer step across the pipeline, as the orchestrator drives it.
 
-For each accumulation round the orchestrator sends every stage its plan at the same time (the
-CPU stage gets token ids, the GPU stage the attention mask and labels); the stages then exchange
-activations and gradients directly. After the last round it combines the stages' squared
-gradient norms into the global norm, computes one clip coefficient, decides (fp16) whether the
+For each optimizer step the orchestrator sends every stage one plan at the same time, holding all
+micro-batches of all accumulation rounds, each padded only to its longest sequence
+(orchestrator/batching.py): the CPU stage gets token ids, the GPU stage the attention mask and
+labels. The stages then exchange activations and gradients directly, on one 1F1B order with one
+fill and one drain per step. Afterwards it combines the stages' squared gradient norms into the global norm, computes one clip coefficient, decides (fp16) whether the
 step is skipped, and tells both stages to apply it. A failure on any stage aborts the step on all
 of them: no stage ever updates its weights alone.
 """
@@ -19,6 +20,7 @@ from typing import Any, Callable, Sequence
 import grpc
 import torch
 
+from orchestrator.batching import Batch, computed_tokens, split_micro_batches, step_micro_batches
 from orchestrator.stage_client import StageClient, micro_batch_message
 from redheart import codec
 from redheart.config import HybridConfig
@@ -46,20 +48,6 @@ class NonFiniteError(RuntimeError):
 
 
 @dataclass
-class Batch:
-    """The samples of one accumulation round: tensors [B, ...] and their scenario ids."""
-
-    tensors: dict[str, torch.Tensor]
-    ids: list[str]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def slice(self, start: int, stop: int) -> "Batch":
-        return Batch({k: v[start:stop] for k, v in self.tensors.items()}, self.ids[start:stop])
-
-
-@dataclass
 class StepOutcome:
     step: int
     losses: dict[str, float]
@@ -74,8 +62,9 @@ class StepOutcome:
     regret_computations: int
     bentham_evaluations: int
     samples: int
-    tokens: int
+    tokens: int  # real (non-pad) tokens
     seconds: float
+    computed_tokens: int = 0  # token positions computed: real tokens + the padding left after trimming
     stage_timings: dict[str, dict[str, float]] = field(default_factory=dict)
     spans: dict[str, list[tuple[str, int, float, float]]] = field(default_factory=dict)
     peak_gpu_memory_bytes: int = 0
@@ -91,29 +80,43 @@ def clip_coefficient(total_norm: float, max_norm: float) -> float:
 class DynamicLossScale:
     """fp16 loss scaling owned by the orchestrator, so the skip decision is global across stages."""
 
-    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000,
+                 max_consecutive_skips: int = 0) -> None:
         self.enabled = enabled
         self.scale = init_scale if enabled else 1.0
         self.growth_interval = growth_interval
+        self.max_consecutive_skips = max_consecutive_skips  # 0: no limit
         self._good_steps = 0
+        self._skips = 0
 
-    def update(self, found_inf: bool) -> None:
+    def update(self, found_inf: bool, step: int | None = None) -> None:
         if not self.enabled:
             return
         if found_inf:
             self.scale = max(self.scale / 2.0, 1.0)
             self._good_steps = 0
+            self._skips += 1
+            if self.max_consecutive_skips and self._skips >= self.max_consecutive_skips:
+                # Floored at 1.0, the scale cannot fall further: a persistent overflow would
+                # otherwise skip every remaining step in silence.
+                raise NonFiniteError(
+                    f"step {step}: {self._skips} consecutive steps overflowed in fp16 and were skipped "
+                    f"(loss scale now {self.scale:g}); the model or the data produce inf/NaN "
+                    f"(fix: lower train.learning_rate, set train.max_grad_norm, mixed_precision_dtype = \"bf16\" "
+                    f"on a GPU with compute capability >= 8.0, or use_mixed_precision = false)")
         else:
+            self._skips = 0
             self._good_steps += 1
             if self._good_steps % self.growth_interval == 0:
                 self.scale *= 2.0
 
     def state(self) -> dict[str, float]:
-        return {"scale": self.scale, "good_steps": self._good_steps, "enabled": self.enabled}
+        return {"scale": self.scale, "good_steps": self._good_steps, "enabled": self.enabled, "skips": self._skips}
 
     def load(self, state: dict[str, Any]) -> None:
         self.scale = float(state.get("scale", self.scale))
         self._good_steps = int(state.get("good_steps", 0))
+        self._skips = int(state.get("skips", 0))
 
 
 class PipelineDriver:
@@ -125,7 +128,8 @@ class PipelineDriver:
         self.stages = (cpu, gpu)
         self.config = config
         self.run_id = run_id
-        self.scaler = DynamicLossScale(fp16_loss_scaling)
+        self.scaler = DynamicLossScale(fp16_loss_scaling, init_scale=config.train.initial_loss_scale,
+                                       max_consecutive_skips=config.train.max_consecutive_skips)
         self.lookahead = lookahead
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-call")
         # Local launch: the processes we started. A dead one fails the step at once instead of
@@ -140,33 +144,40 @@ class PipelineDriver:
 
     # ---- plans
 
-    def _plans(self, step: int, round_index: int, batch: Batch, forward_only: bool = False,
-               eval_id: int = 0) -> tuple[stage_pb2.StepPlan, stage_pb2.StepPlan]:
+    def step_plans(self, step: int, rounds: Sequence[Batch]) -> tuple[stage_pb2.StepPlan, stage_pb2.StepPlan]:
+        """The two stages' plans of a training step over its accumulation rounds."""
         t = self.config.train
-        mbs = self.config.micro_batches if not forward_only else max(1, math.ceil(len(batch) / t.micro_batch_size))
-        size = t.micro_batch_size
-        accum = t.gradient_accumulation_steps
+        return self._plans(step, step_micro_batches(rounds, t.micro_batch_size, t.pad_to_multiple_of))
+
+    def _plans(self, step: int, parts: Sequence[Batch], *, forward_only: bool = False,
+               eval_id: int = 0) -> tuple[stage_pb2.StepPlan, stage_pb2.StepPlan]:
+        """One plan per stage for the whole optimizer step (or evaluation pass).
+
+        All ``accumulation x micro-batches`` micro-batches go into one 1F1B order, so the pipe
+        fills and drains once per optimizer step instead of once per accumulation round. The loss
+        multiplier is still 1 / (micro-batches x accumulation steps): one plan changes when the
+        micro-batches run, not what each one contributes to ``.grad``.
+        """
+        t = self.config.train
         header = stage_pb2.StepPlan(
             envelope=tensor_pb2.Envelope(run_id=self.run_id, step=eval_id if forward_only else step),
-            accumulation_round=0 if forward_only else round_index,
-            accumulation_steps=1 if forward_only else accum,
+            accumulation_round=0,
+            accumulation_steps=1,
             schedule=t.schedule,
-            loss_multiplier=1.0 / (mbs * accum),
+            loss_multiplier=1.0 / len(parts),
             loss_scale=self.scaler.scale,
             deadline_seconds=self.config.orchestrator.step_deadline_seconds,
             forward_only=forward_only,
-            lookahead=0 if forward_only else min(self.lookahead, mbs),
+            lookahead=0 if forward_only else min(self.lookahead, len(parts)),
             attempt=0 if forward_only else self.attempts.get(step, 1),
         )
-        parts = [batch.slice(i * size, (i + 1) * size) for i in range(mbs)]
-        first = round_index * mbs if not forward_only else 0
         plans = []
         # Same header for both stages; each gets only the inputs it uses (ids for the first, labels for the last).
         for keys in (CPU_KEYS, GPU_KEYS):
             plan = stage_pb2.StepPlan()
             plan.CopyFrom(header)
             for i, part in enumerate(parts):
-                plan.micro_batches.append(micro_batch_message(first + i, part.tensors, keys, part.ids))
+                plan.micro_batches.append(micro_batch_message(i, part.tensors, keys, part.ids))
             plans.append(plan)
         return plans[0], plans[1]
 
@@ -245,33 +256,33 @@ class PipelineDriver:
         norms: dict[str, float] = {}
         found_inf = False
         peak = 0
-        tokens = 0
-        samples = 0
         for r, batch in enumerate(rounds):
             if len(batch) != t.batch_size:
                 raise ValueError(f"step {step} round {r}: batch of {len(batch)} samples, train.batch_size is {t.batch_size}")
-            plans = self._plans(step, r, batch)
-            results = self._run_on_stages(step, plans)
-            tokens += int(batch.tensors["attention_mask"].sum())
-            samples += len(batch)
-            for stage, res in zip(self.stages, results):
-                tm = res.timings
-                acc = stage_timings[stage.name]
-                acc["forward"] += tm.forward_seconds
-                acc["backward"] += tm.backward_seconds
-                acc["wait"] += tm.wait_seconds
-                acc["serialize"] += tm.serialize_seconds
-                acc["send"] += tm.send_seconds
-                acc["bytes_sent"] += tm.bytes_sent
-                acc["bytes_received"] += tm.bytes_received
-                acc["total"] += tm.total_seconds
-                acc["regret_wait"] += tm.regret_wait_seconds
-                spans[stage.name].extend((s.action, s.micro_batch, s.start, s.end) for s in res.spans)
-                if res.has_grad_norm:
-                    norms[stage.name] = res.grad_norm_sq
-                    found_inf |= res.found_inf
-                peak = max(peak, res.peak_memory_bytes)
-            per_mb.extend(sorted(results[1].micro_batches, key=lambda m: m.index))
+        parts = step_micro_batches(rounds, t.micro_batch_size, t.pad_to_multiple_of)
+        plans = self._plans(step, parts)
+        results = self._run_on_stages(step, plans)
+        tokens = sum(int(p.tensors["attention_mask"].sum()) for p in parts)
+        computed = computed_tokens(parts)
+        samples = sum(len(p) for p in parts)
+        for stage, res in zip(self.stages, results):
+            tm = res.timings
+            acc = stage_timings[stage.name]
+            acc["forward"] += tm.forward_seconds
+            acc["backward"] += tm.backward_seconds
+            acc["wait"] += tm.wait_seconds
+            acc["serialize"] += tm.serialize_seconds
+            acc["send"] += tm.send_seconds
+            acc["bytes_sent"] += tm.bytes_sent
+            acc["bytes_received"] += tm.bytes_received
+            acc["total"] += tm.total_seconds
+            acc["regret_wait"] += tm.regret_wait_seconds
+            spans[stage.name].extend((s.action, s.micro_batch, s.start, s.end) for s in res.spans)
+            if res.has_grad_norm:
+                norms[stage.name] = res.grad_norm_sq
+                found_inf |= res.found_inf
+            peak = max(peak, res.peak_memory_bytes)
+        per_mb.extend(sorted(results[1].micro_batches, key=lambda m: m.index))
         if set(norms) != {s.name for s in self.stages}:
             raise StepFailed(step, "orchestrator", RuntimeError(f"gradient norms missing from {sorted({s.name for s in self.stages} - set(norms))}"))
         total_norm = math.sqrt(sum(norms.values())) if all(math.isfinite(v) for v in norms.values()) else float("inf")
@@ -305,7 +316,7 @@ class PipelineDriver:
                 errors.append((s.name, exc))
         if errors:
             raise StepFailed(step, errors[0][0], errors[0][1])
-        self.scaler.update(skip)
+        self.scaler.update(skip, step)
         regret_values = [m.regret_mean for m in per_mb if m.regret_computations]
         return StepOutcome(
             step=step,
@@ -322,6 +333,7 @@ class PipelineDriver:
             bentham_evaluations=sum(m.bentham_evaluations for m in per_mb),
             samples=samples,
             tokens=tokens,
+            computed_tokens=computed,
             seconds=time.perf_counter() - start,
             stage_timings=stage_timings,
             spans=spans,
@@ -334,7 +346,8 @@ class PipelineDriver:
         """Forward-only pass of one batch through both stages; returns the head outputs [B, ...]."""
         self.eval_passes += 1
         eval_id = self.eval_passes
-        plans = self._plans(0, 0, batch, forward_only=True, eval_id=eval_id)
+        parts = split_micro_batches(batch, self.config.train.micro_batch_size, self.config.train.pad_to_multiple_of)
+        plans = self._plans(0, parts, forward_only=True, eval_id=eval_id)
         results = self._run_on_stages(eval_id, plans)
         outputs: dict[str, list[torch.Tensor]] = {}
         for mb in sorted(results[1].micro_batches, key=lambda m: m.index):

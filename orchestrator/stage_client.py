@@ -11,7 +11,7 @@ import grpc
 import torch
 
 from redheart import codec
-from redheart.rpc import ServiceError, call, make_channel
+from redheart.rpc import RetryPolicy, ServiceError, call, make_channel
 from redheart.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
 
 
@@ -26,28 +26,42 @@ class StageInfo:
     layer_range: str
     next_step: int
     run_id: str
+    precision: str = ""  # of the current run ("" before StartRun)
+    device_name: str = ""
+    compute_capability: str = ""
+    total_memory_bytes: int = 0
+    free_memory_bytes: int = 0
+    memory_budget_bytes: int = 0
 
 
 class StageClient:
     def __init__(self, name: str, address: str, *, max_message_mb: int, rpc_timeout: float,
-                 credentials: grpc.ChannelCredentials | None = None, metadata=None, security=None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, metadata=None, security=None,
+                 retry: RetryPolicy | None = None) -> None:
         self.name = name  # "cpu stage" / "gpu stage"
         self.address = address
         self.rpc_timeout = rpc_timeout
         self.metadata = metadata
         # security ([security]): TLS / mTLS and the bearer token, applied by make_channel.
-        self.channel = make_channel(address, max_message_mb, security, credentials=credentials)
+        # retry ([wire] retry_*): gRPC retries the idempotent calls itself (redheart.rpc.RetryPolicy).
+        self.retry = retry
+        self.channel = make_channel(address, max_message_mb, security, credentials=credentials, retry=retry)
         self.stub = stage_pb2_grpc.PipelineStageStub(self.channel)
+        self.trace = None  # an orchestrator.trace.TraceRecorder while --trace is on
+        self.precision = ""  # what the stage said it trains in, at the last StartRun
+        self.precision_reason = ""
 
     def _call(self, method: str, request, *, timeout: float | None = None, idempotent: bool = True, retry_until=None):
         return call(getattr(self.stub, method), request, service=self.name, address=self.address,
                     timeout=timeout or self.rpc_timeout, idempotent=idempotent, retry_until=retry_until,
-                    metadata=self.metadata, method_name=method)
+                    metadata=self.metadata, method_name=method,
+                    channel_retries=self.retry is not None and self.retry.max_attempts > 1)
 
     def describe(self) -> StageInfo:
         r = self._call("Describe", stage_pb2.DescribeRequest())
         return StageInfo(r.stage_rank, r.stage_name, r.device, r.model_fingerprint, json.loads(r.model_settings_json or "{}"),
-                         r.num_parameters, r.layer_range, r.next_step, r.current_run_id)
+                         r.num_parameters, r.layer_range, r.next_step, r.current_run_id, r.precision, r.device_name,
+                         r.compute_capability, r.device_total_memory_bytes, r.device_free_memory_bytes, r.memory_budget_bytes)
 
     def start_run(self, run_id: str, settings: Mapping[str, Any], *, next_address: str, prev_address: str,
                   regret_address: str, first_step: int, reinitialize: bool) -> int:
@@ -55,19 +69,34 @@ class StageClient:
             run_id=run_id, train_settings_json=json.dumps(settings), next_stage_address=next_address,
             prev_stage_address=prev_address, regret_address=regret_address, first_step=first_step,
             reinitialize=reinitialize))
+        self.precision, self.precision_reason = r.precision, r.precision_reason
         return r.num_parameters
 
     def run_step(self, request: stage_pb2.StepPlan, timeout: float) -> stage_pb2.StepResult:
         # Idempotent on the stage side (results are cached per (run, step, round)), so a retry after
         # a dropped connection returns the same result instead of running the round twice. The
         # retry window is short: a stage that stays unreachable is a failure to recover from.
-        return self._call("RunStep", request, timeout=timeout, idempotent=True,
-                          retry_until=time.monotonic() + min(timeout, 10.0))
+        t_call = time.time()
+        result = self._call("RunStep", request, timeout=timeout, idempotent=True,
+                            retry_until=time.monotonic() + min(timeout, 10.0))
+        if self.trace is not None:
+            self.trace.stage_round(self.name, request, result, t_call, time.time())
+        return result
 
     def apply(self, run_id: str, step: int, clip: float, lr: float, skip: bool, loss_scale: float) -> stage_pb2.ApplyResponse:
-        return self._call("ApplyStep", stage_pb2.ApplyRequest(
+        t_call = time.time()
+        response = self._call("ApplyStep", stage_pb2.ApplyRequest(
             envelope=tensor_pb2.Envelope(run_id=run_id, step=step), clip_coefficient=clip, learning_rate=lr,
             skip=skip, loss_scale=loss_scale))
+        if self.trace is not None:
+            self.trace.stage_apply(self.name, step, response, t_call, time.time())
+        return response
+
+    def clock_sample(self) -> tuple[float, float, float]:
+        """(sent, the stage's wall clock, received) of one Describe: a sample of the clock offset."""
+        t_send = time.time()
+        remote = self._call("Describe", stage_pb2.DescribeRequest()).wall_clock
+        return t_send, remote, time.time()
 
     def abort(self, run_id: str, step: int, reason: str, attempt: int = 0) -> None:
         self._call("AbortStep", stage_pb2.AbortRequest(run_id=run_id, step=step, reason=reason, attempt=attempt), timeout=10.0)

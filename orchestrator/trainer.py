@@ -12,6 +12,7 @@ complete checkpoint (restarting the service itself in local mode) and goes on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,16 +33,19 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from orchestrator import checkpoint as ckpt
+from orchestrator import run_products
 from orchestrator.data import PreparedData, StepBatches, prepare_data, to_batch
 from orchestrator.launcher import LaunchError, LocalLauncher
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.pipeline import NonFiniteError, PipelineDriver, StepFailed, StepOutcome
 from orchestrator.progress import Progress
+from orchestrator.plots import plot_losses, plot_trace_step
 from orchestrator.stage_client import StageClient
+from orchestrator.trace import TraceRecorder
 from redheart.config import HybridConfig, diff_settings
 from redheart.metrics_common import start_metrics_endpoint
 from redheart.model import count_parameters, resolve_model_shape
-from redheart.rpc import ServiceError, wait_for_serving
+from redheart.rpc import RetryPolicy, ServiceError, wait_for_serving
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +113,11 @@ def _settings_for_stages(config: HybridConfig) -> dict[str, Any]:
 
 class HybridDistributedTrainer:
     def __init__(self, config: HybridConfig, *, registry: CollectorRegistry | None = None,
-                 resume: str | bool | None = None, config_path: str | None = None) -> None:
+                 resume: str | bool | None = None, config_path: str | None = None,
+                 trace_steps: tuple[int, int] | None = None) -> None:
         self.config = config
+        # --trace FIRST-LAST: spans of those steps from every process, written to trace.json
+        self.trace = TraceRecorder(trace_steps) if trace_steps else None
         self.registry = registry or CollectorRegistry()
         self.metrics = OrchestratorMetrics(self.registry)
         self.resume = resume
@@ -126,8 +133,12 @@ class HybridDistributedTrainer:
         self.stop_requested = threading.Event()
         self._reset_progress()
         self.peak_rss: dict[str, int] = {}
+        self._progress: Progress | None = None
         self.metrics_port = 0
         self.split_choice = None
+        self._bow = None  # the bag-of-words baseline, fitted once per run on the train split
+        self.init_spec: dict[str, str] | None = None  # model.init_from, as the stages receive it
+        self._loss_scale_state: dict[str, Any] = {}
 
     def _reset_progress(self) -> None:
         """What a run has done so far: empty at the start, and again when a recovery finds no checkpoint."""
@@ -171,7 +182,7 @@ class HybridDistributedTrainer:
             self.clients[name] = StageClient(name.replace("_", " "), self.addresses[name],
                                              max_message_mb=cfg.wire.max_message_mb,
                                              rpc_timeout=cfg.orchestrator.rpc_timeout_seconds,
-                                             security=cfg.security)
+                                             security=cfg.security, retry=RetryPolicy.from_wire(cfg.wire))
             stack.callback(self.clients[name].close)
 
     def _alive_check(self, name: str):
@@ -195,12 +206,38 @@ class HybridDistributedTrainer:
 
     def _start_run(self, run_id: str, first_step: int) -> None:
         settings = _settings_for_stages(self.config)
+        if self.init_spec is not None:
+            settings["init_from"] = self.init_spec  # each stage loads its own part when it (re)builds
         cpu, gpu = self.addresses["cpu_stage"], self.addresses["gpu_stage"]
         regret = self.addresses.get("regret", "")
         self.clients["cpu_stage"].start_run(run_id, settings, next_address=gpu, prev_address="",
                                             regret_address="", first_step=first_step, reinitialize=True)
         self.clients["gpu_stage"].start_run(run_id, settings, next_address="", prev_address=cpu,
                                             regret_address=regret, first_step=first_step, reinitialize=True)
+        if self.trace is not None:  # measured at every StartRun: a restarted stage has a new clock
+            self.trace.measure_clocks(self.clients)
+            for client in self.clients.values():
+                client.trace = self.trace
+
+    def _span(self, name: str, step: int):
+        """An orchestrator span for the trace (0-based `step`); nothing without --trace."""
+        return self.trace.span(name, step) if self.trace is not None else contextlib.nullcontext()
+
+    def _write_trace(self) -> dict[str, str] | None:
+        if self.trace is None:
+            return None
+        path = self.trace.write(self.output_dir)
+        out = {"json": str(path)}
+        try:
+            last = self.trace.last
+            png = plot_trace_step(self.trace.events(), last, self.output_dir / f"trace-step-{last}.png")
+            if png is not None:
+                out["png"] = str(png)
+        except Exception as exc:  # a picture must never fail a finished run
+            log.warning("could not draw the trace picture: %s", exc)
+        log.info("pipeline trace of steps %d-%d: %s (open in https://ui.perfetto.dev or chrome://tracing)",
+                 self.trace.first, self.trace.last, path)
+        return out
 
     def _restore(self, run_id: str, info: ckpt.CheckpointInfo | None) -> int:
         """Put both stages at a checkpoint (or at the initial weights when there is none)."""
@@ -243,6 +280,7 @@ class HybridDistributedTrainer:
             "regret_n": self.regret_n,
             "restarts": self.restarts,
         }
+        manifest["baselines"] = self._write_baselines(directory, data)
         ckpt.write_manifest(directory, manifest)
         ckpt.prune(self.checkpoint_root, self.config.checkpoint.keep_last)
         seconds = time.perf_counter() - start
@@ -251,6 +289,21 @@ class HybridDistributedTrainer:
         log.info("checkpoint step %d -> %s (%.2fs, %.1f MB)", step, directory, seconds,
                  sum(s.bytes for s in shards.values()) / 1e6)
         return directory
+
+    def _bow_baseline(self, data: PreparedData):
+        if self._bow is None:
+            self._bow = run_products.fit_bow(self.config, data)
+        return self._bow
+
+    def _write_baselines(self, directory: Path, data: PreparedData) -> dict[str, str]:
+        mean = self.regret_sum / self.regret_n if self.regret_n else None
+        return run_products.write_baselines(directory, data, self._bow_baseline(data), mean)
+
+    def _check_init_from(self) -> dict[str, str] | None:
+        try:
+            return run_products.check_init_from(self.config)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
 
     def _restore_orchestrator_state(self, manifest: dict[str, Any], driver: PipelineDriver | None) -> None:
         self.history = list(manifest.get("history", []))
@@ -323,7 +376,7 @@ class HybridDistributedTrainer:
             self.restarts = {k: max(v, restarts.get(k, 0)) for k, v in self.restarts.items()}
         else:
             self._reset_progress()
-            driver.scaler.load({"scale": 2.0**16 if driver.scaler.enabled else 1.0, "good_steps": 0})
+            driver.scaler.load({"scale": self.config.train.initial_loss_scale if driver.scaler.enabled else 1.0, "good_steps": 0})
         self.recoveries.append({"failed_step": error.step, "stage": error.stage, "error": str(error.cause)[:500],
                                 "restarted": dead, "resumed_from_step": step, "time": time.time()})
         log.warning("recovered: continuing from step %d", step)
@@ -352,7 +405,13 @@ class HybridDistributedTrainer:
         if self.regret_n:
             train_labels["regret_target"] = torch.full((len(data.train),), self.regret_sum / self.regret_n)
         baseline = baseline_metrics(train_labels, labels)
-        entry = {"label": label, "step": self._current_step, "metrics": metrics, "baseline": baseline}
+        from redheart.data.evaluation import bow_baseline_metrics, compare_with_baselines
+
+        baseline.update(bow_baseline_metrics(self._bow_baseline(data), val.input_ids, val.attention_mask, labels))
+        entry = {"label": label, "step": self._current_step, "metrics": metrics, "baseline": baseline,
+                 "worse_than_baselines": compare_with_baselines(metrics, baseline)}
+        if entry["worse_than_baselines"]:
+            log.warning("%s validation: the model does worse than a baseline: %s", label, "; ".join(entry["worse_than_baselines"]))
         for key, value in metrics.items():
             if key in ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae"):
                 self.metrics.validation.labels(key).set(value)
@@ -360,8 +419,9 @@ class HybridDistributedTrainer:
             name = key.removeprefix("baseline_")
             if name in ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae"):
                 self.metrics.validation_baseline.labels(name).set(value)
+        phase = self._progress.phase("explanations") if self._progress else contextlib.nullcontext()
         if explanations_path is not None:
-            with open(explanations_path, "w", encoding="utf-8") as fh:
+            with phase, open(explanations_path, "w", encoding="utf-8") as fh:
                 for i, sid in enumerate(val.ids):
                     fh.write(json.dumps({
                         "scenario_id": sid,
@@ -435,6 +495,17 @@ class HybridDistributedTrainer:
         (self.output_dir / "config.toml").write_text(self.config.to_toml(), encoding="utf-8")
         return lock
 
+    def _open_tensorboard(self, stack: ExitStack):
+        from orchestrator.tensorboard import TensorBoardUnavailable, open_writer
+
+        try:
+            writer = open_writer(self.config, self.output_dir)
+        except TensorBoardUnavailable as exc:
+            raise RunError(str(exc)) from None
+        if writer is not None:
+            stack.callback(writer.close)
+        return writer
+
     def _start_metrics(self) -> None:
         cfg = self.config
         if cfg.metrics.enabled and cfg.orchestrator.metrics_port:
@@ -453,13 +524,18 @@ class HybridDistributedTrainer:
         with ExitStack() as stack:
             resume_info = self._resume_info()
             self._resolve_split(resume_info)
+            self.init_spec = self._check_init_from()
             self._prepare_output(stack)
+            tb = self._open_tensorboard(stack)
             self._install_signal_handlers(stack)
             tokenizer_path = None
             if resume_info is not None:
                 tokenizer_path = Path(resume_info.manifest["tokenizer"])
                 if not tokenizer_path.exists():
                     raise RunError(f"checkpoint {resume_info.path} needs its tokenizer {tokenizer_path}, which is gone")
+            elif self.init_spec is not None:
+                # Token ids must mean what they meant to the exported embeddings.
+                tokenizer_path = Path(self.init_spec["path"]) / "tokenizer.json"
             data = prepare_data(cfg, self.output_dir, tokenizer_path=tokenizer_path)
             if resume_info is not None and data.tokenizer_sha256 != resume_info.manifest.get("tokenizer_sha256"):
                 raise RunError(f"tokenizer {data.tokenizer_path} differs from the one checkpoint {resume_info.path} was trained with")
@@ -471,13 +547,16 @@ class HybridDistributedTrainer:
             counts = count_parameters(shape)
             run_id = resume_info.manifest["run_id"] if resume_info is not None else f"run-{uuid.uuid4().hex[:12]}"
             gpu_device = self.stage_info["gpu_stage"].device
-            fp16 = cfg.train.use_mixed_precision and gpu_device.startswith("cuda")
             lookahead = cfg.regret.lookahead if cfg.regret.enabled and self.addresses.get("regret") not in ("", "inprocess") else 0
+            step = self._restore(run_id, resume_info)
+            # Each stage chose its precision from its own device at StartRun; fp16 on either needs the scale.
+            fp16 = any(self.clients[n].precision == "fp16" for n in ("cpu_stage", "gpu_stage"))
+            for n in ("cpu_stage", "gpu_stage"):
+                log.info("%s trains in %s: %s", n, self.clients[n].precision, self.clients[n].precision_reason)
             driver = PipelineDriver(self.clients["cpu_stage"], self.clients["gpu_stage"], cfg, run_id,
                                     fp16_loss_scaling=fp16, lookahead=lookahead,
                                     dead_services=self.launcher.dead if self.launcher is not None else None)
             stack.callback(driver.close)
-            step = self._restore(run_id, resume_info)
             if resume_info is not None:
                 self._restore_orchestrator_state(resume_info.manifest, driver)
                 log.info("resumed run %s at step %d from %s", run_id, step, resume_info.path)
@@ -489,7 +568,7 @@ class HybridDistributedTrainer:
                 batches.total_steps, batches.steps_per_epoch, cfg.train.batch_size, cfg.micro_batches,
                 cfg.train.gradient_accumulation_steps,
             )
-            progress = Progress(batches.total_steps, cfg.orchestrator.progress)
+            progress = self._progress = Progress(batches.total_steps, cfg.orchestrator.progress)
             stack.callback(progress.close)
             last_checkpoint: Path | None = resume_info.path if resume_info is not None else None
             evaluated_epochs = {v.get("epoch") for v in self.validation}
@@ -499,7 +578,8 @@ class HybridDistributedTrainer:
                 self._current_step = step
                 lr = learning_rate_at(step, batches.total_steps, cfg.train)
                 try:
-                    outcome = driver.run_step(step, batches.rounds(step), lr)
+                    with self._span(f"step {step + 1}", step):
+                        outcome = driver.run_step(step, batches.rounds(step), lr)
                 except StepFailed as exc:
                     if not self._is_fault(exc):
                         raise RunError(str(exc)) from exc  # a bug or bad input, not a fault: recovering would loop
@@ -511,6 +591,8 @@ class HybridDistributedTrainer:
                     raise
                 self._record_step(outcome, epoch)
                 step += 1
+                if tb is not None:
+                    tb.step(step, outcome)
                 self._current_step = step
                 if step % cfg.train.log_every_n_steps == 0 or step == batches.total_steps:
                     memory = self._sample_memory()
@@ -524,6 +606,7 @@ class HybridDistributedTrainer:
                         "bubble": {k.split()[0]: (v["wait"] / v["total"] if v["total"] else 0.0) for k, v in outcome.stage_timings.items()},
                         "rss_bytes": memory, "skipped": outcome.skipped,
                         "peak_gpu_memory_bytes": outcome.peak_gpu_memory_bytes,
+                        "loss_scale": outcome.loss_scale,
                     }
                     self.history.append(entry)
                     heads = " ".join(f"{h}={v:.4f}" for h, v in sorted(outcome.losses.items()))
@@ -536,31 +619,43 @@ class HybridDistributedTrainer:
                 progress.update(step, outcome.total_loss, outcome.samples / outcome.seconds if outcome.seconds else 0.0)
                 end_of_epoch = step % batches.steps_per_epoch == 0
                 if end_of_epoch and cfg.train.eval_every_epoch and step < batches.total_steps and epoch not in evaluated_epochs:
-                    entry = self._evaluate(driver, data, f"epoch {epoch}")
+                    with self._span("evaluation", step - 1), progress.phase(f"evaluation after epoch {epoch}"):
+                        entry = self._evaluate(driver, data, f"epoch {epoch}")
                     entry["epoch"] = epoch
                     self.validation.append(entry)
+                    if tb is not None:
+                        tb.validation(entry)
                     evaluated_epochs.add(epoch)
                     progress.message(f"validation after epoch {epoch}: {_fmt_metrics(entry)}")
                 every = cfg.checkpoint.save_checkpoint_every
                 if every and step % every == 0 and step < batches.total_steps:
                     t0 = time.perf_counter()
-                    last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
+                    with self._span("checkpoint", step - 1), progress.phase(f"checkpoint at step {step}"):
+                        last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
                     progress.message(f"checkpoint at step {step}: {last_checkpoint} ({time.perf_counter() - t0:.2f}s)")
                 if self.stop_requested.is_set():
                     stopped_early = step < batches.total_steps
                     break
             self._current_step = step
-            final = self._evaluate(driver, data, "final", explanations_path=self.output_dir / "explanations.jsonl")
+            with progress.phase("final evaluation"):
+                final = self._evaluate(driver, data, "final",
+                                       explanations_path=self.output_dir / "explanations.jsonl")
             final["epoch"] = batches.position(max(step - 1, 0))[0]
             self.validation.append(final)
+            if tb is not None:
+                tb.validation(final)
             progress.message(f"final validation: {_fmt_metrics(final)}")
+            progress.summary(final)
             if last_checkpoint is None or ckpt.read_manifest(last_checkpoint).get("step") != step:
-                last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
+                with progress.phase(f"checkpoint at step {step}"):
+                    last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
             self._sample_memory()
+            self._loss_scale_state = driver.scaler.state()
             report = self._report(run_id, step, batches, data, counts, wall_start, last_checkpoint, stopped_early)
+            report["trace"] = self._write_trace()
             (self.output_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
             try:
-                plot_losses(self.history, self.output_dir / "loss.png")
+                plot_losses(self.history, self.output_dir / "loss.png", self.validation)
             except Exception as exc:  # a plot must never fail a finished run
                 log.warning("could not draw loss.png: %s", exc)
             log.info("report: %s", self.output_dir / "report.json")
@@ -605,7 +700,9 @@ class HybridDistributedTrainer:
             "run_id": run_id,
             "config": self.config.to_dict(),
             "parameters": {"cpu_stage": counts["cpu_stage"], "gpu_stage": counts["gpu_stage"], "total": counts["total"]},
-            "stages": {n: {"address": self.addresses[n], "device": i.device, "layers": i.layer_range, "parameters": i.num_parameters}
+            "stages": {n: {"address": self.addresses[n], "device": i.device, "layers": i.layer_range, "parameters": i.num_parameters,
+                           "device_name": i.device_name, "compute_capability": i.compute_capability,
+                           "memory_budget_bytes": i.memory_budget_bytes, "device_total_memory_bytes": i.total_memory_bytes}
                        for n, i in self.stage_info.items()},
             "steps": step,
             "total_steps": batches.total_steps,
@@ -633,10 +730,13 @@ class HybridDistributedTrainer:
             },
             "peak_rss_bytes": self.peak_rss,
             "peak_gpu_memory_bytes": max([h.get("peak_gpu_memory_bytes", 0) for h in self.history] or [0]),
+            "precision": {n: {"used": c.precision, "reason": c.precision_reason} for n, c in self.clients.items()},
+            "loss_scale": self._loss_scale_state,
             "restarts": self.restarts,
             "recoveries": self.recoveries,
             "data": data.summary(),
             "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+            "init_from": self.init_spec,
             "split": {
                 "cpu_layers": resolve_model_shape(self.config.model).cpu_layers,
                 "automatic": self.split_choice is not None,
@@ -651,30 +751,6 @@ def _fmt_metrics(entry: dict) -> str:
     parts = []
     for key in ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae"):
         if key in m:
-            parts.append(f"{key} {m[key]:.4f} (baseline {b.get('baseline_' + key, float('nan')):.4f})")
+            bow = f", bag-of-words {b['baseline_bow_' + key]:.4f}" if "baseline_bow_" + key in b else ""
+            parts.append(f"{key} {m[key]:.4f} (baseline {b.get('baseline_' + key, float('nan')):.4f}{bow})")
     return ", ".join(parts)
-
-
-def plot_losses(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not history:
-        return
-    steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(steps, [h["loss"] for h in history], label="total", linewidth=2, color="black")
-    heads = sorted({k for h in history for k in h["losses"]})
-    for head in heads:
-        ax.plot(steps, [h["losses"].get(head, float("nan")) for h in history], label=head)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.set_title("Red Heart training loss per head")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -85,6 +85,8 @@ class ModelConfig:
     """Explicit number of transformer layers on the CPU stage (overrides gpu_layers_ratio)."""
     init_seed: int = 0
     """Seed of the weight initialisation; every stage initialises its own layers from it."""
+    init_from: str = ""
+    """An exported model folder (redheart-export) to start from instead of the seeded initialisation: each stage loads its own parameters from its model.safetensors by global name, so the split may differ from the one it was trained at; the shape must match this section, and the run uses the folder's tokenizer. Empty: seeded initialisation."""
 
 
 @dataclass
@@ -98,7 +100,9 @@ class DataConfig:
     max_scenarios: int = 0
     """Use only the first N scenarios of the file (0: all)."""
     validation_fraction: float = 0.1
-    """Share of scenarios held out for validation (split by a hash of the id)."""
+    """Share of scenarios held out for validation (split by a hash of the id); unused with validation_path."""
+    validation_path: str = ""
+    """A separate JSONL file to validate on (every scenario of it); the whole of `path` is then the training split. Empty: hold out validation_fraction of `path`."""
     seed: int = 0
     """Seed of the split and of the per-epoch shuffling."""
     source_weights: dict[str, float] = field(default_factory=dict)
@@ -107,6 +111,12 @@ class DataConfig:
     """Skip invalid lines (reporting how many) instead of refusing to start."""
     tokenizer_path: str = ""
     """A trained tokenizer JSON to reuse; empty: train one from the training split into the run directory."""
+    length_bucketing: bool = False
+    """Group samples of similar length into the same optimizer step (less padding), deterministic
+    from (seed, epoch) so resume and --verify stay exact."""
+    bucket_window: int = 64
+    """With length_bucketing: optimizer steps' worth of samples sorted by length together; the steps
+    of a window are then shuffled (larger: less padding, less randomness in step composition)."""
 
 
 @dataclass
@@ -117,8 +127,13 @@ class TrainConfig:
     """Stop after this many optimizer steps (0: run all epochs)."""
     batch_size: int = 8
     """Samples per accumulation round (split into micro-batches)."""
-    micro_batch_size: int = 2
-    """Samples per micro-batch; batch_size / micro_batch_size micro-batches flow through the pipeline."""
+    micro_batch_size: int = 0
+    """Samples per micro-batch; batch_size / micro_batch_size micro-batches flow through the pipeline.
+    0 (auto): the largest divisor of batch_size that still gives at least 4 micro-batches per
+    pipeline stage (1F1B's bubble is (p-1)/(m+p-1): 11% at m = 8 for 2 stages, 33% at m = 2)."""
+    pad_to_multiple_of: int = 8
+    """Each micro-batch is padded only to its longest sequence, rounded up to this multiple
+    (0: pad every sample to model.max_seq_len, as before length-aware batching)."""
     gradient_accumulation_steps: int = 1
     """Accumulation rounds per optimizer step; the effective batch is batch_size x this."""
     learning_rate: float = 3e-4
@@ -140,7 +155,15 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Global gradient-norm clip over both stages (0: no clipping)."""
     use_mixed_precision: bool = False
-    """bf16 autocast on CPU; fp16 + loss scaling (or bf16 where supported) on CUDA."""
+    """Mixed precision: bf16 autocast on CPU; on CUDA as train.mixed_precision_dtype chooses."""
+    mixed_precision_dtype: str = "auto"
+    """Autocast dtype on CUDA: auto (bf16 where the GPU has it natively, compute capability >= 8.0, else fp16 with loss scaling), bf16 (refused below 8.0, where it is emulated) or fp16."""
+    allow_tf32: bool = True
+    """Let fp32 matmuls use TF32 tensor cores on GPUs with compute capability >= 8.0."""
+    max_consecutive_skips: int = 32
+    """fp16: stop the run after this many consecutive steps skipped for overflow (0: no limit)."""
+    initial_loss_scale: float = 65536.0
+    """fp16: the dynamic loss scale's start (halved on overflow, doubled after 2000 good steps)."""
     schedule: str = "1f1b"
     """Pipeline schedule: 1f1b or gpipe."""
     seed: int = 0
@@ -214,9 +237,11 @@ class GpuStageConfig:
     threads: int = 0
     """torch intra-op threads when running on CPU (0: torch's default)."""
     gpu_memory_gb: float = 8.0
-    """GPU memory budget; a split whose estimate exceeds it is refused."""
-    empty_cache_every: int = 5
-    """Free the CUDA caching allocator every N steps (0: never)."""
+    """GPU memory budget; a split whose estimate exceeds it, or a card with less free memory, is refused."""
+    enforce_memory_budget: bool = True
+    """On CUDA, cap this process's allocator at gpu_memory_gb (torch.cuda.set_per_process_memory_fraction)."""
+    empty_cache_every: int = 0
+    """Free the CUDA caching allocator every N steps (0: never; freeing costs a device sync and re-allocation)."""
     activation_checkpointing: bool = False
     """Recompute layer activations in backward instead of storing them."""
 
@@ -242,6 +267,16 @@ class WireConfig:
     """Tensors a stage keeps for a step or evaluation pass whose RunStep has not arrived yet."""
     max_error_chars: int = 200
     """Longest piece of a request (a name, a run id, a reason) echoed in an error message."""
+    retry_max_attempts: int = 5
+    """gRPC retry policy of idempotent calls: attempts in all, 1 to 5 (gRPC's cap; 1: no retries)."""
+    retry_initial_backoff_seconds: float = 0.05
+    """Backoff before the first retry (gRPC draws each delay at random up to the current backoff)."""
+    retry_max_backoff_seconds: float = 2.0
+    """Largest backoff between retries."""
+    retry_backoff_multiplier: float = 2.0
+    """Growth of the backoff from one retry to the next."""
+    retry_status_codes: str = "UNAVAILABLE"
+    """Comma-separated gRPC status codes to retry idempotent calls on, e.g. "UNAVAILABLE,RESOURCE_EXHAUSTED"."""
 
 
 @dataclass
@@ -329,6 +364,8 @@ class MetricsConfig:
     """Serve Prometheus /metrics from every process."""
     host: str = "127.0.0.1"
     """Interface the metrics endpoints bind (0.0.0.0 to let a remote Prometheus scrape)."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to <output_dir>/tensorboard/ (needs the `tensorboard` extra)."""
 
 
 @dataclass
@@ -369,6 +406,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "preset"): ("tiny", "small", "base", "custom"),
     ("train", "scheduler_type"): ("cosine", "linear", "constant"),
     ("train", "schedule"): ("1f1b", "gpipe"),
+    ("train", "mixed_precision_dtype"): ("auto", "bf16", "fp16"),
     ("wire", "codec"): ("raw", "fp16", "bf16", "int8"),
     ("orchestrator", "progress"): ("auto", "bar", "log"),
     ("launch", "mode"): ("local", "remote"),
@@ -422,6 +460,38 @@ class HybridConfig:
         built = _build(raw, origin=_Origin("HybridConfig(...)"))
         for name in SECTIONS:
             setattr(self, name, getattr(built, name))
+        object.__setattr__(self, "_derived", built._derived)
+
+    # ---- the original flat attributes, both ways: `config.batch_size` reads and `config.batch_size = 4`
+    # sets train.batch_size, validated like the constructor (the prototype's troubleshooting relies on it).
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails, so sections, methods and properties never come here.
+        if name.startswith("_") or name in SECTIONS:
+            raise AttributeError(name)
+        section, key = _flat_owner(name)
+        return getattr(getattr(self, section), key)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in SECTIONS or name.startswith("_"):
+            object.__setattr__(self, name, value)
+            return
+        if hasattr(type(self), name):
+            owners = [s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+            hint = f" (fix: set config.{owners[0]}.{name})" if owners else ""
+            raise AttributeError(f"HybridConfig.{name} is derived (a method or property) and cannot be "
+                                 f"assigned{hint}")
+        section, key = _flat_owner(name)
+        raw = self.to_dict(redact_secrets=False)
+        raw[section][key] = value
+        _rederive(self, raw, {(section, key)})
+        built = _build(raw, origin=_Origin(f"config.{name} = {value!r}"))
+        object.__setattr__(self, "_derived", built._derived)
+        # Update the section objects in place: code holding `config.train` sees the change too.
+        for sec in SECTIONS:
+            target, source = getattr(self, sec), getattr(built, sec)
+            for f in dataclasses.fields(source):
+                setattr(target, f.name, getattr(source, f.name))
 
     @classmethod
     def _from_sections(cls, sections: Mapping[str, Any]) -> "HybridConfig":
@@ -469,9 +539,12 @@ class HybridConfig:
     def replace(self, **dotted: Any) -> "HybridConfig":
         """A copy with some keys changed, e.g. ``cfg.replace(**{"train.max_steps": 4})``; validated."""
         raw = self.to_dict(redact_secrets=False)
+        explicit = set()
         for key, value in dotted.items():
             section, name = _split_dotted(key) if "." in key else _resolve_flat_key(key)
             raw[section][name] = value
+            explicit.add((section, name))
+        _rederive(self, raw, explicit)
         return _build(raw, origin=_Origin("replace(...)"))
 
     # ---- derived values used by several processes
@@ -677,6 +750,24 @@ def _resolve_flat_key(key: str) -> tuple[str, str]:
     raise ConfigError(f"HybridConfig({key}=...): unknown setting{_did_you_mean(key, every)}")
 
 
+class ConfigAttributeError(ConfigError, AttributeError):
+    """An unknown or ambiguous flat attribute of HybridConfig (an AttributeError, so hasattr() works)."""
+
+
+def _flat_owner(name: str) -> tuple[str, str]:
+    """The (section, key) a flat HybridConfig attribute stands for, or ConfigAttributeError."""
+    owners = [s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+    if len(owners) == 1:
+        return owners[0], name
+    if owners:
+        raise ConfigAttributeError(
+            f"HybridConfig.{name}: `{name}` exists in several sections ({', '.join(owners)}); "
+            f"use the section, e.g. config.{owners[0]}.{name}"
+        )
+    every = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)] + list(SECTIONS)
+    raise ConfigAttributeError(f"HybridConfig has no setting `{name}`{_did_you_mean(name, every)}")
+
+
 def _did_you_mean(name: str, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     return f" (did you mean `{close[0]}`?)" if close else ""
@@ -771,8 +862,46 @@ def _build(raw: Mapping[str, Mapping[str, Any]], origin: _Origin) -> HybridConfi
                 )
         sections[name] = cls(**kwargs)
     config = HybridConfig._from_sections(sections)
+    _resolve_auto(config)
     _validate(config, origin)
     return config
+
+
+MICRO_BATCHES_PER_STAGE = 4
+"""Automatic micro-batch size aims at m >= 4 x stages micro-batches: 1F1B's bubble is
+(p-1)/(m+p-1), 11% for 2 stages at m = 8 against 20% at m = 4 and 33% at m = 2."""
+
+
+def auto_micro_batch_size(batch_size: int, num_stages: int) -> int:
+    """The largest divisor of batch_size giving >= 4 x num_stages micro-batches (1 when none does)."""
+    want = MICRO_BATCHES_PER_STAGE * num_stages
+    for size in range(batch_size // want, 0, -1):
+        if batch_size % size == 0:
+            return size
+    return 1
+
+
+AUTO_KEYS = (("train", "micro_batch_size"),)
+"""Keys whose 0 means "derive from the others"; the config remembers which ones it derived."""
+
+
+def _resolve_auto(cfg: HybridConfig) -> None:
+    """Fill the "auto" (0) values that depend on other keys, before validation sees them. The
+    config remembers them, so a later change (``config.batch_size = 4``, ``replace``) derives them
+    again instead of keeping a value chosen for the old batch."""
+    t = cfg.train
+    derived = set()
+    if t.micro_batch_size == 0 and t.batch_size >= 1:
+        t.micro_batch_size = auto_micro_batch_size(t.batch_size, 2)
+        derived.add(("train", "micro_batch_size"))
+    object.__setattr__(cfg, "_derived", frozenset(derived))
+
+
+def _rederive(cfg: HybridConfig, raw: dict[str, dict[str, Any]], explicit: set[tuple[str, str]]) -> None:
+    """Put "auto" back for the derived keys that the change does not set itself."""
+    for key in getattr(cfg, "_derived", frozenset()):
+        if key not in explicit:
+            raw[key[0]][key[1]] = 0
 
 
 def _validate(cfg: HybridConfig, origin: _Origin) -> None:
@@ -780,6 +909,8 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
         raise ConfigError(f"{origin.where(section, key)}: {message}")
 
     t = cfg.train
+    if t.pad_to_multiple_of < 0:
+        fail("train", "pad_to_multiple_of", f"train.pad_to_multiple_of = {t.pad_to_multiple_of} must be >= 0 (0: pad to model.max_seq_len)")
     for key in ("epochs", "batch_size", "micro_batch_size", "gradient_accumulation_steps", "log_every_n_steps"):
         if getattr(t, key) < 1:
             fail("train", key, f"train.{key} = {getattr(t, key)} must be at least 1")
@@ -807,6 +938,10 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
         fail("train", "weight_decay", f"train.weight_decay = {t.weight_decay} must be >= 0")
     if not 0 <= t.min_lr_ratio <= 1:
         fail("train", "min_lr_ratio", f"train.min_lr_ratio = {t.min_lr_ratio} must be in [0, 1]")
+    if not t.initial_loss_scale >= 1.0 or t.initial_loss_scale == float("inf"):
+        fail("train", "initial_loss_scale", f"train.initial_loss_scale = {t.initial_loss_scale} must be a finite number >= 1")
+    if t.max_consecutive_skips < 0:
+        fail("train", "max_consecutive_skips", f"train.max_consecutive_skips = {t.max_consecutive_skips} must be >= 0 (0: no limit)")
     if t.max_grad_norm < 0:
         fail("train", "max_grad_norm", f"train.max_grad_norm = {t.max_grad_norm} must be >= 0 (0: no clipping)")
     for head in t.loss_weights:
@@ -833,6 +968,11 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
         fail("data", "validation_fraction", f"data.validation_fraction = {d.validation_fraction} must be in (0, 1)")
     if d.max_scenarios < 0:
         fail("data", "max_scenarios", f"data.max_scenarios = {d.max_scenarios} must be >= 0")
+    if d.bucket_window < 1:
+        fail("data", "bucket_window", f"data.bucket_window = {d.bucket_window} must be at least 1 (optimizer steps per window)")
+    if d.validation_path and Path(d.validation_path).resolve() == Path(d.path).resolve():
+        fail("data", "validation_path", f"data.validation_path = {d.validation_path!r} is data.path itself: validating on the "
+             "training data measures nothing (fix: a separate file, or leave it empty for the hash split)")
     for source, weight in d.source_weights.items():
         if weight < 0:
             fail("data", "source_weights", f"data.source_weights.{source} = {weight} must be >= 0")
@@ -871,6 +1011,7 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
         fail("wire", "max_rank", f"wire.max_rank = {cfg.wire.max_rank} must be >= 1")
     if cfg.wire.max_concurrent_rpcs < 1:
         fail("wire", "max_concurrent_rpcs", f"wire.max_concurrent_rpcs = {cfg.wire.max_concurrent_rpcs} must be >= 1")
+    _validate_retry(cfg.wire, fail)
     _validate_security(cfg, fail)
     c = cfg.checkpoint
     if c.save_checkpoint_every < 0:
@@ -905,6 +1046,25 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
              f"{cfg.train.batch_size}: the stages would refuse every step (fix: raise wire.max_plan_samples)")
     if cfg.regret.cache_mb < 0:
         fail("regret", "cache_mb", f"regret.cache_mb = {cfg.regret.cache_mb} must be >= 0 (0: no cache)")
+
+
+def _validate_retry(w: WireConfig, fail) -> None:
+    if not 1 <= w.retry_max_attempts <= 5:
+        fail("wire", "retry_max_attempts", f"wire.retry_max_attempts = {w.retry_max_attempts} must be in 1..5 "
+             "(gRPC caps retry policies at 5 attempts; 1 turns retries off)")
+    for key in ("retry_initial_backoff_seconds", "retry_max_backoff_seconds", "retry_backoff_multiplier"):
+        if not getattr(w, key) > 0:
+            fail("wire", key, f"wire.{key} = {getattr(w, key)} must be > 0")
+    if w.retry_max_backoff_seconds < w.retry_initial_backoff_seconds:
+        fail("wire", "retry_max_backoff_seconds",
+             f"wire.retry_max_backoff_seconds = {w.retry_max_backoff_seconds} is below "
+             f"wire.retry_initial_backoff_seconds = {w.retry_initial_backoff_seconds}")
+    from redheart.rpc import parse_status_codes
+
+    try:
+        parse_status_codes(w.retry_status_codes)
+    except ValueError as exc:
+        fail("wire", "retry_status_codes", f"wire.retry_status_codes: {exc}")
 
 
 _TOKEN_HINT = "(fix: use printable ASCII without spaces, e.g. the output of `openssl rand -hex 32`)"

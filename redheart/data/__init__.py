@@ -20,6 +20,7 @@ from redheart.data.dataset import (
     EncodedDataset,
     batches_per_epoch,
     encode_dataset,
+    bucket_by_length,
     epoch_order,
     split_train_validation,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "compute_metrics",
     "encode_dataset",
     "encode_texts",
+    "bucket_by_length",
     "epoch_order",
     "generate_scenarios",
     "load_jsonl",

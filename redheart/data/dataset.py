@@ -25,7 +25,9 @@ __all__ = [
     "encode_dataset",
     "split_train_validation",
     "epoch_order",
+    "bucket_by_length",
     "batches_per_epoch",
+    "trimmed_length",
 ]
 
 IGNORE_INDEX = -100
@@ -285,6 +287,58 @@ def epoch_order(
         return eligible[torch.randperm(eligible.numel(), generator=g)].tolist()
     draws = torch.multinomial(weights, eligible.numel(), replacement=True, generator=g)  # [E]
     return eligible[draws].tolist()
+
+
+def bucket_by_length(
+    order: Sequence[int],
+    lengths: torch.Tensor,
+    step_samples: int,
+    window_steps: int,
+    seed: int,
+    epoch: int,
+) -> list[int]:
+    """``order`` regrouped so that each optimizer step holds samples of similar length.
+
+    The epoch's order is cut into windows of ``window_steps x step_samples`` rows; each window is
+    sorted by token length (stable: ties keep their shuffled order), cut into steps, and its steps are
+    shuffled with a generator of (seed, epoch), so training does not walk from short to long texts.
+    The same rows are visited, only grouped differently; a pure function of its arguments, so a
+    resumed run and ``--verify`` see exactly the same steps. Rows past the last full step stay at the
+    end, where the epoch drops them (:func:`batches_per_epoch`).
+
+    Args:
+        order: row indices of the epoch (from :func:`epoch_order`).
+        lengths: LongTensor [N], real tokens per row.
+        step_samples: rows per optimizer step (batch_size x gradient_accumulation_steps).
+        window_steps: optimizer steps per window.
+    """
+    if step_samples < 1 or window_steps < 1:
+        raise ValueError(f"step_samples ({step_samples}) and window_steps ({window_steps}) must be >= 1")
+    g = torch.Generator()
+    g.manual_seed(int(_unit_hash("bucket", seed, epoch) * 2**63))
+    full = len(order) // step_samples * step_samples
+    rows = torch.as_tensor(list(order[:full]), dtype=torch.long)  # [full]
+    window = window_steps * step_samples
+    out: list[int] = []
+    for start in range(0, full, window):
+        chunk = rows[start:start + window]  # [W]
+        chunk = chunk[torch.sort(lengths[chunk], stable=True).indices]  # [W], shortest first
+        steps = chunk.view(-1, step_samples)  # [W / step_samples, step_samples]
+        steps = steps[torch.randperm(steps.shape[0], generator=g)]
+        out.extend(steps.flatten().tolist())
+    out.extend(order[full:])
+    return out
+
+
+def trimmed_length(attention_mask: torch.Tensor, multiple: int) -> int:
+    """Width a micro-batch of right-padded rows is cut to: its longest row, rounded up to
+    ``multiple`` (0: no cut). Shared by the pipeline, the reference and ``redheart-evaluate``, so
+    they all compute on the same shapes."""
+    full = attention_mask.shape[1]
+    if multiple <= 0 or attention_mask.numel() == 0:
+        return full
+    longest = int(attention_mask.sum(dim=1).max())  # real tokens of the longest row
+    return min(full, max(multiple, math.ceil(longest / multiple) * multiple))
 
 
 def batches_per_epoch(n_rows: int, batch_size: int) -> int:

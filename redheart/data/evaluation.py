@@ -19,7 +19,7 @@ import torch
 
 from redheart.data.schema import BENTHAM_KEYS, EMOTIONS, JUDGMENTS
 
-__all__ = ["compute_metrics", "baseline_metrics"]
+__all__ = ["compute_metrics", "baseline_metrics", "bow_baseline_metrics", "compare_with_baselines"]
 
 _IGNORE = -100
 _BIG_LOGIT = 20.0  # a "constant" emotion prediction as a logit: sigmoid(±20) is 0/1 for all purposes
@@ -206,4 +206,36 @@ def baseline_metrics(train_labels: Mapping[str, torch.Tensor], val_labels: Mappi
         out["baseline_bentham_mae"] = majority_metrics["bentham_mae"]
     if has_regret and "regret_mae" in majority_metrics:
         out["baseline_regret_mae"] = majority_metrics["regret_mae"]
+    return out
+
+
+METRIC_KEYS = ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae")
+_HIGHER_IS_BETTER = {"judgment_accuracy": True, "emotion_macro_f1": True, "bentham_mae": False, "regret_mae": False}
+
+
+def bow_baseline_metrics(bow, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         val_labels: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Metrics of the bag-of-words baseline (redheart/data/bow_baseline.py) on validation rows,
+    keyed ``baseline_bow_<metric>``; heads the baseline was not fitted for are omitted."""
+    metrics = compute_metrics(bow.predict(input_ids, attention_mask), val_labels)
+    return {f"baseline_bow_{k}": v for k, v in metrics.items()}
+
+
+def compare_with_baselines(metrics: Mapping[str, float], baseline: Mapping[str, float]) -> list[str]:
+    """One sentence per metric where the model does worse than a baseline (empty: it beats them all).
+
+    Bag-of-words first: losing to a linear model on token counts is the finding a user must see."""
+    out = []
+    for key in METRIC_KEYS:
+        if key not in metrics:
+            continue
+        higher = _HIGHER_IS_BETTER[key]
+        for prefix, name in (("baseline_bow_", "the bag-of-words baseline"), ("baseline_", "the trivial baseline")):
+            other = baseline.get(prefix + key)
+            if other is None:
+                continue
+            if (metrics[key] < other) if higher else (metrics[key] > other):
+                out.append(f"{key} {metrics[key]:.4f} is worse than {name} ({other:.4f}, "
+                           f"{'higher' if higher else 'lower'} is better)")
+                break
     return out

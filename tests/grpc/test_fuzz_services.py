@@ -380,7 +380,7 @@ class Stages:
     def prime(self) -> None:
         """Restore, then run one accumulation round on both stages: ApplyStep has something to apply."""
         self.restore()
-        plans = self.driver._plans(0, 0, synthetic_batch(1))
+        plans = self.driver.step_plans(0, [synthetic_batch(1)])
         self.driver._run_on_stages(0, plans)
 
     def abort_all(self, step: int) -> None:
@@ -796,7 +796,7 @@ def hostile_requests(method: str, stage: str, stages: Stages) -> st.SearchStrate
 
 
 def valid_request(method: str, stage: str, stages: Stages) -> bytes:
-    plan_cpu, plan_gpu = stages.driver._plans(0, 0, synthetic_batch(2))
+    plan_cpu, plan_gpu = stages.driver.step_plans(0, [synthetic_batch(2)])
     plan = plan_cpu if stage == "cpu" else plan_gpu
     plan.deadline_seconds = 0.1
     return {
@@ -1116,7 +1116,7 @@ def test_gpu_stage_refuses_malformed_labels_with_invalid_argument(stages, case):
     gpu_stage/logic.py (check_labels). Kept as a regression test."""
     key, dtype, shape, values = GPU_LABEL_CASES[case]
     stages.restore()
-    _cpu_plan, plan = stages.driver._plans(0, 0, synthetic_batch(3))
+    _cpu_plan, plan = stages.driver.step_plans(0, [synthetic_batch(3)])
     arr = np.array(values, dtype=NP_DTYPES[dtype]).reshape(shape)
     plan.micro_batches[1].inputs[key].CopyFrom(tensor_pb2.Tensor(dtype=dtype, shape=list(shape), data=arr.tobytes(), name=key))
     _prepush(stages, "gpu", plan)  # the activations arrive: the stage gets as far as its losses

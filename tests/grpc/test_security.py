@@ -403,7 +403,7 @@ def test_more_concurrent_rpcs_than_the_cap_get_resource_exhausted():
         gpu.start_run("cap", settings, next_address="", prev_address="127.0.0.1:1", regret_address="inprocess",
                       first_step=0, reinitialize=True)
         driver = PipelineDriver(gpu, gpu, cfg, "cap")
-        _cpu_plan, gpu_plan = driver._plans(0, 0, synthetic_batch(3))
+        _cpu_plan, gpu_plan = driver.step_plans(0, [synthetic_batch(3)])
         driver.close()
 
         def hold():

@@ -224,7 +224,7 @@ def test_start_run_rejects_garbage(pipeline):
 
 
 def test_retried_run_step_returns_the_cached_result(pipeline):
-    cpu_plan, gpu_plan = pipeline.driver._plans(0, 0, synthetic_batch(0))
+    cpu_plan, gpu_plan = pipeline.driver.step_plans(0, [synthetic_batch(0)])
     first = pipeline.driver._run_on_stages(0, (cpu_plan, gpu_plan))
     again = pipeline.gpu.run_step(gpu_plan, timeout=10)
     assert [m.total_loss for m in again.micro_batches] == [m.total_loss for m in first[1].micro_batches]
@@ -232,7 +232,7 @@ def test_retried_run_step_returns_the_cached_result(pipeline):
 
 def test_an_abort_that_overtakes_its_run_step_still_wins_and_the_next_attempt_runs(pipeline):
     cfg = pipeline.cfg
-    cpu_plan, gpu_plan = pipeline.driver._plans(0, 0, synthetic_batch(0))
+    cpu_plan, gpu_plan = pipeline.driver.step_plans(0, [synthetic_batch(0)])
     for plan in (cpu_plan, gpu_plan):
         plan.attempt = 1
     pipeline.gpu.abort(pipeline.run_id, 0, "test: overtaken", attempt=1)
@@ -245,3 +245,53 @@ def test_an_abort_that_overtakes_its_run_step_still_wins_and_the_next_attempt_ru
     pipeline.driver.attempts[0] = 1
     out = pipeline.driver.run_step(0, rounds(0, cfg), 1e-3)
     assert len(out.micro_batch_losses) == 8
+
+
+def test_one_plan_per_step_ragged_micro_batches_fused_adamw_equal_single_process():
+    # Long encoded rows, short texts: each micro-batch must travel at its own width, the whole
+    # optimizer step (2 accumulation rounds x 4 micro-batches) in one plan, and still train exactly
+    # like one process with the same fused AdamW.
+    cfg = tiny_config(gradient_accumulation_steps=2)
+    p = Pipeline(cfg)
+    try:
+        ref = SingleProcessTrainer(cfg)
+        for runtime in (p.cpu_srv.servicer.runtime, p.gpu_srv.servicer.runtime):
+            assert runtime.optimizer.defaults["fused"] is True
+        assert all(opt.defaults["fused"] is True for opt in ref.optimizers)
+        for step in range(2):
+            batches = [synthetic_batch(50 + 10 * step + r, seq=64) for r in range(2)]
+            for r, b in enumerate(batches):  # 2 to 21 real tokens per row
+                lengths = [2 + (7 * i + 5 * r + 3 * step) % 20 for i in range(len(b))]
+                mask = b.tensors["attention_mask"]
+                mask[:] = (torch.arange(64)[None, :] < torch.tensor(lengths)[:, None]).long()
+                b.tensors["input_ids"][mask == 0] = 0
+            cpu_plan, gpu_plan = p.driver.step_plans(step, batches)
+            assert len(cpu_plan.micro_batches) == len(gpu_plan.micro_batches) == 8
+            assert cpu_plan.accumulation_steps == 1 and cpu_plan.loss_multiplier == pytest.approx(1 / 8)
+            widths = {list(mb.inputs["input_ids"].shape)[1] for mb in cpu_plan.micro_batches}
+            assert widths <= {8, 16, 24} and len(widths) > 1, widths
+            got = p.driver.run_step(step, batches, 1e-3)
+            want = ref.step(step, batches, 1e-3)
+            torch.testing.assert_close(torch.tensor(got.micro_batch_losses), torch.tensor(want["micro_batch_losses"]),
+                                       rtol=1e-5, atol=4e-5)
+            assert got.computed_tokens < 16 * 64 / 2 and got.tokens <= got.computed_tokens
+        live = {**p.cpu.parameters(), **p.gpu.parameters()}
+        for name, value in ref.named_parameters().items():
+            torch.testing.assert_close(live[name], value, rtol=1e-5, atol=4e-5, msg=name)
+    finally:
+        p.close()
+
+
+def test_mixed_precision_sends_the_compute_dtype_on_the_wire():
+    sent = {}
+    for mixed in (False, True):
+        p = Pipeline(tiny_config(use_mixed_precision=mixed, gradient_accumulation_steps=1))
+        try:
+            out = p.driver.run_step(0, [synthetic_batch(7)], 1e-3)
+            sent[mixed] = (out.stage_timings["cpu stage"]["bytes_sent"], out.stage_timings["gpu stage"]["bytes_sent"])
+            assert all(map(lambda v: v == v, out.micro_batch_losses))  # finite, not NaN
+        finally:
+            p.close()
+    # bf16 activations forward and bf16 gradients back: about half the bytes of fp32 each way.
+    for direction in (0, 1):
+        assert sent[True][direction] < 0.6 * sent[False][direction], sent

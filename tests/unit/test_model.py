@@ -141,3 +141,29 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert len(grads[0]) == len(grads[1]) > 20
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_token_embedding_gradient_accumulates_in_place_like_the_stock_backward():
+    # The CPU stage's lookup adds rows into one .grad buffer instead of a dense [V, H] per backward:
+    # over several micro-batches (repeated ids included) the gradient must match torch's own.
+    from redheart.config import HybridConfig
+    from redheart.model import CpuStageModule, resolve_model_shape
+
+    shape = resolve_model_shape(HybridConfig(model={"preset": "tiny", "dropout": 0.0}).model)
+    ours, stock = CpuStageModule(shape), CpuStageModule(shape)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ids = torch.randint(0, 50, (2, 12), generator=g)  # few distinct ids: many repeats
+        mask = torch.ones_like(ids)
+        weights = torch.randn(2, 12, shape.hidden_size, generator=g)
+        (ours(ids, mask) * weights).sum().backward()
+        positions = torch.arange(12)
+        x = stock.token(ids) + stock.position(positions)[None]
+        (stock.stack(stock.dropout(x), mask.bool()) * weights).sum().backward()
+    torch.testing.assert_close(ours.token.weight.grad, stock.token.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.position.weight.grad, stock.position.weight.grad, rtol=1e-5, atol=1e-6)
+    untouched = torch.ones(shape.vocab_size, dtype=torch.bool)
+    untouched[:50] = False
+    assert bool((ours.token.weight.grad[untouched] == 0).all())
+    with torch.no_grad():  # evaluation: the plain lookup
+        assert torch.equal(ours(ids, mask), ours.eval()(ids, mask))
