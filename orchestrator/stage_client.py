@@ -36,8 +36,18 @@ class StageClient:
         self.rpc_timeout = rpc_timeout
         self.metadata = metadata
         # security ([security]): TLS / mTLS and the bearer token, applied by make_channel.
+        self._channel_args = (max_message_mb, security, credentials)
         self.channel = make_channel(address, max_message_mb, security, credentials=credentials)
         self.stub = stage_pb2_grpc.PipelineStageStub(self.channel)
+
+    def reconnect(self) -> None:
+        """A fresh channel: one whose server died waits out a reconnect backoff that grows with
+        every failure, long after a restarted server is back."""
+        max_message_mb, security, credentials = self._channel_args
+        old = self.channel
+        self.channel = make_channel(self.address, max_message_mb, security, credentials=credentials)
+        self.stub = stage_pb2_grpc.PipelineStageStub(self.channel)
+        old.close()
 
     def _call(self, method: str, request, *, timeout: float | None = None, idempotent: bool = True, retry_until=None):
         return call(getattr(self.stub, method), request, service=self.name, address=self.address,
