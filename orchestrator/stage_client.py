@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import grpc
 import torch
@@ -30,8 +30,10 @@ class StageInfo:
 
 class StageClient:
     def __init__(self, name: str, address: str, *, max_message_mb: int, rpc_timeout: float,
-                 credentials: grpc.ChannelCredentials | None = None, metadata=None, security=None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, metadata=None, security=None,
+                 alive: Callable[[], bool] | None = None) -> None:
         self.name = name  # "cpu stage" / "gpu stage"
+        self.alive = alive  # local launch: whether the service's process is running
         self.address = address
         self.rpc_timeout = rpc_timeout
         self.metadata = metadata
@@ -50,9 +52,25 @@ class StageClient:
         old.close()
 
     def _call(self, method: str, request, *, timeout: float | None = None, idempotent: bool = True, retry_until=None):
-        return call(getattr(self.stub, method), request, service=self.name, address=self.address,
-                    timeout=timeout or self.rpc_timeout, idempotent=idempotent, retry_until=retry_until,
-                    metadata=self.metadata, method_name=method)
+        timeout = timeout or self.rpc_timeout
+        if self.alive is None:
+            return call(getattr(self.stub, method), request, service=self.name, address=self.address,
+                        timeout=timeout, idempotent=idempotent, retry_until=retry_until,
+                        metadata=self.metadata, method_name=method)
+        # A process we watch: retry a refused connection only while the process lives. Retrying a
+        # dead one until the deadline would only delay the recovery that restarts it.
+        give_up = retry_until if retry_until is not None else time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            try:
+                return call(getattr(self.stub, method), request, service=self.name, address=self.address,
+                            timeout=timeout, idempotent=False, metadata=self.metadata, method_name=method)
+            except ServiceError as exc:
+                unavailable = exc.code == grpc.StatusCode.UNAVAILABLE
+                if not (idempotent and unavailable and self.alive() and time.monotonic() + delay < give_up):
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     def describe(self) -> StageInfo:
         r = self._call("Describe", stage_pb2.DescribeRequest())

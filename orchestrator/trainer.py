@@ -185,7 +185,7 @@ class HybridDistributedTrainer:
             self.clients[name] = StageClient(name.replace("_", " "), self.addresses[name],
                                              max_message_mb=cfg.wire.max_message_mb,
                                              rpc_timeout=cfg.orchestrator.rpc_timeout_seconds,
-                                             security=cfg.security)
+                                             security=cfg.security, alive=self._alive_check(name))
             stack.callback(self.clients[name].close)
 
     def _alive_check(self, name: str):
