@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -150,15 +151,19 @@ class Recovery:
             key = self._blame(failure)
             self.restarts[key] += 1
             self.on_restart(key)
-        for name in dead:
-            self._check_stop("before restarting " + name)
-            log.warning("restarting %s (it exited with code %s)", name, self.launcher.services[name].proc.returncode)
-            svc = self.launcher.restart(name)  # LaunchError: another round (costs a restart)
-            self.addresses[name] = svc.address
-            self.restarts[name] += 1
-            self.on_restart(name)
-            restarted.append(name)
         if dead:
+            self._check_stop("before restarting " + ", ".join(dead))
+            for name in dead:
+                log.warning("restarting %s (it exited with code %s)", name, self.launcher.services[name].proc.returncode)
+                self.restarts[name] += 1
+                self.on_restart(name)
+            # Side by side: a restart is mostly the interpreter importing torch, seconds each.
+            with ThreadPoolExecutor(len(dead)) as pool:
+                started = {name: pool.submit(self.launcher.restart, name) for name in dead}
+            for name, future in started.items():
+                svc = future.result()  # LaunchError: another round (costs a restart)
+                self.addresses[name] = svc.address
+                restarted.append(name)
             # A channel that saw its server die backs off before reconnecting (up to minutes after
             # repeated failures): give the restarted services fresh ones.
             for client in self.clients.values():

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import grpc
 import torch
 
-from redheart import codec
+from redheart import codec, fault_injection
 from redheart.rpc import ServiceError, call, make_channel
 from redheart.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
 
@@ -89,6 +89,7 @@ class StageClient:
         # Idempotent on the stage side (results are cached per (run, step, round)), so a retry after
         # a dropped connection returns the same result instead of running the round twice. The
         # retry window is short: a stage that stays unreachable is a failure to recover from.
+        fault_injection.point(f"RunStep {self.name}", request.envelope.step)  # test-only; no-op without a plan
         return self._call("RunStep", request, timeout=timeout, idempotent=True,
                           retry_until=time.monotonic() + min(timeout, 10.0))
 

@@ -26,7 +26,11 @@ installed). The plan is JSON::
   work, the answer is not sent yet: e.g. a step applied on this stage that the orchestrator never
   hears about).
 * ``action``: ``kill`` (default, SIGKILL of this process) or ``mark`` (only record that the moment
-  was reached, so a test can act on it from outside, e.g. kill the orchestrator mid-step).
+  was reached, so a test can act on it from outside); ``delay_seconds`` waits before acting.
+
+The orchestrator has one fault point of its own, ``RunStep cpu stage`` / ``RunStep gpu stage``
+(service ``orchestrator``: just before it sends that stage its plan), so a test can kill the
+orchestrator mid-step with one stage holding a plan and the other not.
 
 Each fault fires once across every process of the run (a restarted service does not fire it
 again): firing means creating ``<plan>.fired/<index>.json`` with O_EXCL, which also tells the test
@@ -97,6 +101,7 @@ def point(phase: str, step: int, when: str = "before") -> None:
         os.write(fd, json.dumps(record).encode())
         os.fsync(fd)
         os.close(fd)
+        time.sleep(float(fault.get("delay_seconds", 0.0)))  # e.g. let a concurrent call go out first
         if fault.get("action", "kill") == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         return

@@ -84,15 +84,16 @@ def _final_state(run_dir):
 
 
 class Killer(threading.Thread):
-    """SIGKILLs a random live service of the run at seeded random moments: mostly a few seconds
-    apart, every third one right after the previous kill, while that recovery is still going on."""
+    """SIGKILLs a random live service of the run at seeded random moments: two of every three
+    while the run trains (once it saved a checkpoint past the one of the previous kill, after a
+    random delay), every third one right after the previous kill, while that recovery goes on."""
 
-    def __init__(self, orchestrator: subprocess.Popen, seed: int, kills: int, ready) -> None:
+    def __init__(self, orchestrator: subprocess.Popen, checkpoints, seed: int, kills: int) -> None:
         super().__init__(daemon=True)
         self.orchestrator = orchestrator
+        self.checkpoints = checkpoints
         self.rng = random.Random(seed)
         self.kills = kills
-        self.ready = ready
         self.done: list[tuple[float, str, int]] = []  # (monotonic time, service, pid)
         self.stop = threading.Event()
 
@@ -105,12 +106,20 @@ class Killer(threading.Thread):
             pass
         return None
 
+    def _newest_step(self) -> int:
+        steps = [int(d.name.split("-")[1]) for d in self.checkpoints.glob("step-*") if (d / "manifest.json").exists()]
+        return max(steps, default=0)
+
     def run(self) -> None:
-        while not self.ready() and not self.stop.wait(0.05):
-            pass
+        seen = 0
         while len(self.done) < self.kills and not self.stop.is_set():
-            close = len(self.done) % 3 == 2
-            if self.stop.wait(self.rng.uniform(0.1, 0.5) if close else self.rng.uniform(1.0, 3.0)):
+            if len(self.done) % 3 == 2:
+                delay = self.rng.uniform(0.1, 0.5)  # closer than a restart takes
+            else:
+                while self._newest_step() <= seen and not self.stop.wait(0.05):
+                    pass  # training again: a checkpoint newer than the one at the last kill
+                delay = self.rng.uniform(0.0, 1.0)
+            if self.stop.wait(delay):
                 return
             name = self.rng.choice(sorted(SERVICES))
             victim = self._victim(name)
@@ -121,6 +130,7 @@ class Killer(threading.Thread):
             except psutil.NoSuchProcess:
                 continue
             self.done.append((time.monotonic(), name, victim.pid))
+            seen = self._newest_step()
 
 
 def test_chaos_every_run_completes_and_equals_an_uninterrupted_run(tmp_path, corpus):
@@ -139,9 +149,7 @@ def test_chaos_every_run_completes_and_equals_an_uninterrupted_run(tmp_path, cor
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--config", str(config)], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
-        # Random kills start once the run trains (a checkpoint exists), on top of the phase kills.
-        killer = Killer(proc, seed=11, kills=RANDOM_KILLS,
-                        ready=lambda: ckpt.step_dir(run_dir / "checkpoints", 1).exists())
+        killer = Killer(proc, run_dir / "checkpoints", seed=11, kills=RANDOM_KILLS)
         killer.start()
         try:
             code = proc.wait(600)
