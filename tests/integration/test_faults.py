@@ -158,6 +158,7 @@ def test_remote_orchestrator_killed_mid_step_a_new_one_trains_on_the_same_stages
     config = tmp_path / "remote.toml"
     config.write_text(REMOTE_TOML.format(data=corpus, out=run_dir, cpu=cpu_port, gpu=gpu_port))
     env = dict(cli_env(), REDHEART_SERVICE="orchestrator", REDHEART_TEST_FAULTS=str(plan))
+    second = None
     try:
         first = subprocess.run([sys.executable, "-m", "orchestrator.cli", "--config", str(config)], cwd=ROOT, env=env,
                                capture_output=True, text=True, timeout=300)
@@ -176,6 +177,9 @@ def test_remote_orchestrator_killed_mid_step_a_new_one_trains_on_the_same_stages
         _out, err = second.communicate(timeout=300)
         assert second.returncode == 0, err[-3000:]
     finally:
+        if second is not None and second.poll() is None:
+            second.kill()
+            second.wait(30)
         for p in (cpu, gpu):
             p.terminate()
             p.wait(30)
