@@ -1,13 +1,16 @@
-"""``redheart-cpu-stage --config hybrid.toml``: run the CPU stage service."""
+"""``redheart-cpu-stage --config hybrid.toml``: run the CPU stage service (``--help`` for the options)."""
 
 import sys
+from typing import Sequence
 
 from cpu_stage.server import create_server
-from redheart.stage_service import run_stage_cli
+from redheart.cli_common import invoke, stage_command
+
+cli = stage_command("cpu", create_server)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_stage_cli("cpu", create_server, argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    return invoke(cli, argv, prog_name="redheart-cpu-stage")
 
 
 if __name__ == "__main__":

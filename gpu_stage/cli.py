@@ -1,13 +1,16 @@
-"""``redheart-gpu-stage --config hybrid.toml``: run the GPU stage service."""
+"""``redheart-gpu-stage --config hybrid.toml``: run the GPU stage service (``--help`` for the options)."""
 
 import sys
+from typing import Sequence
 
 from gpu_stage.server import create_server
-from redheart.stage_service import run_stage_cli
+from redheart.cli_common import invoke, stage_command
+
+cli = stage_command("gpu", create_server)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_stage_cli("gpu", create_server, argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    return invoke(cli, argv, prog_name="redheart-gpu-stage")
 
 
 if __name__ == "__main__":

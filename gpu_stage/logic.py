@@ -156,7 +156,8 @@ class GpuStagePart:
                 ctx.plan.run_id, ctx.plan.step, mb.index, outputs["bentham"].detach().float().cpu(),
                 scenario_ids=mb.sample_ids, deadline=deadline,
             )
-        return ForwardRecord(input_leaf=leaf, head_outputs=outputs, pending=pending, inputs=mb)
+        return ForwardRecord(input_leaf=leaf, head_outputs=outputs, pending=pending, inputs=mb,
+                             pending_since=time.perf_counter())
 
     def backward(self, ctx: RoundContext, mb: MicroBatchInputs, record: ForwardRecord) -> dict:
         labels = {}
@@ -169,7 +170,13 @@ class GpuStagePart:
         if record.pending is not None:
             t0 = time.perf_counter()
             reply = self._await_regret(ctx, record.pending, mb.index)
-            ctx.timings["regret_wait"] += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            ctx.timings["regret_wait"] += t1 - t0
+            # The request's life, sent at the forward, answered at the latest when the wait ended.
+            since, until = record.pending_since - ctx.started, t1 - ctx.started
+            ctx.thread_spans.append(("regret", mb.index, since, until, "regret-client"))
+            if t1 - t0 > 1e-4:
+                ctx.thread_spans.append(("regret wait", mb.index, t0 - ctx.started, t1 - ctx.started, ""))
             regret_target = reply.regret.to(self.device)
             stats.update(
                 regret_computations=int(reply.regret_computations),

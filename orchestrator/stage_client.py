@@ -11,7 +11,7 @@ import grpc
 import torch
 
 from redheart import codec, fault_injection
-from redheart.rpc import ServiceError, call, make_channel
+from redheart.rpc import RetryPolicy, ServiceError, call, make_channel
 from redheart.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
 
 
@@ -31,23 +31,26 @@ class StageInfo:
 class StageClient:
     def __init__(self, name: str, address: str, *, max_message_mb: int, rpc_timeout: float,
                  credentials: grpc.ChannelCredentials | None = None, metadata=None, security=None,
-                 alive: Callable[[], bool] | None = None) -> None:
+                 retry: RetryPolicy | None = None, alive: Callable[[], bool] | None = None) -> None:
         self.name = name  # "cpu stage" / "gpu stage"
         self.alive = alive  # local launch: whether the service's process is running
         self.address = address
         self.rpc_timeout = rpc_timeout
         self.metadata = metadata
         # security ([security]): TLS / mTLS and the bearer token, applied by make_channel.
+        # retry ([wire] retry_*): gRPC retries the idempotent calls itself (redheart.rpc.RetryPolicy).
+        self.retry = retry
         self._channel_args = (max_message_mb, security, credentials)
-        self.channel = make_channel(address, max_message_mb, security, credentials=credentials)
+        self.channel = make_channel(address, max_message_mb, security, credentials=credentials, retry=retry)
         self.stub = stage_pb2_grpc.PipelineStageStub(self.channel)
+        self.trace = None  # an orchestrator.trace.TraceRecorder while --trace is on
 
     def reconnect(self) -> None:
         """A fresh channel: one whose server died waits out a reconnect backoff that grows with
         every failure, long after a restarted server is back."""
         max_message_mb, security, credentials = self._channel_args
         old = self.channel
-        self.channel = make_channel(self.address, max_message_mb, security, credentials=credentials)
+        self.channel = make_channel(self.address, max_message_mb, security, credentials=credentials, retry=self.retry)
         self.stub = stage_pb2_grpc.PipelineStageStub(self.channel)
         old.close()
 
@@ -56,9 +59,11 @@ class StageClient:
         if self.alive is None:
             return call(getattr(self.stub, method), request, service=self.name, address=self.address,
                         timeout=timeout, idempotent=idempotent, retry_until=retry_until,
-                        metadata=self.metadata, method_name=method)
+                        metadata=self.metadata, method_name=method,
+                        channel_retries=self.retry is not None and self.retry.max_attempts > 1)
         # A process we watch: retry a refused connection only while the process lives. Retrying a
-        # dead one until the deadline would only delay the recovery that restarts it.
+        # dead one until the deadline (or waiting for it to be ready, as calls on a channel with a
+        # retry policy do) would only delay the recovery that restarts it.
         give_up = retry_until if retry_until is not None else time.monotonic() + timeout
         delay = 0.05
         while True:
@@ -90,13 +95,27 @@ class StageClient:
         # a dropped connection returns the same result instead of running the round twice. The
         # retry window is short: a stage that stays unreachable is a failure to recover from.
         fault_injection.point(f"RunStep {self.name}", request.envelope.step)  # test-only; no-op without a plan
-        return self._call("RunStep", request, timeout=timeout, idempotent=True,
-                          retry_until=time.monotonic() + min(timeout, 10.0))
+        t_call = time.time()
+        result = self._call("RunStep", request, timeout=timeout, idempotent=True,
+                            retry_until=time.monotonic() + min(timeout, 10.0))
+        if self.trace is not None:
+            self.trace.stage_round(self.name, request, result, t_call, time.time())
+        return result
 
     def apply(self, run_id: str, step: int, clip: float, lr: float, skip: bool, loss_scale: float) -> stage_pb2.ApplyResponse:
-        return self._call("ApplyStep", stage_pb2.ApplyRequest(
+        t_call = time.time()
+        response = self._call("ApplyStep", stage_pb2.ApplyRequest(
             envelope=tensor_pb2.Envelope(run_id=run_id, step=step), clip_coefficient=clip, learning_rate=lr,
             skip=skip, loss_scale=loss_scale))
+        if self.trace is not None:
+            self.trace.stage_apply(self.name, step, response, t_call, time.time())
+        return response
+
+    def clock_sample(self) -> tuple[float, float, float]:
+        """(sent, the stage's wall clock, received) of one Describe: a sample of the clock offset."""
+        t_send = time.time()
+        remote = self._call("Describe", stage_pb2.DescribeRequest()).wall_clock
+        return t_send, remote, time.time()
 
     def abort(self, run_id: str, step: int, reason: str, attempt: int = 0) -> None:
         self._call("AbortStep", stage_pb2.AbortRequest(run_id=run_id, step=step, reason=reason, attempt=attempt), timeout=10.0)

@@ -12,6 +12,7 @@ complete checkpoint (restarting the service itself in local mode) and goes on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,14 +37,16 @@ from orchestrator import run_products
 from orchestrator.data import PreparedData, StepBatches, prepare_data, to_batch
 from orchestrator.launcher import LaunchError, LocalLauncher
 from orchestrator.metrics import OrchestratorMetrics
-from orchestrator.pipeline import NonFiniteError, PipelineDriver, StepFailed, StepOutcome
+from orchestrator.pipeline import NonFiniteError, PipelineDriver, StepOutcome
 from orchestrator.progress import Progress
+from orchestrator.plots import plot_losses, plot_trace_step
 from orchestrator.recovery import PhaseFailed, Recovery, RecoveryStopped, phase
 from orchestrator.stage_client import StageClient
+from orchestrator.trace import TraceRecorder
 from redheart.config import HybridConfig, diff_settings
 from redheart.metrics_common import start_metrics_endpoint
 from redheart.model import count_parameters, resolve_model_shape
-from redheart.rpc import ServiceError, wait_for_serving
+from redheart.rpc import RetryPolicy, ServiceError, wait_for_serving
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +123,11 @@ def _settings_for_stages(config: HybridConfig) -> dict[str, Any]:
 
 class HybridDistributedTrainer:
     def __init__(self, config: HybridConfig, *, registry: CollectorRegistry | None = None,
-                 resume: str | bool | None = None, config_path: str | None = None) -> None:
+                 resume: str | bool | None = None, config_path: str | None = None,
+                 trace_steps: tuple[int, int] | None = None) -> None:
         self.config = config
+        # --trace FIRST-LAST: spans of those steps from every process, written to trace.json
+        self.trace = TraceRecorder(trace_steps) if trace_steps else None
         self.registry = registry or CollectorRegistry()
         self.metrics = OrchestratorMetrics(self.registry)
         self.resume = resume
@@ -137,6 +143,8 @@ class HybridDistributedTrainer:
         self.stop_requested = threading.Event()
         self._reset_progress()
         self.peak_rss: dict[str, int] = {}
+        self._progress: Progress | None = None
+        self._tb = None  # the TensorBoard writer when metrics.tensorboard is on
         self.metrics_port = 0
         self.split_choice = None
         self._bow = None  # the bag-of-words baseline, fitted once per run on the train split
@@ -185,7 +193,8 @@ class HybridDistributedTrainer:
             self.clients[name] = StageClient(name.replace("_", " "), self.addresses[name],
                                              max_message_mb=cfg.wire.max_message_mb,
                                              rpc_timeout=cfg.orchestrator.rpc_timeout_seconds,
-                                             security=cfg.security, alive=self._alive_check(name))
+                                             security=cfg.security, retry=RetryPolicy.from_wire(cfg.wire),
+                                             alive=self._alive_check(name))
             stack.callback(self.clients[name].close)
 
     def _alive_check(self, name: str):
@@ -218,6 +227,30 @@ class HybridDistributedTrainer:
         for name, link in links.items():
             self._retry_while_running(lambda: self.clients[name].start_run(
                 run_id, settings, first_step=first_step, reinitialize=True, **link))
+        if self.trace is not None:  # measured at every StartRun: a restarted stage has a new clock
+            self.trace.measure_clocks(self.clients)
+            for client in self.clients.values():
+                client.trace = self.trace
+
+    def _span(self, name: str, step: int):
+        """An orchestrator span for the trace (0-based `step`); nothing without --trace."""
+        return self.trace.span(name, step) if self.trace is not None else contextlib.nullcontext()
+
+    def _write_trace(self) -> dict[str, str] | None:
+        if self.trace is None:
+            return None
+        path = self.trace.write(self.output_dir)
+        out = {"json": str(path)}
+        try:
+            last = self.trace.last
+            png = plot_trace_step(self.trace.events(), last, self.output_dir / f"trace-step-{last}.png")
+            if png is not None:
+                out["png"] = str(png)
+        except Exception as exc:  # a picture must never fail a finished run
+            log.warning("could not draw the trace picture: %s", exc)
+        log.info("pipeline trace of steps %d-%d: %s (open in https://ui.perfetto.dev or chrome://tracing)",
+                 self.trace.first, self.trace.last, path)
+        return out
 
     def _retry_while_running(self, call):
         """A stage still inside a round (its orchestrator died mid-step, or the round is being
@@ -389,8 +422,9 @@ class HybridDistributedTrainer:
             name = key.removeprefix("baseline_")
             if name in ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae"):
                 self.metrics.validation_baseline.labels(name).set(value)
+        phase = self._progress.phase("explanations") if self._progress else contextlib.nullcontext()
         if explanations_path is not None:
-            with open(explanations_path, "w", encoding="utf-8") as fh:
+            with phase, open(explanations_path, "w", encoding="utf-8") as fh:
                 for i, sid in enumerate(val.ids):
                     fh.write(json.dumps({
                         "scenario_id": sid,
@@ -464,6 +498,17 @@ class HybridDistributedTrainer:
         (self.output_dir / "config.toml").write_text(self.config.to_toml(), encoding="utf-8")
         return lock
 
+    def _open_tensorboard(self, stack: ExitStack):
+        from orchestrator.tensorboard import TensorBoardUnavailable, open_writer
+
+        try:
+            writer = open_writer(self.config, self.output_dir)
+        except TensorBoardUnavailable as exc:
+            raise RunError(str(exc)) from None
+        if writer is not None:
+            stack.callback(writer.close)
+        return writer
+
     def _start_metrics(self) -> None:
         cfg = self.config
         if cfg.metrics.enabled and cfg.orchestrator.metrics_port:
@@ -484,6 +529,7 @@ class HybridDistributedTrainer:
             self._resolve_split(resume_info)
             self.init_spec = self._check_init_from()
             self._prepare_output(stack)
+            self._tb = self._open_tensorboard(stack)
             self._install_signal_handlers(stack)
             tokenizer_path = None
             if resume_info is not None:
@@ -516,7 +562,7 @@ class HybridDistributedTrainer:
                                 on_restart=lambda name: self.metrics.restarts.labels(name).inc())
             run = _Loop(last_checkpoint=resume_info.path if resume_info is not None else None)
             self._log_run(run_id, counts, data, batches, gpu_device)
-            progress = Progress(batches.total_steps, cfg.orchestrator.progress)
+            progress = self._progress = Progress(batches.total_steps, cfg.orchestrator.progress)
             stack.callback(progress.close)
             # The one recovery loop: a phase that fails on a fault (a killed or unreachable service)
             # ends up here, and the run goes on from the last complete checkpoint.
@@ -538,9 +584,10 @@ class HybridDistributedTrainer:
             self._current_step = step
             self._sample_memory()
             report = self._report(run_id, step, batches, data, counts, wall_start, last_checkpoint, run.stopped_early)
+            report["trace"] = self._write_trace()
             (self.output_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
             try:
-                plot_losses(self.history, self.output_dir / "loss.png")
+                plot_losses(self.history, self.output_dir / "loss.png", self.validation)
             except Exception as exc:  # a plot must never fail a finished run
                 log.warning("could not draw loss.png: %s", exc)
             log.info("report: %s", self.output_dir / "report.json")
@@ -580,7 +627,7 @@ class HybridDistributedTrainer:
             epoch, _ = batches.position(step)
             self._current_step = step
             lr = learning_rate_at(step, batches.total_steps, cfg.train)
-            with phase("RunStep", step):
+            with phase("RunStep", step), self._span(f"step {step + 1}", step):
                 try:
                     outcome = driver.run_step(step, batches.rounds(step), lr)
                 except NonFiniteError:
@@ -589,6 +636,8 @@ class HybridDistributedTrainer:
             self._record_step(outcome, epoch)
             step += 1
             run.step = step
+            if self._tb is not None:
+                self._tb.step(step, outcome)
             self._current_step = step
             if step % cfg.train.log_every_n_steps == 0 or step == batches.total_steps:
                 memory = self._sample_memory()
@@ -614,16 +663,20 @@ class HybridDistributedTrainer:
             progress.update(step, outcome.total_loss, outcome.samples / outcome.seconds if outcome.seconds else 0.0)
             end_of_epoch = step % batches.steps_per_epoch == 0
             if end_of_epoch and cfg.train.eval_every_epoch and step < batches.total_steps and epoch not in evaluated_epochs:
-                with phase("Evaluate", step):
+                with phase("Evaluate", step), self._span("evaluation", step - 1), \
+                        progress.phase(f"evaluation after epoch {epoch}"):
                     entry = self._evaluate(driver, data, f"epoch {epoch}")
                 entry["epoch"] = epoch
                 self.validation.append(entry)
+                if self._tb is not None:
+                    self._tb.validation(entry)
                 evaluated_epochs.add(epoch)
                 progress.message(f"validation after epoch {epoch}: {_fmt_metrics(entry)}")
             every = cfg.checkpoint.save_checkpoint_every
             if every and step % every == 0 and step < batches.total_steps:
                 t0 = time.perf_counter()
-                with phase("SaveState", step):
+                with phase("SaveState", step), self._span("checkpoint", step - 1), \
+                        progress.phase(f"checkpoint at step {step}"):
                     run.last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
                 progress.message(f"checkpoint at step {step}: {run.last_checkpoint} ({time.perf_counter() - t0:.2f}s)")
             if self.stop_requested.is_set():
@@ -634,16 +687,19 @@ class HybridDistributedTrainer:
                           progress: Progress) -> None:
         """The final validation and the explanations file."""
         self._current_step = run.step
-        with phase("Evaluate", run.step):
+        with phase("Evaluate", run.step), progress.phase("final evaluation"):
             final = self._evaluate(driver, data, "final", explanations_path=self.output_dir / "explanations.jsonl")
         final["epoch"] = batches.position(max(run.step - 1, 0))[0]
         self.validation.append(final)
+        if self._tb is not None:
+            self._tb.validation(final)
         progress.message(f"final validation: {_fmt_metrics(final)}")
+        progress.summary(final)
 
     def _final_checkpoint(self, run: "_Loop", run_id: str, driver: PipelineDriver, data: PreparedData,
                           batches: StepBatches) -> None:
         if run.last_checkpoint is None or ckpt.read_manifest(run.last_checkpoint).get("step") != run.step:
-            with phase("SaveState", run.step):
+            with phase("SaveState", run.step), self._progress.phase(f"checkpoint at step {run.step}"):
                 run.last_checkpoint = self._save_checkpoint(run_id, run.step, batches, driver, data)
 
     def _resume_info(self) -> ckpt.CheckpointInfo | None:
@@ -736,27 +792,3 @@ def _fmt_metrics(entry: dict) -> str:
             parts.append(f"{key} {m[key]:.4f} (baseline {b.get('baseline_' + key, float('nan')):.4f}{bow})")
     return ", ".join(parts)
 
-
-def plot_losses(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not history:
-        return
-    steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(steps, [h["loss"] for h in history], label="total", linewidth=2, color="black")
-    heads = sorted({k for h in history for k in h["losses"]})
-    for head in heads:
-        ax.plot(steps, [h["losses"].get(head, float("nan")) for h in history], label=head)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.set_title("Red Heart training loss per head")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -244,6 +244,16 @@ class WireConfig:
     """Largest tensor rank a service accepts."""
     max_concurrent_rpcs: int = 64
     """Concurrent RPCs a server accepts before answering RESOURCE_EXHAUSTED."""
+    retry_max_attempts: int = 5
+    """gRPC retry policy of idempotent calls: attempts in all, 1 to 5 (gRPC's cap; 1: no retries)."""
+    retry_initial_backoff_seconds: float = 0.05
+    """Backoff before the first retry (gRPC draws each delay at random up to the current backoff)."""
+    retry_max_backoff_seconds: float = 2.0
+    """Largest backoff between retries."""
+    retry_backoff_multiplier: float = 2.0
+    """Growth of the backoff from one retry to the next."""
+    retry_status_codes: str = "UNAVAILABLE"
+    """Comma-separated gRPC status codes to retry idempotent calls on, e.g. "UNAVAILABLE,RESOURCE_EXHAUSTED"."""
 
 
 @dataclass
@@ -328,6 +338,8 @@ class MetricsConfig:
     """Serve Prometheus /metrics from every process."""
     host: str = "127.0.0.1"
     """Interface the metrics endpoints bind (0.0.0.0 to let a remote Prometheus scrape)."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to <output_dir>/tensorboard/ (needs the `tensorboard` extra)."""
 
 
 @dataclass
@@ -421,6 +433,38 @@ class HybridConfig:
         built = _build(raw, origin=_Origin("HybridConfig(...)"))
         for name in SECTIONS:
             setattr(self, name, getattr(built, name))
+        object.__setattr__(self, "_derived", built._derived)
+
+    # ---- the original flat attributes, both ways: `config.batch_size` reads and `config.batch_size = 4`
+    # sets train.batch_size, validated like the constructor (the prototype's troubleshooting relies on it).
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails, so sections, methods and properties never come here.
+        if name.startswith("_") or name in SECTIONS:
+            raise AttributeError(name)
+        section, key = _flat_owner(name)
+        return getattr(getattr(self, section), key)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in SECTIONS or name.startswith("_"):
+            object.__setattr__(self, name, value)
+            return
+        if hasattr(type(self), name):
+            owners = [s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+            hint = f" (fix: set config.{owners[0]}.{name})" if owners else ""
+            raise AttributeError(f"HybridConfig.{name} is derived (a method or property) and cannot be "
+                                 f"assigned{hint}")
+        section, key = _flat_owner(name)
+        raw = self.to_dict(redact_secrets=False)
+        raw[section][key] = value
+        _rederive(self, raw, {(section, key)})
+        built = _build(raw, origin=_Origin(f"config.{name} = {value!r}"))
+        object.__setattr__(self, "_derived", built._derived)
+        # Update the section objects in place: code holding `config.train` sees the change too.
+        for sec in SECTIONS:
+            target, source = getattr(self, sec), getattr(built, sec)
+            for f in dataclasses.fields(source):
+                setattr(target, f.name, getattr(source, f.name))
 
     @classmethod
     def _from_sections(cls, sections: Mapping[str, Any]) -> "HybridConfig":
@@ -468,9 +512,12 @@ class HybridConfig:
     def replace(self, **dotted: Any) -> "HybridConfig":
         """A copy with some keys changed, e.g. ``cfg.replace(**{"train.max_steps": 4})``; validated."""
         raw = self.to_dict(redact_secrets=False)
+        explicit = set()
         for key, value in dotted.items():
             section, name = _split_dotted(key) if "." in key else _resolve_flat_key(key)
             raw[section][name] = value
+            explicit.add((section, name))
+        _rederive(self, raw, explicit)
         return _build(raw, origin=_Origin("replace(...)"))
 
     # ---- derived values used by several processes
@@ -676,6 +723,24 @@ def _resolve_flat_key(key: str) -> tuple[str, str]:
     raise ConfigError(f"HybridConfig({key}=...): unknown setting{_did_you_mean(key, every)}")
 
 
+class ConfigAttributeError(ConfigError, AttributeError):
+    """An unknown or ambiguous flat attribute of HybridConfig (an AttributeError, so hasattr() works)."""
+
+
+def _flat_owner(name: str) -> tuple[str, str]:
+    """The (section, key) a flat HybridConfig attribute stands for, or ConfigAttributeError."""
+    owners = [s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+    if len(owners) == 1:
+        return owners[0], name
+    if owners:
+        raise ConfigAttributeError(
+            f"HybridConfig.{name}: `{name}` exists in several sections ({', '.join(owners)}); "
+            f"use the section, e.g. config.{owners[0]}.{name}"
+        )
+    every = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)] + list(SECTIONS)
+    raise ConfigAttributeError(f"HybridConfig has no setting `{name}`{_did_you_mean(name, every)}")
+
+
 def _did_you_mean(name: str, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     return f" (did you mean `{close[0]}`?)" if close else ""
@@ -789,11 +854,27 @@ def auto_micro_batch_size(batch_size: int, num_stages: int) -> int:
     return 1
 
 
+AUTO_KEYS = (("train", "micro_batch_size"),)
+"""Keys whose 0 means "derive from the others"; the config remembers which ones it derived."""
+
+
 def _resolve_auto(cfg: HybridConfig) -> None:
-    """Fill the "auto" (0) values that depend on other keys, before validation sees them."""
+    """Fill the "auto" (0) values that depend on other keys, before validation sees them. The
+    config remembers them, so a later change (``config.batch_size = 4``, ``replace``) derives them
+    again instead of keeping a value chosen for the old batch."""
     t = cfg.train
+    derived = set()
     if t.micro_batch_size == 0 and t.batch_size >= 1:
         t.micro_batch_size = auto_micro_batch_size(t.batch_size, 2)
+        derived.add(("train", "micro_batch_size"))
+    object.__setattr__(cfg, "_derived", frozenset(derived))
+
+
+def _rederive(cfg: HybridConfig, raw: dict[str, dict[str, Any]], explicit: set[tuple[str, str]]) -> None:
+    """Put "auto" back for the derived keys that the change does not set itself."""
+    for key in getattr(cfg, "_derived", frozenset()):
+        if key not in explicit:
+            raw[key[0]][key[1]] = 0
 
 
 def _validate(cfg: HybridConfig, origin: _Origin) -> None:
@@ -899,6 +980,7 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
         fail("wire", "max_rank", f"wire.max_rank = {cfg.wire.max_rank} must be >= 1")
     if cfg.wire.max_concurrent_rpcs < 1:
         fail("wire", "max_concurrent_rpcs", f"wire.max_concurrent_rpcs = {cfg.wire.max_concurrent_rpcs} must be >= 1")
+    _validate_retry(cfg.wire, fail)
     _validate_security(cfg, fail)
     c = cfg.checkpoint
     if c.save_checkpoint_every < 0:
@@ -916,6 +998,25 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
     for key in ("connect_timeout_seconds", "step_deadline_seconds", "rpc_timeout_seconds"):
         if getattr(o, key) <= 0:
             fail("orchestrator", key, f"orchestrator.{key} = {getattr(o, key)} must be > 0")
+
+
+def _validate_retry(w: WireConfig, fail) -> None:
+    if not 1 <= w.retry_max_attempts <= 5:
+        fail("wire", "retry_max_attempts", f"wire.retry_max_attempts = {w.retry_max_attempts} must be in 1..5 "
+             "(gRPC caps retry policies at 5 attempts; 1 turns retries off)")
+    for key in ("retry_initial_backoff_seconds", "retry_max_backoff_seconds", "retry_backoff_multiplier"):
+        if not getattr(w, key) > 0:
+            fail("wire", key, f"wire.{key} = {getattr(w, key)} must be > 0")
+    if w.retry_max_backoff_seconds < w.retry_initial_backoff_seconds:
+        fail("wire", "retry_max_backoff_seconds",
+             f"wire.retry_max_backoff_seconds = {w.retry_max_backoff_seconds} is below "
+             f"wire.retry_initial_backoff_seconds = {w.retry_initial_backoff_seconds}")
+    from redheart.rpc import parse_status_codes
+
+    try:
+        parse_status_codes(w.retry_status_codes)
+    except ValueError as exc:
+        fail("wire", "retry_status_codes", f"wire.retry_status_codes: {exc}")
 
 
 _TOKEN_HINT = "(fix: use printable ASCII without spaces, e.g. the output of `openssl rand -hex 32`)"

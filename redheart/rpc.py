@@ -6,9 +6,12 @@
   is ready and again while it shuts down.
 * Servicers raise :class:`RpcFailure` (or the codec's TensorValidationError); :func:`rpc_method`
   turns them into a gRPC status with the message intact, so the server keeps serving.
-* Clients call through :func:`call` which applies the deadline, retries idempotent calls on
-  UNAVAILABLE with backoff, and turns ``grpc.RpcError`` into :class:`ServiceError` naming the
-  service address: the one place where client errors are caught.
+* Clients call through :func:`call` which applies the deadline and turns ``grpc.RpcError`` into
+  :class:`ServiceError` naming the service address: the one place where client errors are caught.
+* Retries of idempotent calls are gRPC's own: :class:`RetryPolicy` (from ``[wire]``: attempts,
+  backoff, status codes) goes into the channel's service config for the methods listed in
+  :data:`IDEMPOTENT_METHODS`. :func:`call` keeps a hand-written loop only where the policy cannot
+  express the semantics (a retry window longer than one deadline; channels made without a policy).
 * Security (``[security]``, docs/security.md) is applied here and only here: callers pass the
   config's ``security`` section to :func:`make_server`, :func:`bind` and :func:`make_channel`, which
   add TLS / mutual TLS credentials and the shared-token check (server) or header (client).
@@ -21,11 +24,13 @@ import collections
 import functools
 import hmac
 import ipaddress
+import json
 import logging
 import time
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,7 +39,7 @@ from redheart import fault_injection
 from redheart.codec import TensorValidationError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from redheart.config import SecurityConfig
+    from redheart.config import SecurityConfig, WireConfig
 
 log = logging.getLogger(__name__)
 
@@ -242,14 +247,78 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+# ----------------------------------------------------------------------------- retries
+
+# Methods that are safe to send twice, per gRPC service. The stage caches RunStep / ApplyStep
+# results per (run, step, round), drops duplicate pushes, and Describe / Save / Load / Abort /
+# GetParameters repeat to the same state; a repeated StartRun re-creates the same state (same
+# seed, same first step). Scoring is a pure function of the request.
+IDEMPOTENT_METHODS: dict[str, tuple[str, ...]] = {
+    "redheart.v1.PipelineStage": ("Describe", "StartRun", "RunStep", "ApplyStep", "AbortStep", "PushTensor",
+                                  "SaveState", "LoadState", "GetParameters"),
+    "redheart.v1.RegretService": ("Score",),
+}
+
+
+def parse_status_codes(text: str) -> tuple[str, ...]:
+    """ "UNAVAILABLE, RESOURCE_EXHAUSTED" -> ("UNAVAILABLE", "RESOURCE_EXHAUSTED"); names checked."""
+    names = tuple(part.strip().upper() for part in text.split(",") if part.strip())
+    if not names:
+        raise ValueError("needs at least one status code, e.g. \"UNAVAILABLE\"")
+    valid = {c.name for c in grpc.StatusCode} - {"OK"}
+    for name in names:
+        if name not in valid:
+            import difflib
+
+            close = difflib.get_close_matches(name, sorted(valid), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"{name!r} is not a gRPC status code{hint}; codes: {', '.join(sorted(valid))}")
+    return names
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """gRPC's retry policy (gRFC A6) for the idempotent methods of a channel."""
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.05
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+    status_codes: tuple[str, ...] = ("UNAVAILABLE",)
+
+    @classmethod
+    def from_wire(cls, wire: "WireConfig") -> "RetryPolicy":
+        return cls(wire.retry_max_attempts, wire.retry_initial_backoff_seconds, wire.retry_max_backoff_seconds,
+                   wire.retry_backoff_multiplier, parse_status_codes(wire.retry_status_codes))
+
+    def service_config(self, methods: Mapping[str, Sequence[str]] = IDEMPOTENT_METHODS) -> str | None:
+        """The channel's service config JSON, or None when retries are off (one attempt)."""
+        if self.max_attempts < 2:  # gRPC refuses a retry policy with fewer than 2 attempts
+            return None
+        names = [{"service": service, "method": m} for service, ms in methods.items() for m in ms]
+        policy = {"maxAttempts": self.max_attempts, "initialBackoff": f"{self.initial_backoff:.6f}s",
+                  "maxBackoff": f"{self.max_backoff:.6f}s", "backoffMultiplier": self.multiplier,
+                  "retryableStatusCodes": list(self.status_codes)}
+        return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
+
+
 def make_channel(address: str, max_message_mb: int, security: "SecurityConfig | grpc.ChannelCredentials | None" = None,
-                 *, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+                 *, credentials: grpc.ChannelCredentials | None = None,
+                 retry: RetryPolicy | None = None) -> grpc.Channel:
     """A channel with the message limits and, from ``security`` ([security]), TLS / mTLS
     credentials and the bearer token on every call. ``credentials`` (or ChannelCredentials passed
-    positionally, the old signature) overrides the TLS part."""
+    positionally, the old signature) overrides the TLS part. ``retry``: gRPC retries the
+    idempotent methods (IDEMPOTENT_METHODS) by that policy, within each call's deadline."""
     if isinstance(security, grpc.ChannelCredentials):
         security, credentials = None, security
     options = channel_options(max_message_mb)
+    service_config = retry.service_config() if retry is not None else None
+    if service_config is not None:
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", service_config)]
+    if retry is not None:
+        # Reconnect to a restarting peer on the policy's backoff (gRPC's default grows to 120 s).
+        options += [("grpc.initial_reconnect_backoff_ms", max(1, int(retry.initial_backoff * 1000))),
+                    ("grpc.max_reconnect_backoff_ms", max(1, int(retry.max_backoff * 1000)))]
     if credentials is None:
         credentials = channel_credentials(security)
     if security is not None and security.tls_server_name:
@@ -368,22 +437,33 @@ def call(
     retry_until: float | None = None,
     metadata: Sequence[tuple[str, str]] | None = None,
     method_name: str | None = None,
+    channel_retries: bool = False,
 ) -> Any:
-    """Call a unary RPC with a deadline; retry idempotent calls on UNAVAILABLE with backoff.
+    """Call a unary RPC with a deadline; idempotent calls are retried on UNAVAILABLE with backoff.
 
-    ``retry_until`` (a time.monotonic() value) bounds the retries; default: one deadline from now.
+    ``channel_retries``: the channel carries a :class:`RetryPolicy`. Then an idempotent call
+    without ``retry_until`` is gRPC's alone, with the old loop's meaning ("retry until one
+    deadline from now"): ``wait_for_ready`` waits out a peer that refuses connections (a service
+    restarting) for the whole deadline, reconnecting on the policy's backoff, and the policy
+    retries an UNAVAILABLE answer. A ``retry_until`` window (a time.monotonic() value) stays a
+    loop: "a few seconds of retries, each attempt with the full deadline" cannot be expressed by
+    the policy (at most 5 attempts inside one deadline), and wait_for_ready would hold a call to a
+    dead stage for its full, long deadline instead of those seconds. Without a policy on the
+    channel the loop retries until ``retry_until`` or one deadline from now, as before.
     """
     name = method_name or "call"
     give_up = retry_until if retry_until is not None else time.monotonic() + timeout
+    loop = idempotent and (not channel_retries or retry_until is not None)
+    kwargs = {"wait_for_ready": True} if idempotent and channel_retries and retry_until is None else {}
     delay = 0.05
     while True:
         try:
             # Each attempt gets the full deadline; `give_up` only bounds when a new attempt may start.
-            return method(request, timeout=timeout, metadata=metadata)
+            return method(request, timeout=timeout, metadata=metadata, **kwargs)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             details = exc.details() if hasattr(exc, "details") else str(exc)
-            if idempotent and code in _RETRYABLE and time.monotonic() + delay < give_up:
+            if loop and code in _RETRYABLE and time.monotonic() + delay < give_up:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue

@@ -171,6 +171,7 @@ class ForwardRecord:
     head_outputs: dict[str, torch.Tensor] | None = None
     pending: Any = None  # last stage: the regret request in flight
     inputs: MicroBatchInputs | None = None
+    pending_since: float = 0.0  # perf_counter when the regret request was sent (for the trace)
 
 
 class StagePart(Protocol):
@@ -250,6 +251,9 @@ class RoundContext:
     started: float
     timings: dict[str, float] = field(default_factory=lambda: {"forward": 0.0, "backward": 0.0, "wait": 0.0, "regret_wait": 0.0})
     spans: list[tuple[str, int, float, float]] = field(default_factory=list)
+    # Spans of other threads (sender, regret client) as (action, micro-batch, start, end, thread),
+    # relative to `started` like `spans`; only the pipeline trace reads them.
+    thread_spans: list[tuple[str, int, float, float, str]] = field(default_factory=list)
 
     def receive(self, kind: str, micro_batch: int, describe: str) -> torch.Tensor:
         start = time.perf_counter()
@@ -278,6 +282,8 @@ class RoundResult:
     grad_norm_sq: float | None = None
     found_inf: bool = False
     peak_memory_bytes: int = 0
+    started_unix: float = 0.0  # wall clock at the round's start: puts the spans on the trace's clock
+    thread_spans: list[tuple[str, int, float, float, str]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -473,7 +479,7 @@ class StageRuntime:
             self.optimizer.zero_grad(set_to_none=True)
         m = len(plan.micro_batches)
         order = build_schedule(plan.schedule, self.part.num_stages, m, extra_warmup=plan.lookahead)[self.part.rank]
-        started = time.perf_counter()
+        started, started_unix = time.perf_counter(), time.time()
         ctx = RoundContext(plan=plan, runtime=self, link=link, started=started)
         records: dict[int, ForwardRecord] = {}
         per_mb: dict[int, dict[str, Any]] = {}
@@ -506,6 +512,8 @@ class StageRuntime:
             micro_batches=[dict(per_mb[i], index=plan.micro_batches[i].index) for i in range(m)],
             timings=ctx.timings,
             spans=ctx.spans,
+            started_unix=started_unix,
+            thread_spans=ctx.thread_spans + (link.take_spans(started) if hasattr(link, "take_spans") else []),
         )
         if plan.accumulation_round == plan.accumulation_steps - 1:
             norm_sq, found_inf = self._grad_norm_sq(plan.loss_scale)
@@ -564,7 +572,7 @@ class StageRuntime:
                 raise StageError("invalid", f"ApplyStep for step {step}: learning rate {learning_rate} is not a number in [0, {MAX_LEARNING_RATE:g}]")
             if not skip and not (loss_scale > 0 and math.isfinite(clip_coefficient / loss_scale)):
                 raise StageError("invalid", f"ApplyStep for step {step}: clip coefficient {clip_coefficient} / loss scale {loss_scale} is not finite")
-            start = time.perf_counter()
+            start, started_unix = time.perf_counter(), time.time()
             assert self.optimizer is not None
             if not skip:
                 factor = clip_coefficient / loss_scale
@@ -582,7 +590,8 @@ class StageRuntime:
             self.results = {k: v for k, v in self.results.items() if k[1] > step}
             self.mailbox.clear_step(run_id, step)
             self.current_plan = None
-            out = {"next_step": self.next_step, "seconds": time.perf_counter() - start, "applied": not skip}
+            out = {"next_step": self.next_step, "seconds": time.perf_counter() - start, "applied": not skip,
+                   "started_unix": started_unix}
             self.applied = {k: v for k, v in self.applied.items() if k[1] > step - 4}
             self.applied[(run_id, step)] = out
             if self.part.device.type == "cuda" and self.settings.get("empty_cache_every", 0):

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -42,6 +42,9 @@ from redheart.stage_runtime import (
     StageRuntime,
 )
 from redheart.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
+
+if typing.TYPE_CHECKING:
+    from redheart.cli_common import StageArgs
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,7 @@ class GrpcPeerLink:
         self._pending = 0
         self._cond = threading.Condition()
         self._stats = {"serialize_seconds": 0.0, "send_seconds": 0.0, "bytes_sent": 0}
+        self._spans: list[tuple[str, int, float, float]] = []  # sends (perf_counter) for the trace
         self._thread = threading.Thread(target=self._worker, name=f"{stage_name}-sender", daemon=True)
         self._thread.start()
 
@@ -137,6 +141,9 @@ class GrpcPeerLink:
                     self._stats["serialize_seconds"] += t1 - t0
                     self._stats["send_seconds"] += t2 - t1
                     self._stats["bytes_sent"] += nbytes
+                    if len(self._spans) >= 4096:  # bounded: evaluation rounds never collect theirs
+                        del self._spans[:2048]
+                    self._spans.append((f"send {kind}", micro_batch, t0, t2))
                 if self.metrics is not None:
                     self.metrics.wire_bytes.labels(self.metrics.stage, "sent").inc(nbytes)
                     self.metrics.serialize_seconds.labels(self.metrics.stage, "encode").inc(t1 - t0)
@@ -159,7 +166,10 @@ class GrpcPeerLink:
                 stub.PushTensor(request, timeout=max(0.05, min(remaining, 300.0)), metadata=self.metadata)
                 return
             except grpc.RpcError as exc:
-                # Pushes are idempotent (the receiver drops duplicates), so retrying is safe.
+                # Pushes are idempotent (the receiver drops duplicates), so retrying is safe. A
+                # hand-written loop, not the channel's gRPC retry policy: the push waits out a peer
+                # that is down for up to the plan's deadline (minutes), and gRPC's policy allows at
+                # most 5 attempts inside one call's deadline.
                 if exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay < deadline:
                     time.sleep(delay)
                     delay = min(2 * delay, 1.0)
@@ -182,6 +192,13 @@ class GrpcPeerLink:
             if self._error is not None:
                 err, self._error = self._error, None
                 raise StageError("unavailable", f"sending to the peer stage failed: {err}")
+
+    def take_spans(self, since: float) -> list[tuple[str, int, float, float, str]]:
+        """The sends since the last call, relative to `since` (a perf_counter), on the sender thread."""
+        with self._cond:
+            spans, self._spans = self._spans, []
+        return [(name, mb, start - since, end - since, "sender")
+                for name, mb, start, end in spans if end >= since]
 
     def reset_error(self) -> None:
         with self._cond:
@@ -249,6 +266,9 @@ def _encode_result(result: RoundResult, link_stats: dict[str, float], received: 
     )
     for action, mb_index, start, end in result.spans:
         out.spans.add(action=action, micro_batch=mb_index, start=start, end=end)
+    for action, mb_index, start, end, thread in result.thread_spans:
+        out.spans.add(action=action, micro_batch=mb_index, start=start, end=end, thread=thread)
+    out.started_unix = result.started_unix
     return out
 
 
@@ -285,6 +305,7 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
             version=VERSION,
             current_run_id=rt.run_id,
             next_step=rt.next_step,
+            wall_clock=time.time(),
         )
 
     @rpc_method
@@ -374,7 +395,8 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         if self.metrics is not None:
             self.metrics.steps_applied.labels(self.metrics.stage).inc()
             self.metrics.next_step.labels(self.metrics.stage).set(out["next_step"])
-        return stage_pb2.ApplyResponse(next_step=out["next_step"], seconds=out["seconds"], applied=out["applied"])
+        return stage_pb2.ApplyResponse(next_step=out["next_step"], seconds=out["seconds"],
+                                       applied=out["applied"], started_unix=out.get("started_unix", 0.0))
 
     @rpc_method
     def AbortStep(self, request, context):
@@ -511,19 +533,8 @@ def create_stage_server(
 # ----------------------------------------------------------------------------- process main
 
 
-def run_stage_cli(stage: str, create_server: Callable[..., tuple[StageServer, int]], argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=f"redheart-{stage}-stage",
-        description=f"Run the Red Heart {stage.upper()} pipeline stage service.",
-    )
-    parser.add_argument("--config", required=True, help="the run's TOML file (reads [model], [{0}_stage], [wire], [metrics])".format(stage))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config key (repeatable)")
-    parser.add_argument("--host", help=f"interface to bind (default: {stage}_stage.host)")
-    parser.add_argument("--port", type=int, help=f"port to bind, 0 for any (default: {stage}_stage.port)")
-    parser.add_argument("--metrics-port", type=int, help=f"/metrics port, 0 for any (default: {stage}_stage.metrics_port)")
-    parser.add_argument("--log-level", default=os.environ.get("REDHEART_LOG_LEVEL", "INFO"))
-    args = parser.parse_args(argv)
+def run_stage_cli(stage: str, create_server: Callable[..., tuple[StageServer, int]], args: StageArgs) -> int:
+    """The stage process main; ``args`` comes parsed from the click command in redheart/cli_common.py."""
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s {stage}-stage %(levelname)s %(name)s: %(message)s")
     try:

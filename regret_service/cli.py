@@ -13,59 +13,61 @@ Prints exactly one line on stdout once the service is SERVING (everything else g
 SIGTERM / SIGINT: health NOT_SERVING, in-flight calls get 10 s to finish, workers stop, exit 0.
 Exit code 2: a configuration error (the message names the file and line); 1: the service failed.
 
-Only the standard library is imported at module level: the worker processes are started with the
-spawn method, which re-imports the main module in every worker.
+Only the standard library, click and the small redheart.cli_common are imported at module level:
+the worker processes are started with the spawn method, which re-imports the main module in every
+worker.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
 import threading
+from typing import Sequence
+
+import click
+
+from redheart.cli_common import command, config_options, invoke, port_type, setup_logging
 
 GRACE_SECONDS = 10.0
 
 log = logging.getLogger("regret_service")
 
+HELP = """Red Heart regret service: counterfactual regret by Bentham's felicific calculus over gRPC.
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port (0..65535)")
-    return value
+\b
+Examples:
+  redheart-regret --config hybrid.toml
+  redheart-regret --config hybrid.toml --set regret.num_workers=2 --port 0 --metrics-port 0
+  REDHEART_REGRET__NUM_WORKERS=2 redheart-regret --config hybrid.toml
 
+\b
+Prints one line on stdout once SERVING:
+  REDHEART_READY service=regret port=<port> metrics_port=<port or 0>
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="redheart-regret",
-        description="Red Heart regret service: counterfactual regret by Bentham's felicific calculus over gRPC.",
-    )
-    parser.add_argument("--config", required=True, help="the run's TOML file (uses [regret], [wire], [metrics])")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value (repeatable), e.g. --set regret.num_workers=2")
-    parser.add_argument("--host", default=None, help="interface to bind (default: regret.host)")
-    parser.add_argument("--port", type=_port, default=None, help="port to listen on, 0 for any free port (default: regret.port)")
-    parser.add_argument("--metrics-port", type=_port, default=None,
-                        help="Prometheus /metrics port, 0 for any free port (default: regret.metrics_port, "
-                             "where 0 disables; metrics.enabled = false disables both)")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    return parser
+Exit codes: 0 stopped by SIGTERM/SIGINT, 1 the service failed, 2 bad configuration or arguments."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
+@command(HELP)
+@config_options("the run's TOML file (uses [regret], [wire], [metrics])")
+@click.option("--host", default=None, help="interface to bind (default: regret.host)")
+@click.option("--port", type=port_type(), default=None,
+              help="port to listen on, 0 for any free port (default: regret.port)")
+@click.option("--metrics-port", type=port_type(), default=None,
+              help="Prometheus /metrics port, 0 for any free port (default: regret.metrics_port, "
+                   "where 0 disables; metrics.enabled = false disables both)")
+def cli(config_path, overrides, log_level, host, port, metrics_port) -> int:
+    setup_logging(log_level, "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    return serve(config_path, list(overrides), host, port, metrics_port)
 
+
+def serve(config_path: str, overrides: list[str], host: str | None, port: int | None,
+          metrics_port_flag: int | None) -> int:
     from redheart.config import ConfigError, load_config
 
     try:
-        config = load_config(args.config, overrides=args.overrides)
+        config = load_config(config_path, overrides=overrides)
     except ConfigError as exc:
         print(f"redheart-regret: {exc}", file=sys.stderr)
         return 2
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     try:
-        server, port = create_server(config, host=args.host, port=args.port)
+        server, port = create_server(config, host=host, port=port)
     except ConfigError as exc:
         print(f"redheart-regret: {exc}", file=sys.stderr)
         return 2
@@ -94,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Same convention as the stages: the flag's 0 asks for any free port (the orchestrator reads the
     # bound one from the READY line); the config key's 0 disables the endpoint.
-    metrics_port = config.regret.metrics_port if args.metrics_port is None else args.metrics_port
-    serve_metrics = config.metrics.enabled and (metrics_port != 0 or args.metrics_port == 0)
+    metrics_port = config.regret.metrics_port if metrics_port_flag is None else metrics_port_flag
+    serve_metrics = config.metrics.enabled and (metrics_port != 0 or metrics_port_flag == 0)
     bound_metrics = 0
     http_server = None
     try:
@@ -118,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         if http_server is not None:
             http_server.shutdown()
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return invoke(cli, argv, prog_name="redheart-regret")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,15 @@ CI runs ``--check`` so they can never silently drift from the contracts.
 
 from __future__ import annotations
 
-import argparse
 import filecmp
 import sys
 import tempfile
 from pathlib import Path
+from typing import Sequence
+
+import click
+
+from redheart.cli_common import CONTEXT_SETTINGS, ExitCodeCommand
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = ROOT / "protos"
@@ -42,13 +46,20 @@ def _generate(out_dir: Path) -> list[Path]:
     return sorted((out_dir / "redheart" / "v1").glob("*_pb2*.py*"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="fail if committed modules differ")
-    args = parser.parse_args(argv)
+@click.command(cls=ExitCodeCommand, context_settings=CONTEXT_SETTINGS, help="""Generate the Python
+protobuf / gRPC modules (redheart/v1/*_pb2*.py) from protos/redheart/v1/*.proto.
+
+\b
+Examples:
+  redheart-gen-protos            # regenerate redheart/v1/ in place (after editing a .proto)
+  redheart-gen-protos --check    # exit 1 when the committed modules drift from the .proto files
+
+Exit codes: 0 written / up to date, 1 drift or protoc failed, 2 bad arguments.""")
+@click.option("--check", is_flag=True, help="fail (exit 1) if the committed modules differ; write nothing")
+def gen_protos(check: bool) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         generated = _generate(Path(tmp))
-        if args.check:
+        if check:
             drift = []
             names = {p.name for p in generated}
             committed = {p.name for p in OUT_PACKAGE.glob("*_pb2*.py*")}
@@ -69,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         (OUT_PACKAGE / "__init__.py").touch()
         print(f"wrote {len(generated)} files to {OUT_PACKAGE}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from redheart.cli_common import invoke
+
+    return invoke(gen_protos, argv, prog_name="redheart-gen-protos")
 
 
 if __name__ == "__main__":

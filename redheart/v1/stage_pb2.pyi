@@ -12,7 +12,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("stage_rank", "num_stages", "stage_name", "device", "model_fingerprint", "model_settings_json", "num_parameters", "layer_range", "version", "current_run_id", "next_step")
+    __slots__ = ("stage_rank", "num_stages", "stage_name", "device", "model_fingerprint", "model_settings_json", "num_parameters", "layer_range", "version", "current_run_id", "next_step", "wall_clock")
     STAGE_RANK_FIELD_NUMBER: _ClassVar[int]
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
     STAGE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class DescribeResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CURRENT_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    WALL_CLOCK_FIELD_NUMBER: _ClassVar[int]
     stage_rank: int
     num_stages: int
     stage_name: str
@@ -35,7 +36,8 @@ class DescribeResponse(_message.Message):
     version: str
     current_run_id: str
     next_step: int
-    def __init__(self, stage_rank: _Optional[int] = ..., num_stages: _Optional[int] = ..., stage_name: _Optional[str] = ..., device: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., model_settings_json: _Optional[str] = ..., num_parameters: _Optional[int] = ..., layer_range: _Optional[str] = ..., version: _Optional[str] = ..., current_run_id: _Optional[str] = ..., next_step: _Optional[int] = ...) -> None: ...
+    wall_clock: float
+    def __init__(self, stage_rank: _Optional[int] = ..., num_stages: _Optional[int] = ..., stage_name: _Optional[str] = ..., device: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., model_settings_json: _Optional[str] = ..., num_parameters: _Optional[int] = ..., layer_range: _Optional[str] = ..., version: _Optional[str] = ..., current_run_id: _Optional[str] = ..., next_step: _Optional[int] = ..., wall_clock: _Optional[float] = ...) -> None: ...
 
 class StartRunRequest(_message.Message):
     __slots__ = ("run_id", "train_settings_json", "next_stage_address", "prev_stage_address", "regret_address", "first_step", "reinitialize")
@@ -163,19 +165,21 @@ class StepTimings(_message.Message):
     def __init__(self, forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., serialize_seconds: _Optional[float] = ..., send_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., total_seconds: _Optional[float] = ..., regret_wait_seconds: _Optional[float] = ...) -> None: ...
 
 class Span(_message.Message):
-    __slots__ = ("action", "micro_batch", "start", "end")
+    __slots__ = ("action", "micro_batch", "start", "end", "thread")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    THREAD_FIELD_NUMBER: _ClassVar[int]
     action: str
     micro_batch: int
     start: float
     end: float
-    def __init__(self, action: _Optional[str] = ..., micro_batch: _Optional[int] = ..., start: _Optional[float] = ..., end: _Optional[float] = ...) -> None: ...
+    thread: str
+    def __init__(self, action: _Optional[str] = ..., micro_batch: _Optional[int] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., thread: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("envelope", "accumulation_round", "micro_batches", "timings", "grad_norm_sq", "found_inf", "has_grad_norm", "spans", "peak_memory_bytes")
+    __slots__ = ("envelope", "accumulation_round", "micro_batches", "timings", "grad_norm_sq", "found_inf", "has_grad_norm", "spans", "peak_memory_bytes", "started_unix")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     ACCUMULATION_ROUND_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +189,7 @@ class StepResult(_message.Message):
     HAS_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     SPANS_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
     envelope: _tensor_pb2.Envelope
     accumulation_round: int
     micro_batches: _containers.RepeatedCompositeFieldContainer[MicroBatchResult]
@@ -194,7 +199,8 @@ class StepResult(_message.Message):
     has_grad_norm: bool
     spans: _containers.RepeatedCompositeFieldContainer[Span]
     peak_memory_bytes: int
-    def __init__(self, envelope: _Optional[_Union[_tensor_pb2.Envelope, _Mapping]] = ..., accumulation_round: _Optional[int] = ..., micro_batches: _Optional[_Iterable[_Union[MicroBatchResult, _Mapping]]] = ..., timings: _Optional[_Union[StepTimings, _Mapping]] = ..., grad_norm_sq: _Optional[float] = ..., found_inf: _Optional[bool] = ..., has_grad_norm: _Optional[bool] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., peak_memory_bytes: _Optional[int] = ...) -> None: ...
+    started_unix: float
+    def __init__(self, envelope: _Optional[_Union[_tensor_pb2.Envelope, _Mapping]] = ..., accumulation_round: _Optional[int] = ..., micro_batches: _Optional[_Iterable[_Union[MicroBatchResult, _Mapping]]] = ..., timings: _Optional[_Union[StepTimings, _Mapping]] = ..., grad_norm_sq: _Optional[float] = ..., found_inf: _Optional[bool] = ..., has_grad_norm: _Optional[bool] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., peak_memory_bytes: _Optional[int] = ..., started_unix: _Optional[float] = ...) -> None: ...
 
 class ApplyRequest(_message.Message):
     __slots__ = ("envelope", "clip_coefficient", "learning_rate", "skip", "loss_scale")
@@ -211,14 +217,16 @@ class ApplyRequest(_message.Message):
     def __init__(self, envelope: _Optional[_Union[_tensor_pb2.Envelope, _Mapping]] = ..., clip_coefficient: _Optional[float] = ..., learning_rate: _Optional[float] = ..., skip: _Optional[bool] = ..., loss_scale: _Optional[float] = ...) -> None: ...
 
 class ApplyResponse(_message.Message):
-    __slots__ = ("next_step", "seconds", "applied")
+    __slots__ = ("next_step", "seconds", "applied", "started_unix")
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
     next_step: int
     seconds: float
     applied: bool
-    def __init__(self, next_step: _Optional[int] = ..., seconds: _Optional[float] = ..., applied: _Optional[bool] = ...) -> None: ...
+    started_unix: float
+    def __init__(self, next_step: _Optional[int] = ..., seconds: _Optional[float] = ..., applied: _Optional[bool] = ..., started_unix: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("run_id", "step", "reason", "attempt")

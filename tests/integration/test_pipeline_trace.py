@@ -1,0 +1,123 @@
+"""--trace: a Chrome trace-event timeline of chosen steps from every process, on one clock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _spans(trace: dict) -> list[dict]:
+    meta = [e for e in trace["traceEvents"] if e["ph"] == "M"]
+    processes = {e["pid"]: e["args"]["name"] for e in meta if e["name"] == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta if e["name"] == "thread_name"}
+    out = []
+    for e in trace["traceEvents"]:
+        if e["ph"] == "X":
+            out.append(
+                dict(
+                    e,
+                    process=processes[e["pid"]],
+                    thread=threads[(e["pid"], e["tid"])],
+                    start=e["ts"],
+                    end=e["ts"] + e["dur"],
+                )
+            )
+    return out
+
+
+def _check_format(trace: dict) -> None:
+    assert isinstance(trace["traceEvents"], list) and trace["displayTimeUnit"] == "ms"
+    begun: dict[str, float] = {}
+    for e in trace["traceEvents"]:
+        assert e["ph"] in ("M", "X", "b", "e"), e
+        assert isinstance(e["pid"], int) and isinstance(e["tid"], int) and isinstance(e["name"], str)
+        if e["ph"] == "X":
+            assert isinstance(e["ts"], (int, float)) and e["ts"] >= 0 and e["dur"] >= 0
+        if e["ph"] == "b":
+            begun[e["id"]] = e["ts"]
+        if e["ph"] == "e":
+            assert e["ts"] >= begun.pop(e["id"])  # every async end has its begin, later
+    assert not begun
+
+
+def test_trace_of_steps_1_to_2_has_every_process_on_one_clock(tmp_path, tiny_toml):
+    out = tmp_path / "run"
+    result = run_cli(
+        [
+            "orchestrator.cli",
+            "--config",
+            str(tiny_toml),
+            "--set",
+            "train.max_steps=3",
+            "--trace",
+            "1-2",
+            "--set",
+            "train.batch_size=16",
+            "--set",
+            "model.gpu_layers_ratio=0.75",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trace = json.loads((out / "trace.json").read_text())
+    _check_format(trace)
+    spans = _spans(trace)
+    assert {s["process"] for s in spans} == {"orchestrator", "cpu stage", "gpu stage"}
+    assert {s["args"]["step"] for s in spans} == {1, 2}  # step 3 was not asked for
+    names = {(s["process"], s["thread"], s["name"].split(" mb")[0]) for s in spans}
+    for stage in ("cpu stage", "gpu stage"):
+        assert {
+            (stage, "compute", "forward"),
+            (stage, "compute", "backward"),
+            (stage, "optimizer", "optimizer step"),
+            (stage, "sender", "send activation" if stage == "cpu stage" else "send gradient"),
+        } <= names
+        assert (
+            "orchestrator",
+            "MainThread",
+            f"RunStep {stage}",
+        ) not in names  # called from the pool's threads
+    assert {("orchestrator", "MainThread", "step 1"), ("orchestrator", "MainThread", "step 2")} <= names
+    assert any(s["process"] == "orchestrator" and s["name"].startswith("RunStep") for s in spans)
+    regret = [e for e in trace["traceEvents"] if e["ph"] == "b" and e["name"].startswith("regret")]
+    assert len(regret) == 2 * 8  # every micro-batch's regret request, both steps
+    assert set(trace["otherData"]["clock_offsets_seconds"]) == {"orchestrator", "cpu stage", "gpu stage"}
+
+    for step in (1, 2):
+        fwd = {
+            st: {
+                s["args"]["micro_batch"]: s
+                for s in spans
+                if s["process"] == st and s["args"]["step"] == step and s["args"].get("action") == "F"
+            }
+            for st in ("cpu stage", "gpu stage")
+        }
+        bwd = {
+            st: {
+                s["args"]["micro_batch"]: s
+                for s in spans
+                if s["process"] == st and s["args"]["step"] == step and s["args"].get("action") == "B"
+            }
+            for st in ("cpu stage", "gpu stage")
+        }
+        assert len(fwd["cpu stage"]) == len(fwd["gpu stage"]) == 8
+        # One clock: a micro-batch's activation arrives after the CPU stage computed it, and its
+        # gradient after the GPU stage's backward began (2 ms: the offset's error is under a round trip).
+        for mb in range(8):
+            assert fwd["gpu stage"][mb]["end"] >= fwd["cpu stage"][mb]["end"] - 2000
+            assert bwd["cpu stage"][mb]["end"] >= bwd["gpu stage"][mb]["start"] - 2000
+        # 1F1B at work: the two stages compute forwards at the same time.
+        overlaps = [
+            (a, b)
+            for a in fwd["cpu stage"].values()
+            for b in fwd["gpu stage"].values()
+            if a["start"] < b["end"] and b["start"] < a["end"]
+        ]
+        assert overlaps, f"step {step}: no forward of the cpu stage overlaps one of the gpu stage"
+    report = json.loads((out / "report.json").read_text())
+    assert report["trace"]["json"] == str(out / "trace.json")
+    assert (out / "trace-step-2.png").stat().st_size > 10_000
