@@ -50,7 +50,8 @@ class PhaseFailed(RuntimeError):
     """A phase of the run failed because a call to a service (or a restart) failed."""
 
     def __init__(self, phase: str, step: int, cause: BaseException) -> None:
-        if isinstance(cause, StepFailed) and isinstance(cause.cause, ServiceError) and cause.cause.method == "ApplyStep":
+        inner = cause.cause if isinstance(cause, StepFailed) else None
+        if isinstance(inner, ServiceError) and inner.method == "ApplyStep":
             phase = "ApplyStep"  # the driver's run_step covers RunStep and ApplyStep
         self.phase = phase
         self.step = step
@@ -144,7 +145,8 @@ class Recovery:
         used = sum(self.restarts.values())
         limit = self.config.launch.max_restarts
         if used >= limit:
-            raise _run_error(f"{failure}; giving up after {used} recoveries (launch.max_restarts = {limit})", failure)
+            raise _run_error(f"{failure}; giving up after {used} recoveries (launch.max_restarts = {limit})",
+                             failure)
         dead = self.launcher.dead() if self.launcher is not None else []
         if not dead:
             # Nothing died (a dropped connection, a deadline, a half-applied step): count it all the same.
@@ -154,7 +156,8 @@ class Recovery:
         if dead:
             self._check_stop("before restarting " + ", ".join(dead))
             for name in dead:
-                log.warning("restarting %s (it exited with code %s)", name, self.launcher.services[name].proc.returncode)
+                log.warning("restarting %s (it exited with code %s)", name,
+                            self.launcher.services[name].proc.returncode)
                 self.restarts[name] += 1
                 self.on_restart(name)
             # Side by side: a restart is mostly the interpreter importing torch, seconds each.
@@ -196,8 +199,8 @@ class Recovery:
 
     def _check_stop(self, where: str) -> None:
         if self.stop_requested.is_set():
-            raise RecoveryStopped(f"stopped by a signal {where}, during a recovery; the last complete checkpoint "
-                                  f"is kept (continue with --resume)")
+            raise RecoveryStopped(f"stopped by a signal {where}, during a recovery; the last complete "
+                                  f"checkpoint is kept (continue with --resume)")
 
     def _record(self, failure: PhaseFailed, restarted: list[str], resumed_from: int | None) -> None:
         cause = failure.cause

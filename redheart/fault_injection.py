@@ -133,7 +133,8 @@ class _FaultInterceptor(grpc.ServerInterceptor):
             point(phase, step, "after")
             return response
 
-        return grpc.unary_unary_rpc_method_handler(behaviour, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(behaviour, handler.request_deserializer,
+                                                   handler.response_serializer)
 
 
 def server_interceptors() -> list[grpc.ServerInterceptor]:

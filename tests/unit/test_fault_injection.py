@@ -66,9 +66,8 @@ def _start(tmp_path, plan, restart_count=0):
     config.write_text(SERVICE_TOML)
     env = dict(cli_env(), **{fault_injection.PLAN_ENV: str(plan), fault_injection.SERVICE_ENV: "cpu_stage",
                              fault_injection.RESTART_ENV: str(restart_count)})
-    return subprocess.Popen([sys.executable, "-m", "cpu_stage.cli", "--config", str(config), "--host", "127.0.0.1",
-                             "--port", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+    argv = [sys.executable, "-m", "cpu_stage.cli", "--config", str(config), "--host", "127.0.0.1", "--port", "0"]
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
 def _port(proc) -> int:

@@ -55,7 +55,8 @@ def test_what_counts_as_a_fault(code, details, fault):
 
 def test_any_apply_failure_is_a_fault_so_no_stage_stays_a_step_ahead():
     # The CPU stage may have applied the step when the GPU stage refused it: both go back.
-    cause = StepFailed(4, "gpu stage", _error(grpc.StatusCode.INVALID_ARGUMENT, "bad clip", method="ApplyStep"))
+    refused = _error(grpc.StatusCode.INVALID_ARGUMENT, "bad clip", method="ApplyStep")
+    cause = StepFailed(4, "gpu stage", refused)
     failure = _failed("RunStep", cause)
     assert failure.phase == "ApplyStep"
     assert _recovery(lambda: 0).is_fault(failure)
@@ -73,7 +74,8 @@ def test_a_restore_that_fails_is_retried_and_each_round_costs_a_restart():
     def restore():
         calls.append(time.monotonic())
         if len(calls) < 3:
-            raise _error(grpc.StatusCode.UNAVAILABLE, "killed while loading", method="LoadState", service="cpu stage")
+            raise _error(grpc.StatusCode.UNAVAILABLE, "killed while loading", method="LoadState",
+                         service="cpu stage")
         return 7
 
     recovery = _recovery(restore)
@@ -96,14 +98,15 @@ def test_the_restart_budget_ends_a_run_that_keeps_failing():
 def test_not_a_fault_is_not_recovered():
     recovery = _recovery(lambda: pytest.fail("must not restore"))
     with pytest.raises(RunError, match="unknown schedule"):
-        recovery.recover(_failed("RunStep", StepFailed(1, "cpu stage", _error(grpc.StatusCode.INVALID_ARGUMENT, "unknown schedule"))))
+        bad_plan = _error(grpc.StatusCode.INVALID_ARGUMENT, "unknown schedule")
+        recovery.recover(_failed("RunStep", StepFailed(1, "cpu stage", bad_plan)))
     assert recovery.recoveries == []
 
 
 def test_a_stop_request_ends_the_wait_for_a_service_that_does_not_come_back():
     stop = threading.Event()
-    recovery = _recovery(lambda: pytest.fail("must not restore"), addresses={"cpu_stage": f"127.0.0.1:{free_port()}"},
-                         stop=stop)
+    nobody = {"cpu_stage": f"127.0.0.1:{free_port()}"}  # never comes back
+    recovery = _recovery(lambda: pytest.fail("must not restore"), addresses=nobody, stop=stop)
     threading.Timer(0.5, stop.set).start()
     start = time.monotonic()
     with pytest.raises(RecoveryStopped, match="during a recovery"):
