@@ -95,6 +95,8 @@ class Killer(threading.Thread):
         self.rng = random.Random(seed)
         self.kills = kills
         self.done: list[tuple[float, str, int]] = []  # (monotonic time, service, pid)
+        # Victims in seeded random order, each service once in every three kills.
+        self.order = [name for _ in range(kills) for name in self.rng.sample(sorted(SERVICES), len(SERVICES))]
         self.stop = threading.Event()
 
     def _victim(self, name):
@@ -122,10 +124,10 @@ class Killer(threading.Thread):
                 delay = self.rng.uniform(0.0, 1.0)
             if self.stop.wait(delay):
                 return
-            name = self.rng.choice(sorted(SERVICES))
+            name = self.order[len(self.done)]
             victim = self._victim(name)
             if victim is None:
-                continue  # being restarted right now: pick again
+                continue  # being restarted right now: try again
             try:
                 victim.send_signal(signal.SIGKILL)
             except psutil.NoSuchProcess:
