@@ -16,7 +16,8 @@ from typing import Any, Mapping
 
 import torch
 
-from redheart.losses import IGNORE_INDEX, multitask_loss
+from gpu_stage.transfer import DeviceToHostSender, to_device
+from redheart.losses import IGNORE_INDEX, label_counts, multitask_loss
 from redheart.model import NUM_JUDGMENTS, GpuStageModule, ModelShape
 from redheart.stage_runtime import (
     ACTIVATION,
@@ -30,6 +31,7 @@ from redheart.stage_runtime import (
 )
 
 LABEL_KEYS = ("labels.emotions", "labels.emotions_mask", "labels.bentham", "labels.bentham_mask", "labels.judgment")
+ROUND_KEYS = ("attention_mask",) + LABEL_KEYS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,13 +76,59 @@ class GpuStagePart:
     receives = frozenset({ACTIVATION, EVAL_ACTIVATION})
 
     def __init__(self, shape: ModelShape, *, device: str = "auto", checkpointing: bool = False, max_message_mb: int = 512,
-                 security: Any = None) -> None:
+                 security: Any = None, budget_bytes: int = 0) -> None:
         self.device = resolve_device(device)
         self.module = GpuStageModule(shape, checkpointing=checkpointing).to(self.device)
         self.max_message_mb = max_message_mb
         self.security = security  # [security] of this process: TLS / mTLS and the token toward the regret service
         self.regret: Any = None
         self.loss_weights: Mapping[str, float] = {}
+        # gpu_memory_gb as enforced by gpu_stage.device.enforce_budget (0: not capped)
+        self.budget_bytes = budget_bytes
+        # CUDA: gradients leave through a side-stream copy and a sender thread (gpu_stage/transfer.py).
+        self.sender = DeviceToHostSender.for_device(self.device) if self.device.type == "cuda" else None
+        self._round_key: tuple | None = None
+        self._round_inputs: dict[int, dict[str, torch.Tensor]] = {}
+        self._round_counts: dict[int, dict[str, int]] = {}
+
+    def describe_device(self) -> dict[str, Any]:
+        """DescribeResponse fields about the card (read in this process, which owns the context)."""
+        if self.device.type != "cuda":
+            return {"device_name": "cpu"}
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(index)
+        major, minor = torch.cuda.get_device_capability(index)
+        return {"device_name": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}",
+                "device_total_memory_bytes": int(total), "device_free_memory_bytes": int(free),
+                "memory_budget_bytes": int(self.budget_bytes)}
+
+    def _inputs(self, ctx: RoundContext, mb: MicroBatchInputs) -> dict[str, torch.Tensor]:
+        """The micro-batch's mask and labels on the device. On CUDA the whole round's are moved at
+        its first forward, one copy per key: a handful of transfers per round, not per micro-batch."""
+        key = (ctx.plan.run_id, ctx.plan.step, ctx.plan.accumulation_round, ctx.plan.attempt, id(ctx.plan))
+        if self._round_key != key:
+            self._round_key = key
+            mbs = ctx.plan.micro_batches
+            for m in mbs:
+                missing = [k for k in ROUND_KEYS if k not in m.tensors]
+                if missing:
+                    raise StageError("invalid",
+                                     f"micro-batch {m.index}: the gpu stage needs input {missing[0]!r}")
+            self._round_counts = {m.index: label_counts(m.tensors) for m in mbs}
+            if self.device.type != "cuda":
+                self._round_inputs = {m.index: {k: m.tensors[k].to(self.device) for k in ROUND_KEYS}
+                                      for m in mbs}
+            else:
+                moved: dict[str, list[torch.Tensor]] = {}
+                for k in ROUND_KEYS:
+                    # Micro-batches padded to their own longest text differ in width: flattened,
+                    # [sum of numels] goes over in one copy and is split back into views of each shape.
+                    parts = [m.tensors[k] for m in mbs]
+                    flat = to_device(torch.cat([p.reshape(-1) for p in parts]), self.device)
+                    pieces = flat.split([p.numel() for p in parts])
+                    moved[k] = [piece.view(p.shape) for piece, p in zip(pieces, parts)]
+                self._round_inputs = {m.index: {k: moved[k][i] for k in ROUND_KEYS} for i, m in enumerate(mbs)}
+        return self._round_inputs[mb.index]
 
     def configure(self, settings: Mapping[str, Any], regret_address: str) -> None:
         train = settings.get("train", {})
@@ -105,11 +153,15 @@ class GpuStagePart:
             )
 
     def discard(self) -> None:
-        pass
+        self._round_key = None
+        self._round_inputs, self._round_counts = {}, {}
+        if self.sender is not None:
+            self.sender.discard()
 
     def _mask(self, mb: MicroBatchInputs) -> torch.Tensor:
+        """The host copy of the attention mask (as received)."""
         try:
-            return mb.tensors["attention_mask"].to(self.device)
+            return mb.tensors["attention_mask"]
         except KeyError:
             raise StageError("invalid", f"micro-batch {mb.index}: the gpu stage needs input 'attention_mask'") from None
 
@@ -135,15 +187,20 @@ class GpuStagePart:
     def forward(self, ctx: RoundContext, mb: MicroBatchInputs) -> ForwardRecord:
         self.check_labels(mb)
         act = ctx.receive(ACTIVATION, mb.index, f"the activation of micro-batch {mb.index} from the cpu stage")
-        mask = self._mask(mb)
-        if act.shape[:2] != mask.shape:
-            raise StageError("invalid", f"step {ctx.plan.step} micro-batch {mb.index}: activation shape {list(act.shape)} does not match attention_mask {list(mask.shape)}")
+        host_mask = self._mask(mb)
+        if act.shape[:2] != host_mask.shape:
+            raise StageError("invalid", f"step {ctx.plan.step} micro-batch {mb.index}: activation shape "
+                                        f"{list(act.shape)} does not match attention_mask {list(host_mask.shape)}")
+        mask = self._inputs(ctx, mb)["attention_mask"]
         # The received activation is the leaf whose gradient goes back to the CPU stage.
-        leaf = act.to(self.device).requires_grad_(True)
+        leaf = to_device(act, self.device).requires_grad_(True)
         with ctx.autocast():
             outputs = self.module(leaf, mask)
         pending = None
-        if self.regret is not None and not bool(torch.isfinite(outputs["bentham"]).all()):
+        # The forward's one host sync: the regret service scores host values. The finiteness
+        # check reads that host copy instead of syncing a second time.
+        bentham_host = outputs["bentham"].detach().float().cpu() if self.regret is not None else None
+        if bentham_host is not None and not bool(torch.isfinite(bentham_host).all()):
             # A diverged forward (fp32 blow-up, fp16 overflow): no regret target can be computed.
             # A NaN target makes this micro-batch's loss NaN, which the orchestrator turns into a
             # global skip (fp16) or a stop naming step, stage and micro-batch (fp32).
@@ -153,18 +210,18 @@ class GpuStagePart:
         elif self.regret is not None:
             deadline = time.monotonic() + ctx.plan.deadline_seconds
             pending = self.regret.submit(
-                ctx.plan.run_id, ctx.plan.step, mb.index, outputs["bentham"].detach().float().cpu(),
+                ctx.plan.run_id, ctx.plan.step, mb.index, bentham_host,
                 scenario_ids=mb.sample_ids, deadline=deadline,
             )
         return ForwardRecord(input_leaf=leaf, head_outputs=outputs, pending=pending, inputs=mb,
                              pending_since=time.perf_counter())
 
     def backward(self, ctx: RoundContext, mb: MicroBatchInputs, record: ForwardRecord) -> dict:
-        labels = {}
         for key in LABEL_KEYS:
             if key not in mb.tensors:
                 raise StageError("invalid", f"micro-batch {mb.index}: the gpu stage needs input {key!r}")
-            labels[key] = mb.tensors[key].to(self.device)
+        inputs = self._inputs(ctx, mb)
+        labels = {key: inputs[key] for key in LABEL_KEYS}
         regret_target = None
         stats: dict[str, Any] = {"regret_computations": 0, "bentham_evaluations": 0}
         if record.pending is not None:
@@ -177,15 +234,18 @@ class GpuStagePart:
             ctx.thread_spans.append(("regret", mb.index, since, until, "regret-client"))
             if t1 - t0 > 1e-4:
                 ctx.thread_spans.append(("regret wait", mb.index, t0 - ctx.started, t1 - ctx.started, ""))
-            regret_target = reply.regret.to(self.device)
+            host_target = reply.regret  # on the host: its statistics cost no device sync
+            regret_target = to_device(host_target, self.device)
             stats.update(
                 regret_computations=int(reply.regret_computations),
                 bentham_evaluations=int(reply.bentham_evaluations),
-                regret_mean=float(regret_target.mean()) if regret_target.numel() else 0.0,
-                regret_max=float(regret_target.max()) if regret_target.numel() else 0.0,
+                regret_mean=float(host_target.mean()) if host_target.numel() else 0.0,
+                regret_max=float(host_target.max()) if host_target.numel() else 0.0,
             )
         assert record.head_outputs is not None and record.input_leaf is not None
-        loss, parts = multitask_loss(record.head_outputs, labels, regret_target, self.loss_weights)
+        # lazy: the head losses stay on the device until finish_round reads the round back at once.
+        loss, parts = multitask_loss(record.head_outputs, labels, regret_target, self.loss_weights,
+                                     label_counts=self._round_counts[mb.index], lazy=True)
         # Scale by 1/(micro-batches x accumulation) BEFORE backward; .grad is never rescaled later.
         (loss * ctx.plan.loss_multiplier * ctx.plan.loss_scale).backward()
         grad = record.input_leaf.grad
@@ -195,9 +255,31 @@ class GpuStagePart:
         # as inf in the CPU stage's norm: a global skip, as loss scaling intends).
         wire = ctx.runtime.wire_dtype()
         grad = grad.detach() if wire is None else grad.detach().to(wire)
-        ctx.link.send("prev", ctx.plan.run_id, ctx.plan.step, mb.index, GRADIENT, grad)
-        stats.update(losses=parts, total_loss=float(loss.detach()), samples=int(record.input_leaf.shape[0]))
+        if self.sender is not None:
+            self.sender.send(ctx.link, "prev", ctx.plan.run_id, ctx.plan.step, mb.index, GRADIENT, grad)
+        else:
+            ctx.link.send("prev", ctx.plan.run_id, ctx.plan.step, mb.index, GRADIENT, grad)
+        stats.update(losses=parts, total_loss=loss.detach(), samples=int(record.input_leaf.shape[0]))
         return stats
+
+    def finish_round(self, ctx: RoundContext, per_mb: dict[int, dict]) -> None:
+        """End of a round: hand the queued gradients to the link, read every loss back in one copy."""
+        if self.sender is not None:
+            self.sender.drain(ctx.plan.deadline_seconds)
+        slots: list[tuple[dict, str]] = []
+        values: list[torch.Tensor] = []
+        for stats in per_mb.values():
+            for head, value in stats.get("losses", {}).items():
+                slots.append((stats["losses"], head))
+                values.append(value)
+            if torch.is_tensor(stats.get("total_loss")):
+                slots.append((stats, "total_loss"))
+                values.append(stats["total_loss"])
+        if values:
+            host = torch.stack([v.float() for v in values]).cpu().tolist()  # [n] fp32 -> floats, one sync
+            for (where, key), value in zip(slots, host):
+                where[key] = value
+        self._round_key = None  # the next round moves its own inputs
 
     @staticmethod
     def _await_regret(ctx: RoundContext, pending: Future, micro_batch: int):
@@ -213,9 +295,9 @@ class GpuStagePart:
 
     def evaluate(self, ctx: RoundContext, mb: MicroBatchInputs) -> dict:
         act = ctx.receive(EVAL_ACTIVATION, mb.index, f"the evaluation activation of micro-batch {mb.index} from the cpu stage")
-        mask = self._mask(mb)
+        mask = to_device(self._mask(mb), self.device)
         with ctx.autocast():
-            outputs = self.module(act.to(self.device), mask)
+            outputs = self.module(to_device(act, self.device), mask)
         return {"outputs": {k: v.detach().float().cpu() for k, v in outputs.items()}}
 
     def check_tensor(self, kind: str, tensor: torch.Tensor) -> None:

@@ -16,11 +16,19 @@ Model of one optimizer step for a split with ``k`` CPU layers (2 stages, m micro
 optimizers at the same time). ``k`` is chosen to minimise step(k) among the splits whose GPU
 stage memory estimate fits ``gpu_memory_gb``. Every measurement and the reason are logged and
 returned, so a user can see why.
+
+Each side is timed in the precision its stage will choose on its device (redheart/precision.py),
+and a CUDA device is measured in a child process (``python -m orchestrator.autosplit``), so the
+orchestrator never creates a CUDA context that would hold memory on the card for the whole run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,9 +44,10 @@ from redheart.model import (
     GpuStageModule,
     ModelShape,
     count_parameters,
-    estimate_stage_memory_bytes,
     resolve_model_shape,
 )
+from redheart.gpu_memory import stage_estimates
+from redheart.precision import Precision, apply_tf32, choose_precision, device_capability
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,7 @@ class DeviceProfile:
     layer_seconds: float  # forward + backward of one layer, one micro-batch
     fixed_seconds: float  # embeddings (cpu stage) or heads + loss (gpu stage)
     optimizer_seconds_per_param: float
+    precision: str = "fp32"  # what the layers were timed in: the stage's own choice on that device
 
 
 @dataclass
@@ -91,16 +101,24 @@ def _time(fn, device: torch.device, reps: int) -> float:
 
 
 def profile_device(shape: ModelShape, device: torch.device, threads: int, micro_batch: int, seq: int,
-                   stage: str, reps: int = 3) -> DeviceProfile:
-    """Measure one layer, the stage's fixed part and the optimizer cost on `device`."""
+                   stage: str, reps: int = 3, precision: Precision | None = None) -> DeviceProfile:
+    """Measure one layer, the stage's fixed part and the optimizer cost on `device`, in `precision`
+    (the autocast the stage will train under; fp32 when None)."""
     h = shape.hidden_size
+    dtype = precision.autocast_dtype if precision is not None else None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
     with _threads(threads), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         layer = EncoderLayer(h, shape.num_heads, shape.ffn_size, 0.0).to(device)
         x = torch.randn(micro_batch, seq, h, device=device, requires_grad=True)
         mask = torch.ones(micro_batch, seq, dtype=torch.bool, device=device)
 
         def layer_step():
-            layer(x, mask).sum().backward()
+            with autocast():
+                y = layer(x, mask).float().sum()
+            y.backward()
 
         layer_seconds = _time(layer_step, device, reps)
         tiny = ModelShape(h, 0, shape.num_heads, shape.ffn_size, shape.vocab_size, shape.max_seq_len, 0, 0.0, 0)
@@ -109,7 +127,9 @@ def profile_device(shape: ModelShape, device: torch.device, threads: int, micro_
             ids = torch.randint(0, shape.vocab_size, (micro_batch, seq), device=device)
 
             def fixed():
-                embed(ids, mask).sum().backward()
+                with autocast():
+                    y = embed(ids, mask).float().sum()
+                y.backward()
 
             fixed_seconds = _time(fixed, device, reps)
             opt_params = list(embed.parameters())
@@ -124,7 +144,9 @@ def profile_device(shape: ModelShape, device: torch.device, threads: int, micro_
             }
 
             def fixed():
-                loss, _ = multitask_loss(heads(x, mask), labels, torch.zeros(micro_batch, device=device))
+                with autocast():
+                    outputs = heads(x, mask)
+                loss, _ = multitask_loss(outputs, labels, torch.zeros(micro_batch, device=device))
                 loss.backward()
 
             fixed_seconds = _time(fixed, device, reps)
@@ -134,7 +156,45 @@ def profile_device(shape: ModelShape, device: torch.device, threads: int, micro_
         opt = torch.optim.AdamW(opt_params, lr=1e-4, fused=True)  # what the stages run
         n = sum(p.numel() for p in opt_params)
         per_param = _time(opt.step, device, reps) / max(n, 1)
-    return DeviceProfile(str(device), threads, layer_seconds, fixed_seconds, per_param)
+    return DeviceProfile(str(device), threads, layer_seconds, fixed_seconds, per_param,
+                         precision.name if precision is not None else "fp32")
+
+
+def _precision(config: HybridConfig, device: torch.device) -> Precision:
+    t = config.train
+    return choose_precision(t.use_mixed_precision, t.mixed_precision_dtype, t.allow_tf32, device.type,
+                            device_capability(device))
+
+
+def profile_in_subprocess(config: HybridConfig, shape: ModelShape, device: str, threads: int, micro_batch: int,
+                          seq: int, stage: str, timeout: float = 600.0) -> DeviceProfile:
+    """profile_device in a child process: a CUDA device is measured there, in the precision the
+    stage will choose on it, so the orchestrator never holds a CUDA context (nor its cached blocks)."""
+    t = config.train
+    payload = {"shape": dataclasses.asdict(shape), "device": device, "threads": threads, "micro_batch": micro_batch,
+               "seq": seq, "stage": stage, "mixed": t.use_mixed_precision, "dtype": t.mixed_precision_dtype,
+               "allow_tf32": t.allow_tf32}
+    cmd = [sys.executable, "-m", "orchestrator.autosplit", json.dumps(payload)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"profiling the {stage} stage's layers on {device} took over {timeout:.0f}s") from None
+    if out.returncode != 0:
+        raise ValueError(f"profiling the {stage} stage's layers on {device} failed: {(out.stderr or out.stdout).strip()[-800:]}")
+    return DeviceProfile(**json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child process of profile_in_subprocess: one JSON DeviceProfile on stdout."""
+    payload = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    device = torch.device(payload["device"])
+    precision = choose_precision(payload["mixed"], payload["dtype"], payload["allow_tf32"], device.type,
+                                 device_capability(device))
+    apply_tf32(precision, device)
+    profile = profile_device(ModelShape(**payload["shape"]), device, payload["threads"], payload["micro_batch"],
+                             payload["seq"], payload["stage"], precision=precision)
+    print(json.dumps(dataclasses.asdict(profile)))
+    return 0
 
 
 def wire_seconds(shape: ModelShape, micro_batch: int, seq: int, codec_name: str, bandwidth_bytes_per_s: float = 1.0e9) -> float:
@@ -175,16 +235,21 @@ def choose_split(config: HybridConfig, *, cpu_profile: DeviceProfile | None = No
 
     gpu_device = resolve_device(config.gpu_stage.device)
     gpu_threads = config.gpu_stage.threads or stage_threads(config, cores)[1]
-    cpu = cpu_profile or profile_device(shape, torch.device("cpu"), cpu_threads, mb, seq, "cpu")
-    gpu = gpu_profile or profile_device(shape, gpu_device, gpu_threads, mb, seq, "gpu")
+    cpu = cpu_profile or profile_device(shape, torch.device("cpu"), cpu_threads, mb, seq, "cpu",
+                                        precision=_precision(config, torch.device("cpu")))
+    if gpu_profile is not None:
+        gpu = gpu_profile
+    elif gpu_device.type == "cuda":
+        gpu = profile_in_subprocess(config, shape, str(gpu_device), gpu_threads, mb, seq, "gpu")
+    else:
+        gpu = profile_device(shape, gpu_device, gpu_threads, mb, seq, "gpu", precision=_precision(config, gpu_device))
     wire = wire_seconds(shape, mb, seq, config.wire.codec) * config.micro_batches
     choice = SplitChoice(cpu_layers=-1, predicted_step_seconds=float("inf"), cpu=cpu, gpu=gpu, wire_seconds=wire)
     budget = config.gpu_stage.gpu_memory_gb * 1024**3
-    in_flight = 1 + config.regret.lookahead if t.schedule == "1f1b" else config.micro_batches
-    act_bytes = 2 if t.use_mixed_precision else 4
     for k in range(0, shape.num_layers + 1):
         candidate = ModelShape(**{**shape.__dict__, "cpu_layers": k})
-        need = estimate_stage_memory_bytes(candidate, "gpu", mb, in_flight, activation_bytes=act_bytes)["total"]
+        # The estimate pre-flight and the stage itself enforce (checkpointing, autocast cache, CUDA context).
+        need = stage_estimates(config, candidate, gpu_on_cuda=gpu_device.type == "cuda")["gpu"]["total"]
         if need > budget:
             choice.excluded[k] = f"GPU stage needs ~{need / 1024**3:.2f} GiB > gpu_memory_gb {config.gpu_stage.gpu_memory_gb}"
             continue
@@ -200,8 +265,8 @@ def choose_split(config: HybridConfig, *, cpu_profile: DeviceProfile | None = No
     fixed = round(shape.num_layers * 0.4)
     fixed_seconds = choice.candidates.get(fixed)
     choice.reason = (
-        f"one layer fwd+bwd: {cpu.layer_seconds * 1e3:.1f} ms on the CPU stage ({cpu.device}, {cpu.threads} threads) vs "
-        f"{gpu.layer_seconds * 1e3:.1f} ms on the GPU stage ({gpu.device}); embeddings {cpu.fixed_seconds * 1e3:.1f} ms, "
+        f"one layer fwd+bwd: {cpu.layer_seconds * 1e3:.1f} ms on the CPU stage ({cpu.device}, {cpu.threads} threads, "
+        f"{cpu.precision}) vs {gpu.layer_seconds * 1e3:.1f} ms on the GPU stage ({gpu.device}, {gpu.precision}); embeddings {cpu.fixed_seconds * 1e3:.1f} ms, "
         f"heads+loss {gpu.fixed_seconds * 1e3:.1f} ms, wire {wire * 1e3:.1f} ms/step. "
         f"Chose {choice.cpu_layers} CPU layers / {shape.num_layers - choice.cpu_layers} GPU layers: predicted "
         f"{choice.predicted_step_seconds:.3f} s/step"
@@ -224,3 +289,7 @@ def resolve_auto_split(config: HybridConfig) -> tuple[HybridConfig, SplitChoice 
     choice = choose_split(config)
     log.info("automatic split: %s", choice.reason)
     return config.replace(**{"model.cpu_layers": choice.cpu_layers}), choice
+
+
+if __name__ == "__main__":
+    sys.exit(main())

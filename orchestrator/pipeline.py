@@ -80,29 +80,43 @@ def clip_coefficient(total_norm: float, max_norm: float) -> float:
 class DynamicLossScale:
     """fp16 loss scaling owned by the orchestrator, so the skip decision is global across stages."""
 
-    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000,
+                 max_consecutive_skips: int = 0) -> None:
         self.enabled = enabled
         self.scale = init_scale if enabled else 1.0
         self.growth_interval = growth_interval
+        self.max_consecutive_skips = max_consecutive_skips  # 0: no limit
         self._good_steps = 0
+        self._skips = 0
 
-    def update(self, found_inf: bool) -> None:
+    def update(self, found_inf: bool, step: int | None = None) -> None:
         if not self.enabled:
             return
         if found_inf:
             self.scale = max(self.scale / 2.0, 1.0)
             self._good_steps = 0
+            self._skips += 1
+            if self.max_consecutive_skips and self._skips >= self.max_consecutive_skips:
+                # Floored at 1.0, the scale cannot fall further: a persistent overflow would
+                # otherwise skip every remaining step in silence.
+                raise NonFiniteError(
+                    f"step {step}: {self._skips} consecutive steps overflowed in fp16 and were skipped "
+                    f"(loss scale now {self.scale:g}); the model or the data produce inf/NaN "
+                    f"(fix: lower train.learning_rate, set train.max_grad_norm, mixed_precision_dtype = \"bf16\" "
+                    f"on a GPU with compute capability >= 8.0, or use_mixed_precision = false)")
         else:
+            self._skips = 0
             self._good_steps += 1
             if self._good_steps % self.growth_interval == 0:
                 self.scale *= 2.0
 
     def state(self) -> dict[str, float]:
-        return {"scale": self.scale, "good_steps": self._good_steps, "enabled": self.enabled}
+        return {"scale": self.scale, "good_steps": self._good_steps, "enabled": self.enabled, "skips": self._skips}
 
     def load(self, state: dict[str, Any]) -> None:
         self.scale = float(state.get("scale", self.scale))
         self._good_steps = int(state.get("good_steps", 0))
+        self._skips = int(state.get("skips", 0))
 
 
 class PipelineDriver:
@@ -114,7 +128,8 @@ class PipelineDriver:
         self.stages = (cpu, gpu)
         self.config = config
         self.run_id = run_id
-        self.scaler = DynamicLossScale(fp16_loss_scaling)
+        self.scaler = DynamicLossScale(fp16_loss_scaling, init_scale=config.train.initial_loss_scale,
+                                       max_consecutive_skips=config.train.max_consecutive_skips)
         self.lookahead = lookahead
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-call")
         # Local launch: the processes we started. A dead one fails the step at once instead of
@@ -298,7 +313,7 @@ class PipelineDriver:
                 errors.append((s.name, exc))
         if errors:
             raise StepFailed(step, errors[0][0], errors[0][1])
-        self.scaler.update(skip)
+        self.scaler.update(skip, step)
         regret_values = [m.regret_mean for m in per_mb if m.regret_computations]
         return StepOutcome(
             step=step,

@@ -25,7 +25,8 @@ import psutil
 import torch
 
 from redheart.config import HybridConfig
-from redheart.model import count_parameters, estimate_stage_memory_bytes, resolve_model_shape
+from redheart.gpu_memory import check_device_budget, describe_estimate, stage_estimates
+from redheart.model import count_parameters, resolve_model_shape
 
 GiB = 1024**3
 
@@ -102,29 +103,37 @@ def preflight(config: HybridConfig, out=sys.stdout, quiet_when_ok: bool = False,
     t = cfg.train
     local = cfg.launch.mode == "local"
 
-    # -- devices
+    # -- devices (read by a probe subprocess: this process must never hold a CUDA context)
     device = cfg.gpu_stage.device
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if local and device.startswith("cuda"):
-        report.add(torch.cuda.is_available(), f"CUDA for gpu_stage.device = {device!r}: "
-                   f"{'available (' + torch.cuda.get_device_name(0) + ')' if torch.cuda.is_available() else 'not available'}",
-                   "install an NVIDIA driver and a CUDA build of torch, or set gpu_stage.device = \"auto\" / \"cpu\"")
+    facts = None
+    if local and on_cuda:
+        target = "cuda" if device == "auto" else device
+        try:
+            from gpu_stage.device import probe
+
+            facts = probe(target)
+            report.add(True, f"CUDA for gpu_stage.device = {device!r}: {facts['device']} ({facts['name']}, compute capability "
+                       f"{facts['capability']}, {facts['free_bytes'] / GiB:.2f} of {facts['total_bytes'] / GiB:.2f} GiB free)")
+        except (RuntimeError, ValueError, OSError) as exc:
+            report.add(False, f"CUDA for gpu_stage.device = {device!r}: not usable: {exc}",
+                       "install an NVIDIA driver and a CUDA build of torch, check the device index, "
+                       "or set gpu_stage.device = \"auto\" / \"cpu\"")
+    report.estimates["gpu_device"] = facts
 
     # -- memory budgets (1F1B keeps at most p - rank micro-batches in flight)
-    in_flight = {"cpu": 2 + cfg.regret.lookahead, "gpu": 1 + cfg.regret.lookahead}
-    if t.schedule == "gpipe":
-        in_flight = {"cpu": cfg.micro_batches, "gpu": cfg.micro_batches}
-    act_bytes = 2 if t.use_mixed_precision else 4
-    est = {s: estimate_stage_memory_bytes(shape, s, t.micro_batch_size, in_flight[s], activation_bytes=act_bytes) for s in ("cpu", "gpu")}
+    est = stage_estimates(cfg, shape, gpu_on_cuda=on_cuda)
     report.estimates["memory_bytes"] = {s: e["total"] for s, e in est.items()}
+    report.estimates["memory_detail"] = est
     if on_cuda:
-        need = est["gpu"]["total"]
-        report.add(need <= cfg.gpu_stage.gpu_memory_gb * GiB,
-                   f"GPU stage memory estimate {need / GiB:.2f} GiB (weights {est['gpu']['weights'] / GiB:.2f}, grads "
-                   f"{est['gpu']['gradients'] / GiB:.2f}, AdamW {est['gpu']['optimizer'] / GiB:.2f}, activations "
-                   f"{est['gpu']['activations'] / GiB:.2f}) vs gpu_memory_gb = {cfg.gpu_stage.gpu_memory_gb}",
-                   "move layers to the CPU stage (lower model.gpu_layers_ratio), a smaller micro_batch_size, "
-                   "gpu_stage.activation_checkpointing = true, or raise gpu_stage.gpu_memory_gb if the card has it")
+        label = f"{facts['device']} ({facts['name']})" if facts else device
+        findings = check_device_budget(int(cfg.gpu_stage.gpu_memory_gb * GiB), est["gpu"]["total"],
+                                       facts["free_bytes"] if facts else None, facts["total_bytes"] if facts else None, label)
+        first = findings[0]
+        report.add(first.ok, f"GPU stage memory estimate {describe_estimate(est['gpu'])} vs gpu_memory_gb = "
+                   f"{cfg.gpu_stage.gpu_memory_gb}", first.fix, first.fatal)
+        for f in findings[1:]:
+            report.add(f.ok, f.what, f.fix, f.fatal)
     host_need = est["cpu"]["total"] + (0 if on_cuda else est["gpu"]["total"])
     gpu_on_host = "" if on_cuda else f", gpu stage on CPU {est['gpu']['total'] / GiB:.2f}"
     report.add(host_need <= cfg.cpu_stage.cpu_memory_gb * GiB,

@@ -21,12 +21,26 @@ from redheart.model import CpuStageModule, GpuStageModule, derive_seed, resolve_
 from redheart.stage_runtime import build_optimizer
 
 
+def reference_placement(gpu_stage_device: str, cuda_available: bool) -> tuple[torch.device, str]:
+    """Where the reference runs the GPU stage's part: on the device the pipeline's GPU stage reports
+    (its Describe), so both draw dropout masks from the same generator (CPU and CUDA generators give
+    different masks for one seed). Returns (device, note); the note says why when it must differ."""
+    device = torch.device(gpu_stage_device or "cpu")
+    if device.type == "cuda" and not cuda_available:
+        return torch.device("cpu"), (f"the pipeline's GPU stage runs on {gpu_stage_device} but this host has no CUDA: "
+                                     f"the reference runs it on the CPU (exact only with model.dropout = 0)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"the GPU stage reports device {gpu_stage_device!r}; the reference runs on cpu or cuda[:N]")
+    return device, ""
+
+
 class SingleProcessTrainer:
-    def __init__(self, config: HybridConfig) -> None:
+    def __init__(self, config: HybridConfig, gpu_device: str | torch.device = "cpu") -> None:
         self.config = config
         shape = resolve_model_shape(config.model)
+        self.device = torch.device(gpu_device)  # of the GPU stage's part; the CPU stage's part stays on the CPU
         self.cpu = CpuStageModule(shape)
-        self.gpu = GpuStageModule(shape)
+        self.gpu = GpuStageModule(shape).to(self.device)
         self.optimizers = [build_optimizer(self.cpu, config.train), build_optimizer(self.gpu, config.train)]
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -34,7 +48,7 @@ class SingleProcessTrainer:
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
         out = {n: p.detach() for n, p in self.cpu.global_named_parameters()}
-        out.update({n: p.detach() for n, p in self.gpu.global_named_parameters()})
+        out.update({n: p.detach().cpu() for n, p in self.gpu.global_named_parameters()})
         return out
 
     def step(self, step: int, rounds: Sequence[Batch], learning_rate: float) -> dict:
@@ -44,12 +58,13 @@ class SingleProcessTrainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         mb_losses, heads = [], {}
+        dev = self.device
         for index, part in enumerate(parts):
             ids, mask = part.tensors["input_ids"], part.tensors["attention_mask"]
             torch.manual_seed(derive_seed(t.seed, step, index, 0))
             hidden = self.cpu(ids, mask)
-            torch.manual_seed(derive_seed(t.seed, step, index, 1))
-            outputs = self.gpu(hidden, mask)
+            torch.manual_seed(derive_seed(t.seed, step, index, 1))  # seeds the CUDA generators too
+            outputs = self.gpu(hidden.to(dev), mask.to(dev))
             regret_target = None
             if self.config.regret.enabled:
                 from redheart import calculus
@@ -57,7 +72,7 @@ class SingleProcessTrainer:
                 regret_target = calculus.score_tensor(
                     outputs["bentham"].detach(), self.config.regret.regrets_per_step, self.config.regret.bentham_per_regret
                 )
-            labels = {k: part.tensors[k] for k in LABEL_KEYS}
+            labels = {k: part.tensors[k].to(dev) for k in LABEL_KEYS}
             loss, head_losses = multitask_loss(outputs, labels, regret_target, t.loss_weights)
             (loss * multiplier * 1.0).backward()
             mb_losses.append(float(loss.detach()))

@@ -26,6 +26,12 @@ class StageInfo:
     layer_range: str
     next_step: int
     run_id: str
+    precision: str = ""  # of the current run ("" before StartRun)
+    device_name: str = ""
+    compute_capability: str = ""
+    total_memory_bytes: int = 0
+    free_memory_bytes: int = 0
+    memory_budget_bytes: int = 0
 
 
 class StageClient:
@@ -44,6 +50,8 @@ class StageClient:
         self.channel = make_channel(address, max_message_mb, security, credentials=credentials, retry=retry)
         self.stub = stage_pb2_grpc.PipelineStageStub(self.channel)
         self.trace = None  # an orchestrator.trace.TraceRecorder while --trace is on
+        self.precision = ""  # what the stage said it trains in, at the last StartRun
+        self.precision_reason = ""
 
     def reconnect(self) -> None:
         """A fresh channel: one whose server died waits out a reconnect backoff that grows with
@@ -80,7 +88,8 @@ class StageClient:
     def describe(self) -> StageInfo:
         r = self._call("Describe", stage_pb2.DescribeRequest())
         return StageInfo(r.stage_rank, r.stage_name, r.device, r.model_fingerprint, json.loads(r.model_settings_json or "{}"),
-                         r.num_parameters, r.layer_range, r.next_step, r.current_run_id)
+                         r.num_parameters, r.layer_range, r.next_step, r.current_run_id, r.precision, r.device_name,
+                         r.compute_capability, r.device_total_memory_bytes, r.device_free_memory_bytes, r.memory_budget_bytes)
 
     def start_run(self, run_id: str, settings: Mapping[str, Any], *, next_address: str, prev_address: str,
                   regret_address: str, first_step: int, reinitialize: bool) -> int:
@@ -88,6 +97,7 @@ class StageClient:
             run_id=run_id, train_settings_json=json.dumps(settings), next_stage_address=next_address,
             prev_stage_address=prev_address, regret_address=regret_address, first_step=first_step,
             reinitialize=reinitialize))
+        self.precision, self.precision_reason = r.precision, r.precision_reason
         return r.num_parameters
 
     def run_step(self, request: stage_pb2.StepPlan, timeout: float) -> stage_pb2.StepResult:

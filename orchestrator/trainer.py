@@ -37,7 +37,7 @@ from orchestrator import run_products
 from orchestrator.data import PreparedData, StepBatches, prepare_data, to_batch
 from orchestrator.launcher import LaunchError, LocalLauncher
 from orchestrator.metrics import OrchestratorMetrics
-from orchestrator.pipeline import NonFiniteError, PipelineDriver, StepOutcome
+from orchestrator.pipeline import DynamicLossScale, NonFiniteError, PipelineDriver, StepOutcome
 from orchestrator.progress import Progress
 from orchestrator.plots import plot_losses, plot_trace_step
 from orchestrator.recovery import PhaseFailed, Recovery, RecoveryStopped, phase
@@ -150,6 +150,7 @@ class HybridDistributedTrainer:
         self._bow = None  # the bag-of-words baseline, fitted once per run on the train split
         self.init_spec: dict[str, str] | None = None  # model.init_from, as the stages receive it
         self._last_info: ckpt.CheckpointInfo | None = None  # the checkpoint a recovery goes back to
+        self._loss_scale_state: dict[str, Any] = {}
 
     def _reset_progress(self) -> None:
         """What a run has done so far: empty at the start, and again when a recovery finds no checkpoint."""
@@ -365,12 +366,13 @@ class HybridDistributedTrainer:
         complete checkpoint of this run (the initial weights when there is none)."""
         info = self._last_complete(run_id)
         step = self._restore(run_id, info)
+        self._set_loss_scaling(driver)  # the first StartRun may have been this one
         self._last_info = info
         if info is not None:
             self._restore_orchestrator_state(info.manifest, driver)
         else:
             self._reset_progress()
-            driver.scaler.load({"scale": 2.0**16 if driver.scaler.enabled else 1.0, "good_steps": 0})
+            driver.scaler.load({"scale": self.config.train.initial_loss_scale if driver.scaler.enabled else 1.0, "good_steps": 0})
         return step
 
     def _last_complete(self, run_id: str) -> ckpt.CheckpointInfo | None:
@@ -550,10 +552,10 @@ class HybridDistributedTrainer:
             counts = count_parameters(shape)
             run_id = resume_info.manifest["run_id"] if resume_info is not None else f"run-{uuid.uuid4().hex[:12]}"
             gpu_device = self.stage_info["gpu_stage"].device
-            fp16 = cfg.train.use_mixed_precision and gpu_device.startswith("cuda")
             lookahead = cfg.regret.lookahead if cfg.regret.enabled and self.addresses.get("regret") not in ("", "inprocess") else 0
+            # Loss scaling is switched on after StartRun, when the stages have said their precision.
             driver = PipelineDriver(self.clients["cpu_stage"], self.clients["gpu_stage"], cfg, run_id,
-                                    fp16_loss_scaling=fp16, lookahead=lookahead,
+                                    fp16_loss_scaling=False, lookahead=lookahead,
                                     dead_services=self.launcher.dead if self.launcher is not None else None)
             stack.callback(driver.close)
             self._last_info = resume_info
@@ -583,6 +585,7 @@ class HybridDistributedTrainer:
             step, last_checkpoint = run.step, run.last_checkpoint
             self._current_step = step
             self._sample_memory()
+            self._loss_scale_state = driver.scaler.state()
             report = self._report(run_id, step, batches, data, counts, wall_start, last_checkpoint, run.stopped_early)
             report["trace"] = self._write_trace()
             (self.output_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
@@ -601,10 +604,21 @@ class HybridDistributedTrainer:
             if resume_info is not None and self.launcher is None:
                 self._take_over(run_id)
             step = self._restore(run_id, resume_info)
+        for n in ("cpu_stage", "gpu_stage"):
+            log.info("%s trains in %s: %s", n, self.clients[n].precision, self.clients[n].precision_reason)
+        self._set_loss_scaling(driver)
         if resume_info is not None:
             self._restore_orchestrator_state(resume_info.manifest, driver)
             log.info("resumed run %s at step %d from %s", run_id, step, resume_info.path)
         return step
+
+    def _set_loss_scaling(self, driver: PipelineDriver) -> None:
+        """Each stage chose its precision from its own device at StartRun; fp16 on either needs the scale."""
+        fp16 = any(self.clients[n].precision == "fp16" for n in ("cpu_stage", "gpu_stage"))
+        if driver.scaler.enabled != fp16:
+            t = self.config.train
+            driver.scaler = DynamicLossScale(fp16, init_scale=t.initial_loss_scale,
+                                             max_consecutive_skips=t.max_consecutive_skips)
 
     def _log_run(self, run_id: str, counts, data: PreparedData, batches: StepBatches, gpu_device: str) -> None:
         cfg = self.config
@@ -651,6 +665,7 @@ class HybridDistributedTrainer:
                     "bubble": {k.split()[0]: (v["wait"] / v["total"] if v["total"] else 0.0) for k, v in outcome.stage_timings.items()},
                     "rss_bytes": memory, "skipped": outcome.skipped,
                     "peak_gpu_memory_bytes": outcome.peak_gpu_memory_bytes,
+                    "loss_scale": outcome.loss_scale,
                 }
                 self.history.append(entry)
                 heads = " ".join(f"{h}={v:.4f}" for h, v in sorted(outcome.losses.items()))
@@ -741,7 +756,9 @@ class HybridDistributedTrainer:
             "run_id": run_id,
             "config": self.config.to_dict(),
             "parameters": {"cpu_stage": counts["cpu_stage"], "gpu_stage": counts["gpu_stage"], "total": counts["total"]},
-            "stages": {n: {"address": self.addresses[n], "device": i.device, "layers": i.layer_range, "parameters": i.num_parameters}
+            "stages": {n: {"address": self.addresses[n], "device": i.device, "layers": i.layer_range, "parameters": i.num_parameters,
+                           "device_name": i.device_name, "compute_capability": i.compute_capability,
+                           "memory_budget_bytes": i.memory_budget_bytes, "device_total_memory_bytes": i.total_memory_bytes}
                        for n, i in self.stage_info.items()},
             "steps": step,
             "total_steps": batches.total_steps,
@@ -769,6 +786,8 @@ class HybridDistributedTrainer:
             },
             "peak_rss_bytes": self.peak_rss,
             "peak_gpu_memory_bytes": max([h.get("peak_gpu_memory_bytes", 0) for h in self.history] or [0]),
+            "precision": {n: {"used": c.precision, "reason": c.precision_reason} for n, c in self.clients.items()},
+            "loss_scale": self._loss_scale_state,
             "restarts": self.restarts,
             "recoveries": self.recoveries,
             "data": data.summary(),

@@ -155,7 +155,15 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Global gradient-norm clip over both stages (0: no clipping)."""
     use_mixed_precision: bool = False
-    """bf16 autocast on CPU; fp16 + loss scaling (or bf16 where supported) on CUDA."""
+    """Mixed precision: bf16 autocast on CPU; on CUDA as train.mixed_precision_dtype chooses."""
+    mixed_precision_dtype: str = "auto"
+    """Autocast dtype on CUDA: auto (bf16 where the GPU has it natively, compute capability >= 8.0, else fp16 with loss scaling), bf16 (refused below 8.0, where it is emulated) or fp16."""
+    allow_tf32: bool = True
+    """Let fp32 matmuls use TF32 tensor cores on GPUs with compute capability >= 8.0."""
+    max_consecutive_skips: int = 32
+    """fp16: stop the run after this many consecutive steps skipped for overflow (0: no limit)."""
+    initial_loss_scale: float = 65536.0
+    """fp16: the dynamic loss scale's start (halved on overflow, doubled after 2000 good steps)."""
     schedule: str = "1f1b"
     """Pipeline schedule: 1f1b or gpipe."""
     seed: int = 0
@@ -227,9 +235,11 @@ class GpuStageConfig:
     threads: int = 0
     """torch intra-op threads when running on CPU (0: torch's default)."""
     gpu_memory_gb: float = 8.0
-    """GPU memory budget; a split whose estimate exceeds it is refused."""
-    empty_cache_every: int = 5
-    """Free the CUDA caching allocator every N steps (0: never)."""
+    """GPU memory budget; a split whose estimate exceeds it, or a card with less free memory, is refused."""
+    enforce_memory_budget: bool = True
+    """On CUDA, cap this process's allocator at gpu_memory_gb (torch.cuda.set_per_process_memory_fraction)."""
+    empty_cache_every: int = 0
+    """Free the CUDA caching allocator every N steps (0: never; freeing costs a device sync and re-allocation)."""
     activation_checkpointing: bool = False
     """Recompute layer activations in backward instead of storing them."""
 
@@ -380,6 +390,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "preset"): ("tiny", "small", "base", "custom"),
     ("train", "scheduler_type"): ("cosine", "linear", "constant"),
     ("train", "schedule"): ("1f1b", "gpipe"),
+    ("train", "mixed_precision_dtype"): ("auto", "bf16", "fp16"),
     ("wire", "codec"): ("raw", "fp16", "bf16", "int8"),
     ("orchestrator", "progress"): ("auto", "bar", "log"),
     ("launch", "mode"): ("local", "remote"),
@@ -911,6 +922,10 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
         fail("train", "weight_decay", f"train.weight_decay = {t.weight_decay} must be >= 0")
     if not 0 <= t.min_lr_ratio <= 1:
         fail("train", "min_lr_ratio", f"train.min_lr_ratio = {t.min_lr_ratio} must be in [0, 1]")
+    if not t.initial_loss_scale >= 1.0 or t.initial_loss_scale == float("inf"):
+        fail("train", "initial_loss_scale", f"train.initial_loss_scale = {t.initial_loss_scale} must be a finite number >= 1")
+    if t.max_consecutive_skips < 0:
+        fail("train", "max_consecutive_skips", f"train.max_consecutive_skips = {t.max_consecutive_skips} must be >= 0 (0: no limit)")
     if t.max_grad_norm < 0:
         fail("train", "max_grad_norm", f"train.max_grad_norm = {t.max_grad_norm} must be >= 0 (0: no clipping)")
     for head in t.loss_weights:

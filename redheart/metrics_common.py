@@ -179,20 +179,55 @@ class StageMetrics:
         self.compute_seconds.labels(s).inc(max(0.0, t.get("forward", 0.0) + t.get("backward", 0.0) - t.get("wait", 0.0)))
         self.regret_wait_seconds.labels(s).inc(t.get("regret_wait", 0.0))
         self.bubble_ratio.labels(s).set(t.get("wait", 0.0) / total if total > 0 else 0.0)
-        self.update_gpu_memory()
         if result.peak_memory_bytes:
             self.gpu_peak.labels(s).set(result.peak_memory_bytes)
 
-    def update_gpu_memory(self) -> None:
-        try:
-            import torch
+    def bind_device(self, device) -> None:
+        """Read the GPU gauges of this stage's own device (``cuda:N``) when Prometheus scrapes, off
+        the training path: allocated / reserved from torch's allocator, utilization from NVML
+        (the optional extra ``gpu``, nvidia-ml-py), initialised once. Nothing to do on CPU."""
+        import torch
 
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                self.gpu_allocated.labels(self.stage).set(torch.cuda.memory_allocated())
-                self.gpu_reserved.labels(self.stage).set(torch.cuda.memory_reserved())
-                try:  # NVML is optional (pynvml / nvidia-ml-py); utilization stays 0 without it
-                    self.gpu_utilization.labels(self.stage).set(torch.cuda.utilization() / 100.0)
-                except Exception:
-                    pass
-        except Exception:  # pragma: no cover - metrics must never break training
-            pass
+        device = torch.device(device)
+        if device.type != "cuda":
+            return
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        s = self.stage
+        self.gpu_allocated.labels(s).set_function(_safe(lambda: torch.cuda.memory_allocated(index)))
+        self.gpu_reserved.labels(s).set_function(_safe(lambda: torch.cuda.memory_reserved(index)))
+        handle = nvml_handle(index)
+        if handle is not None:
+            import pynvml
+
+            self.gpu_utilization.labels(s).set_function(_safe(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0))
+
+
+def _safe(read):
+    """A gauge callback that never breaks a scrape: 0 when the device cannot be read."""
+    def value() -> float:
+        try:
+            return float(read())
+        except Exception:  # metrics must never break the endpoint or training
+            return 0.0
+
+    return value
+
+
+def nvml_handle(cuda_index: int):
+    """The NVML handle of CUDA device ``cuda_index`` (None without nvidia-ml-py or a driver).
+
+    Matched by UUID: under CUDA_VISIBLE_DEVICES, CUDA's index N is not NVML's index N."""
+    try:
+        import pynvml
+        import torch
+
+        pynvml.nvmlInit()  # once per stage process; NVML counts nested inits, nothing to undo
+        uuid = getattr(torch.cuda.get_device_properties(cuda_index), "uuid", None)
+        if uuid is not None:
+            try:
+                return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+            except Exception:
+                pass
+        return pynvml.nvmlDeviceGetHandleByIndex(cuda_index)
+    except Exception:
+        return None

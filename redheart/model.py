@@ -353,9 +353,28 @@ def derive_seed(*parts: int | str) -> int:
     return _seed_for(0, ":".join(str(p) for p in parts))
 
 
+CUDA_CONTEXT_BYTES = 600 * 2**20
+"""The CUDA context, cuBLAS / cuDNN workspaces and loaded kernels of a torch process: measured at
+300-600 MiB from Turing to Hopper (CUDA 12, lazy module loading). Memory the allocator never sees,
+so it counts against the card but not against ``max_memory_allocated``."""
+
+CUDA_WORKSPACE_BYTES = 64 * 2**20
+"""cuBLAS / cuBLASLt workspaces: taken from torch's caching allocator (so inside
+``max_memory_allocated``), 8-32 MiB each by default depending on the architecture."""
+
+
 def estimate_stage_memory_bytes(shape: ModelShape, stage: str, micro_batch: int, in_flight: int,
-                                bytes_per_param: int = 4, activation_bytes: int = 4) -> dict[str, int]:
-    """Rough training-memory estimate of one stage: weights + grads + AdamW (2 states) + activations."""
+                                bytes_per_param: int = 4, activation_bytes: int = 4, *,
+                                checkpointing: bool = False, autocast: bool = False,
+                                cuda: bool = False) -> dict[str, int]:
+    """Training-memory estimate of one stage: weights + grads + AdamW (2 states) + activations.
+
+    ``in_flight`` micro-batches keep their activations until their backward (1F1B: p - rank, plus
+    the regret look-ahead). With ``checkpointing`` a layer keeps only its input (fp32 residual
+    stream) and one layer's activations exist at a time, while it is recomputed in backward.
+    ``autocast`` adds torch's cache of 16-bit copies of the weights (kept for one forward).
+    ``cuda`` adds the cuBLAS workspaces and the CUDA context (which the caching allocator does not
+    count)."""
     counts = count_parameters(shape)
     params = counts["cpu_stage" if stage == "cpu" else "gpu_stage"]
     layers = shape.cpu_layers if stage == "cpu" else shape.gpu_layers
@@ -365,8 +384,16 @@ def estimate_stage_memory_bytes(shape: ModelShape, stage: str, micro_batch: int,
     t, h, f = shape.max_seq_len, shape.hidden_size, shape.ffn_size
     # per layer per sample: ~ residuals, norms, qkv, attention probs, ffn hidden (saved for backward)
     per_layer_sample = (8 * t * h + 2 * t * f + shape.num_heads * t * t) * activation_bytes
-    activations = in_flight * micro_batch * max(layers, 1) * per_layer_sample
-    total = weights + grads + optimizer + activations
+    if checkpointing:
+        kept = in_flight * micro_batch * max(layers, 1) * t * h * 4  # each layer's checkpointed input
+        activations = kept + micro_batch * per_layer_sample  # the one layer being recomputed
+    else:
+        activations = in_flight * micro_batch * max(layers, 1) * per_layer_sample
+    autocast_cache = params * 2 if autocast else 0
+    context = CUDA_CONTEXT_BYTES if cuda else 0
+    workspace = CUDA_WORKSPACE_BYTES if cuda else 0
+    total = weights + grads + optimizer + activations + autocast_cache + workspace + context
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
+            "autocast_cache": autocast_cache, "cuda_workspace": workspace, "cuda_context": context,
             "total": total, "parameters": params}
 

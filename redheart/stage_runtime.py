@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from redheart.config import TrainConfig, fingerprint
 from redheart.model import ModelShape, derive_seed
+from redheart.precision import Precision, PrecisionError, apply_tf32, choose_precision, device_capability
 from redheart.schedule import build_schedule
 
 log = logging.getLogger(__name__)
@@ -334,6 +335,8 @@ class StageRuntime:
         self.aborted_attempts: dict[tuple[str, int], tuple[int, str]] = {}
         self.running = threading.Event()
         self.mixed_precision = False
+        self.precision: Precision = choose_precision(False, "auto", False, "cpu")
+        self._apply_peak = 0  # CUDA peak of the last ApplyStep (AdamW state), folded into the next step's peak
 
     # ---- description
 
@@ -351,12 +354,10 @@ class StageRuntime:
         return fingerprint(self.model_settings())
 
     def autocast(self):
-        if not self.mixed_precision:
+        dtype = self.precision.autocast_dtype
+        if dtype is None:
             return torch.autocast(device_type=self.part.device.type, enabled=False)
-        if self.part.device.type == "cuda":
-            dtype = torch.bfloat16 if self.train_precision() == "bf16" else torch.float16
-            return torch.autocast(device_type="cuda", dtype=dtype)
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.part.device.type, dtype=dtype)
 
     def wire_dtype(self) -> torch.dtype | None:
         """The dtype activations and gradients leave this stage in: the compute dtype under mixed
@@ -364,11 +365,8 @@ class StageRuntime:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.train_precision())
 
     def train_precision(self) -> str:
-        if not self.mixed_precision:
-            return "fp32"
-        if self.part.device.type == "cuda":
-            return "bf16" if self.settings.get("cuda_bf16", False) and torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16"
+        """What this stage computes in for the current run: fp32, tf32, bf16 or fp16 (redheart/precision.py)."""
+        return self.precision.name
 
     # ---- lifecycle
 
@@ -382,6 +380,12 @@ class StageRuntime:
                 raise StageError("invalid", f"cannot start run {run_id!r} at step {first_step}: steps go from 0 to {MAX_STEP}")
             train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
             train = TrainConfig(**{k: v for k, v in dict(settings.get("train", {})).items() if k in train_fields})
+            device = self.part.device
+            try:
+                precision = choose_precision(bool(train.use_mixed_precision), train.mixed_precision_dtype,
+                                             bool(train.allow_tf32), device.type, device_capability(device))
+            except PrecisionError as exc:
+                raise StageError("precondition", f"cannot start run {run_id!r} on {device}: {exc}") from None
             if reinitialize or self.optimizer is None:
                 part = self._part_factory()
                 if settings.get("init_from"):
@@ -390,6 +394,8 @@ class StageRuntime:
             self.train = train
             self.settings = dict(settings)
             self.mixed_precision = bool(train.use_mixed_precision)
+            self.precision = precision
+            apply_tf32(precision, self.part.device)
             self.optimizer = build_optimizer(self.part.module, train) if reinitialize or self.optimizer is None or self.run_id != run_id else self.optimizer
             self.run_id = run_id
             self.next_step = first_step
@@ -400,8 +406,8 @@ class StageRuntime:
             self.part.module.train()
             if hasattr(self.part, "configure"):
                 self.part.configure(settings, regret_address)
-            log.info("%s stage: run %s starts at step %d (%d parameters, precision %s)",
-                     self.name, run_id, first_step, self.num_parameters(), self.train_precision())
+            log.info("%s stage: run %s starts at step %d (%d parameters, precision %s: %s)",
+                     self.name, run_id, first_step, self.num_parameters(), precision.name, precision.reason)
             return self.num_parameters()
 
     def _check_run(self, run_id: str) -> None:
@@ -483,7 +489,8 @@ class StageRuntime:
         ctx = RoundContext(plan=plan, runtime=self, link=link, started=started)
         records: dict[int, ForwardRecord] = {}
         per_mb: dict[int, dict[str, Any]] = {}
-        if self.part.device.type == "cuda":
+        if self.part.device.type == "cuda" and plan.accumulation_round == 0:
+            # The step's peak starts here; the previous ApplyStep's peak is kept in _apply_peak.
             torch.cuda.reset_peak_memory_stats(self.part.device)
         for action in order:
             mb = plan.micro_batches[action.micro_batch]
@@ -501,6 +508,10 @@ class StageRuntime:
                 t1 = time.perf_counter()
                 ctx.timings["backward"] += t1 - t0
             ctx.spans.append((action.op, mb.index, t0 - started, t1 - started))
+        if hasattr(self.part, "finish_round"):
+            # Device parts queue their sends and keep per-micro-batch results on the device:
+            # drained and read back once per round instead of once per micro-batch.
+            self.part.finish_round(ctx, per_mb)
         flush_start = time.perf_counter()
         link.flush(plan.deadline_seconds)
         ctx.timings["wait"] += time.perf_counter() - flush_start
@@ -520,7 +531,7 @@ class StageRuntime:
             result.grad_norm_sq = norm_sq
             result.found_inf = found_inf
         if self.part.device.type == "cuda":
-            result.peak_memory_bytes = torch.cuda.max_memory_allocated(self.part.device)
+            result.peak_memory_bytes = max(torch.cuda.max_memory_allocated(self.part.device), self._apply_peak)
         return result
 
     @torch.no_grad()
@@ -585,6 +596,10 @@ class StageRuntime:
                     group["lr"] = learning_rate
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.part.device.type == "cuda":
+                # AdamW allocates its state here, after the step's last RunStep reported its peak.
+                self._apply_peak = torch.cuda.max_memory_allocated(self.part.device)
+                torch.cuda.reset_peak_memory_stats(self.part.device)
             self.next_step = step + 1
             self.rounds_done = 0
             self.results = {k: v for k, v in self.results.items() if k[1] > step}

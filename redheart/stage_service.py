@@ -306,6 +306,8 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
             current_run_id=rt.run_id,
             next_step=rt.next_step,
             wall_clock=time.time(),
+            precision=rt.train_precision() if rt.run_id else "",
+            **(rt.part.describe_device() if hasattr(rt.part, "describe_device") else {}),
         )
 
     @rpc_method
@@ -335,7 +337,8 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         if self.metrics is not None:
             self.metrics.parameters.labels(self.metrics.stage).set(n)
             self.metrics.next_step.labels(self.metrics.stage).set(self.runtime.next_step)
-        return stage_pb2.StartRunResponse(num_parameters=n)
+        return stage_pb2.StartRunResponse(num_parameters=n, precision=self.runtime.precision.name,
+                                          precision_reason=self.runtime.precision.reason)
 
     @rpc_method
     def RunStep(self, request, context):

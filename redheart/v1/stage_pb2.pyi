@@ -12,7 +12,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("stage_rank", "num_stages", "stage_name", "device", "model_fingerprint", "model_settings_json", "num_parameters", "layer_range", "version", "current_run_id", "next_step", "wall_clock")
+    __slots__ = ("stage_rank", "num_stages", "stage_name", "device", "model_fingerprint", "model_settings_json", "num_parameters", "layer_range", "version", "current_run_id", "next_step", "wall_clock", "precision", "device_name", "compute_capability", "device_total_memory_bytes", "device_free_memory_bytes", "memory_budget_bytes")
     STAGE_RANK_FIELD_NUMBER: _ClassVar[int]
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
     STAGE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,12 @@ class DescribeResponse(_message.Message):
     CURRENT_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     WALL_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_TOTAL_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FREE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     stage_rank: int
     num_stages: int
     stage_name: str
@@ -37,7 +43,13 @@ class DescribeResponse(_message.Message):
     current_run_id: str
     next_step: int
     wall_clock: float
-    def __init__(self, stage_rank: _Optional[int] = ..., num_stages: _Optional[int] = ..., stage_name: _Optional[str] = ..., device: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., model_settings_json: _Optional[str] = ..., num_parameters: _Optional[int] = ..., layer_range: _Optional[str] = ..., version: _Optional[str] = ..., current_run_id: _Optional[str] = ..., next_step: _Optional[int] = ..., wall_clock: _Optional[float] = ...) -> None: ...
+    precision: str
+    device_name: str
+    compute_capability: str
+    device_total_memory_bytes: int
+    device_free_memory_bytes: int
+    memory_budget_bytes: int
+    def __init__(self, stage_rank: _Optional[int] = ..., num_stages: _Optional[int] = ..., stage_name: _Optional[str] = ..., device: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., model_settings_json: _Optional[str] = ..., num_parameters: _Optional[int] = ..., layer_range: _Optional[str] = ..., version: _Optional[str] = ..., current_run_id: _Optional[str] = ..., next_step: _Optional[int] = ..., wall_clock: _Optional[float] = ..., precision: _Optional[str] = ..., device_name: _Optional[str] = ..., compute_capability: _Optional[str] = ..., device_total_memory_bytes: _Optional[int] = ..., device_free_memory_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
 
 class StartRunRequest(_message.Message):
     __slots__ = ("run_id", "train_settings_json", "next_stage_address", "prev_stage_address", "regret_address", "first_step", "reinitialize")
@@ -58,10 +70,14 @@ class StartRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., train_settings_json: _Optional[str] = ..., next_stage_address: _Optional[str] = ..., prev_stage_address: _Optional[str] = ..., regret_address: _Optional[str] = ..., first_step: _Optional[int] = ..., reinitialize: _Optional[bool] = ...) -> None: ...
 
 class StartRunResponse(_message.Message):
-    __slots__ = ("num_parameters",)
+    __slots__ = ("num_parameters", "precision", "precision_reason")
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     num_parameters: int
-    def __init__(self, num_parameters: _Optional[int] = ...) -> None: ...
+    precision: str
+    precision_reason: str
+    def __init__(self, num_parameters: _Optional[int] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ...) -> None: ...
 
 class MicroBatch(_message.Message):
     __slots__ = ("index", "inputs", "sample_ids")

@@ -1,0 +1,98 @@
+"""Which arithmetic a stage trains in, chosen from the config and the device it runs on.
+
+A pure function of (config, device type, compute capability), so the choice is unit-tested on a
+machine without a GPU by passing a capability in:
+
+* mixed precision off: fp32; on CUDA with TF32 tensor cores (compute capability >= 8.0) matmuls
+  and convolutions use TF32 unless ``train.allow_tf32 = false``;
+* mixed precision on, CUDA: bf16 autocast where the card has it natively (compute capability
+  >= 8.0: Ampere, Ada, Hopper), else fp16 autocast with dynamic loss scaling. Turing (7.5) passes
+  ``torch.cuda.is_bf16_supported()`` through emulation, which is several times slower than fp16,
+  so the capability decides, never that call;
+* mixed precision on, CPU: bf16 autocast (CPUs have no fast fp16 path; bf16 needs no loss scale).
+
+Only fp16 needs loss scaling: its 5 exponent bits underflow small gradients, bf16 has fp32's range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = ("auto", "bf16", "fp16")
+"""Values of ``train.mixed_precision_dtype``."""
+
+NATIVE_BF16_CAPABILITY = (8, 0)
+"""First compute capability with bf16 (and TF32) tensor cores: Ampere."""
+
+
+class PrecisionError(ValueError):
+    """The configured precision cannot run on this device; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    """What the stage computes in: "fp32", "tf32", "bf16" or "fp16" (reported in report.json)."""
+    autocast_dtype: torch.dtype | None
+    """The autocast dtype, None when autocast is off."""
+    loss_scaling: bool
+    """True for fp16 only: the orchestrator runs a dynamic loss scale and skips overflowing steps."""
+    tf32: bool
+    """Whether fp32 matmuls may use TF32 tensor cores (CUDA only)."""
+    reason: str
+    """One line for the log: why this precision."""
+
+
+def choose_precision(mixed: bool, dtype: str, allow_tf32: bool, device_type: str,
+                     capability: tuple[int, int] | None = None) -> Precision:
+    """The precision of a stage on ``device_type`` ("cpu" or "cuda") with ``capability`` (major, minor).
+
+    ``mixed`` is ``train.use_mixed_precision``, ``dtype`` is ``train.mixed_precision_dtype`` and
+    ``allow_tf32`` is ``train.allow_tf32``. Raises :class:`PrecisionError` for bf16 requested on a
+    card without native bf16, or for an unknown dtype / device type."""
+    if dtype not in DTYPES:
+        raise PrecisionError(f"train.mixed_precision_dtype = {dtype!r} is not one of {', '.join(DTYPES)}")
+    if device_type == "cpu":
+        if not mixed:
+            return Precision("fp32", None, False, False, "mixed precision off")
+        return Precision("bf16", torch.bfloat16, False, False,
+                         "bf16 autocast on CPU (no fast fp16 on CPUs; mixed_precision_dtype applies to CUDA)")
+    if device_type != "cuda":
+        raise PrecisionError(f"no precision rule for device type {device_type!r} (cpu or cuda)")
+    if capability is None or len(capability) != 2:
+        raise PrecisionError(f"CUDA device without a compute capability ({capability!r})")
+    cc = f"{capability[0]}.{capability[1]}"
+    native = tuple(capability) >= NATIVE_BF16_CAPABILITY
+    if not mixed:
+        tf32 = allow_tf32 and native
+        why = ("TF32 tensor cores for fp32 matmuls" if tf32 else
+               "TF32 off (train.allow_tf32 = false)" if native else
+               f"no TF32 below compute capability 8.0 (this card: {cc})")
+        return Precision("tf32" if tf32 else "fp32", None, False, tf32, f"mixed precision off; {why}")
+    tf32 = allow_tf32 and native  # what autocast leaves in fp32 (e.g. the losses) may still use TF32
+    if dtype == "bf16" and not native:
+        raise PrecisionError(
+            f"train.mixed_precision_dtype = \"bf16\" but this GPU has compute capability {cc}: bf16 is "
+            f"native from 8.0 (Ampere) on and emulated, several times slower, below it "
+            f"(fix: mixed_precision_dtype = \"auto\" or \"fp16\")")
+    if dtype == "bf16" or (dtype == "auto" and native):
+        return Precision("bf16", torch.bfloat16, False, tf32,
+                         f"bf16 autocast (native bf16 at compute capability {cc})")
+    why = "as configured" if dtype == "fp16" else f"no native bf16 at compute capability {cc}"
+    return Precision("fp16", torch.float16, True, tf32, f"fp16 autocast with dynamic loss scaling ({why})")
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability of a CUDA device (None on CPU). Creates no tensors."""
+    if device.type != "cuda":
+        return None
+    return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+
+
+def apply_tf32(precision: Precision, device: torch.device) -> None:
+    """Set torch's process-wide TF32 switches for a stage on ``device`` (one stage per process)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision.tf32
+        torch.backends.cudnn.allow_tf32 = precision.tf32
