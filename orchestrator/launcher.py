@@ -70,12 +70,15 @@ class ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = open(self.log_path, "ab", buffering=0)
         log_file.write(f"\n--- starting {' '.join(self.argv)} ---\n".encode())
+        # Who it is and how often it was restarted: read only by the test-only fault injection
+        # (redheart/fault_injection.py), which is inert unless REDHEART_TEST_FAULTS is set.
+        env = dict(self.env, REDHEART_SERVICE=self.name, REDHEART_RESTART_COUNT=str(self.restarts))
         self.proc = subprocess.Popen(
             self.argv,
             stdout=subprocess.PIPE,
             stderr=log_file,
             stdin=subprocess.DEVNULL,
-            env=self.env,
+            env=env,
             start_new_session=True,
         )
         log_file.close()

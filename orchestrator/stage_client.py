@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import grpc
 import torch
 
-from redheart import codec
+from redheart import codec, fault_injection
 from redheart.rpc import RetryPolicy, ServiceError, call, make_channel
 from redheart.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
 
@@ -37,25 +37,53 @@ class StageInfo:
 class StageClient:
     def __init__(self, name: str, address: str, *, max_message_mb: int, rpc_timeout: float,
                  credentials: grpc.ChannelCredentials | None = None, metadata=None, security=None,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, alive: Callable[[], bool] | None = None) -> None:
         self.name = name  # "cpu stage" / "gpu stage"
+        self.alive = alive  # local launch: whether the service's process is running
         self.address = address
         self.rpc_timeout = rpc_timeout
         self.metadata = metadata
         # security ([security]): TLS / mTLS and the bearer token, applied by make_channel.
         # retry ([wire] retry_*): gRPC retries the idempotent calls itself (redheart.rpc.RetryPolicy).
         self.retry = retry
+        self._channel_args = (max_message_mb, security, credentials)
         self.channel = make_channel(address, max_message_mb, security, credentials=credentials, retry=retry)
         self.stub = stage_pb2_grpc.PipelineStageStub(self.channel)
         self.trace = None  # an orchestrator.trace.TraceRecorder while --trace is on
         self.precision = ""  # what the stage said it trains in, at the last StartRun
         self.precision_reason = ""
 
+    def reconnect(self) -> None:
+        """A fresh channel: one whose server died waits out a reconnect backoff that grows with
+        every failure, long after a restarted server is back."""
+        max_message_mb, security, credentials = self._channel_args
+        old = self.channel
+        self.channel = make_channel(self.address, max_message_mb, security, credentials=credentials, retry=self.retry)
+        self.stub = stage_pb2_grpc.PipelineStageStub(self.channel)
+        old.close()
+
     def _call(self, method: str, request, *, timeout: float | None = None, idempotent: bool = True, retry_until=None):
-        return call(getattr(self.stub, method), request, service=self.name, address=self.address,
-                    timeout=timeout or self.rpc_timeout, idempotent=idempotent, retry_until=retry_until,
-                    metadata=self.metadata, method_name=method,
-                    channel_retries=self.retry is not None and self.retry.max_attempts > 1)
+        timeout = timeout or self.rpc_timeout
+        if self.alive is None:
+            return call(getattr(self.stub, method), request, service=self.name, address=self.address,
+                        timeout=timeout, idempotent=idempotent, retry_until=retry_until,
+                        metadata=self.metadata, method_name=method,
+                        channel_retries=self.retry is not None and self.retry.max_attempts > 1)
+        # A process we watch: retry a refused connection only while the process lives. Retrying a
+        # dead one until the deadline (or waiting for it to be ready, as calls on a channel with a
+        # retry policy do) would only delay the recovery that restarts it.
+        give_up = retry_until if retry_until is not None else time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            try:
+                return call(getattr(self.stub, method), request, service=self.name, address=self.address,
+                            timeout=timeout, idempotent=False, metadata=self.metadata, method_name=method)
+            except ServiceError as exc:
+                unavailable = exc.code == grpc.StatusCode.UNAVAILABLE
+                if not (idempotent and unavailable and self.alive() and time.monotonic() + delay < give_up):
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     def describe(self) -> StageInfo:
         r = self._call("Describe", stage_pb2.DescribeRequest())
@@ -76,6 +104,7 @@ class StageClient:
         # Idempotent on the stage side (results are cached per (run, step, round)), so a retry after
         # a dropped connection returns the same result instead of running the round twice. The
         # retry window is short: a stage that stays unreachable is a failure to recover from.
+        fault_injection.point(f"RunStep {self.name}", request.envelope.step)  # test-only; no-op without a plan
         t_call = time.time()
         result = self._call("RunStep", request, timeout=timeout, idempotent=True,
                             retry_until=time.monotonic() + min(timeout, 10.0))

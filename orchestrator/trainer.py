@@ -37,9 +37,10 @@ from orchestrator import run_products
 from orchestrator.data import PreparedData, StepBatches, prepare_data, to_batch
 from orchestrator.launcher import LaunchError, LocalLauncher
 from orchestrator.metrics import OrchestratorMetrics
-from orchestrator.pipeline import NonFiniteError, PipelineDriver, StepFailed, StepOutcome
+from orchestrator.pipeline import DynamicLossScale, NonFiniteError, PipelineDriver, StepOutcome
 from orchestrator.progress import Progress
 from orchestrator.plots import plot_losses, plot_trace_step
+from orchestrator.recovery import PhaseFailed, Recovery, RecoveryStopped, phase
 from orchestrator.stage_client import StageClient
 from orchestrator.trace import TraceRecorder
 from redheart.config import HybridConfig, diff_settings
@@ -52,6 +53,15 @@ log = logging.getLogger(__name__)
 
 class RunError(RuntimeError):
     """The run cannot go on; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class _Loop:
+    """Where the training loop stands; a recovery rewinds `step` to the last checkpoint."""
+
+    step: int | None = None  # steps completed; None until the stages were started
+    last_checkpoint: Path | None = None
+    stopped_early: bool = False
 
 
 def learning_rate_at(step: int, total_steps: int, train) -> float:
@@ -134,10 +144,12 @@ class HybridDistributedTrainer:
         self._reset_progress()
         self.peak_rss: dict[str, int] = {}
         self._progress: Progress | None = None
+        self._tb = None  # the TensorBoard writer when metrics.tensorboard is on
         self.metrics_port = 0
         self.split_choice = None
         self._bow = None  # the bag-of-words baseline, fitted once per run on the train split
         self.init_spec: dict[str, str] | None = None  # model.init_from, as the stages receive it
+        self._last_info: ckpt.CheckpointInfo | None = None  # the checkpoint a recovery goes back to
         self._loss_scale_state: dict[str, Any] = {}
 
     def _reset_progress(self) -> None:
@@ -182,7 +194,8 @@ class HybridDistributedTrainer:
             self.clients[name] = StageClient(name.replace("_", " "), self.addresses[name],
                                              max_message_mb=cfg.wire.max_message_mb,
                                              rpc_timeout=cfg.orchestrator.rpc_timeout_seconds,
-                                             security=cfg.security, retry=RetryPolicy.from_wire(cfg.wire))
+                                             security=cfg.security, retry=RetryPolicy.from_wire(cfg.wire),
+                                             alive=self._alive_check(name))
             stack.callback(self.clients[name].close)
 
     def _alive_check(self, name: str):
@@ -210,10 +223,11 @@ class HybridDistributedTrainer:
             settings["init_from"] = self.init_spec  # each stage loads its own part when it (re)builds
         cpu, gpu = self.addresses["cpu_stage"], self.addresses["gpu_stage"]
         regret = self.addresses.get("regret", "")
-        self.clients["cpu_stage"].start_run(run_id, settings, next_address=gpu, prev_address="",
-                                            regret_address="", first_step=first_step, reinitialize=True)
-        self.clients["gpu_stage"].start_run(run_id, settings, next_address="", prev_address=cpu,
-                                            regret_address=regret, first_step=first_step, reinitialize=True)
+        links = {"cpu_stage": dict(next_address=gpu, prev_address="", regret_address=""),
+                 "gpu_stage": dict(next_address="", prev_address=cpu, regret_address=regret)}
+        for name, link in links.items():
+            self._retry_while_running(lambda: self.clients[name].start_run(
+                run_id, settings, first_step=first_step, reinitialize=True, **link))
         if self.trace is not None:  # measured at every StartRun: a restarted stage has a new clock
             self.trace.measure_clocks(self.clients)
             for client in self.clients.values():
@@ -238,6 +252,34 @@ class HybridDistributedTrainer:
         log.info("pipeline trace of steps %d-%d: %s (open in https://ui.perfetto.dev or chrome://tracing)",
                  self.trace.first, self.trace.last, path)
         return out
+
+    def _retry_while_running(self, call):
+        """A stage still inside a round (its orchestrator died mid-step, or the round is being
+        aborted) refuses control calls with FAILED_PRECONDITION "... is running" until it leaves
+        the round: its lease ends it. Retry for at most orchestrator.connect_timeout_seconds."""
+        give_up = time.monotonic() + self.config.orchestrator.connect_timeout_seconds
+        delay = 0.2
+        while True:
+            try:
+                return call()
+            except ServiceError as exc:
+                running = exc.code is not None and exc.code.name == "FAILED_PRECONDITION" and "is running" in exc.details
+                if not running or time.monotonic() + delay > give_up or self.stop_requested.is_set():
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
+
+    def _take_over(self, run_id: str) -> None:
+        """Remote --resume: a stage may still be inside a round of this run that its previous
+        orchestrator (now dead: it held the output directory's lock) never finished. Abort that
+        round so StartRun does not wait for the round's deadline."""
+        for name, client in self.clients.items():
+            info = self.stage_info.get(name)
+            if info is not None and info.run_id == run_id:
+                try:
+                    client.abort(run_id, info.next_step, "a new orchestrator resumes this run")
+                except ServiceError as exc:
+                    log.info("%s: abort of the previous orchestrator's step %d: %s", name, info.next_step, exc)
 
     def _restore(self, run_id: str, info: ckpt.CheckpointInfo | None) -> int:
         """Put both stages at a checkpoint (or at the initial weights when there is none)."""
@@ -282,6 +324,7 @@ class HybridDistributedTrainer:
         }
         manifest["baselines"] = self._write_baselines(directory, data)
         ckpt.write_manifest(directory, manifest)
+        self._last_info = ckpt.CheckpointInfo(directory, step, manifest)
         ckpt.prune(self.checkpoint_root, self.config.checkpoint.keep_last)
         seconds = time.perf_counter() - start
         self.metrics.checkpoint_seconds.observe(seconds)
@@ -318,69 +361,31 @@ class HybridDistributedTrainer:
 
     # ------------------------------------------------------------------ recovery
 
-    # Statuses a restart or a retry from the last checkpoint can cure: the service went away,
-    # timed out, or the step was aborted because another one did.
-    _FAULT_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED", "UNKNOWN"}
-
-    def _is_fault(self, error: StepFailed) -> bool:
-        if self.launcher is not None and self.launcher.dead():
-            return True
-        cause = error.cause
-        if isinstance(cause, ServiceError):
-            if cause.code is not None and cause.code.name == "FAILED_PRECONDITION":
-                # A stage that restarted on its own (remote mode: a pod rescheduled) knows no run.
-                return "no run started" in cause.details or "is not the current run" in cause.details
-            return cause.code is None or cause.code.name in self._FAULT_CODES
-        return isinstance(cause, RuntimeError)  # a dead process or a stage that never answered its abort
-
-    def _recover(self, error: StepFailed, run_id: str, driver: PipelineDriver) -> int:
-        """A stage or the regret service failed mid-step: bring it back, reload the last checkpoint."""
-        used = sum(self.restarts.values())
-        if used >= self.config.launch.max_restarts:
-            raise RunError(f"{error}; giving up after {used} recoveries (launch.max_restarts = {self.config.launch.max_restarts})") from error
-        log.warning("%s -- recovering from the last complete checkpoint", error)
-        dead: list[str] = []
-        if self.launcher is not None:
-            time.sleep(0.5)  # let a dying process finish dying before we look
-            dead = self.launcher.dead()
-            for name in dead:
-                log.warning("restarting %s (it exited with code %s)", name, self.launcher.services[name].proc.returncode)
-                try:
-                    svc = self.launcher.restart(name)
-                except LaunchError as exc:
-                    raise RunError(f"cannot restart {name}: {exc}") from error
-                self.addresses[name] = svc.address
-                self.restarts[name] += 1
-                self.metrics.restarts.labels(name).inc()
-        for name in ("cpu_stage", "gpu_stage", "regret"):
-            address = self.addresses.get(name, "")
-            if address and address != "inprocess":
-                try:
-                    wait_for_serving(address, timeout=self.config.orchestrator.step_deadline_seconds, service_name=name.replace("_", " "),
-                                     security=self.config.security)
-                except ServiceError as exc:
-                    raise RunError(f"{exc}; cannot recover step {error.step}") from error
-        if not dead:
-            # Nothing died (e.g. a dropped connection or a deadline): still count the recovery.
-            key = "regret" if "regret" in str(error.cause).lower() and "regret" in self.addresses else (
-                "gpu_stage" if "gpu" in error.stage else "cpu_stage")
-            self.restarts[key] += 1
-            self.metrics.restarts.labels(key).inc()
-        info = ckpt.latest(self.checkpoint_root)
-        if info is not None and info.manifest.get("run_id") != run_id:
-            info = None
+    def _restore_last(self, run_id: str, driver: PipelineDriver) -> int:
+        """Recovery's restore: every stage and the orchestrator's own state back at the last
+        complete checkpoint of this run (the initial weights when there is none)."""
+        info = self._last_complete(run_id)
         step = self._restore(run_id, info)
+        self._set_loss_scaling(driver)  # the first StartRun may have been this one
+        self._last_info = info
         if info is not None:
-            restarts = dict(self.restarts)
             self._restore_orchestrator_state(info.manifest, driver)
-            self.restarts = {k: max(v, restarts.get(k, 0)) for k, v in self.restarts.items()}
         else:
             self._reset_progress()
             driver.scaler.load({"scale": self.config.train.initial_loss_scale if driver.scaler.enabled else 1.0, "good_steps": 0})
-        self.recoveries.append({"failed_step": error.step, "stage": error.stage, "error": str(error.cause)[:500],
-                                "restarted": dead, "resumed_from_step": step, "time": time.time()})
-        log.warning("recovered: continuing from step %d", step)
         return step
+
+    def _last_complete(self, run_id: str) -> ckpt.CheckpointInfo | None:
+        candidates = []
+        if self._last_info is not None:
+            try:  # the one we saved or resumed from last; --resume may name one outside checkpoint_dir
+                candidates.append(ckpt.resolve(self._last_info.path))
+            except ckpt.CheckpointError:
+                pass
+        latest = ckpt.latest(self.checkpoint_root)
+        if latest is not None and latest.manifest.get("run_id") == run_id:
+            candidates.append(latest)
+        return max(candidates, key=lambda c: c.step) if candidates else None
 
     # ------------------------------------------------------------------ evaluation
 
@@ -526,7 +531,7 @@ class HybridDistributedTrainer:
             self._resolve_split(resume_info)
             self.init_spec = self._check_init_from()
             self._prepare_output(stack)
-            tb = self._open_tensorboard(stack)
+            self._tb = self._open_tensorboard(stack)
             self._install_signal_handlers(stack)
             tokenizer_path = None
             if resume_info is not None:
@@ -548,110 +553,40 @@ class HybridDistributedTrainer:
             run_id = resume_info.manifest["run_id"] if resume_info is not None else f"run-{uuid.uuid4().hex[:12]}"
             gpu_device = self.stage_info["gpu_stage"].device
             lookahead = cfg.regret.lookahead if cfg.regret.enabled and self.addresses.get("regret") not in ("", "inprocess") else 0
-            step = self._restore(run_id, resume_info)
-            # Each stage chose its precision from its own device at StartRun; fp16 on either needs the scale.
-            fp16 = any(self.clients[n].precision == "fp16" for n in ("cpu_stage", "gpu_stage"))
-            for n in ("cpu_stage", "gpu_stage"):
-                log.info("%s trains in %s: %s", n, self.clients[n].precision, self.clients[n].precision_reason)
+            # Loss scaling is switched on after StartRun, when the stages have said their precision.
             driver = PipelineDriver(self.clients["cpu_stage"], self.clients["gpu_stage"], cfg, run_id,
-                                    fp16_loss_scaling=fp16, lookahead=lookahead,
+                                    fp16_loss_scaling=False, lookahead=lookahead,
                                     dead_services=self.launcher.dead if self.launcher is not None else None)
             stack.callback(driver.close)
-            if resume_info is not None:
-                self._restore_orchestrator_state(resume_info.manifest, driver)
-                log.info("resumed run %s at step %d from %s", run_id, step, resume_info.path)
-            log.info(
-                "run %s: %d parameters (cpu stage %d: %s; gpu stage %d on %s: %s), %d train / %d validation scenarios, "
-                "%d steps (%d per epoch), batch %d x %d micro-batches x %d accumulation",
-                run_id, counts["total"], counts["cpu_stage"], self.stage_info["cpu_stage"].layer_range,
-                counts["gpu_stage"], gpu_device, self.stage_info["gpu_stage"].layer_range, len(data.train), len(data.validation),
-                batches.total_steps, batches.steps_per_epoch, cfg.train.batch_size, cfg.micro_batches,
-                cfg.train.gradient_accumulation_steps,
-            )
+            self._last_info = resume_info
+            recovery = Recovery(cfg, self.launcher, self.addresses, self.clients, self.restarts, self.recoveries,
+                                self.stop_requested, restore=lambda: self._restore_last(run_id, driver),
+                                on_restart=lambda name: self.metrics.restarts.labels(name).inc())
+            run = _Loop(last_checkpoint=resume_info.path if resume_info is not None else None)
+            self._log_run(run_id, counts, data, batches, gpu_device)
             progress = self._progress = Progress(batches.total_steps, cfg.orchestrator.progress)
             stack.callback(progress.close)
-            last_checkpoint: Path | None = resume_info.path if resume_info is not None else None
-            evaluated_epochs = {v.get("epoch") for v in self.validation}
-            stopped_early = False
-            while step < batches.total_steps:
-                epoch, _ = batches.position(step)
-                self._current_step = step
-                lr = learning_rate_at(step, batches.total_steps, cfg.train)
+            # The one recovery loop: a phase that fails on a fault (a killed or unreachable service)
+            # ends up here, and the run goes on from the last complete checkpoint.
+            while True:
                 try:
-                    with self._span(f"step {step + 1}", step):
-                        outcome = driver.run_step(step, batches.rounds(step), lr)
-                except StepFailed as exc:
-                    if not self._is_fault(exc):
-                        raise RunError(str(exc)) from exc  # a bug or bad input, not a fault: recovering would loop
-                    step = self._recover(exc, run_id, driver)
-                    evaluated_epochs = {v.get("epoch") for v in self.validation}
-                    continue
-                except NonFiniteError:
-                    self.metrics.nonfinite.inc()
-                    raise
-                self._record_step(outcome, epoch)
-                step += 1
-                if tb is not None:
-                    tb.step(step, outcome)
-                self._current_step = step
-                if step % cfg.train.log_every_n_steps == 0 or step == batches.total_steps:
-                    memory = self._sample_memory()
-                    entry = {
-                        "step": step, "epoch": epoch, "loss": outcome.total_loss, "losses": outcome.losses,
-                        "learning_rate": lr, "grad_norm": outcome.grad_norm, "step_seconds": outcome.seconds,
-                        "samples_per_second": outcome.samples / outcome.seconds if outcome.seconds else 0.0,
-                        "regret_mean": outcome.regret_mean,
-                        "regret_computations": outcome.regret_computations,
-                        "bentham_evaluations": outcome.bentham_evaluations,
-                        "bubble": {k.split()[0]: (v["wait"] / v["total"] if v["total"] else 0.0) for k, v in outcome.stage_timings.items()},
-                        "rss_bytes": memory, "skipped": outcome.skipped,
-                        "peak_gpu_memory_bytes": outcome.peak_gpu_memory_bytes,
-                        "loss_scale": outcome.loss_scale,
-                    }
-                    self.history.append(entry)
-                    heads = " ".join(f"{h}={v:.4f}" for h, v in sorted(outcome.losses.items()))
-                    progress.message(
-                        f"step {step}/{batches.total_steps} epoch {epoch} loss {outcome.total_loss:.4f} ({heads}) "
-                        f"lr {lr:.2e} |g| {outcome.grad_norm:.3f} {outcome.seconds:.3f}s/step "
-                        f"{entry['samples_per_second']:.1f} samples/s regret {outcome.regret_mean:.4f} "
-                        f"rss {' '.join(f'{k}={v / 2**20:.0f}MiB' for k, v in memory.items())}"
-                    )
-                progress.update(step, outcome.total_loss, outcome.samples / outcome.seconds if outcome.seconds else 0.0)
-                end_of_epoch = step % batches.steps_per_epoch == 0
-                if end_of_epoch and cfg.train.eval_every_epoch and step < batches.total_steps and epoch not in evaluated_epochs:
-                    with self._span("evaluation", step - 1), progress.phase(f"evaluation after epoch {epoch}"):
-                        entry = self._evaluate(driver, data, f"epoch {epoch}")
-                    entry["epoch"] = epoch
-                    self.validation.append(entry)
-                    if tb is not None:
-                        tb.validation(entry)
-                    evaluated_epochs.add(epoch)
-                    progress.message(f"validation after epoch {epoch}: {_fmt_metrics(entry)}")
-                every = cfg.checkpoint.save_checkpoint_every
-                if every and step % every == 0 and step < batches.total_steps:
-                    t0 = time.perf_counter()
-                    with self._span("checkpoint", step - 1), progress.phase(f"checkpoint at step {step}"):
-                        last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
-                    progress.message(f"checkpoint at step {step}: {last_checkpoint} ({time.perf_counter() - t0:.2f}s)")
-                if self.stop_requested.is_set():
-                    stopped_early = step < batches.total_steps
+                    if run.step is None:
+                        run.step = self._begin(run_id, resume_info, driver)
+                    self._train_steps(run, run_id, driver, data, batches, progress)
+                    self._final_evaluation(run, driver, data, batches, progress)
+                    self._final_checkpoint(run, run_id, driver, data, batches)
                     break
+                except PhaseFailed as failure:
+                    try:
+                        run.step = recovery.recover(failure)
+                    except RecoveryStopped as exc:
+                        raise RunError(f"{failure}; {exc}") from None
+                    run.last_checkpoint = self._last_info.path if self._last_info is not None else None
+            step, last_checkpoint = run.step, run.last_checkpoint
             self._current_step = step
-            with progress.phase("final evaluation"):
-                final = self._evaluate(driver, data, "final",
-                                       explanations_path=self.output_dir / "explanations.jsonl")
-            final["epoch"] = batches.position(max(step - 1, 0))[0]
-            self.validation.append(final)
-            if tb is not None:
-                tb.validation(final)
-            progress.message(f"final validation: {_fmt_metrics(final)}")
-            progress.summary(final)
-            if last_checkpoint is None or ckpt.read_manifest(last_checkpoint).get("step") != step:
-                with progress.phase(f"checkpoint at step {step}"):
-                    last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
             self._sample_memory()
             self._loss_scale_state = driver.scaler.state()
-            report = self._report(run_id, step, batches, data, counts, wall_start, last_checkpoint, stopped_early)
+            report = self._report(run_id, step, batches, data, counts, wall_start, last_checkpoint, run.stopped_early)
             report["trace"] = self._write_trace()
             (self.output_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
             try:
@@ -660,6 +595,127 @@ class HybridDistributedTrainer:
                 log.warning("could not draw loss.png: %s", exc)
             log.info("report: %s", self.output_dir / "report.json")
             return report, last_checkpoint
+
+    # ------------------------------------------------------------------ the phases of a run
+
+    def _begin(self, run_id: str, resume_info: ckpt.CheckpointInfo | None, driver: PipelineDriver) -> int:
+        step = resume_info.step if resume_info is not None else 0
+        with phase("StartRun", step):
+            if resume_info is not None and self.launcher is None:
+                self._take_over(run_id)
+            step = self._restore(run_id, resume_info)
+        for n in ("cpu_stage", "gpu_stage"):
+            log.info("%s trains in %s: %s", n, self.clients[n].precision, self.clients[n].precision_reason)
+        self._set_loss_scaling(driver)
+        if resume_info is not None:
+            self._restore_orchestrator_state(resume_info.manifest, driver)
+            log.info("resumed run %s at step %d from %s", run_id, step, resume_info.path)
+        return step
+
+    def _set_loss_scaling(self, driver: PipelineDriver) -> None:
+        """Each stage chose its precision from its own device at StartRun; fp16 on either needs the scale."""
+        fp16 = any(self.clients[n].precision == "fp16" for n in ("cpu_stage", "gpu_stage"))
+        if driver.scaler.enabled != fp16:
+            t = self.config.train
+            driver.scaler = DynamicLossScale(fp16, init_scale=t.initial_loss_scale,
+                                             max_consecutive_skips=t.max_consecutive_skips)
+
+    def _log_run(self, run_id: str, counts, data: PreparedData, batches: StepBatches, gpu_device: str) -> None:
+        cfg = self.config
+        log.info(
+            "run %s: %d parameters (cpu stage %d: %s; gpu stage %d on %s: %s), %d train / %d validation scenarios, "
+            "%d steps (%d per epoch), batch %d x %d micro-batches x %d accumulation",
+            run_id, counts["total"], counts["cpu_stage"], self.stage_info["cpu_stage"].layer_range,
+            counts["gpu_stage"], gpu_device, self.stage_info["gpu_stage"].layer_range, len(data.train), len(data.validation),
+            batches.total_steps, batches.steps_per_epoch, cfg.train.batch_size, cfg.micro_batches,
+            cfg.train.gradient_accumulation_steps,
+        )
+
+    def _train_steps(self, run: "_Loop", run_id: str, driver: PipelineDriver, data: PreparedData,
+                     batches: StepBatches, progress: Progress) -> None:
+        """Optimizer steps with logging, epoch-end evaluation and checkpoints, until the last step or a stop."""
+        cfg = self.config
+        evaluated_epochs = {v.get("epoch") for v in self.validation}
+        while run.step < batches.total_steps:
+            step = run.step
+            epoch, _ = batches.position(step)
+            self._current_step = step
+            lr = learning_rate_at(step, batches.total_steps, cfg.train)
+            with phase("RunStep", step), self._span(f"step {step + 1}", step):
+                try:
+                    outcome = driver.run_step(step, batches.rounds(step), lr)
+                except NonFiniteError:
+                    self.metrics.nonfinite.inc()
+                    raise
+            self._record_step(outcome, epoch)
+            step += 1
+            run.step = step
+            if self._tb is not None:
+                self._tb.step(step, outcome)
+            self._current_step = step
+            if step % cfg.train.log_every_n_steps == 0 or step == batches.total_steps:
+                memory = self._sample_memory()
+                entry = {
+                    "step": step, "epoch": epoch, "loss": outcome.total_loss, "losses": outcome.losses,
+                    "learning_rate": lr, "grad_norm": outcome.grad_norm, "step_seconds": outcome.seconds,
+                    "samples_per_second": outcome.samples / outcome.seconds if outcome.seconds else 0.0,
+                    "regret_mean": outcome.regret_mean,
+                    "regret_computations": outcome.regret_computations,
+                    "bentham_evaluations": outcome.bentham_evaluations,
+                    "bubble": {k.split()[0]: (v["wait"] / v["total"] if v["total"] else 0.0) for k, v in outcome.stage_timings.items()},
+                    "rss_bytes": memory, "skipped": outcome.skipped,
+                    "peak_gpu_memory_bytes": outcome.peak_gpu_memory_bytes,
+                    "loss_scale": outcome.loss_scale,
+                }
+                self.history.append(entry)
+                heads = " ".join(f"{h}={v:.4f}" for h, v in sorted(outcome.losses.items()))
+                progress.message(
+                    f"step {step}/{batches.total_steps} epoch {epoch} loss {outcome.total_loss:.4f} ({heads}) "
+                    f"lr {lr:.2e} |g| {outcome.grad_norm:.3f} {outcome.seconds:.3f}s/step "
+                    f"{entry['samples_per_second']:.1f} samples/s regret {outcome.regret_mean:.4f} "
+                    f"rss {' '.join(f'{k}={v / 2**20:.0f}MiB' for k, v in memory.items())}"
+                )
+            progress.update(step, outcome.total_loss, outcome.samples / outcome.seconds if outcome.seconds else 0.0)
+            end_of_epoch = step % batches.steps_per_epoch == 0
+            if end_of_epoch and cfg.train.eval_every_epoch and step < batches.total_steps and epoch not in evaluated_epochs:
+                with phase("Evaluate", step), self._span("evaluation", step - 1), \
+                        progress.phase(f"evaluation after epoch {epoch}"):
+                    entry = self._evaluate(driver, data, f"epoch {epoch}")
+                entry["epoch"] = epoch
+                self.validation.append(entry)
+                if self._tb is not None:
+                    self._tb.validation(entry)
+                evaluated_epochs.add(epoch)
+                progress.message(f"validation after epoch {epoch}: {_fmt_metrics(entry)}")
+            every = cfg.checkpoint.save_checkpoint_every
+            if every and step % every == 0 and step < batches.total_steps:
+                t0 = time.perf_counter()
+                with phase("SaveState", step), self._span("checkpoint", step - 1), \
+                        progress.phase(f"checkpoint at step {step}"):
+                    run.last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
+                progress.message(f"checkpoint at step {step}: {run.last_checkpoint} ({time.perf_counter() - t0:.2f}s)")
+            if self.stop_requested.is_set():
+                run.stopped_early = step < batches.total_steps
+                return
+
+    def _final_evaluation(self, run: "_Loop", driver: PipelineDriver, data: PreparedData, batches: StepBatches,
+                          progress: Progress) -> None:
+        """The final validation and the explanations file."""
+        self._current_step = run.step
+        with phase("Evaluate", run.step), progress.phase("final evaluation"):
+            final = self._evaluate(driver, data, "final", explanations_path=self.output_dir / "explanations.jsonl")
+        final["epoch"] = batches.position(max(run.step - 1, 0))[0]
+        self.validation.append(final)
+        if self._tb is not None:
+            self._tb.validation(final)
+        progress.message(f"final validation: {_fmt_metrics(final)}")
+        progress.summary(final)
+
+    def _final_checkpoint(self, run: "_Loop", run_id: str, driver: PipelineDriver, data: PreparedData,
+                          batches: StepBatches) -> None:
+        if run.last_checkpoint is None or ckpt.read_manifest(run.last_checkpoint).get("step") != run.step:
+            with phase("SaveState", run.step), self._progress.phase(f"checkpoint at step {run.step}"):
+                run.last_checkpoint = self._save_checkpoint(run_id, run.step, batches, driver, data)
 
     def _resume_info(self) -> ckpt.CheckpointInfo | None:
         if not self.resume:
@@ -754,3 +810,4 @@ def _fmt_metrics(entry: dict) -> str:
             bow = f", bag-of-words {b['baseline_bow_' + key]:.4f}" if "baseline_bow_" + key in b else ""
             parts.append(f"{key} {m[key]:.4f} (baseline {b.get('baseline_' + key, float('nan')):.4f}{bow})")
     return ", ".join(parts)
+

@@ -379,7 +379,7 @@ class LaunchConfig:
     log_dir: str = ""
     """Where local services write their logs (empty: <output_dir>/logs)."""
     max_restarts: int = 3
-    """Recoveries per run after a service dies mid-step (local: restart it; remote: wait for it)."""
+    """Recoveries per run after a service dies or stops answering, in any phase (local: restart it; remote: wait for it); each try counts, also one cut short by another death."""
 
 
 SECTIONS: dict[str, type] = {

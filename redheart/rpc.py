@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from redheart import fault_injection
 from redheart.codec import TensorValidationError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -351,6 +352,8 @@ def make_server(
     token = _token(security)
     if token:
         interceptors.append(TokenAuthInterceptor(token))
+    # Test-only (redheart/fault_injection.py): empty unless REDHEART_TEST_FAULTS names a plan.
+    interceptors.extend(fault_injection.server_interceptors())
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
         options=channel_options(max_message_mb)
