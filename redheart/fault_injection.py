@@ -117,17 +117,42 @@ def _step_of(request: Any) -> int:
     return -1
 
 
+def _request_class(full_method: str):
+    """The request message type of "/package.Service/Method" (from the registered descriptors)."""
+    from google.protobuf import descriptor_pool, message_factory
+
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    try:
+        desc = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(method)
+    except (KeyError, AttributeError):
+        return None
+    return None if desc is None else message_factory.GetMessageClass(desc.input_type)
+
+
+def _parsed(request: Any, request_class) -> Any:
+    # The services parse their requests inside the handler (redheart/guard.py), so an interceptor
+    # sees the raw bytes: parse a copy to read its step (bytes that do not parse have none).
+    if not isinstance(request, (bytes, bytearray)) or request_class is None:
+        return request
+    try:
+        return request_class.FromString(bytes(request))
+    except Exception:  # noqa: BLE001 - the handler answers malformed bytes itself
+        return None
+
+
 class _FaultInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
+        request_class = _request_class(handler_call_details.method)
         inner = handler.unary_unary
 
         def behaviour(request, context):
-            phase = "Evaluate" if method == "RunStep" and getattr(request, "forward_only", False) else method
-            step = _step_of(request)
+            message = _parsed(request, request_class)
+            phase = "Evaluate" if method == "RunStep" and getattr(message, "forward_only", False) else method
+            step = _step_of(message)
             point(phase, step, "before")
             response = inner(request, context)
             point(phase, step, "after")
