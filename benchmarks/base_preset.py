@@ -25,7 +25,9 @@ ORIGINAL_EPOCHS = 3
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=4)
@@ -33,14 +35,39 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp) / "base"
-        cmd = [sys.executable, "-m", "orchestrator.cli", "--config", str(ROOT / "examples" / "hybrid.toml"),
-               "--set", 'model.preset="base"', "--set", f"train.batch_size={args.batch}",
-               "--set", f"train.micro_batch_size={args.micro_batch}", "--set", f"train.max_steps={args.steps}",
-               "--set", "train.log_every_n_steps=1", "--set", "train.warmup_steps=0",
-               "--set", "data.max_scenarios=600", "--set", "checkpoint.save_checkpoint_every=0",
-               "--set", 'orchestrator.progress="log"', "--set", "metrics.enabled=false", "--output-dir", str(out_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "--config",
+            str(ROOT / "examples" / "hybrid.toml"),
+            "--set",
+            'model.preset="base"',
+            "--set",
+            f"train.batch_size={args.batch}",
+            "--set",
+            f"train.micro_batch_size={args.micro_batch}",
+            "--set",
+            f"train.max_steps={args.steps}",
+            "--set",
+            "train.log_every_n_steps=1",
+            "--set",
+            "train.warmup_steps=0",
+            "--set",
+            "data.max_scenarios=600",
+            "--set",
+            "checkpoint.save_checkpoint_every=0",
+            "--set",
+            'orchestrator.progress="log"',
+            "--set",
+            "metrics.enabled=false",
+            "--output-dir",
+            str(out_dir),
+        ]
         print("running:", " ".join(cmd[2:]), flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")
+        )
         if proc.returncode != 0:
             print(proc.stderr[-4000:], file=sys.stderr)
             return 1
@@ -58,7 +85,9 @@ def main(argv=None) -> int:
         "samples_per_second": args.batch / step_seconds,
         "peak_rss_bytes": report["peak_rss_bytes"],
         "projected_original_workload": {
-            "epochs": ORIGINAL_EPOCHS, "scenarios": ORIGINAL_SCENARIOS, "steps": total_steps,
+            "epochs": ORIGINAL_EPOCHS,
+            "scenarios": ORIGINAL_SCENARIOS,
+            "steps": total_steps,
             "hours": total_steps * step_seconds / 3600,
         },
         "cpu_count": os.cpu_count(),
@@ -66,14 +95,20 @@ def main(argv=None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"base preset: {report['parameters']['total'] / 1e6:.1f}M parameters "
-          f"(cpu stage {report['parameters']['cpu_stage'] / 1e6:.1f}M, gpu stage {report['parameters']['gpu_stage'] / 1e6:.1f}M)")
-    print(f"step time at batch {args.batch}: {step_seconds:.1f} s (each: {', '.join(f'{s:.1f}' for s in steps)}), "
-          f"{args.batch / step_seconds:.3f} samples/s")
+    print(
+        f"base preset: {report['parameters']['total'] / 1e6:.1f}M parameters "
+        f"(cpu stage {report['parameters']['cpu_stage'] / 1e6:.1f}M, gpu stage {report['parameters']['gpu_stage'] / 1e6:.1f}M)"
+    )
+    print(
+        f"step time at batch {args.batch}: {step_seconds:.1f} s (each: {', '.join(f'{s:.1f}' for s in steps)}), "
+        f"{args.batch / step_seconds:.3f} samples/s"
+    )
     print("peak RSS: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in report["peak_rss_bytes"].items()))
     p = result["projected_original_workload"]
-    print(f"projected original workload ({p['epochs']} epochs x {p['scenarios']} scenarios at batch {args.batch} = "
-          f"{p['steps']} steps): {p['hours']:.1f} h on this machine")
+    print(
+        f"projected original workload ({p['epochs']} epochs x {p['scenarios']} scenarios at batch {args.batch} = "
+        f"{p['steps']} steps): {p['hours']:.1f} h on this machine"
+    )
     return 0
 
 

@@ -25,7 +25,6 @@ Prints a summary and writes it as JSON (--out, default benchmarks/results/gpu_ch
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -44,10 +43,20 @@ sys.path.insert(0, str(ROOT))
 
 SECTIONS = ("env", "pytest", "stage", "pipeline", "verify", "single")
 # Distribution name -> import name: what a run needs besides torch.
-PACKAGES = {"grpcio": "grpc", "grpcio-health-checking": "grpc_health", "protobuf": "google.protobuf",
-            "numpy": "numpy", "prometheus-client": "prometheus_client", "click": "click", "tokenizers": "tokenizers",
-            "safetensors": "safetensors", "psutil": "psutil", "matplotlib": "matplotlib", "pytest": "pytest",
-            "nvidia-ml-py": "pynvml"}
+PACKAGES = {
+    "grpcio": "grpc",
+    "grpcio-health-checking": "grpc_health",
+    "protobuf": "google.protobuf",
+    "numpy": "numpy",
+    "prometheus-client": "prometheus_client",
+    "click": "click",
+    "tokenizers": "tokenizers",
+    "safetensors": "safetensors",
+    "psutil": "psutil",
+    "matplotlib": "matplotlib",
+    "pytest": "pytest",
+    "nvidia-ml-py": "pynvml",
+}
 GiB = 1024**3
 
 
@@ -61,47 +70,75 @@ def _version(dist: str) -> str | None:
 def section_env(args) -> dict:
     import torch
 
-    out = {"python": platform.python_version(), "platform": platform.platform(), "cpu_cores": os.cpu_count(),
-           "torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-           "packages": {d: _version(d) for d in PACKAGES}}
+    out = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "packages": {d: _version(d) for d in PACKAGES},
+    }
     try:
-        out["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True, timeout=10).stdout.strip()
+        out["commit"] = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         out["commit"] = None
     if args.device.startswith("cuda") and torch.cuda.is_available():
         device = torch.device(args.device)
         index = device.index if device.index is not None else torch.cuda.current_device()
         free, total = torch.cuda.mem_get_info(index)
-        out.update(device=f"cuda:{index}", device_name=torch.cuda.get_device_name(index),
-                   compute_capability=".".join(map(str, torch.cuda.get_device_capability(index))),
-                   cudnn=torch.backends.cudnn.version(), free_gib=free / GiB, total_gib=total / GiB,
-                   device_count=torch.cuda.device_count())
+        out.update(
+            device=f"cuda:{index}",
+            device_name=torch.cuda.get_device_name(index),
+            compute_capability=".".join(map(str, torch.cuda.get_device_capability(index))),
+            cudnn=torch.backends.cudnn.version(),
+            free_gib=free / GiB,
+            total_gib=total / GiB,
+            device_count=torch.cuda.device_count(),
+        )
     missing = [d for d, v in out["packages"].items() if v is None and d not in ("nvidia-ml-py",)]
     out["missing"] = missing
     if missing:
-        out["hint"] = ("carry them as wheels: docs/deploy.md, 'Carrying the wheels to a GPU host' "
-                       f"(missing: {', '.join(missing)})")
+        out["hint"] = (
+            "carry them as wheels: docs/deploy.md, 'Carrying the wheels to a GPU host' "
+            f"(missing: {', '.join(missing)})"
+        )
     return out
 
 
 def _run(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": path, **(env or {})})
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": path, **(env or {})},
+    )
 
 
 def cuda_test_files() -> list[str]:
     """The test modules with CUDA-marked tests: collecting only them needs no test-only packages
     (hypothesis, pyyaml, ...) on the GPU host."""
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
-                  if "mark.cuda" in p.read_text(encoding="utf-8"))
+    return sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "tests").rglob("test_*.py")
+        if "mark.cuda" in p.read_text(encoding="utf-8")
+    )
 
 
 def section_pytest(args) -> dict:
     targets = cuda_test_files()
-    proc = _run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rs", *targets],
-                timeout=args.pytest_timeout)
+    proc = _run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rs", *targets],
+        timeout=args.pytest_timeout,
+    )
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     return {"returncode": proc.returncode, "summary": lines[-1] if lines else "", "tail": lines[-25:]}
 
@@ -109,9 +146,15 @@ def section_pytest(args) -> dict:
 def _config(args, **overrides):
     from redheart.config import HybridConfig
 
-    sections = {"model": {"preset": args.preset}, "gpu_stage": {"device": args.device},
-                "train": {"batch_size": args.batch, "micro_batch_size": args.micro_batch_size,
-                          "use_mixed_precision": True}}
+    sections = {
+        "model": {"preset": args.preset},
+        "gpu_stage": {"device": args.device},
+        "train": {
+            "batch_size": args.batch,
+            "micro_batch_size": args.micro_batch_size,
+            "use_mixed_precision": True,
+        },
+    }
     for key, value in overrides.items():
         section, name = key.split(".")
         sections.setdefault(section, {})[name] = value
@@ -137,20 +180,37 @@ def section_stage(args) -> dict:
 
 def _workload_overrides(args, dtype: str, steps: int) -> list[str]:
     """The workload both the pipeline and the all-on-device run train: same corpus, batches, precision."""
-    sets = {"model.preset": f'"{args.preset}"', "model.gpu_layers_ratio": '"auto"',
-            "gpu_stage.device": f'"{args.device}"',
-            "train.use_mixed_precision": "true", "train.mixed_precision_dtype": f'"{dtype}"',
-            "train.batch_size": str(args.batch), "train.micro_batch_size": str(args.micro_batch_size),
-            "train.max_steps": str(steps), "train.log_every_n_steps": "1", "train.warmup_steps": "0",
-            "train.eval_every_epoch": "false", "data.max_scenarios": str(args.scenarios),
-            "checkpoint.save_checkpoint_every": "0", "metrics.enabled": "false", 'orchestrator.progress': '"log"',
-            "regret.address": '"inprocess"' if args.dry_run else '""'}
+    sets = {
+        "model.preset": f'"{args.preset}"',
+        "model.gpu_layers_ratio": '"auto"',
+        "gpu_stage.device": f'"{args.device}"',
+        "train.use_mixed_precision": "true",
+        "train.mixed_precision_dtype": f'"{dtype}"',
+        "train.batch_size": str(args.batch),
+        "train.micro_batch_size": str(args.micro_batch_size),
+        "train.max_steps": str(steps),
+        "train.log_every_n_steps": "1",
+        "train.warmup_steps": "0",
+        "train.eval_every_epoch": "false",
+        "data.max_scenarios": str(args.scenarios),
+        "checkpoint.save_checkpoint_every": "0",
+        "metrics.enabled": "false",
+        "orchestrator.progress": '"log"',
+        "regret.address": '"inprocess"' if args.dry_run else '""',
+    }
     return [f"{key}={value}" for key, value in sets.items()]
 
 
 def _pipeline_cmd(args, out_dir: Path, dtype: str, extra: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "orchestrator.cli", "--config", str(ROOT / "examples" / "hybrid.toml"),
-           "--output-dir", str(out_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "--config",
+        str(ROOT / "examples" / "hybrid.toml"),
+        "--output-dir",
+        str(out_dir),
+    ]
     for item in _workload_overrides(args, dtype, args.pipeline_steps):
         cmd += ["--set", item]
     return cmd + extra
@@ -193,15 +253,31 @@ def section_pipeline(args) -> dict:
 
 
 def section_verify(args) -> dict:
-    cmd = [sys.executable, "-m", "orchestrator.cli", "--config", str(ROOT / "examples" / "hybrid.toml"), "--verify",
-           "--output-dir", str(Path(args.workdir) / "verify"), "--set", 'model.preset="tiny"',
-           "--set", f'gpu_stage.device="{args.device}"',
-           "--set", f"orchestrator.verify_steps={1 if args.dry_run else 2}",
-           "--set", f"data.max_scenarios={args.scenarios}", "--set", "metrics.enabled=false", *_tokenizer_args(args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "--config",
+        str(ROOT / "examples" / "hybrid.toml"),
+        "--verify",
+        "--output-dir",
+        str(Path(args.workdir) / "verify"),
+        "--set",
+        'model.preset="tiny"',
+        "--set",
+        f'gpu_stage.device="{args.device}"',
+        "--set",
+        f"orchestrator.verify_steps={1 if args.dry_run else 2}",
+        "--set",
+        f"data.max_scenarios={args.scenarios}",
+        "--set",
+        "metrics.enabled=false",
+        *_tokenizer_args(args),
+    ]
     if args.dry_run:
         cmd += ["--set", 'regret.address="inprocess"']
     proc = _run(cmd, timeout=args.verify_timeout)
-    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
     tail = lines[-6:] or proc.stderr[-1500:].splitlines()
     return {"returncode": proc.returncode, "ok": proc.returncode == 0, "tail": tail}
 
@@ -226,8 +302,12 @@ def section_single(args) -> dict:
     out = {}
     for dtype in args.dtypes:
         overrides = _workload_overrides(args, dtype, args.single_steps + 1) + _tokenizer_args(args)[1::2]
-        cfg = load_config(ROOT / "examples" / "hybrid.toml", env={}, overrides=overrides,
-                          output_dir=str(Path(args.workdir) / f"single-{dtype}"))
+        cfg = load_config(
+            ROOT / "examples" / "hybrid.toml",
+            env={},
+            overrides=overrides,
+            output_dir=str(Path(args.workdir) / f"single-{dtype}"),
+        )
         try:
             p = choose_precision(True, dtype, True, device.type, device_capability(device))
         except ValueError as exc:
@@ -254,8 +334,9 @@ def section_single(args) -> dict:
                 ids = part.tensors["input_ids"].to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=p.autocast_dtype):
                     outputs = gpu(cpu(ids, mask), mask)
-                target = calculus.score_tensor(outputs["bentham"], cfg.regret.regrets_per_step,
-                                               cfg.regret.bentham_per_regret)
+                target = calculus.score_tensor(
+                    outputs["bentham"], cfg.regret.regrets_per_step, cfg.regret.bentham_per_regret
+                )
                 labels = {k: part.tensors[k].to(device, non_blocking=True) for k in LABEL_KEYS}
                 loss, _ = multitask_loss(outputs, labels, target, t.loss_weights, lazy=True)
                 scaler.scale(loss / len(parts)).backward()
@@ -269,8 +350,12 @@ def section_single(args) -> dict:
             if step:
                 times.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-        out[dtype] = {"precision": p.name, "step_seconds": statistics.median(times), "micro_batches": len(parts),
-                      "peak_gpu_memory_bytes": peak}
+        out[dtype] = {
+            "precision": p.name,
+            "step_seconds": statistics.median(times),
+            "micro_batches": len(parts),
+            "peak_gpu_memory_bytes": peak,
+        }
         del cpu, gpu, opt
     return out
 
@@ -279,25 +364,31 @@ def summarize(results: dict) -> list[str]:
     lines = []
     env = results.get("env", {})
     if "torch" in env:
-        lines.append(f"torch {env['torch']} (CUDA {env['torch_cuda']}), python {env['python']}, {env['cpu_cores']} cores, "
-                     f"device {env.get('device_name', 'cpu')} cc {env.get('compute_capability', '-')} "
-                     f"{env.get('total_gib', 0):.1f} GiB; grpc {env['packages'].get('grpcio')}, "
-                     f"protobuf {env['packages'].get('protobuf')}")
+        lines.append(
+            f"torch {env['torch']} (CUDA {env['torch_cuda']}), python {env['python']}, {env['cpu_cores']} cores, "
+            f"device {env.get('device_name', 'cpu')} cc {env.get('compute_capability', '-')} "
+            f"{env.get('total_gib', 0):.1f} GiB; grpc {env['packages'].get('grpcio')}, "
+            f"protobuf {env['packages'].get('protobuf')}"
+        )
         if env.get("missing"):
             lines.append(f"MISSING packages: {', '.join(env['missing'])} -- {env['hint']}")
     if "pytest" in results:
         lines.append(f"pytest -m cuda: {results['pytest'].get('summary', results['pytest'])}")
     for dtype, r in results.get("stage", {}).items():
         if dtype == "adamw_seconds":
-            lines.append("AdamW step over the GPU stage: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in r.items()))
+            lines.append(
+                "AdamW step over the GPU stage: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in r.items())
+            )
         elif "error" in r:
             lines.append(f"stage in process ({dtype}): {r['error'][:300]}")
         else:
             fwd, bwd = r["forward_seconds_per_micro_batch"] * 1e3, r["backward_seconds_per_micro_batch"] * 1e3
-            lines.append(f"stage in process ({dtype} -> {r['precision']}): {r['step_seconds'] * 1e3:.1f} ms/step, "
-                         f"fwd {fwd:.2f} / bwd {bwd:.2f} ms per micro-batch (host), syncs/micro-batch "
-                         f"{r['host_syncs_per_micro_batch']}, peak {r['peak_memory_bytes'] / GiB:.3f} GiB vs estimate "
-                         f"{r['estimate_bytes'] / GiB:.3f} GiB, gradient {r['gradient_dtype']}")
+            lines.append(
+                f"stage in process ({dtype} -> {r['precision']}): {r['step_seconds'] * 1e3:.1f} ms/step, "
+                f"fwd {fwd:.2f} / bwd {bwd:.2f} ms per micro-batch (host), syncs/micro-batch "
+                f"{r['host_syncs_per_micro_batch']}, peak {r['peak_memory_bytes'] / GiB:.3f} GiB vs estimate "
+                f"{r['estimate_bytes'] / GiB:.3f} GiB, gradient {r['gradient_dtype']}"
+            )
     single = results.get("single", {})
     for dtype, r in results.get("pipeline", {}).items():
         if "error" in r:
@@ -305,14 +396,22 @@ def summarize(results: dict) -> list[str]:
             continue
         s = single.get(dtype, {})
         # The issue's goal: the pipeline at >= 0.75x the speed of the same model all on the GPU.
-        ratio = (f", {s['step_seconds'] / r['step_seconds']:.2f}x the speed of all-on-device "
-                 f"({s['step_seconds']:.3f} s/step)") if s.get("step_seconds") else ""
+        ratio = (
+            (
+                f", {s['step_seconds'] / r['step_seconds']:.2f}x the speed of all-on-device "
+                f"({s['step_seconds']:.3f} s/step)"
+            )
+            if s.get("step_seconds")
+            else ""
+        )
         used = {k: v.get("used") for k, v in (r["precision"] or {}).items()}
         scales = r["loss_scale"]
-        lines.append(f"pipeline ({dtype}): {r['step_seconds']:.3f} s/step{ratio}; precision {used}; loss scale "
-                     f"{scales[:1]}->{scales[-1:]} ({r['skipped_steps']} skipped); split {r['split']['cpu_layers']} "
-                     f"CPU layers; peak GPU {r['peak_gpu_memory_bytes'] / GiB:.2f} of "
-                     f"{r['budget_bytes'] / GiB:.1f} GiB budget")
+        lines.append(
+            f"pipeline ({dtype}): {r['step_seconds']:.3f} s/step{ratio}; precision {used}; loss scale "
+            f"{scales[:1]}->{scales[-1:]} ({r['skipped_steps']} skipped); split {r['split']['cpu_layers']} "
+            f"CPU layers; peak GPU {r['peak_gpu_memory_bytes'] / GiB:.2f} of "
+            f"{r['budget_bytes'] / GiB:.1f} GiB budget"
+        )
     if "verify" in results:
         v = results["verify"]
         lines.append(f"verify tiny: {'OK' if v.get('ok') else 'FAILED'}: {(v.get('tail') or [''])[-2:]}")
@@ -322,13 +421,19 @@ def summarize(results: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--preset", default="base")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--micro-batch-size", type=int, default=0, help="0: the project's automatic choice")
-    parser.add_argument("--seq", type=int, default=0, help="sequence length of the in-process runs (0: the preset's)")
-    parser.add_argument("--dtypes", default="bf16,fp16", help="mixed_precision_dtype values to run (comma-separated)")
+    parser.add_argument(
+        "--seq", type=int, default=0, help="sequence length of the in-process runs (0: the preset's)"
+    )
+    parser.add_argument(
+        "--dtypes", default="bf16,fp16", help="mixed_precision_dtype values to run (comma-separated)"
+    )
     parser.add_argument("--skip", action="append", default=[], choices=SECTIONS)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
     args = parser.parse_args(argv)
@@ -341,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     small = args.dry_run
     args.stage_steps, args.pipeline_steps, args.single_steps = (1, 1, 1) if small else (10, 12, 10)
     args.scenarios = 200 if small else 2000
-    args.pytest_timeout, args.pipeline_timeout, args.verify_timeout = (60, 60, 60) if small else (240, 120, 90)
+    args.pytest_timeout, args.pipeline_timeout, args.verify_timeout = (
+        (60, 60, 60) if small else (240, 120, 90)
+    )
     if small and not args.seq:
         args.seq = 32
     results: dict = {"args": {k: v for k, v in vars(args).items()}, "errors": {}}

@@ -49,9 +49,22 @@ def _start_service(workers: int, batch: int, tmp: Path) -> tuple[subprocess.Pope
     env = {k: v for k, v in os.environ.items() if not k.startswith("REDHEART_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "regret_service.cli", "--config", str(config), "--metrics-port", "0",
-         "--log-level", "WARNING"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "regret_service.cli",
+            "--config",
+            str(config),
+            "--metrics-port",
+            "0",
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     line = proc.stdout.readline()
     match = re.match(r"REDHEART_READY service=regret port=(\d+) metrics_port=(\d+)", line)
@@ -63,6 +76,7 @@ def _start_service(workers: int, batch: int, tmp: Path) -> tuple[subprocess.Pope
 
 def machine_idle_percent(seconds: float = 1.0) -> float | None:
     """Share of all CPUs idle over ``seconds`` (Linux /proc/stat): other load skews the comparison."""
+
     def sample():
         with open("/proc/stat", encoding="ascii") as f:
             values = [int(v) for v in f.readline().split()[1:]]
@@ -79,7 +93,10 @@ def machine_idle_percent(seconds: float = 1.0) -> float | None:
 
 def _busy_seconds(metrics_port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    return sum(float(m.group(1)) for m in re.finditer(r'^redheart_regret_worker_busy_seconds_total\{[^}]*\} (\S+)$', text, re.M))
+    return sum(
+        float(m.group(1))
+        for m in re.finditer(r"^redheart_regret_worker_busy_seconds_total\{[^}]*\} (\S+)$", text, re.M)
+    )
 
 
 def run(workers_list: list[int], batch: int, calls: int, warmup: int, rounds: int = 2) -> dict:
@@ -102,8 +119,10 @@ def run(workers_list: list[int], batch: int, calls: int, warmup: int, rounds: in
         try:
             for workers in workers_list:
                 services.append((workers, *_start_service(workers, batch, Path(tmp))))
-            clients = [RegretClient(f"127.0.0.1:{port}", max_message_mb=message_mb, timeout_seconds=120)
-                       for _w, _proc, port, _m in services]
+            clients = [
+                RegretClient(f"127.0.0.1:{port}", max_message_mb=message_mb, timeout_seconds=120)
+                for _w, _proc, port, _m in services
+            ]
             busy0 = [_busy_seconds(m) for _w, _p, _port, m in services]
             seconds: list[list[float]] = [[] for _ in services]
             warm_seconds = [0.0 for _ in services]
@@ -121,13 +140,17 @@ def run(workers_list: list[int], batch: int, calls: int, warmup: int, rounds: in
                         start = time.perf_counter()
                         reply = client.score("bench", workers, r * 100 + i, tensor)
                         seconds[k].append(time.perf_counter() - start)
-                        if not torch.equal(reply.regret, torch.from_numpy(reference.regret)) or not torch.equal(
-                            reply.best_index, torch.from_numpy(reference.best_index)
-                        ):
-                            raise AssertionError(f"{workers} workers: the service's answer differs from calculus.score")
+                        if not torch.equal(
+                            reply.regret, torch.from_numpy(reference.regret)
+                        ) or not torch.equal(reply.best_index, torch.from_numpy(reference.best_index)):
+                            raise AssertionError(
+                                f"{workers} workers: the service's answer differs from calculus.score"
+                            )
             # Busy seconds include the warm-up calls; subtract their share to report the timed calls.
-            busy = [(_busy_seconds(m) - b0) * sum(seconds[k]) / (sum(seconds[k]) + warm_seconds[k])
-                    for k, ((_w, _p, _port, m), b0) in enumerate(zip(services, busy0))]
+            busy = [
+                (_busy_seconds(m) - b0) * sum(seconds[k]) / (sum(seconds[k]) + warm_seconds[k])
+                for k, ((_w, _p, _port, m), b0) in enumerate(zip(services, busy0))
+            ]
             for client in clients:
                 client.close()
         finally:
@@ -139,16 +162,18 @@ def run(workers_list: list[int], batch: int, calls: int, warmup: int, rounds: in
                 except subprocess.TimeoutExpired:
                     proc.kill()
     for k, (workers, _proc, _port, _m) in enumerate(services):
-        rows.append({
-            "workers": workers,
-            "calls": calls,
-            "batch": batch,
-            "median_call_seconds": statistics.median(seconds[k]),
-            "best_call_seconds": min(seconds[k]),
-            "scenarios_per_second": batch / statistics.median(seconds[k]),
-            "overall_scenarios_per_second": batch * calls / sum(seconds[k]),
-            "worker_busy_seconds_per_call": busy[k] / calls,
-        })
+        rows.append(
+            {
+                "workers": workers,
+                "calls": calls,
+                "batch": batch,
+                "median_call_seconds": statistics.median(seconds[k]),
+                "best_call_seconds": min(seconds[k]),
+                "scenarios_per_second": batch / statistics.median(seconds[k]),
+                "overall_scenarios_per_second": batch * calls / sum(seconds[k]),
+                "worker_busy_seconds_per_call": busy[k] / calls,
+            }
+        )
     base = rows[0]["scenarios_per_second"]
     for row in rows:
         row["ratio_to_first"] = row["scenarios_per_second"] / base
@@ -159,9 +184,13 @@ def run(workers_list: list[int], batch: int, calls: int, warmup: int, rounds: in
     return {
         "benchmark": "regret_workers",
         "what": "Score calls through the real gRPC service (one process per worker count, blocks alternating), "
-                "bit-identical to calculus.score",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "processor": platform.processor()},
+        "bit-identical to calculus.score",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "processor": platform.processor(),
+        },
         "machine_idle_percent_before": idle_before,
         "rounds": rounds,
         "warmup_calls_per_block": warmup,
@@ -172,35 +201,51 @@ def run(workers_list: list[int], batch: int, calls: int, warmup: int, rounds: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=20000, help="scenarios per Score call (default 20000)")
     parser.add_argument("--calls", type=int, default=10, help="timed calls per worker count (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each block (default 2)")
-    parser.add_argument("--rounds", type=int, default=2, help="blocks per worker count, alternating (default 2)")
-    parser.add_argument("--workers", default="1,2,4", help="worker counts, first is the baseline (default 1,2,4)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="blocks per worker count, alternating (default 2)"
+    )
+    parser.add_argument(
+        "--workers", default="1,2,4", help="worker counts, first is the baseline (default 1,2,4)"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "regret_workers.json"))
     args = parser.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",")]
     result = run(workers, args.batch, args.calls, args.warmup, max(1, min(args.rounds, args.calls)))
 
-    print(f"regret service throughput, {args.batch} scenarios per call, {args.calls} timed calls per worker count in "
-          f"{result['rounds']} alternating blocks, each after {args.warmup} warm-up calls "
-          f"({os.cpu_count()} CPUs, {result['machine_idle_percent_before']:.0f}% idle before the run)")
+    print(
+        f"regret service throughput, {args.batch} scenarios per call, {args.calls} timed calls per worker count in "
+        f"{result['rounds']} alternating blocks, each after {args.warmup} warm-up calls "
+        f"({os.cpu_count()} CPUs, {result['machine_idle_percent_before']:.0f}% idle before the run)"
+    )
     if (result["machine_idle_percent_before"] or 100) < 80:
-        print("warning: other processes were using the CPUs; the ratios understate the scaling", file=sys.stderr)
-    print(f"{'workers':>7} | {'median call ms':>14} | {'scenarios/s':>12} | {'overall/s':>12} | {'busy s/call':>11} | "
-          f"{'vs ' + str(workers[0]):>6} | {'best call ms':>12} | {'best vs ' + str(workers[0]):>9}")
+        print(
+            "warning: other processes were using the CPUs; the ratios understate the scaling", file=sys.stderr
+        )
+    print(
+        f"{'workers':>7} | {'median call ms':>14} | {'scenarios/s':>12} | {'overall/s':>12} | {'busy s/call':>11} | "
+        f"{'vs ' + str(workers[0]):>6} | {'best call ms':>12} | {'best vs ' + str(workers[0]):>9}"
+    )
     print("-" * 104)
     for row in result["rows"]:
-        print(f"{row['workers']:>7} | {row['median_call_seconds'] * 1e3:>14.1f} | {row['scenarios_per_second']:>12,.0f} | "
-              f"{row['overall_scenarios_per_second']:>12,.0f} | {row['worker_busy_seconds_per_call']:>11.4f} | "
-              f"{row['ratio_to_first']:>5.2f}x | {row['best_call_seconds'] * 1e3:>12.1f} | "
-              f"{row['best_call_ratio_to_first']:>8.2f}x")
+        print(
+            f"{row['workers']:>7} | {row['median_call_seconds'] * 1e3:>14.1f} | {row['scenarios_per_second']:>12,.0f} | "
+            f"{row['overall_scenarios_per_second']:>12,.0f} | {row['worker_busy_seconds_per_call']:>11.4f} | "
+            f"{row['ratio_to_first']:>5.2f}x | {row['best_call_seconds'] * 1e3:>12.1f} | "
+            f"{row['best_call_ratio_to_first']:>8.2f}x"
+        )
     disturbed = [row["workers"] for row in result["rows"] if row["disturbed"]]
     if disturbed:
-        print(f"warning: the workers of the {disturbed}-worker rows spent >40% more busy time per call than the "
-              f"{workers[0]}-worker row: other processes took CPU during the run; run again on a quiet machine",
-              file=sys.stderr)
+        print(
+            f"warning: the workers of the {disturbed}-worker rows spent >40% more busy time per call than the "
+            f"{workers[0]}-worker row: other processes took CPU during the run; run again on a quiet machine",
+            file=sys.stderr,
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -44,11 +44,18 @@ BASE_LAYERS = 13  # redheart.model.PRESETS["base"]["num_layers"]
 
 def _overrides(args, bucketing: bool, tokenizer: Path) -> list[str]:
     sets = [
-        'model.preset="base"', f"train.batch_size={args.batch}", "train.micro_batch_size=0",
-        f"train.max_steps={args.steps}", "train.log_every_n_steps=1", "train.warmup_steps=0",
-        f"data.max_scenarios={MAX_SCENARIOS}", f"data.length_bucketing={'true' if bucketing else 'false'}",
-        f'data.path="{CORPUS}"', f'data.tokenizer_path="{tokenizer}"',
-        "checkpoint.save_checkpoint_every=0", "train.eval_every_epoch=false",
+        'model.preset="base"',
+        f"train.batch_size={args.batch}",
+        "train.micro_batch_size=0",
+        f"train.max_steps={args.steps}",
+        "train.log_every_n_steps=1",
+        "train.warmup_steps=0",
+        f"data.max_scenarios={MAX_SCENARIOS}",
+        f"data.length_bucketing={'true' if bucketing else 'false'}",
+        f'data.path="{CORPUS}"',
+        f'data.tokenizer_path="{tokenizer}"',
+        "checkpoint.save_checkpoint_every=0",
+        "train.eval_every_epoch=false",
     ]
     if args.split == "auto":
         sets.append('model.gpu_layers_ratio="auto"')
@@ -67,11 +74,16 @@ def _config(args, bucketing: bool, tokenizer: Path, out_dir: Path):
 def run_pipeline(args, bucketing: bool, tokenizer: Path, tmp: Path) -> dict:
     out_dir = tmp / f"pipeline-{'bucketed' if bucketing else 'plain'}"
     cmd = [sys.executable, "-m", "orchestrator.cli", "--config", str(ROOT / "examples" / "hybrid.toml")]
-    for s in _overrides(args, bucketing, tokenizer) + ['orchestrator.progress="log"', "metrics.enabled=false"]:
+    for s in _overrides(args, bucketing, tokenizer) + [
+        'orchestrator.progress="log"',
+        "metrics.enabled=false",
+    ]:
         cmd += ["--set", s]
     cmd += ["--output-dir", str(out_dir)]
     print("pipeline:", " ".join(cmd[3:]), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")
+    )
     if proc.returncode != 0:
         raise SystemExit(f"pipeline run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     report = json.loads((out_dir / "report.json").read_text())
@@ -111,7 +123,9 @@ def run_single_process(args, bucketing: bool, tokenizer: Path, tmp: Path, cpu_la
         if step:  # the same steps the pipeline's median is over
             real += sum(int(p.tensors["attention_mask"].sum()) for p in parts)
             computed += computed_tokens(parts)
-    padded_full = (args.steps - 1) * args.batch * cfg.train.gradient_accumulation_steps * data.train.input_ids.shape[1]
+    padded_full = (
+        (args.steps - 1) * args.batch * cfg.train.gradient_accumulation_steps * data.train.input_ids.shape[1]
+    )
     return {
         "step_seconds_each": times,
         "step_seconds": statistics.median(times[1:]),
@@ -139,7 +153,9 @@ def _ensure_inputs(tmp: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--bucketing", choices=("both", "on", "off"), default="both")
@@ -150,8 +166,14 @@ def main(argv=None) -> int:
         parser.error("--steps must be at least 2 (the first step is warm-up)")
     variants = {"both": (False, True), "on": (True,), "off": (False,)}[args.bucketing]
     total_steps = ORIGINAL_EPOCHS * (ORIGINAL_SCENARIOS // args.batch)
-    results = {"batch": args.batch, "steps": args.steps, "cpu_count": os.cpu_count(), "original_steps": total_steps,
-               "command": "benchmarks/workload.py " + " ".join(argv if argv is not None else sys.argv[1:]), "variants": {}}
+    results = {
+        "batch": args.batch,
+        "steps": args.steps,
+        "cpu_count": os.cpu_count(),
+        "original_steps": total_steps,
+        "command": "benchmarks/workload.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "variants": {},
+    }
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         tokenizer = _ensure_inputs(tmp)
@@ -166,8 +188,10 @@ def main(argv=None) -> int:
                 "pipeline": pipe,
                 "single_process": single,
                 "pipeline_over_single_process": single["step_seconds"] / pipe["step_seconds"],
-                "projected_hours": {"pipeline": total_steps * pipe["step_seconds"] / 3600,
-                                    "single_process": total_steps * single["step_seconds"] / 3600},
+                "projected_hours": {
+                    "pipeline": total_steps * pipe["step_seconds"] / 3600,
+                    "single_process": total_steps * single["step_seconds"] / 3600,
+                },
             }
             results["variants"][name] = entry
             _print(name, entry, args, total_steps)
@@ -180,17 +204,27 @@ def main(argv=None) -> int:
 def _print(name: str, e: dict, args, total_steps: int) -> None:
     p, s = e["pipeline"], e["single_process"]
     busy = ", ".join(f"{k} {1 - v:.0%}" for k, v in p["bubble"].items())
-    print(f"\n== {name}: base preset, batch {args.batch} = {args.batch // s['micro_batch_size']} micro-batches of "
-          f"{s['micro_batch_size']}, split {p['cpu_layers']} CPU layers / {BASE_LAYERS - p['cpu_layers']} GPU layers")
-    print(f"padding: {s['padding_fraction']:.1%} of computed positions (every sample padded to max_seq_len: "
-          f"{s['padding_fraction_at_max_seq_len']:.1%}); {s['real_tokens_per_step']:.0f} real tokens per step")
+    print(
+        f"\n== {name}: base preset, batch {args.batch} = {args.batch // s['micro_batch_size']} micro-batches of "
+        f"{s['micro_batch_size']}, split {p['cpu_layers']} CPU layers / {BASE_LAYERS - p['cpu_layers']} GPU layers"
+    )
+    print(
+        f"padding: {s['padding_fraction']:.1%} of computed positions (every sample padded to max_seq_len: "
+        f"{s['padding_fraction_at_max_seq_len']:.1%}); {s['real_tokens_per_step']:.0f} real tokens per step"
+    )
     print(f"{'':<16}{'s/step':>8}{'real tok/s':>12}{'hours':>8}")
-    print(f"{'pipeline':<16}{p['step_seconds']:>8.2f}{p['real_tokens_per_second']:>12.0f}{e['projected_hours']['pipeline']:>8.1f}"
-          f"   busy: {busy}; bubble {max(p['bubble'].values()):.0%}")
-    print(f"{'single process':<16}{s['step_seconds']:>8.2f}{s['real_tokens_per_second']:>12.0f}"
-          f"{e['projected_hours']['single_process']:>8.1f}   {s['threads']} threads")
-    print(f"pipeline / single process: {e['pipeline_over_single_process']:.2f}x; original workload "
-          f"({total_steps} steps) projected at {e['projected_hours']['pipeline']:.1f} h through the pipeline")
+    print(
+        f"{'pipeline':<16}{p['step_seconds']:>8.2f}{p['real_tokens_per_second']:>12.0f}{e['projected_hours']['pipeline']:>8.1f}"
+        f"   busy: {busy}; bubble {max(p['bubble'].values()):.0%}"
+    )
+    print(
+        f"{'single process':<16}{s['step_seconds']:>8.2f}{s['real_tokens_per_second']:>12.0f}"
+        f"{e['projected_hours']['single_process']:>8.1f}   {s['threads']} threads"
+    )
+    print(
+        f"pipeline / single process: {e['pipeline_over_single_process']:.2f}x; original workload "
+        f"({total_steps} steps) projected at {e['projected_hours']['pipeline']:.1f} h through the pipeline"
+    )
 
 
 if __name__ == "__main__":

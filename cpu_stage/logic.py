@@ -30,16 +30,30 @@ class CpuStagePart:
         try:
             ids, mask = mb.tensors["input_ids"], mb.tensors["attention_mask"]
         except KeyError as exc:
-            raise StageError("invalid", f"micro-batch {mb.index}: the cpu stage needs input {exc.args[0]!r}") from None
+            raise StageError(
+                "invalid", f"micro-batch {mb.index}: the cpu stage needs input {exc.args[0]!r}"
+            ) from None
         if ids.dtype != torch.int64 or ids.ndim != 2:
-            raise StageError("invalid", f"micro-batch {mb.index}: input_ids must be int64 [batch, seq], got {ids.dtype} {list(ids.shape)}")
+            raise StageError(
+                "invalid",
+                f"micro-batch {mb.index}: input_ids must be int64 [batch, seq], got {ids.dtype} {list(ids.shape)}",
+            )
         if mask.shape != ids.shape:
-            raise StageError("invalid", f"micro-batch {mb.index}: attention_mask shape {list(mask.shape)} != input_ids shape {list(ids.shape)}")
+            raise StageError(
+                "invalid",
+                f"micro-batch {mb.index}: attention_mask shape {list(mask.shape)} != input_ids shape {list(ids.shape)}",
+            )
         vocab = self.module.token.num_embeddings
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            raise StageError("invalid", f"micro-batch {mb.index}: input_ids outside [0, {vocab}) (min {int(ids.min())}, max {int(ids.max())})")
+            raise StageError(
+                "invalid",
+                f"micro-batch {mb.index}: input_ids outside [0, {vocab}) (min {int(ids.min())}, max {int(ids.max())})",
+            )
         if ids.shape[1] > self.module.shape.max_seq_len:
-            raise StageError("invalid", f"micro-batch {mb.index}: {ids.shape[1]} positions exceed max_seq_len {self.module.shape.max_seq_len}")
+            raise StageError(
+                "invalid",
+                f"micro-batch {mb.index}: {ids.shape[1]} positions exceed max_seq_len {self.module.shape.max_seq_len}",
+            )
         return ids, mask
 
     def forward(self, ctx: RoundContext, mb: MicroBatchInputs) -> ForwardRecord:
@@ -75,7 +89,10 @@ class CpuStagePart:
     def check_tensor(self, kind: str, tensor: torch.Tensor) -> None:
         h = self.module.shape.hidden_size
         if tensor.ndim != 3 or tensor.shape[-1] != h or not tensor.is_floating_point():
-            raise StageError("invalid", f"{kind} must be a float tensor [batch, seq, {h}], got {tensor.dtype} {list(tensor.shape)}")
+            raise StageError(
+                "invalid",
+                f"{kind} must be a float tensor [batch, seq, {h}], got {tensor.dtype} {list(tensor.shape)}",
+            )
 
 
 def _for_wire(ctx: RoundContext, tensor: torch.Tensor) -> torch.Tensor:

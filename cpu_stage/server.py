@@ -11,8 +11,13 @@ from redheart.model import resolve_model_shape
 from redheart.stage_service import StageServer, create_stage_server
 
 
-def create_server(config: HybridConfig, *, host: str | None = None, port: int | None = None,
-                  registry: CollectorRegistry | None = None) -> tuple[StageServer, int]:
+def create_server(
+    config: HybridConfig,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    registry: CollectorRegistry | None = None,
+) -> tuple[StageServer, int]:
     shape = resolve_model_shape(config.model)
     checkpointing = config.cpu_stage.activation_checkpointing
     return create_stage_server(
@@ -24,5 +29,7 @@ def create_server(config: HybridConfig, *, host: str | None = None, port: int | 
         registry=registry,
         metrics_factory=create_metrics,
         device="cpu",
-        layer_range=f"embeddings + layers 0-{shape.cpu_layers - 1}" if shape.cpu_layers else "embeddings only",
+        layer_range=f"embeddings + layers 0-{shape.cpu_layers - 1}"
+        if shape.cpu_layers
+        else "embeddings only",
     )

@@ -1,7 +1,7 @@
 """``redheart-gpu-stage --config hybrid.toml``: run the GPU stage service (``--help`` for the options)."""
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from gpu_stage.server import create_server
 from redheart.cli_common import invoke, stage_command

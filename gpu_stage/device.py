@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from redheart.gpu_memory import GiB, allocator_fraction, check_device_budget, describe_estimate, stage_estimates
+from redheart.gpu_memory import (
+    GiB,
+    allocator_fraction,
+    check_device_budget,
+    describe_estimate,
+    stage_estimates,
+)
 from redheart.model import CUDA_CONTEXT_BYTES, resolve_model_shape
 
 log = logging.getLogger(__name__)
@@ -30,8 +36,13 @@ def device_facts(device: torch.device) -> dict[str, Any]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(index)
     major, minor = torch.cuda.get_device_capability(index)
-    return {"device": f"cuda:{index}", "name": torch.cuda.get_device_name(index),
-            "capability": f"{major}.{minor}", "free_bytes": int(free), "total_bytes": int(total)}
+    return {
+        "device": f"cuda:{index}",
+        "name": torch.cuda.get_device_name(index),
+        "capability": f"{major}.{minor}",
+        "free_bytes": int(free),
+        "total_bytes": int(total),
+    }
 
 
 def probe(device: str, timeout: float = 120.0) -> dict[str, Any]:
@@ -61,18 +72,28 @@ def enforce_budget(config, device: torch.device) -> dict[str, Any]:
     label = f"{facts['device']} ({facts['name']})"
     # This process's context already exists and is outside `free`: compare the rest of the estimate.
     need = est["total"] - est["cuda_context"]
-    problems = [f for f in check_device_budget(budget, need, facts["free_bytes"], facts["total_bytes"], label)
-                if not f.ok and f.fatal]
+    problems = [
+        f
+        for f in check_device_budget(budget, need, facts["free_bytes"], facts["total_bytes"], label)
+        if not f.ok and f.fatal
+    ]
     if problems:
-        raise RuntimeError("; ".join(f"{f.what} (fix: {f.fix})" for f in problems)
-                           + f"; estimate {describe_estimate(est)}")
+        raise RuntimeError(
+            "; ".join(f"{f.what} (fix: {f.fix})" for f in problems) + f"; estimate {describe_estimate(est)}"
+        )
     if config.gpu_stage.enforce_memory_budget:
         fraction = allocator_fraction(budget, facts["total_bytes"], CUDA_CONTEXT_BYTES)
         torch.cuda.set_per_process_memory_fraction(fraction, device)
         facts["budget_bytes"] = budget
-        log.info("gpu stage: %s capped at %.2f of %.2f GiB (gpu_memory_gb %g; fraction %.3f); estimate %s",
-                 label, fraction * facts["total_bytes"] / GiB, facts["total_bytes"] / GiB,
-                 config.gpu_stage.gpu_memory_gb, fraction, describe_estimate(est))
+        log.info(
+            "gpu stage: %s capped at %.2f of %.2f GiB (gpu_memory_gb %g; fraction %.3f); estimate %s",
+            label,
+            fraction * facts["total_bytes"] / GiB,
+            facts["total_bytes"] / GiB,
+            config.gpu_stage.gpu_memory_gb,
+            fraction,
+            describe_estimate(est),
+        )
     return facts
 
 
@@ -81,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print(f"CUDA is not available in this process (torch {torch.__version__}, "
-              f"built for CUDA {torch.version.cuda})", file=sys.stderr)
+        print(
+            f"CUDA is not available in this process (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda})",
+            file=sys.stderr,
+        )
         return 2
     try:
         device = torch.device(args.device)

@@ -30,8 +30,9 @@ class CollectingLink:
         self.sent: list[tuple[str, int, int, str, torch.Tensor]] = []
         self._lock = threading.Lock()
 
-    def send(self, direction: str, run_id: str, step: int, micro_batch: int, kind: str,
-             tensor: torch.Tensor) -> None:
+    def send(
+        self, direction: str, run_id: str, step: int, micro_batch: int, kind: str, tensor: torch.Tensor
+    ) -> None:
         with self._lock:
             self.sent.append((direction, step, micro_batch, kind, tensor.detach().to("cpu", copy=True)))
 
@@ -44,14 +45,18 @@ class CollectingLink:
 
 def synthetic_micro_batch(index: int, size: int, seq: int, generator: torch.Generator) -> MicroBatchInputs:
     """Inputs of the last stage as they arrive off the wire: host tensors, every label present."""
-    return MicroBatchInputs(index=index, tensors={
-        "attention_mask": torch.ones(size, seq, dtype=torch.long),
-        "labels.emotions": torch.randint(0, 2, (size, 6), generator=generator).float(),
-        "labels.emotions_mask": torch.ones(size, dtype=torch.bool),
-        "labels.bentham": torch.rand(size, 8, generator=generator),
-        "labels.bentham_mask": torch.ones(size, dtype=torch.bool),
-        "labels.judgment": torch.randint(0, 5, (size,), generator=generator),
-    }, sample_ids=[f"s{index}-{i}" for i in range(size)])
+    return MicroBatchInputs(
+        index=index,
+        tensors={
+            "attention_mask": torch.ones(size, seq, dtype=torch.long),
+            "labels.emotions": torch.randint(0, 2, (size, 6), generator=generator).float(),
+            "labels.emotions_mask": torch.ones(size, dtype=torch.bool),
+            "labels.bentham": torch.rand(size, 8, generator=generator),
+            "labels.bentham_mask": torch.ones(size, dtype=torch.bool),
+            "labels.judgment": torch.randint(0, 5, (size,), generator=generator),
+        },
+        sample_ids=[f"s{index}-{i}" for i in range(size)],
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -59,8 +64,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_stage(config: HybridConfig, *, steps: int = 3, seq: int | None = None, count_syncs: bool = False,
-              warmup: int = 1) -> dict[str, Any]:
+def run_stage(
+    config: HybridConfig,
+    *,
+    steps: int = 3,
+    seq: int | None = None,
+    count_syncs: bool = False,
+    warmup: int = 1,
+) -> dict[str, Any]:
     """Train ``steps`` optimizer steps of the GPU stage alone on ``config.gpu_stage.device``.
 
     Returns median seconds per step, forward / backward host seconds per micro-batch, host syncs
@@ -73,8 +84,12 @@ def run_stage(config: HybridConfig, *, steps: int = 3, seq: int | None = None, c
     seq = seq or shape.max_seq_len
     m = config.micro_batches
     part_device = config.gpu_stage.device
-    runtime = StageRuntime(lambda: GpuStagePart(shape, device=part_device,
-                                                checkpointing=config.gpu_stage.activation_checkpointing), shape)
+    runtime = StageRuntime(
+        lambda: GpuStagePart(
+            shape, device=part_device, checkpointing=config.gpu_stage.activation_checkpointing
+        ),
+        shape,
+    )
     device = runtime.part.device
     regret = {**dataclasses.asdict(config.regret), "enabled": True}
     settings = {"train": dataclasses.asdict(t), "regret": regret}
@@ -91,8 +106,17 @@ def run_stage(config: HybridConfig, *, steps: int = 3, seq: int | None = None, c
         for mb, width in zip(mbs, widths):
             act = torch.randn(t.micro_batch_size, width, shape.hidden_size, generator=gen)
             runtime.mailbox.put(("inprocess", step, mb.index, ACTIVATION), act)
-        plan = RoundPlan("inprocess", step, 0, 1, t.schedule, mbs, loss_multiplier=1.0 / m, loss_scale=scale,
-                         deadline_seconds=120.0)
+        plan = RoundPlan(
+            "inprocess",
+            step,
+            0,
+            1,
+            t.schedule,
+            mbs,
+            loss_multiplier=1.0 / m,
+            loss_scale=scale,
+            deadline_seconds=120.0,
+        )
         _sync(device)
         start = time.perf_counter()
         measuring = count_syncs and device.type == "cuda" and step >= warmup
@@ -121,13 +145,17 @@ def run_stage(config: HybridConfig, *, steps: int = 3, seq: int | None = None, c
             losses.extend(mb["total_loss"] for mb in result.micro_batches)
     est = stage_estimates(config, shape, gpu_on_cuda=device.type == "cuda")["gpu"]
     return {
-        "device": str(device), "precision": runtime.precision.name,
+        "device": str(device),
+        "precision": runtime.precision.name,
         "precision_reason": runtime.precision.reason,
-        "step_seconds": statistics.median(times), "forward_seconds_per_micro_batch": statistics.median(fwd),
+        "step_seconds": statistics.median(times),
+        "forward_seconds_per_micro_batch": statistics.median(fwd),
         "backward_seconds_per_micro_batch": statistics.median(bwd),
-        "host_syncs_per_micro_batch": max(syncs) if syncs else None, "skipped_steps": skipped,
+        "host_syncs_per_micro_batch": max(syncs) if syncs else None,
+        "skipped_steps": skipped,
         "final_loss_scale": scale,
-        "losses": losses, "gradients_sent": len(link.sent),
+        "losses": losses,
+        "gradients_sent": len(link.sent),
         "gradient_dtype": str(link.sent[-1][4].dtype) if link.sent else None,
         "peak_memory_bytes": int(max(peak, runtime._apply_peak)),
         "estimate_bytes": est["total"] - est["cuda_context"],

@@ -9,10 +9,11 @@ flight, so scoring overlaps compute instead of stalling it.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -30,7 +31,13 @@ from redheart.stage_runtime import (
     StepAborted,
 )
 
-LABEL_KEYS = ("labels.emotions", "labels.emotions_mask", "labels.bentham", "labels.bentham_mask", "labels.judgment")
+LABEL_KEYS = (
+    "labels.emotions",
+    "labels.emotions_mask",
+    "labels.bentham",
+    "labels.bentham_mask",
+    "labels.judgment",
+)
 ROUND_KEYS = ("attention_mask",) + LABEL_KEYS
 
 
@@ -38,7 +45,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"gpu_stage.device = {name!r} but CUDA is not available (fix: device = \"auto\" or \"cpu\")")
+        raise RuntimeError(
+            f'gpu_stage.device = {name!r} but CUDA is not available (fix: device = "auto" or "cpu")'
+        )
     return torch.device(name)
 
 
@@ -57,12 +66,22 @@ class InProcessRegret:
         self.regrets_per_step = regrets_per_step
         self.bentham_per_regret = bentham_per_regret
 
-    def submit(self, run_id, step, micro_batch, bentham, scenario_ids=(), explain=False, deadline=None) -> Future:
+    def submit(
+        self, run_id, step, micro_batch, bentham, scenario_ids=(), explain=False, deadline=None
+    ) -> Future:
         from redheart import calculus
 
-        result = calculus.score(bentham.detach().float().cpu().numpy(), self.regrets_per_step, self.bentham_per_regret)
+        result = calculus.score(
+            bentham.detach().float().cpu().numpy(), self.regrets_per_step, self.bentham_per_regret
+        )
         fut: Future = Future()
-        fut.set_result(InProcessReply(torch.from_numpy(result.regret).float(), result.regret_computations, result.bentham_evaluations))
+        fut.set_result(
+            InProcessReply(
+                torch.from_numpy(result.regret).float(),
+                result.regret_computations,
+                result.bentham_evaluations,
+            )
+        )
         return fut
 
     def close(self) -> None:
@@ -75,12 +94,22 @@ class GpuStagePart:
     num_stages = 2
     receives = frozenset({ACTIVATION, EVAL_ACTIVATION})
 
-    def __init__(self, shape: ModelShape, *, device: str = "auto", checkpointing: bool = False, max_message_mb: int = 512,
-                 security: Any = None, budget_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        shape: ModelShape,
+        *,
+        device: str = "auto",
+        checkpointing: bool = False,
+        max_message_mb: int = 512,
+        security: Any = None,
+        budget_bytes: int = 0,
+    ) -> None:
         self.device = resolve_device(device)
         self.module = GpuStageModule(shape, checkpointing=checkpointing).to(self.device)
         self.max_message_mb = max_message_mb
-        self.security = security  # [security] of this process: TLS / mTLS and the token toward the regret service
+        self.security = (
+            security  # [security] of this process: TLS / mTLS and the token toward the regret service
+        )
         self.regret: Any = None
         self.loss_weights: Mapping[str, float] = {}
         # gpu_memory_gb as enforced by gpu_stage.device.enforce_budget (0: not capped)
@@ -98,9 +127,13 @@ class GpuStagePart:
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         free, total = torch.cuda.mem_get_info(index)
         major, minor = torch.cuda.get_device_capability(index)
-        return {"device_name": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}",
-                "device_total_memory_bytes": int(total), "device_free_memory_bytes": int(free),
-                "memory_budget_bytes": int(self.budget_bytes)}
+        return {
+            "device_name": torch.cuda.get_device_name(index),
+            "compute_capability": f"{major}.{minor}",
+            "device_total_memory_bytes": int(total),
+            "device_free_memory_bytes": int(free),
+            "memory_budget_bytes": int(self.budget_bytes),
+        }
 
     def _inputs(self, ctx: RoundContext, mb: MicroBatchInputs) -> dict[str, torch.Tensor]:
         """The micro-batch's mask and labels on the device. On CUDA the whole round's are moved at
@@ -112,12 +145,14 @@ class GpuStagePart:
             for m in mbs:
                 missing = [k for k in ROUND_KEYS if k not in m.tensors]
                 if missing:
-                    raise StageError("invalid",
-                                     f"micro-batch {m.index}: the gpu stage needs input {missing[0]!r}")
+                    raise StageError(
+                        "invalid", f"micro-batch {m.index}: the gpu stage needs input {missing[0]!r}"
+                    )
             self._round_counts = {m.index: label_counts(m.tensors) for m in mbs}
             if self.device.type != "cuda":
-                self._round_inputs = {m.index: {k: m.tensors[k].to(self.device) for k in ROUND_KEYS}
-                                      for m in mbs}
+                self._round_inputs = {
+                    m.index: {k: m.tensors[k].to(self.device) for k in ROUND_KEYS} for m in mbs
+                }
             else:
                 moved: dict[str, list[torch.Tensor]] = {}
                 for k in ROUND_KEYS:
@@ -127,7 +162,9 @@ class GpuStagePart:
                     flat = to_device(torch.cat([p.reshape(-1) for p in parts]), self.device)
                     pieces = flat.split([p.numel() for p in parts])
                     moved[k] = [piece.view(p.shape) for piece, p in zip(pieces, parts)]
-                self._round_inputs = {m.index: {k: moved[k][i] for k in ROUND_KEYS} for i, m in enumerate(mbs)}
+                self._round_inputs = {
+                    m.index: {k: moved[k][i] for k in ROUND_KEYS} for i, m in enumerate(mbs)
+                }
         return self._round_inputs[mb.index]
 
     def configure(self, settings: Mapping[str, Any], regret_address: str) -> None:
@@ -139,7 +176,10 @@ class GpuStagePart:
             self.regret = None
         if not regret.get("enabled", True):
             return
-        per_step, per_regret = int(regret.get("regrets_per_step", 7)), int(regret.get("bentham_per_regret", 3))
+        per_step, per_regret = (
+            int(regret.get("regrets_per_step", 7)),
+            int(regret.get("bentham_per_regret", 3)),
+        )
         if regret_address in ("", "inprocess"):
             self.regret = InProcessRegret(per_step, per_regret)
         else:
@@ -163,7 +203,9 @@ class GpuStagePart:
         try:
             return mb.tensors["attention_mask"]
         except KeyError:
-            raise StageError("invalid", f"micro-batch {mb.index}: the gpu stage needs input 'attention_mask'") from None
+            raise StageError(
+                "invalid", f"micro-batch {mb.index}: the gpu stage needs input 'attention_mask'"
+            ) from None
 
     def check_labels(self, mb: MicroBatchInputs) -> None:
         """Labels come over the network: shapes, dtypes and ranges are checked before any compute."""
@@ -172,25 +214,43 @@ class GpuStagePart:
             if key not in t:
                 raise StageError("invalid", f"micro-batch {mb.index}: the gpu stage needs input {key!r}")
         n = t["attention_mask"].shape[0] if "attention_mask" in t else None
-        expected = {"labels.emotions": (n, 6), "labels.emotions_mask": (n,), "labels.bentham": (n, 8),
-                    "labels.bentham_mask": (n,), "labels.judgment": (n,)}
+        expected = {
+            "labels.emotions": (n, 6),
+            "labels.emotions_mask": (n,),
+            "labels.bentham": (n, 8),
+            "labels.bentham_mask": (n,),
+            "labels.judgment": (n,),
+        }
         for key, shape in expected.items():
             if tuple(t[key].shape) != shape:
-                raise StageError("invalid", f"micro-batch {mb.index}: {key} has shape {list(t[key].shape)}, expected {list(shape)}")
+                raise StageError(
+                    "invalid",
+                    f"micro-batch {mb.index}: {key} has shape {list(t[key].shape)}, expected {list(shape)}",
+                )
         for key in ("labels.emotions", "labels.bentham"):
             if not t[key].is_floating_point() or not bool(torch.isfinite(t[key]).all()):
                 raise StageError("invalid", f"micro-batch {mb.index}: {key} must be finite floats")
         judgment = t["labels.judgment"]
-        if judgment.dtype not in (torch.int64, torch.int32) or bool(((judgment != IGNORE_INDEX) & ((judgment < 0) | (judgment >= NUM_JUDGMENTS))).any()):
-            raise StageError("invalid", f"micro-batch {mb.index}: labels.judgment must be integers in [0, {NUM_JUDGMENTS}) or {IGNORE_INDEX} (missing)")
+        if judgment.dtype not in (torch.int64, torch.int32) or bool(
+            ((judgment != IGNORE_INDEX) & ((judgment < 0) | (judgment >= NUM_JUDGMENTS))).any()
+        ):
+            raise StageError(
+                "invalid",
+                f"micro-batch {mb.index}: labels.judgment must be integers in [0, {NUM_JUDGMENTS}) or {IGNORE_INDEX} (missing)",
+            )
 
     def forward(self, ctx: RoundContext, mb: MicroBatchInputs) -> ForwardRecord:
         self.check_labels(mb)
-        act = ctx.receive(ACTIVATION, mb.index, f"the activation of micro-batch {mb.index} from the cpu stage")
+        act = ctx.receive(
+            ACTIVATION, mb.index, f"the activation of micro-batch {mb.index} from the cpu stage"
+        )
         host_mask = self._mask(mb)
         if act.shape[:2] != host_mask.shape:
-            raise StageError("invalid", f"step {ctx.plan.step} micro-batch {mb.index}: activation shape "
-                                        f"{list(act.shape)} does not match attention_mask {list(host_mask.shape)}")
+            raise StageError(
+                "invalid",
+                f"step {ctx.plan.step} micro-batch {mb.index}: activation shape "
+                f"{list(act.shape)} does not match attention_mask {list(host_mask.shape)}",
+            )
         mask = self._inputs(ctx, mb)["attention_mask"]
         # The received activation is the leaf whose gradient goes back to the CPU stage.
         leaf = to_device(act, self.device).requires_grad_(True)
@@ -210,11 +270,20 @@ class GpuStagePart:
         elif self.regret is not None:
             deadline = time.monotonic() + ctx.plan.deadline_seconds
             pending = self.regret.submit(
-                ctx.plan.run_id, ctx.plan.step, mb.index, bentham_host,
-                scenario_ids=mb.sample_ids, deadline=deadline,
+                ctx.plan.run_id,
+                ctx.plan.step,
+                mb.index,
+                bentham_host,
+                scenario_ids=mb.sample_ids,
+                deadline=deadline,
             )
-        return ForwardRecord(input_leaf=leaf, head_outputs=outputs, pending=pending, inputs=mb,
-                             pending_since=time.perf_counter())
+        return ForwardRecord(
+            input_leaf=leaf,
+            head_outputs=outputs,
+            pending=pending,
+            inputs=mb,
+            pending_since=time.perf_counter(),
+        )
 
     def backward(self, ctx: RoundContext, mb: MicroBatchInputs, record: ForwardRecord) -> dict:
         for key in LABEL_KEYS:
@@ -244,12 +313,20 @@ class GpuStagePart:
             )
         assert record.head_outputs is not None and record.input_leaf is not None
         # lazy: the head losses stay on the device until finish_round reads the round back at once.
-        loss, parts = multitask_loss(record.head_outputs, labels, regret_target, self.loss_weights,
-                                     label_counts=self._round_counts[mb.index], lazy=True)
+        loss, parts = multitask_loss(
+            record.head_outputs,
+            labels,
+            regret_target,
+            self.loss_weights,
+            label_counts=self._round_counts[mb.index],
+            lazy=True,
+        )
         # Scale by 1/(micro-batches x accumulation) BEFORE backward; .grad is never rescaled later.
         (loss * ctx.plan.loss_multiplier * ctx.plan.loss_scale).backward()
         grad = record.input_leaf.grad
-        if grad is None:  # the CPU stage holds no trainable path into this stage (cannot happen with embeddings)
+        if (
+            grad is None
+        ):  # the CPU stage holds no trainable path into this stage (cannot happen with embeddings)
             grad = torch.zeros_like(record.input_leaf)
         # Back in the compute dtype under mixed precision (fp16 overflow of a scaled gradient shows up
         # as inf in the CPU stage's norm: a global skip, as loss scaling intends).
@@ -291,10 +368,16 @@ class GpuStagePart:
                 reason = ctx.runtime.mailbox.aborted(ctx.plan.run_id, ctx.plan.step)
                 if reason is not None:
                     pending.cancel()
-                    raise StepAborted(f"step {ctx.plan.step} was aborted while waiting for the regret of micro-batch {micro_batch}: {reason}")
+                    raise StepAborted(
+                        f"step {ctx.plan.step} was aborted while waiting for the regret of micro-batch {micro_batch}: {reason}"
+                    ) from None
 
     def evaluate(self, ctx: RoundContext, mb: MicroBatchInputs) -> dict:
-        act = ctx.receive(EVAL_ACTIVATION, mb.index, f"the evaluation activation of micro-batch {mb.index} from the cpu stage")
+        act = ctx.receive(
+            EVAL_ACTIVATION,
+            mb.index,
+            f"the evaluation activation of micro-batch {mb.index} from the cpu stage",
+        )
         mask = to_device(self._mask(mb), self.device)
         with ctx.autocast():
             outputs = self.module(to_device(act, self.device), mask)
@@ -303,4 +386,7 @@ class GpuStagePart:
     def check_tensor(self, kind: str, tensor: torch.Tensor) -> None:
         h = self.module.shape.hidden_size
         if tensor.ndim != 3 or tensor.shape[-1] != h or not tensor.is_floating_point():
-            raise StageError("invalid", f"{kind} must be a float tensor [batch, seq, {h}], got {tensor.dtype} {list(tensor.shape)}")
+            raise StageError(
+                "invalid",
+                f"{kind} must be a float tensor [batch, seq, {h}], got {tensor.dtype} {list(tensor.shape)}",
+            )

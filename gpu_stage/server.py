@@ -12,8 +12,13 @@ from redheart.model import resolve_model_shape
 from redheart.stage_service import StageServer, create_stage_server
 
 
-def create_server(config: HybridConfig, *, host: str | None = None, port: int | None = None,
-                  registry: CollectorRegistry | None = None) -> tuple[StageServer, int]:
+def create_server(
+    config: HybridConfig,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    registry: CollectorRegistry | None = None,
+) -> tuple[StageServer, int]:
     shape = resolve_model_shape(config.model)
     g = config.gpu_stage
     device = resolve_device(g.device)  # fails early with a clear message when CUDA is asked for but absent
@@ -22,9 +27,14 @@ def create_server(config: HybridConfig, *, host: str | None = None, port: int | 
     return create_stage_server(
         config,
         stage="gpu",
-        part_factory=lambda: GpuStagePart(shape, device=g.device, checkpointing=g.activation_checkpointing,
-                                          max_message_mb=config.wire.max_message_mb, security=config.security,
-                                          budget_bytes=budget),
+        part_factory=lambda: GpuStagePart(
+            shape,
+            device=g.device,
+            checkpointing=g.activation_checkpointing,
+            max_message_mb=config.wire.max_message_mb,
+            security=config.security,
+            budget_bytes=budget,
+        ),
         host=g.host if host is None else host,
         port=g.port if port is None else port,
         registry=registry,

@@ -37,11 +37,11 @@ class DeviceToHostSender:
     Order is kept (one FIFO); ``drain`` blocks until every queued tensor was handed to the link,
     and must run before the link's own ``flush`` (which only knows what was handed to it)."""
 
-    _instances: dict[str, "DeviceToHostSender"] = {}
+    _instances: dict[str, DeviceToHostSender] = {}
     _instances_lock = threading.Lock()
 
     @classmethod
-    def for_device(cls, device: torch.device) -> "DeviceToHostSender":
+    def for_device(cls, device: torch.device) -> DeviceToHostSender:
         """One sender (thread and copy stream) per device and process: the stage part is rebuilt
         at every new run, its sender is not."""
         with cls._instances_lock:
@@ -60,8 +60,16 @@ class DeviceToHostSender:
         self._thread = threading.Thread(target=self._worker, name="gpu-d2h-sender", daemon=True)
         self._thread.start()
 
-    def send(self, link: Any, direction: str, run_id: str, step: int, micro_batch: int, kind: str,
-             tensor: torch.Tensor) -> None:
+    def send(
+        self,
+        link: Any,
+        direction: str,
+        run_id: str,
+        step: int,
+        micro_batch: int,
+        kind: str,
+        tensor: torch.Tensor,
+    ) -> None:
         tensor = tensor.detach()
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         producer = torch.cuda.current_stream(self.device)
@@ -102,8 +110,9 @@ class DeviceToHostSender:
             while self._pending > 0:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise StageError("deadline",
-                                     f"{self._pending} gradient(s) still copying to host after {timeout:.0f}s")
+                    raise StageError(
+                        "deadline", f"{self._pending} gradient(s) still copying to host after {timeout:.0f}s"
+                    )
                 self._cond.wait(remaining)
             if self._error is not None:
                 err, self._error = self._error, None

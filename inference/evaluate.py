@@ -29,8 +29,8 @@ from redheart.data import (
     load_jsonl,
     split_train_validation,
 )
-from redheart.data.dataset import trimmed_length
 from redheart.data.bow_baseline import read_baselines_tensors
+from redheart.data.dataset import trimmed_length
 from redheart.data.evaluation import bow_baseline_metrics, compare_with_baselines
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def select_split(scenarios: list, config: dict[str, Any], split: str, path: Path
     return validation if split == "validation" else train
 
 
-def evaluate_file(model: "RedHeartModel", path: Path, *, split: str = "all") -> dict[str, Any]:
+def evaluate_file(model: RedHeartModel, path: Path, *, split: str = "all") -> dict[str, Any]:
     scenarios = select_split(load_jsonl(path).scenarios, model.config, split, path)
     if not scenarios:
         raise DataError(f"{path}: the {split} split has no scenarios")

@@ -196,8 +196,10 @@ def export_checkpoint(
             "perspectives": list(calculus.PERSPECTIVES),
         },
         # How the run laid out validation batches, so redheart-evaluate reproduces its numbers bit for bit.
-        "evaluation": {"micro_batch_size": int(train.get("micro_batch_size", 2)),
-                       "pad_to_multiple_of": int(train.get("pad_to_multiple_of", 0))},
+        "evaluation": {
+            "micro_batch_size": int(train.get("micro_batch_size", 2)),
+            "pad_to_multiple_of": int(train.get("pad_to_multiple_of", 0)),
+        },
         "data": {
             k: data.get(k)
             for k in ("path", "validation_path", "validation_fraction", "seed", "max_scenarios")

@@ -12,9 +12,10 @@ the function the regret service runs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -95,7 +96,7 @@ class RedHeartModel:
         calculus.check_counts(self.regrets_per_step, self.bentham_per_regret)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, device: str = "auto") -> "RedHeartModel":
+    def from_pretrained(cls, folder: str | Path, *, device: str = "auto") -> RedHeartModel:
         """Load an exported folder (checks config.json, every sha256, every parameter's name and shape)."""
         path = Path(folder)
         return cls(path, model_folder.read_config(path), resolve_device(device))

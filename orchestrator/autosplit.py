@@ -37,6 +37,7 @@ import torch
 
 from redheart import codec
 from redheart.config import HybridConfig
+from redheart.gpu_memory import stage_estimates
 from redheart.losses import multitask_loss
 from redheart.model import (
     CpuStageModule,
@@ -46,7 +47,6 @@ from redheart.model import (
     count_parameters,
     resolve_model_shape,
 )
-from redheart.gpu_memory import stage_estimates
 from redheart.precision import Precision, apply_tf32, choose_precision, device_capability
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,16 @@ def _time(fn, device: torch.device, reps: int) -> float:
     return (time.perf_counter() - start) / reps
 
 
-def profile_device(shape: ModelShape, device: torch.device, threads: int, micro_batch: int, seq: int,
-                   stage: str, reps: int = 3, precision: Precision | None = None) -> DeviceProfile:
+def profile_device(
+    shape: ModelShape,
+    device: torch.device,
+    threads: int,
+    micro_batch: int,
+    seq: int,
+    stage: str,
+    reps: int = 3,
+    precision: Precision | None = None,
+) -> DeviceProfile:
     """Measure one layer, the stage's fixed part and the optimizer cost on `device`, in `precision`
     (the autocast the stage will train under; fp32 when None)."""
     h = shape.hidden_size
@@ -121,7 +129,9 @@ def profile_device(shape: ModelShape, device: torch.device, threads: int, micro_
             y.backward()
 
         layer_seconds = _time(layer_step, device, reps)
-        tiny = ModelShape(h, 0, shape.num_heads, shape.ffn_size, shape.vocab_size, shape.max_seq_len, 0, 0.0, 0)
+        tiny = ModelShape(
+            h, 0, shape.num_heads, shape.ffn_size, shape.vocab_size, shape.max_seq_len, 0, 0.0, 0
+        )
         if stage == "cpu":
             embed = CpuStageModule(tiny).to(device)
             ids = torch.randint(0, shape.vocab_size, (micro_batch, seq), device=device)
@@ -156,31 +166,58 @@ def profile_device(shape: ModelShape, device: torch.device, threads: int, micro_
         opt = torch.optim.AdamW(opt_params, lr=1e-4, fused=True)  # what the stages run
         n = sum(p.numel() for p in opt_params)
         per_param = _time(opt.step, device, reps) / max(n, 1)
-    return DeviceProfile(str(device), threads, layer_seconds, fixed_seconds, per_param,
-                         precision.name if precision is not None else "fp32")
+    return DeviceProfile(
+        str(device),
+        threads,
+        layer_seconds,
+        fixed_seconds,
+        per_param,
+        precision.name if precision is not None else "fp32",
+    )
 
 
 def _precision(config: HybridConfig, device: torch.device) -> Precision:
     t = config.train
-    return choose_precision(t.use_mixed_precision, t.mixed_precision_dtype, t.allow_tf32, device.type,
-                            device_capability(device))
+    return choose_precision(
+        t.use_mixed_precision, t.mixed_precision_dtype, t.allow_tf32, device.type, device_capability(device)
+    )
 
 
-def profile_in_subprocess(config: HybridConfig, shape: ModelShape, device: str, threads: int, micro_batch: int,
-                          seq: int, stage: str, timeout: float = 600.0) -> DeviceProfile:
+def profile_in_subprocess(
+    config: HybridConfig,
+    shape: ModelShape,
+    device: str,
+    threads: int,
+    micro_batch: int,
+    seq: int,
+    stage: str,
+    timeout: float = 600.0,
+) -> DeviceProfile:
     """profile_device in a child process: a CUDA device is measured there, in the precision the
     stage will choose on it, so the orchestrator never holds a CUDA context (nor its cached blocks)."""
     t = config.train
-    payload = {"shape": dataclasses.asdict(shape), "device": device, "threads": threads, "micro_batch": micro_batch,
-               "seq": seq, "stage": stage, "mixed": t.use_mixed_precision, "dtype": t.mixed_precision_dtype,
-               "allow_tf32": t.allow_tf32}
+    payload = {
+        "shape": dataclasses.asdict(shape),
+        "device": device,
+        "threads": threads,
+        "micro_batch": micro_batch,
+        "seq": seq,
+        "stage": stage,
+        "mixed": t.use_mixed_precision,
+        "dtype": t.mixed_precision_dtype,
+        "allow_tf32": t.allow_tf32,
+    }
     cmd = [sys.executable, "-m", "orchestrator.autosplit", json.dumps(payload)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        raise ValueError(f"profiling the {stage} stage's layers on {device} took over {timeout:.0f}s") from None
+        raise ValueError(
+            f"profiling the {stage} stage's layers on {device} took over {timeout:.0f}s"
+        ) from None
     if out.returncode != 0:
-        raise ValueError(f"profiling the {stage} stage's layers on {device} failed: {(out.stderr or out.stdout).strip()[-800:]}")
+        raise ValueError(
+            f"profiling the {stage} stage's layers on {device} failed: {(out.stderr or out.stdout).strip()[-800:]}"
+        )
     return DeviceProfile(**json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -188,16 +225,26 @@ def main(argv: list[str] | None = None) -> int:
     """Child process of profile_in_subprocess: one JSON DeviceProfile on stdout."""
     payload = json.loads((argv if argv is not None else sys.argv[1:])[0])
     device = torch.device(payload["device"])
-    precision = choose_precision(payload["mixed"], payload["dtype"], payload["allow_tf32"], device.type,
-                                 device_capability(device))
+    precision = choose_precision(
+        payload["mixed"], payload["dtype"], payload["allow_tf32"], device.type, device_capability(device)
+    )
     apply_tf32(precision, device)
-    profile = profile_device(ModelShape(**payload["shape"]), device, payload["threads"], payload["micro_batch"],
-                             payload["seq"], payload["stage"], precision=precision)
+    profile = profile_device(
+        ModelShape(**payload["shape"]),
+        device,
+        payload["threads"],
+        payload["micro_batch"],
+        payload["seq"],
+        payload["stage"],
+        precision=precision,
+    )
     print(json.dumps(dataclasses.asdict(profile)))
     return 0
 
 
-def wire_seconds(shape: ModelShape, micro_batch: int, seq: int, codec_name: str, bandwidth_bytes_per_s: float = 1.0e9) -> float:
+def wire_seconds(
+    shape: ModelShape, micro_batch: int, seq: int, codec_name: str, bandwidth_bytes_per_s: float = 1.0e9
+) -> float:
     """Encode + decode + transfer of one activation and one gradient (measured codec, assumed link)."""
     t = torch.randn(micro_batch, seq, shape.hidden_size)
     start = time.perf_counter()
@@ -208,15 +255,25 @@ def wire_seconds(shape: ModelShape, micro_batch: int, seq: int, codec_name: str,
     return 2 * (serde + codec.encoded_nbytes(msg) / bandwidth_bytes_per_s)
 
 
-def predict_step_seconds(shape: ModelShape, k: int, micro_batches: int, cpu: DeviceProfile, gpu: DeviceProfile, wire: float) -> float:
+def predict_step_seconds(
+    shape: ModelShape, k: int, micro_batches: int, cpu: DeviceProfile, gpu: DeviceProfile, wire: float
+) -> float:
     t_cpu = cpu.fixed_seconds + k * cpu.layer_seconds
     t_gpu = gpu.fixed_seconds + (shape.num_layers - k) * gpu.layer_seconds
     counts = count_parameters(ModelShape(**{**shape.__dict__, "cpu_layers": k}))
-    opt = max(counts["cpu_stage"] * cpu.optimizer_seconds_per_param, counts["gpu_stage"] * gpu.optimizer_seconds_per_param)
+    opt = max(
+        counts["cpu_stage"] * cpu.optimizer_seconds_per_param,
+        counts["gpu_stage"] * gpu.optimizer_seconds_per_param,
+    )
     return micro_batches * max(t_cpu, t_gpu) + min(t_cpu, t_gpu) + wire + opt
 
 
-def choose_split(config: HybridConfig, *, cpu_profile: DeviceProfile | None = None, gpu_profile: DeviceProfile | None = None) -> SplitChoice:
+def choose_split(
+    config: HybridConfig,
+    *,
+    cpu_profile: DeviceProfile | None = None,
+    gpu_profile: DeviceProfile | None = None,
+) -> SplitChoice:
     """Measure (unless profiles are given) and pick the number of CPU layers."""
     shape = resolve_model_shape(config.model)
     t = config.train
@@ -235,23 +292,36 @@ def choose_split(config: HybridConfig, *, cpu_profile: DeviceProfile | None = No
 
     gpu_device = resolve_device(config.gpu_stage.device)
     gpu_threads = config.gpu_stage.threads or stage_threads(config, cores)[1]
-    cpu = cpu_profile or profile_device(shape, torch.device("cpu"), cpu_threads, mb, seq, "cpu",
-                                        precision=_precision(config, torch.device("cpu")))
+    cpu = cpu_profile or profile_device(
+        shape,
+        torch.device("cpu"),
+        cpu_threads,
+        mb,
+        seq,
+        "cpu",
+        precision=_precision(config, torch.device("cpu")),
+    )
     if gpu_profile is not None:
         gpu = gpu_profile
     elif gpu_device.type == "cuda":
         gpu = profile_in_subprocess(config, shape, str(gpu_device), gpu_threads, mb, seq, "gpu")
     else:
-        gpu = profile_device(shape, gpu_device, gpu_threads, mb, seq, "gpu", precision=_precision(config, gpu_device))
+        gpu = profile_device(
+            shape, gpu_device, gpu_threads, mb, seq, "gpu", precision=_precision(config, gpu_device)
+        )
     wire = wire_seconds(shape, mb, seq, config.wire.codec) * config.micro_batches
-    choice = SplitChoice(cpu_layers=-1, predicted_step_seconds=float("inf"), cpu=cpu, gpu=gpu, wire_seconds=wire)
+    choice = SplitChoice(
+        cpu_layers=-1, predicted_step_seconds=float("inf"), cpu=cpu, gpu=gpu, wire_seconds=wire
+    )
     budget = config.gpu_stage.gpu_memory_gb * 1024**3
     for k in range(0, shape.num_layers + 1):
         candidate = ModelShape(**{**shape.__dict__, "cpu_layers": k})
         # The estimate pre-flight and the stage itself enforce (checkpointing, autocast cache, CUDA context).
         need = stage_estimates(config, candidate, gpu_on_cuda=gpu_device.type == "cuda")["gpu"]["total"]
         if need > budget:
-            choice.excluded[k] = f"GPU stage needs ~{need / 1024**3:.2f} GiB > gpu_memory_gb {config.gpu_stage.gpu_memory_gb}"
+            choice.excluded[k] = (
+                f"GPU stage needs ~{need / 1024**3:.2f} GiB > gpu_memory_gb {config.gpu_stage.gpu_memory_gb}"
+            )
             continue
         seconds = predict_step_seconds(shape, k, config.micro_batches, cpu, gpu, wire)
         choice.candidates[k] = seconds
@@ -270,7 +340,11 @@ def choose_split(config: HybridConfig, *, cpu_profile: DeviceProfile | None = No
         f"heads+loss {gpu.fixed_seconds * 1e3:.1f} ms, wire {wire * 1e3:.1f} ms/step. "
         f"Chose {choice.cpu_layers} CPU layers / {shape.num_layers - choice.cpu_layers} GPU layers: predicted "
         f"{choice.predicted_step_seconds:.3f} s/step"
-        + (f" vs {fixed_seconds:.3f} s/step for the fixed 40/60 split ({fixed} CPU layers)" if fixed_seconds else "")
+        + (
+            f" vs {fixed_seconds:.3f} s/step for the fixed 40/60 split ({fixed} CPU layers)"
+            if fixed_seconds
+            else ""
+        )
         + (f"; excluded by the GPU memory budget: {sorted(choice.excluded)}" if choice.excluded else "")
     )
     return choice

@@ -13,12 +13,13 @@ always see the same shapes (``--verify`` compares like with like).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from redheart.data.dataset import trimmed_length
+
 
 @dataclass
 class Batch:
@@ -30,7 +31,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def slice(self, start: int, stop: int) -> "Batch":
+    def slice(self, start: int, stop: int) -> Batch:
         return Batch({k: v[start:stop] for k, v in self.tensors.items()}, self.ids[start:stop])
 
 
@@ -49,7 +50,10 @@ def trim_padding(batch: Batch, multiple: int) -> Batch:
 
 def split_micro_batches(batch: Batch, micro_batch_size: int, multiple: int) -> list[Batch]:
     """Consecutive slices of ``micro_batch_size`` samples (the last may be shorter), each trimmed."""
-    return [trim_padding(batch.slice(i, i + micro_batch_size), multiple) for i in range(0, len(batch), micro_batch_size)]
+    return [
+        trim_padding(batch.slice(i, i + micro_batch_size), multiple)
+        for i in range(0, len(batch), micro_batch_size)
+    ]
 
 
 def step_micro_batches(rounds: Sequence[Batch], micro_batch_size: int, multiple: int) -> list[Batch]:

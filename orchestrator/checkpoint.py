@@ -61,7 +61,9 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
-        raise CheckpointError(f"{directory} is not a complete checkpoint (no {MANIFEST}; it was probably interrupted while saving)")
+        raise CheckpointError(
+            f"{directory} is not a complete checkpoint (no {MANIFEST}; it was probably interrupted while saving)"
+        )
     if path.stat().st_size > 64 << 20:
         raise CheckpointError(f"{path} is implausibly large")
     try:

@@ -7,7 +7,7 @@ Exit codes: 0 success, 1 the run failed (message says why), 2 bad configuration 
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import click
 
@@ -42,15 +42,27 @@ def _trace_steps(_ctx, _param, value: str | None) -> tuple[int, int] | None:
 
 @command(HELP)
 @config_options()
-@click.option("--output-dir", default=None, metavar="DIR",
-              help="where the run writes (orchestrator.output_dir)")
+@click.option(
+    "--output-dir", default=None, metavar="DIR", help="where the run writes (orchestrator.output_dir)"
+)
 @click.option("--verify", is_flag=True, help="compare a few pipelined steps with single-process training")
 @click.option("--check", is_flag=True, help="run the pre-flight check and exit")
-@click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[PATH]",
-              help="continue from the latest complete checkpoint, or from PATH "
-                   "(a step directory or checkpoint root)")
-@click.option("--trace", "trace_steps", default=None, metavar="STEPS", callback=_trace_steps,
-              help="write <output_dir>/trace.json (Chrome trace events) for these steps, e.g. 10-12 or 5")
+@click.option(
+    "--resume",
+    is_flag=False,
+    flag_value="latest",
+    default=None,
+    metavar="[PATH]",
+    help="continue from the latest complete checkpoint, or from PATH (a step directory or checkpoint root)",
+)
+@click.option(
+    "--trace",
+    "trace_steps",
+    default=None,
+    metavar="STEPS",
+    callback=_trace_steps,
+    help="write <output_dir>/trace.json (Chrome trace events) for these steps, e.g. 10-12 or 5",
+)
 def cli(config_path, overrides, log_level, output_dir, verify, check, resume, trace_steps) -> int:
     if verify and check:
         raise click.UsageError("--verify and --check cannot be combined (pick one)")
@@ -73,9 +85,14 @@ def cli(config_path, overrides, log_level, output_dir, verify, check, resume, tr
         return 0 if report.ok else 1
     report = preflight(config, out=sys.stderr, quiet_when_ok=True, resume=bool(resume))
     if not report.ok:
-        print("error: the pre-flight check failed (details above); fix the problems or run --check", file=sys.stderr)
+        print(
+            "error: the pre-flight check failed (details above); fix the problems or run --check",
+            file=sys.stderr,
+        )
         return 1
-    trainer = HybridDistributedTrainer(config, resume=resume, config_path=config_path, trace_steps=trace_steps)
+    trainer = HybridDistributedTrainer(
+        config, resume=resume, config_path=config_path, trace_steps=trace_steps
+    )
     try:
         if verify:
             from orchestrator.verify import verify as run_verify
@@ -89,9 +106,11 @@ def cli(config_path, overrides, log_level, output_dir, verify, check, resume, tr
         print("interrupted; resume with --resume", file=sys.stderr)
         return 130
     final = result.get("final_validation") or {}
-    print(f"done: {result['steps']} steps in {result['wall_seconds']:.1f}s "
-          f"({result['samples_per_second']:.1f} samples/s); report {config.output_dir() / 'report.json'}; "
-          f"checkpoint {checkpoint}")
+    print(
+        f"done: {result['steps']} steps in {result['wall_seconds']:.1f}s "
+        f"({result['samples_per_second']:.1f} samples/s); report {config.output_dir() / 'report.json'}; "
+        f"checkpoint {checkpoint}"
+    )
     if final:
         from orchestrator.trainer import _fmt_metrics
 

@@ -71,7 +71,9 @@ def ensure_corpus(config: HybridConfig) -> Path:
     if path.exists():
         return path
     if not config.data.generate_if_missing:
-        raise ConfigError(f"data.path = {str(path)!r} does not exist (fix: point data.path at your JSONL, or set data.generate_if_missing = true)")
+        raise ConfigError(
+            f"data.path = {str(path)!r} does not exist (fix: point data.path at your JSONL, or set data.generate_if_missing = true)"
+        )
     from redheart.data.generate import write_jsonl
 
     log.info("writing the bundled generated corpus (%d scenarios) to %s", config.data.generated_count, path)
@@ -80,13 +82,19 @@ def ensure_corpus(config: HybridConfig) -> Path:
     return path
 
 
-def prepare_data(config: HybridConfig, output_dir: Path, *, tokenizer_path: Path | None = None) -> PreparedData:
+def prepare_data(
+    config: HybridConfig, output_dir: Path, *, tokenizer_path: Path | None = None
+) -> PreparedData:
     """Load + validate + split + tokenizer (train once, store with the run, reuse) + encode."""
     path = ensure_corpus(config)
     result = load_jsonl(path, skip_invalid=config.data.skip_invalid)
     if result.skipped:
-        log.warning("skipped %d invalid line(s) of %s (data.skip_invalid = true); first: %s", result.skipped, path,
-                    result.errors[0] if result.errors else "")
+        log.warning(
+            "skipped %d invalid line(s) of %s (data.skip_invalid = true); first: %s",
+            result.skipped,
+            path,
+            result.errors[0] if result.errors else "",
+        )
     scenarios = result.scenarios
     if config.data.max_scenarios:
         scenarios = scenarios[: config.data.max_scenarios]
@@ -96,31 +104,47 @@ def prepare_data(config: HybridConfig, output_dir: Path, *, tokenizer_path: Path
         validation = load_jsonl(config.data.validation_path, skip_invalid=config.data.skip_invalid).scenarios
         overlap = sorted({s.id for s in train} & {s.id for s in validation})
         if overlap:
-            raise DataError(f"{config.data.validation_path}: {len(overlap)} scenario id(s) are also in {path} "
-                            f"(e.g. {overlap[0]!r}); validation must be held-out data (fix: remove them from one file)")
+            raise DataError(
+                f"{config.data.validation_path}: {len(overlap)} scenario id(s) are also in {path} "
+                f"(e.g. {overlap[0]!r}); validation must be held-out data (fix: remove them from one file)"
+            )
     else:
-        train, validation = split_train_validation(scenarios, config.data.validation_fraction, config.data.seed)
+        train, validation = split_train_validation(
+            scenarios, config.data.validation_fraction, config.data.seed
+        )
     if not train or not validation:
-        raise DataError(f"{path}: {len(scenarios)} scenario(s) leave {len(train)} for training and {len(validation)} for validation "
-                        f"(fix: more data or another data.validation_fraction)")
+        raise DataError(
+            f"{path}: {len(scenarios)} scenario(s) leave {len(train)} for training and {len(validation)} for validation "
+            f"(fix: more data or another data.validation_fraction)"
+        )
     shape = resolve_model_shape(config.model)
-    tok_path = tokenizer_path or (Path(config.data.tokenizer_path) if config.data.tokenizer_path else output_dir / "tokenizer.json")
+    tok_path = tokenizer_path or (
+        Path(config.data.tokenizer_path) if config.data.tokenizer_path else output_dir / "tokenizer.json"
+    )
     if tok_path.exists():
         tokenizer = load_tokenizer(tok_path)
         if tokenizer.get_vocab_size() > shape.vocab_size:
-            raise ConfigError(f"tokenizer {tok_path} has {tokenizer.get_vocab_size()} tokens, model.vocab_size is {shape.vocab_size} "
-                              f"(fix: a matching tokenizer or model.vocab_size >= {tokenizer.get_vocab_size()})")
+            raise ConfigError(
+                f"tokenizer {tok_path} has {tokenizer.get_vocab_size()} tokens, model.vocab_size is {shape.vocab_size} "
+                f"(fix: a matching tokenizer or model.vocab_size >= {tokenizer.get_vocab_size()})"
+            )
         log.info("reusing tokenizer %s", tok_path)
     else:
         tok_path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer = train_tokenizer((s.text for s in train), shape.vocab_size, tok_path)
-        log.info("trained a %d-token byte-level BPE tokenizer on the training split -> %s", tokenizer.get_vocab_size(), tok_path)
+        log.info(
+            "trained a %d-token byte-level BPE tokenizer on the training split -> %s",
+            tokenizer.get_vocab_size(),
+            tok_path,
+        )
     train_enc = encode_dataset(train, tokenizer, shape.max_seq_len)
     val_enc = encode_dataset(validation, tokenizer, shape.max_seq_len)
     known = sorted({s.source for s in train})
     for source in config.data.source_weights:
         if source not in known:
-            raise ConfigError(f"data.source_weights names source {source!r}, which is not in {path} (sources: {', '.join(known)})")
+            raise ConfigError(
+                f"data.source_weights names source {source!r}, which is not in {path} (sources: {', '.join(known)})"
+            )
     counts: dict[str, int] = {}
     for s in train:
         counts[s.source] = counts.get(s.source, 0) + 1
@@ -169,7 +193,9 @@ class StepBatches:
             order = epoch_order(self.train.sources, epoch, d.seed, d.source_weights or None)
             if d.length_bucketing:
                 lengths = self.train.attention_mask.sum(dim=1)  # [N] real tokens per row
-                order = bucket_by_length(order, lengths, self.samples_per_step, d.bucket_window, d.seed, epoch)
+                order = bucket_by_length(
+                    order, lengths, self.samples_per_step, d.bucket_window, d.seed, epoch
+                )
             self._orders = {epoch: order}
         return self._orders[epoch]
 
@@ -181,5 +207,7 @@ class StepBatches:
         order = self._order(epoch)
         start = offset * self.samples_per_step
         b = self.config.train.batch_size
-        return [to_batch(self.train, order[start + r * b: start + (r + 1) * b])
-                for r in range(self.config.train.gradient_accumulation_steps)]
+        return [
+            to_batch(self.train, order[start + r * b : start + (r + 1) * b])
+            for r in range(self.config.train.gradient_accumulation_steps)
+        ]

@@ -82,7 +82,9 @@ class ServiceProcess:
             start_new_session=True,
         )
         log_file.close()
-        self._reader = threading.Thread(target=self._read_stdout, args=(self.proc,), name=f"{self.name}-stdout", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read_stdout, args=(self.proc,), name=f"{self.name}-stdout", daemon=True
+        )
         self._reader.start()
 
     def _read_stdout(self, proc: subprocess.Popen) -> None:
@@ -106,7 +108,9 @@ class ServiceProcess:
                     f"{self.name} exited with code {self.proc.returncode if self.proc else '?'} before it was ready; "
                     f"its log {self.log_path} ends with:\n{tail(self.log_path)}"
                 )
-        raise LaunchError(f"{self.name} did not report ready within {timeout:.0f}s; see {self.log_path}:\n{tail(self.log_path)}")
+        raise LaunchError(
+            f"{self.name} did not report ready within {timeout:.0f}s; see {self.log_path}:\n{tail(self.log_path)}"
+        )
 
     def stop(self, grace: float = 15.0) -> int | None:
         if self.proc is None:
@@ -212,8 +216,13 @@ class LocalLauncher:
             svc.start()
         for name in names:
             self.services[name].wait_ready(self.config.launch.startup_timeout_seconds)
-            log.info("started %s (pid %d) on %s, metrics port %s", name, self.services[name].pid,
-                     self.services[name].address, self.services[name].metrics_port or "off")
+            log.info(
+                "started %s (pid %d) on %s, metrics port %s",
+                name,
+                self.services[name].pid,
+                self.services[name].address,
+                self.services[name].metrics_port or "off",
+            )
 
     def restart(self, name: str) -> ServiceProcess:
         """Start a dead service again on the same port (peers keep their addresses)."""

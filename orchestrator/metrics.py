@@ -16,33 +16,110 @@ SERVICES = ("cpu_stage", "gpu_stage", "regret")
 class OrchestratorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.steps = Counter("redheart_train_steps_total", "Optimizer steps completed (applied or skipped together).", registry=r)
-        self.skipped_steps = Counter("redheart_train_skipped_steps_total", "Steps skipped because fp16 gradients overflowed.", registry=r)
-        self.step_seconds = Histogram("redheart_train_step_duration_seconds", "Wall time of one optimizer step.", buckets=TRAINING_BUCKETS, registry=r)
+        self.steps = Counter(
+            "redheart_train_steps_total",
+            "Optimizer steps completed (applied or skipped together).",
+            registry=r,
+        )
+        self.skipped_steps = Counter(
+            "redheart_train_skipped_steps_total",
+            "Steps skipped because fp16 gradients overflowed.",
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "redheart_train_step_duration_seconds",
+            "Wall time of one optimizer step.",
+            buckets=TRAINING_BUCKETS,
+            registry=r,
+        )
         self.samples = Counter("redheart_train_samples_total", "Training samples processed.", registry=r)
-        self.tokens = Counter("redheart_train_tokens_total", "Training tokens processed (non-padding).", registry=r)
-        self.samples_per_second = Gauge("redheart_train_samples_per_second", "Samples per second of the last step.", registry=r)
-        self.tokens_per_second = Gauge("redheart_train_tokens_per_second", "Tokens per second of the last step.", registry=r)
-        self.loss = Gauge("redheart_train_loss", "Training loss of the last step, per head.", ["head"], registry=r)
-        self.grad_norm = Gauge("redheart_train_grad_norm", "Global gradient norm before clipping.", registry=r)
-        self.learning_rate = Gauge("redheart_train_learning_rate", "Learning rate of the last step.", registry=r)
+        self.tokens = Counter(
+            "redheart_train_tokens_total", "Training tokens processed (non-padding).", registry=r
+        )
+        self.samples_per_second = Gauge(
+            "redheart_train_samples_per_second", "Samples per second of the last step.", registry=r
+        )
+        self.tokens_per_second = Gauge(
+            "redheart_train_tokens_per_second", "Tokens per second of the last step.", registry=r
+        )
+        self.loss = Gauge(
+            "redheart_train_loss", "Training loss of the last step, per head.", ["head"], registry=r
+        )
+        self.grad_norm = Gauge(
+            "redheart_train_grad_norm", "Global gradient norm before clipping.", registry=r
+        )
+        self.learning_rate = Gauge(
+            "redheart_train_learning_rate", "Learning rate of the last step.", registry=r
+        )
         self.loss_scale = Gauge("redheart_train_loss_scale", "fp16 loss scale (1 without fp16).", registry=r)
-        self.nonfinite = Counter("redheart_train_nonfinite_total", "Steps whose loss or gradient norm was inf/NaN.", registry=r)
-        self.regret_mean = Gauge("redheart_train_regret_mean", "Mean counterfactual regret target of the last step.", registry=r)
-        self.regret_computations = Counter("redheart_train_regret_computations_total", "Counterfactual regrets computed for training.", registry=r)
-        self.bentham_evaluations = Counter("redheart_train_bentham_evaluations_total", "Bentham hedonic evaluations for training.", registry=r)
-        self.validation = Gauge("redheart_validation_metric", "Validation metric of the last evaluation.", ["metric"], registry=r)
-        self.validation_baseline = Gauge("redheart_validation_baseline", "The trivial baseline's value of each validation metric.", ["metric"], registry=r)
-        self.bubble_ratio = Gauge("redheart_pipeline_bubble_ratio", "Share of the last step each stage waited on its peer.", ["stage"], registry=r)
-        self.stage_seconds = Counter("redheart_pipeline_stage_seconds_total", "Forward / backward / wait seconds per stage.", ["stage", "phase"], registry=r)
-        self.wire_bytes = Counter("redheart_pipeline_wire_bytes_total", "Bytes between the stages, by sending stage.", ["stage"], registry=r)
-        self.checkpoint_seconds = Histogram("redheart_checkpoint_seconds", "Wall time of a coordinated checkpoint.", buckets=TRAINING_BUCKETS, registry=r)
-        self.checkpoints = Counter("redheart_checkpoints_total", "Complete checkpoints written (manifest included).", registry=r)
-        self.last_step_timestamp = Gauge("redheart_last_step_timestamp_seconds", "Unix time the last step finished.", registry=r)
+        self.nonfinite = Counter(
+            "redheart_train_nonfinite_total", "Steps whose loss or gradient norm was inf/NaN.", registry=r
+        )
+        self.regret_mean = Gauge(
+            "redheart_train_regret_mean", "Mean counterfactual regret target of the last step.", registry=r
+        )
+        self.regret_computations = Counter(
+            "redheart_train_regret_computations_total",
+            "Counterfactual regrets computed for training.",
+            registry=r,
+        )
+        self.bentham_evaluations = Counter(
+            "redheart_train_bentham_evaluations_total",
+            "Bentham hedonic evaluations for training.",
+            registry=r,
+        )
+        self.validation = Gauge(
+            "redheart_validation_metric", "Validation metric of the last evaluation.", ["metric"], registry=r
+        )
+        self.validation_baseline = Gauge(
+            "redheart_validation_baseline",
+            "The trivial baseline's value of each validation metric.",
+            ["metric"],
+            registry=r,
+        )
+        self.bubble_ratio = Gauge(
+            "redheart_pipeline_bubble_ratio",
+            "Share of the last step each stage waited on its peer.",
+            ["stage"],
+            registry=r,
+        )
+        self.stage_seconds = Counter(
+            "redheart_pipeline_stage_seconds_total",
+            "Forward / backward / wait seconds per stage.",
+            ["stage", "phase"],
+            registry=r,
+        )
+        self.wire_bytes = Counter(
+            "redheart_pipeline_wire_bytes_total",
+            "Bytes between the stages, by sending stage.",
+            ["stage"],
+            registry=r,
+        )
+        self.checkpoint_seconds = Histogram(
+            "redheart_checkpoint_seconds",
+            "Wall time of a coordinated checkpoint.",
+            buckets=TRAINING_BUCKETS,
+            registry=r,
+        )
+        self.checkpoints = Counter(
+            "redheart_checkpoints_total", "Complete checkpoints written (manifest included).", registry=r
+        )
+        self.last_step_timestamp = Gauge(
+            "redheart_last_step_timestamp_seconds", "Unix time the last step finished.", registry=r
+        )
         self.epoch = Gauge("redheart_train_epoch", "Current epoch (0-based).", registry=r)
         self.step = Gauge("redheart_train_step", "Optimizer steps completed in this run.", registry=r)
-        self.restarts = Counter("redheart_restarts_total", "Service restarts / recoveries during the run.", ["service"], registry=r)
-        self.peak_gpu_memory = Gauge("redheart_train_peak_gpu_memory_bytes", "Peak GPU memory of the GPU stage in the last step.", registry=r)
+        self.restarts = Counter(
+            "redheart_restarts_total",
+            "Service restarts / recoveries during the run.",
+            ["service"],
+            registry=r,
+        )
+        self.peak_gpu_memory = Gauge(
+            "redheart_train_peak_gpu_memory_bytes",
+            "Peak GPU memory of the GPU stage in the last step.",
+            registry=r,
+        )
         for head in HEADS:
             self.loss.labels(head)
         for metric in VALIDATION_METRICS:

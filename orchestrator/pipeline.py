@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import grpc
 import torch
@@ -28,7 +29,13 @@ from redheart.rpc import ServiceError
 from redheart.v1 import stage_pb2, tensor_pb2
 
 CPU_KEYS = ("input_ids", "attention_mask")
-LABEL_KEYS = ("labels.emotions", "labels.emotions_mask", "labels.bentham", "labels.bentham_mask", "labels.judgment")
+LABEL_KEYS = (
+    "labels.emotions",
+    "labels.emotions_mask",
+    "labels.bentham",
+    "labels.bentham_mask",
+    "labels.judgment",
+)
 GPU_KEYS = ("attention_mask",) + LABEL_KEYS
 ABORT_GRACE_SECONDS = 30.0
 
@@ -80,8 +87,13 @@ def clip_coefficient(total_norm: float, max_norm: float) -> float:
 class DynamicLossScale:
     """fp16 loss scaling owned by the orchestrator, so the skip decision is global across stages."""
 
-    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000,
-                 max_consecutive_skips: int = 0) -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        init_scale: float = 2.0**16,
+        growth_interval: int = 2000,
+        max_consecutive_skips: int = 0,
+    ) -> None:
         self.enabled = enabled
         self.scale = init_scale if enabled else 1.0
         self.growth_interval = growth_interval
@@ -102,8 +114,9 @@ class DynamicLossScale:
                 raise NonFiniteError(
                     f"step {step}: {self._skips} consecutive steps overflowed in fp16 and were skipped "
                     f"(loss scale now {self.scale:g}); the model or the data produce inf/NaN "
-                    f"(fix: lower train.learning_rate, set train.max_grad_norm, mixed_precision_dtype = \"bf16\" "
-                    f"on a GPU with compute capability >= 8.0, or use_mixed_precision = false)")
+                    f'(fix: lower train.learning_rate, set train.max_grad_norm, mixed_precision_dtype = "bf16" '
+                    f"on a GPU with compute capability >= 8.0, or use_mixed_precision = false)"
+                )
         else:
             self._skips = 0
             self._good_steps += 1
@@ -111,7 +124,12 @@ class DynamicLossScale:
                 self.scale *= 2.0
 
     def state(self) -> dict[str, float]:
-        return {"scale": self.scale, "good_steps": self._good_steps, "enabled": self.enabled, "skips": self._skips}
+        return {
+            "scale": self.scale,
+            "good_steps": self._good_steps,
+            "enabled": self.enabled,
+            "skips": self._skips,
+        }
 
     def load(self, state: dict[str, Any]) -> None:
         self.scale = float(state.get("scale", self.scale))
@@ -120,16 +138,27 @@ class DynamicLossScale:
 
 
 class PipelineDriver:
-    def __init__(self, cpu: StageClient, gpu: StageClient, config: HybridConfig, run_id: str,
-                 *, fp16_loss_scaling: bool = False, lookahead: int = 0,
-                 dead_services: Callable[[], list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        cpu: StageClient,
+        gpu: StageClient,
+        config: HybridConfig,
+        run_id: str,
+        *,
+        fp16_loss_scaling: bool = False,
+        lookahead: int = 0,
+        dead_services: Callable[[], list[str]] | None = None,
+    ) -> None:
         self.cpu = cpu
         self.gpu = gpu
         self.stages = (cpu, gpu)
         self.config = config
         self.run_id = run_id
-        self.scaler = DynamicLossScale(fp16_loss_scaling, init_scale=config.train.initial_loss_scale,
-                                       max_consecutive_skips=config.train.max_consecutive_skips)
+        self.scaler = DynamicLossScale(
+            fp16_loss_scaling,
+            init_scale=config.train.initial_loss_scale,
+            max_consecutive_skips=config.train.max_consecutive_skips,
+        )
         self.lookahead = lookahead
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-call")
         # Local launch: the processes we started. A dead one fails the step at once instead of
@@ -149,8 +178,9 @@ class PipelineDriver:
         t = self.config.train
         return self._plans(step, step_micro_batches(rounds, t.micro_batch_size, t.pad_to_multiple_of))
 
-    def _plans(self, step: int, parts: Sequence[Batch], *, forward_only: bool = False,
-               eval_id: int = 0) -> tuple[stage_pb2.StepPlan, stage_pb2.StepPlan]:
+    def _plans(
+        self, step: int, parts: Sequence[Batch], *, forward_only: bool = False, eval_id: int = 0
+    ) -> tuple[stage_pb2.StepPlan, stage_pb2.StepPlan]:
         """One plan per stage for the whole optimizer step (or evaluation pass).
 
         All ``accumulation x micro-batches`` micro-batches go into one 1F1B order, so the pipe
@@ -199,7 +229,12 @@ class PipelineDriver:
             if aborted_at and time.monotonic() - aborted_at > ABORT_GRACE_SECONDS:
                 # A stage that does not answer its abort: report the step as failed anyway.
                 for i, _fut in pending:
-                    errors.append((self.stages[i].name, RuntimeError(f"no answer {ABORT_GRACE_SECONDS:.0f}s after the step was aborted")))
+                    errors.append(
+                        (
+                            self.stages[i].name,
+                            RuntimeError(f"no answer {ABORT_GRACE_SECONDS:.0f}s after the step was aborted"),
+                        )
+                    )
                 break
             if self.dead_services is not None and not aborted and time.monotonic() - last_check > 0.25:
                 last_check = time.monotonic()
@@ -227,7 +262,12 @@ class PipelineDriver:
                 wait([f for _i, f in pending], timeout=0.25, return_when=FIRST_COMPLETED)
         if errors:
             # Report the root cause, not the ABORTED answer of the stage we stopped because of it.
-            errors.sort(key=lambda e: (isinstance(e[1], ServiceError) and e[1].code in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE)))
+            errors.sort(
+                key=lambda e: (
+                    isinstance(e[1], ServiceError)
+                    and e[1].code in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE)
+                )
+            )
             stage, exc = errors[0]
             raise StepFailed(step, stage, exc)
         return results
@@ -244,21 +284,37 @@ class PipelineDriver:
     def run_step(self, step: int, rounds: Sequence[Batch], learning_rate: float) -> StepOutcome:
         t = self.config.train
         if len(rounds) != t.gradient_accumulation_steps:
-            raise ValueError(f"step {step}: {len(rounds)} rounds given, gradient_accumulation_steps is {t.gradient_accumulation_steps}")
+            raise ValueError(
+                f"step {step}: {len(rounds)} rounds given, gradient_accumulation_steps is {t.gradient_accumulation_steps}"
+            )
         self.attempts[step] = self.attempts.get(step, 0) + 1
         for old in [s for s in self.attempts if s < step - 16]:
             del self.attempts[old]
         start = time.perf_counter()
         per_mb: list[stage_pb2.MicroBatchResult] = []
-        stage_timings = {s.name: {"forward": 0.0, "backward": 0.0, "wait": 0.0, "serialize": 0.0, "send": 0.0,
-                                  "bytes_sent": 0.0, "bytes_received": 0.0, "total": 0.0, "regret_wait": 0.0} for s in self.stages}
+        stage_timings = {
+            s.name: {
+                "forward": 0.0,
+                "backward": 0.0,
+                "wait": 0.0,
+                "serialize": 0.0,
+                "send": 0.0,
+                "bytes_sent": 0.0,
+                "bytes_received": 0.0,
+                "total": 0.0,
+                "regret_wait": 0.0,
+            }
+            for s in self.stages
+        }
         spans: dict[str, list] = {s.name: [] for s in self.stages}
         norms: dict[str, float] = {}
         found_inf = False
         peak = 0
         for r, batch in enumerate(rounds):
             if len(batch) != t.batch_size:
-                raise ValueError(f"step {step} round {r}: batch of {len(batch)} samples, train.batch_size is {t.batch_size}")
+                raise ValueError(
+                    f"step {step} round {r}: batch of {len(batch)} samples, train.batch_size is {t.batch_size}"
+                )
         parts = step_micro_batches(rounds, t.micro_batch_size, t.pad_to_multiple_of)
         plans = self._plans(step, parts)
         results = self._run_on_stages(step, plans)
@@ -284,8 +340,16 @@ class PipelineDriver:
             peak = max(peak, res.peak_memory_bytes)
         per_mb.extend(sorted(results[1].micro_batches, key=lambda m: m.index))
         if set(norms) != {s.name for s in self.stages}:
-            raise StepFailed(step, "orchestrator", RuntimeError(f"gradient norms missing from {sorted({s.name for s in self.stages} - set(norms))}"))
-        total_norm = math.sqrt(sum(norms.values())) if all(math.isfinite(v) for v in norms.values()) else float("inf")
+            raise StepFailed(
+                step,
+                "orchestrator",
+                RuntimeError(
+                    f"gradient norms missing from {sorted({s.name for s in self.stages} - set(norms))}"
+                ),
+            )
+        total_norm = (
+            math.sqrt(sum(norms.values())) if all(math.isfinite(v) for v in norms.values()) else float("inf")
+        )
         losses = _mean_losses(per_mb)
         mb_losses = [m.total_loss for m in per_mb]
         skip = False
@@ -307,7 +371,10 @@ class PipelineDriver:
                 )
         coef = clip_coefficient(total_norm, t.max_grad_norm) if not skip else 0.0
         scale = self.scaler.scale
-        applied = [self.pool.submit(s.apply, self.run_id, step, coef, learning_rate, skip, scale) for s in self.stages]
+        applied = [
+            self.pool.submit(s.apply, self.run_id, step, coef, learning_rate, skip, scale)
+            for s in self.stages
+        ]
         errors = []
         for s, fut in zip(self.stages, applied):
             try:
@@ -346,7 +413,9 @@ class PipelineDriver:
         """Forward-only pass of one batch through both stages; returns the head outputs [B, ...]."""
         self.eval_passes += 1
         eval_id = self.eval_passes
-        parts = split_micro_batches(batch, self.config.train.micro_batch_size, self.config.train.pad_to_multiple_of)
+        parts = split_micro_batches(
+            batch, self.config.train.micro_batch_size, self.config.train.pad_to_multiple_of
+        )
         plans = self._plans(0, parts, forward_only=True, eval_id=eval_id)
         results = self._run_on_stages(eval_id, plans)
         outputs: dict[str, list[torch.Tensor]] = {}

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 VALIDATION_METRICS = ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae")
 

@@ -95,7 +95,9 @@ def _measured_gflops() -> float:
     return 2 * 512**3 * reps / seconds / 1e9
 
 
-def preflight(config: HybridConfig, out=sys.stdout, quiet_when_ok: bool = False, resume: bool = False) -> PreflightReport:
+def preflight(
+    config: HybridConfig, out=sys.stdout, quiet_when_ok: bool = False, resume: bool = False
+) -> PreflightReport:
     report = PreflightReport()
     cfg = config
     shape = resolve_model_shape(cfg.model)
@@ -113,12 +115,18 @@ def preflight(config: HybridConfig, out=sys.stdout, quiet_when_ok: bool = False,
             from gpu_stage.device import probe
 
             facts = probe(target)
-            report.add(True, f"CUDA for gpu_stage.device = {device!r}: {facts['device']} ({facts['name']}, compute capability "
-                       f"{facts['capability']}, {facts['free_bytes'] / GiB:.2f} of {facts['total_bytes'] / GiB:.2f} GiB free)")
+            report.add(
+                True,
+                f"CUDA for gpu_stage.device = {device!r}: {facts['device']} ({facts['name']}, compute capability "
+                f"{facts['capability']}, {facts['free_bytes'] / GiB:.2f} of {facts['total_bytes'] / GiB:.2f} GiB free)",
+            )
         except (RuntimeError, ValueError, OSError) as exc:
-            report.add(False, f"CUDA for gpu_stage.device = {device!r}: not usable: {exc}",
-                       "install an NVIDIA driver and a CUDA build of torch, check the device index, "
-                       "or set gpu_stage.device = \"auto\" / \"cpu\"")
+            report.add(
+                False,
+                f"CUDA for gpu_stage.device = {device!r}: not usable: {exc}",
+                "install an NVIDIA driver and a CUDA build of torch, check the device index, "
+                'or set gpu_stage.device = "auto" / "cpu"',
+            )
     report.estimates["gpu_device"] = facts
 
     # -- memory budgets (1F1B keeps at most p - rank micro-batches in flight)
@@ -127,23 +135,38 @@ def preflight(config: HybridConfig, out=sys.stdout, quiet_when_ok: bool = False,
     report.estimates["memory_detail"] = est
     if on_cuda:
         label = f"{facts['device']} ({facts['name']})" if facts else device
-        findings = check_device_budget(int(cfg.gpu_stage.gpu_memory_gb * GiB), est["gpu"]["total"],
-                                       facts["free_bytes"] if facts else None, facts["total_bytes"] if facts else None, label)
+        findings = check_device_budget(
+            int(cfg.gpu_stage.gpu_memory_gb * GiB),
+            est["gpu"]["total"],
+            facts["free_bytes"] if facts else None,
+            facts["total_bytes"] if facts else None,
+            label,
+        )
         first = findings[0]
-        report.add(first.ok, f"GPU stage memory estimate {describe_estimate(est['gpu'])} vs gpu_memory_gb = "
-                   f"{cfg.gpu_stage.gpu_memory_gb}", first.fix, first.fatal)
+        report.add(
+            first.ok,
+            f"GPU stage memory estimate {describe_estimate(est['gpu'])} vs gpu_memory_gb = "
+            f"{cfg.gpu_stage.gpu_memory_gb}",
+            first.fix,
+            first.fatal,
+        )
         for f in findings[1:]:
             report.add(f.ok, f.what, f.fix, f.fatal)
     host_need = est["cpu"]["total"] + (0 if on_cuda else est["gpu"]["total"])
     gpu_on_host = "" if on_cuda else f", gpu stage on CPU {est['gpu']['total'] / GiB:.2f}"
-    report.add(host_need <= cfg.cpu_stage.cpu_memory_gb * GiB,
-               f"host memory estimate {host_need / GiB:.2f} GiB (cpu stage {est['cpu']['total'] / GiB:.2f}{gpu_on_host}) "
-               f"vs cpu_memory_gb = {cfg.cpu_stage.cpu_memory_gb}",
-               "a smaller model or micro_batch_size, activation checkpointing, or raise cpu_stage.cpu_memory_gb")
+    report.add(
+        host_need <= cfg.cpu_stage.cpu_memory_gb * GiB,
+        f"host memory estimate {host_need / GiB:.2f} GiB (cpu stage {est['cpu']['total'] / GiB:.2f}{gpu_on_host}) "
+        f"vs cpu_memory_gb = {cfg.cpu_stage.cpu_memory_gb}",
+        "a smaller model or micro_batch_size, activation checkpointing, or raise cpu_stage.cpu_memory_gb",
+    )
     if local:
         available = psutil.virtual_memory().available
-        report.add(host_need <= available, f"this host has {available / GiB:.1f} GiB available for an estimated {host_need / GiB:.2f} GiB",
-                   "free memory, or run the stages on separate hosts (launch.mode = \"remote\")")
+        report.add(
+            host_need <= available,
+            f"this host has {available / GiB:.1f} GiB available for an estimated {host_need / GiB:.2f} GiB",
+            'free memory, or run the stages on separate hosts (launch.mode = "remote")',
+        )
 
     # -- disk for checkpoints
     ckpt_dir = cfg.checkpoint_dir()
@@ -154,36 +177,52 @@ def preflight(config: HybridConfig, out=sys.stdout, quiet_when_ok: bool = False,
     per_ckpt = counts["total"] * 4 * 3 + 1_000_000  # weights + two AdamW moments
     need_disk = per_ckpt * (cfg.checkpoint.keep_last + 1)
     report.estimates["checkpoint_bytes"] = per_ckpt
-    report.add(need_disk <= free, f"disk: {cfg.checkpoint.keep_last} + 1 checkpoints x {per_ckpt / 2**20:.1f} MiB = "
-               f"{need_disk / 2**20:.1f} MiB needed, {free / 2**30:.1f} GiB free at {probe}",
-               "free disk, lower checkpoint.keep_last, or point checkpoint.directory elsewhere")
+    report.add(
+        need_disk <= free,
+        f"disk: {cfg.checkpoint.keep_last} + 1 checkpoints x {per_ckpt / 2**20:.1f} MiB = "
+        f"{need_disk / 2**20:.1f} MiB needed, {free / 2**30:.1f} GiB free at {probe}",
+        "free disk, lower checkpoint.keep_last, or point checkpoint.directory elsewhere",
+    )
 
     # -- output directory lock
     from orchestrator.trainer import OutputLock
 
     holder = OutputLock(cfg.output_dir()).holder()
-    report.add(holder is None, f"output directory {cfg.output_dir()}: " + (f"held by running process {holder}" if holder else "free"),
-               "wait for that run to finish, stop it, or pass another --output-dir")
+    report.add(
+        holder is None,
+        f"output directory {cfg.output_dir()}: "
+        + (f"held by running process {holder}" if holder else "free"),
+        "wait for that run to finish, stop it, or pass another --output-dir",
+    )
 
     # -- ports / services
     if local:
         if cfg.launch.ports == "fixed":
-            for name, port in (("cpu_stage.port", cfg.cpu_stage.port), ("gpu_stage.port", cfg.gpu_stage.port),
-                               ("regret.port", cfg.regret.port if cfg.regret.enabled else 0),
-                               ("orchestrator.metrics_port", cfg.orchestrator.metrics_port if cfg.metrics.enabled else 0)):
+            for name, port in (
+                ("cpu_stage.port", cfg.cpu_stage.port),
+                ("gpu_stage.port", cfg.gpu_stage.port),
+                ("regret.port", cfg.regret.port if cfg.regret.enabled else 0),
+                ("orchestrator.metrics_port", cfg.orchestrator.metrics_port if cfg.metrics.enabled else 0),
+            ):
                 if port:
-                    report.add(_port_free("127.0.0.1", port), f"port {port} ({name}) " + ("free" if _port_free("127.0.0.1", port) else "in use"),
-                               f"stop what uses it, choose another {name}, or set launch.ports = \"auto\"")
+                    report.add(
+                        _port_free("127.0.0.1", port),
+                        f"port {port} ({name}) " + ("free" if _port_free("127.0.0.1", port) else "in use"),
+                        f'stop what uses it, choose another {name}, or set launch.ports = "auto"',
+                    )
         else:
-            report.add(True, "ports: chosen automatically on loopback (launch.ports = \"auto\")", fatal=False)
+            report.add(True, 'ports: chosen automatically on loopback (launch.ports = "auto")', fatal=False)
     else:
         addresses = {"cpu_stage": cfg.cpu_stage_address(), "gpu_stage": cfg.gpu_stage_address()}
         if cfg.regret.enabled and cfg.regret.address != "inprocess":
             addresses["regret"] = cfg.regret_address()
         for name, address in addresses.items():
             ok = _reachable(address)
-            report.add(ok, f"{name} at {address}: " + ("reachable" if ok else "not reachable"),
-                       f"start it (`redheart-{name.replace('_', '-')} --config ...`) or fix {name}.address")
+            report.add(
+                ok,
+                f"{name} at {address}: " + ("reachable" if ok else "not reachable"),
+                f"start it (`redheart-{name.replace('_', '-')} --config ...`) or fix {name}.address",
+            )
 
     # -- data and time estimate
     data_path = Path(cfg.data.path)
@@ -195,7 +234,11 @@ def preflight(config: HybridConfig, out=sys.stdout, quiet_when_ok: bool = False,
         source = f"{rows} scenarios to be generated into {data_path}"
     else:
         rows = 0
-        report.add(False, f"data.path {data_path} does not exist", "point data.path at your JSONL or set data.generate_if_missing = true")
+        report.add(
+            False,
+            f"data.path {data_path} does not exist",
+            "point data.path at your JSONL or set data.generate_if_missing = true",
+        )
         source = "no data"
     if cfg.data.max_scenarios:
         rows = min(rows, cfg.data.max_scenarios)
@@ -206,16 +249,27 @@ def preflight(config: HybridConfig, out=sys.stdout, quiet_when_ok: bool = False,
     if t.max_steps:
         total = min(total, t.max_steps)
     if rows:
-        report.add(steps_per_epoch >= 1, f"data: {source}; ~{train_rows} for training -> {steps_per_epoch} steps per epoch, {total} steps",
-                   "more data or a smaller batch_size")
+        report.add(
+            steps_per_epoch >= 1,
+            f"data: {source}; ~{train_rows} for training -> {steps_per_epoch} steps per epoch, {total} steps",
+            "more data or a smaller batch_size",
+        )
     gflops = _measured_gflops()
     tokens_per_step = per_step * shape.max_seq_len
     # 6 N flops per token for forward + backward; the stages overlap, so the slower one bounds.
     step_seconds = 6 * counts["total"] * tokens_per_step / (gflops * 1e9)
-    report.estimates.update(steps_per_epoch=steps_per_epoch, total_steps=total, step_seconds=step_seconds,
-                            total_seconds=step_seconds * total)
-    report.add(True, f"estimate: ~{step_seconds:.2f} s/step at {gflops:.0f} GFLOP/s measured here (upper bound at max_seq_len), "
-               f"~{step_seconds * total / 60:.1f} min for {total} steps", fatal=False)
+    report.estimates.update(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        step_seconds=step_seconds,
+        total_seconds=step_seconds * total,
+    )
+    report.add(
+        True,
+        f"estimate: ~{step_seconds:.2f} s/step at {gflops:.0f} GFLOP/s measured here (upper bound at max_seq_len), "
+        f"~{step_seconds * total / 60:.1f} min for {total} steps",
+        fatal=False,
+    )
 
     failed = [f for f in report.findings if not f.ok and f.fatal]
     if not (quiet_when_ok and not failed):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 METRICS = (  # name, True when higher is better
     ("judgment_accuracy", True),
@@ -43,11 +44,13 @@ class Progress:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
-            Progress as RichProgress,
             SpinnerColumn,
             TextColumn,
             TimeElapsedColumn,
             TimeRemainingColumn,
+        )
+        from rich.progress import (
+            Progress as RichProgress,
         )
 
         # force_terminal: mode "bar" asks for the display even where the stream is no TTY.

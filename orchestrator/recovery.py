@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from orchestrator.launcher import LaunchError, LocalLauncher
 from orchestrator.pipeline import StepFailed
@@ -145,8 +146,9 @@ class Recovery:
         used = sum(self.restarts.values())
         limit = self.config.launch.max_restarts
         if used >= limit:
-            raise _run_error(f"{failure}; giving up after {used} recoveries (launch.max_restarts = {limit})",
-                             failure)
+            raise _run_error(
+                f"{failure}; giving up after {used} recoveries (launch.max_restarts = {limit})", failure
+            )
         dead = self.launcher.dead() if self.launcher is not None else []
         if not dead:
             # Nothing died (a dropped connection, a deadline, a half-applied step): count it all the same.
@@ -156,8 +158,11 @@ class Recovery:
         if dead:
             self._check_stop("before restarting " + ", ".join(dead))
             for name in dead:
-                log.warning("restarting %s (it exited with code %s)", name,
-                            self.launcher.services[name].proc.returncode)
+                log.warning(
+                    "restarting %s (it exited with code %s)",
+                    name,
+                    self.launcher.services[name].proc.returncode,
+                )
                 self.restarts[name] += 1
                 self.on_restart(name)
             # Side by side: a restart is mostly the interpreter importing torch, seconds each.
@@ -184,9 +189,13 @@ class Recovery:
             address = self.addresses.get(name, "")
             if not address or address == "inprocess":
                 continue
-            wait_for_serving(address, timeout=self.config.orchestrator.step_deadline_seconds,
-                             service_name=name.replace("_", " "), alive=self._alive(name),
-                             security=self.config.security)
+            wait_for_serving(
+                address,
+                timeout=self.config.orchestrator.step_deadline_seconds,
+                service_name=name.replace("_", " "),
+                alive=self._alive(name),
+                security=self.config.security,
+            )
 
     def _alive(self, name: str) -> Callable[[], bool]:
         svc = self.launcher.services.get(name) if self.launcher is not None else None
@@ -199,12 +208,22 @@ class Recovery:
 
     def _check_stop(self, where: str) -> None:
         if self.stop_requested.is_set():
-            raise RecoveryStopped(f"stopped by a signal {where}, during a recovery; the last complete "
-                                  f"checkpoint is kept (continue with --resume)")
+            raise RecoveryStopped(
+                f"stopped by a signal {where}, during a recovery; the last complete "
+                f"checkpoint is kept (continue with --resume)"
+            )
 
     def _record(self, failure: PhaseFailed, restarted: list[str], resumed_from: int | None) -> None:
         cause = failure.cause
         stage = cause.stage if isinstance(cause, StepFailed) else getattr(cause, "service", "")
-        self.recoveries.append({"failed_step": failure.step, "phase": failure.phase, "stage": stage,
-                                "error": str(cause)[:500], "restarted": restarted,
-                                "resumed_from_step": resumed_from, "time": time.time()})
+        self.recoveries.append(
+            {
+                "failed_step": failure.step,
+                "phase": failure.phase,
+                "stage": stage,
+                "error": str(cause)[:500],
+                "restarted": restarted,
+                "resumed_from_step": resumed_from,
+                "time": time.time(),
+            }
+        )

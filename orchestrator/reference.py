@@ -9,7 +9,7 @@ the same losses and parameters (fp32 on CPU: rtol 1e-5, atol 4e-5).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -27,10 +27,14 @@ def reference_placement(gpu_stage_device: str, cuda_available: bool) -> tuple[to
     different masks for one seed). Returns (device, note); the note says why when it must differ."""
     device = torch.device(gpu_stage_device or "cpu")
     if device.type == "cuda" and not cuda_available:
-        return torch.device("cpu"), (f"the pipeline's GPU stage runs on {gpu_stage_device} but this host has no CUDA: "
-                                     f"the reference runs it on the CPU (exact only with model.dropout = 0)")
+        return torch.device("cpu"), (
+            f"the pipeline's GPU stage runs on {gpu_stage_device} but this host has no CUDA: "
+            f"the reference runs it on the CPU (exact only with model.dropout = 0)"
+        )
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"the GPU stage reports device {gpu_stage_device!r}; the reference runs on cpu or cuda[:N]")
+        raise ValueError(
+            f"the GPU stage reports device {gpu_stage_device!r}; the reference runs on cpu or cuda[:N]"
+        )
     return device, ""
 
 
@@ -38,7 +42,9 @@ class SingleProcessTrainer:
     def __init__(self, config: HybridConfig, gpu_device: str | torch.device = "cpu") -> None:
         self.config = config
         shape = resolve_model_shape(config.model)
-        self.device = torch.device(gpu_device)  # of the GPU stage's part; the CPU stage's part stays on the CPU
+        self.device = torch.device(
+            gpu_device
+        )  # of the GPU stage's part; the CPU stage's part stays on the CPU
         self.cpu = CpuStageModule(shape)
         self.gpu = GpuStageModule(shape).to(self.device)
         self.optimizers = [build_optimizer(self.cpu, config.train), build_optimizer(self.gpu, config.train)]
@@ -70,7 +76,9 @@ class SingleProcessTrainer:
                 from redheart import calculus
 
                 regret_target = calculus.score_tensor(
-                    outputs["bentham"].detach(), self.config.regret.regrets_per_step, self.config.regret.bentham_per_regret
+                    outputs["bentham"].detach(),
+                    self.config.regret.regrets_per_step,
+                    self.config.regret.bentham_per_regret,
                 )
             labels = {k: part.tensors[k].to(dev) for k in LABEL_KEYS}
             loss, head_losses = multitask_loss(outputs, labels, regret_target, t.loss_weights)

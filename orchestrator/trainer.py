@@ -38,8 +38,8 @@ from orchestrator.data import PreparedData, StepBatches, prepare_data, to_batch
 from orchestrator.launcher import LaunchError, LocalLauncher
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.pipeline import DynamicLossScale, NonFiniteError, PipelineDriver, StepOutcome
-from orchestrator.progress import Progress
 from orchestrator.plots import plot_losses, plot_trace_step
+from orchestrator.progress import Progress
 from orchestrator.recovery import PhaseFailed, Recovery, RecoveryStopped, phase
 from orchestrator.stage_client import StageClient
 from orchestrator.trace import TraceRecorder
@@ -99,8 +99,10 @@ class OutputLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         other = self.holder()
         if other is not None:
-            raise RunError(f"{self.path.parent} is in use by another run (pid {other}); "
-                           f"fix: wait for it, stop it, or pass another --output-dir")
+            raise RunError(
+                f"{self.path.parent} is in use by another run (pid {other}); "
+                f"fix: wait for it, stop it, or pass another --output-dir"
+            )
         self.path.write_text(f"{os.getpid()} {time.time():.0f}\n")
         self.held = True
 
@@ -122,9 +124,15 @@ def _settings_for_stages(config: HybridConfig) -> dict[str, Any]:
 
 
 class HybridDistributedTrainer:
-    def __init__(self, config: HybridConfig, *, registry: CollectorRegistry | None = None,
-                 resume: str | bool | None = None, config_path: str | None = None,
-                 trace_steps: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        config: HybridConfig,
+        *,
+        registry: CollectorRegistry | None = None,
+        resume: str | bool | None = None,
+        config_path: str | None = None,
+        trace_steps: tuple[int, int] | None = None,
+    ) -> None:
         self.config = config
         # --trace FIRST-LAST: spans of those steps from every process, written to trace.json
         self.trace = TraceRecorder(trace_steps) if trace_steps else None
@@ -156,8 +164,14 @@ class HybridDistributedTrainer:
         """What a run has done so far: empty at the start, and again when a recovery finds no checkpoint."""
         self.history: list[dict[str, Any]] = []
         self.validation: list[dict[str, Any]] = []
-        self.totals = {"samples": 0, "tokens": 0, "regret_computations": 0, "bentham_evaluations": 0,
-                       "skipped_steps": 0, "step_seconds": 0.0}
+        self.totals = {
+            "samples": 0,
+            "tokens": 0,
+            "regret_computations": 0,
+            "bentham_evaluations": 0,
+            "skipped_steps": 0,
+            "step_seconds": 0.0,
+        }
         self.regret_sum = 0.0
         self.regret_n = 0
 
@@ -185,17 +199,28 @@ class HybridDistributedTrainer:
         timeout = cfg.orchestrator.connect_timeout_seconds
         for name in ("cpu_stage", "gpu_stage") + (("regret",) if regret_needed else ()):
             try:
-                wait_for_serving(self.addresses[name], timeout=timeout, service_name=name.replace("_", " "),
-                                 alive=self._alive_check(name), security=cfg.security)
+                wait_for_serving(
+                    self.addresses[name],
+                    timeout=timeout,
+                    service_name=name.replace("_", " "),
+                    alive=self._alive_check(name),
+                    security=cfg.security,
+                )
             except ServiceError as exc:
-                raise RunError(f"{exc} (fix: start it with `redheart-{name.replace('_', '-')} --config ...` "
-                               f"or check {name}.address)") from None
+                raise RunError(
+                    f"{exc} (fix: start it with `redheart-{name.replace('_', '-')} --config ...` "
+                    f"or check {name}.address)"
+                ) from None
         for name in ("cpu_stage", "gpu_stage"):
-            self.clients[name] = StageClient(name.replace("_", " "), self.addresses[name],
-                                             max_message_mb=cfg.wire.max_message_mb,
-                                             rpc_timeout=cfg.orchestrator.rpc_timeout_seconds,
-                                             security=cfg.security, retry=RetryPolicy.from_wire(cfg.wire),
-                                             alive=self._alive_check(name))
+            self.clients[name] = StageClient(
+                name.replace("_", " "),
+                self.addresses[name],
+                max_message_mb=cfg.wire.max_message_mb,
+                rpc_timeout=cfg.orchestrator.rpc_timeout_seconds,
+                security=cfg.security,
+                retry=RetryPolicy.from_wire(cfg.wire),
+                alive=self._alive_check(name),
+            )
             stack.callback(self.clients[name].close)
 
     def _alive_check(self, name: str):
@@ -209,12 +234,16 @@ class HybridDistributedTrainer:
         for name, expected_rank in (("cpu_stage", 0), ("gpu_stage", 1)):
             info = self.clients[name].describe()
             if info.rank != expected_rank:
-                raise RunError(f"{name} at {self.addresses[name]} is pipeline stage {info.rank} ({info.name}), expected stage {expected_rank}; "
-                               f"are cpu_stage.address and gpu_stage.address swapped?")
+                raise RunError(
+                    f"{name} at {self.addresses[name]} is pipeline stage {info.rank} ({info.name}), expected stage {expected_rank}; "
+                    f"are cpu_stage.address and gpu_stage.address swapped?"
+                )
             if info.fingerprint != fp:
                 diffs = diff_settings(mine, info.settings)
-                raise RunError(f"{name} at {self.addresses[name]} was started with different model settings: "
-                               f"{'; '.join(diffs)} (fix: start every service with the same [model] section)")
+                raise RunError(
+                    f"{name} at {self.addresses[name]} was started with different model settings: "
+                    f"{'; '.join(diffs)} (fix: start every service with the same [model] section)"
+                )
             self.stage_info[name] = info
 
     def _start_run(self, run_id: str, first_step: int) -> None:
@@ -223,11 +252,16 @@ class HybridDistributedTrainer:
             settings["init_from"] = self.init_spec  # each stage loads its own part when it (re)builds
         cpu, gpu = self.addresses["cpu_stage"], self.addresses["gpu_stage"]
         regret = self.addresses.get("regret", "")
-        links = {"cpu_stage": dict(next_address=gpu, prev_address="", regret_address=""),
-                 "gpu_stage": dict(next_address="", prev_address=cpu, regret_address=regret)}
+        links = {
+            "cpu_stage": dict(next_address=gpu, prev_address="", regret_address=""),
+            "gpu_stage": dict(next_address="", prev_address=cpu, regret_address=regret),
+        }
         for name, link in links.items():
-            self._retry_while_running(lambda: self.clients[name].start_run(
-                run_id, settings, first_step=first_step, reinitialize=True, **link))
+            self._retry_while_running(
+                lambda name=name, link=link: self.clients[name].start_run(
+                    run_id, settings, first_step=first_step, reinitialize=True, **link
+                )
+            )
         if self.trace is not None:  # measured at every StartRun: a restarted stage has a new clock
             self.trace.measure_clocks(self.clients)
             for client in self.clients.values():
@@ -249,8 +283,12 @@ class HybridDistributedTrainer:
                 out["png"] = str(png)
         except Exception as exc:  # a picture must never fail a finished run
             log.warning("could not draw the trace picture: %s", exc)
-        log.info("pipeline trace of steps %d-%d: %s (open in https://ui.perfetto.dev or chrome://tracing)",
-                 self.trace.first, self.trace.last, path)
+        log.info(
+            "pipeline trace of steps %d-%d: %s (open in https://ui.perfetto.dev or chrome://tracing)",
+            self.trace.first,
+            self.trace.last,
+            path,
+        )
         return out
 
     def _retry_while_running(self, call):
@@ -263,7 +301,11 @@ class HybridDistributedTrainer:
             try:
                 return call()
             except ServiceError as exc:
-                running = exc.code is not None and exc.code.name == "FAILED_PRECONDITION" and "is running" in exc.details
+                running = (
+                    exc.code is not None
+                    and exc.code.name == "FAILED_PRECONDITION"
+                    and "is running" in exc.details
+                )
                 if not running or time.monotonic() + delay > give_up or self.stop_requested.is_set():
                     raise
                 time.sleep(delay)
@@ -279,7 +321,9 @@ class HybridDistributedTrainer:
                 try:
                     client.abort(run_id, info.next_step, "a new orchestrator resumes this run")
                 except ServiceError as exc:
-                    log.info("%s: abort of the previous orchestrator's step %d: %s", name, info.next_step, exc)
+                    log.info(
+                        "%s: abort of the previous orchestrator's step %d: %s", name, info.next_step, exc
+                    )
 
     def _restore(self, run_id: str, info: ckpt.CheckpointInfo | None) -> int:
         """Put both stages at a checkpoint (or at the initial weights when there is none)."""
@@ -287,21 +331,29 @@ class HybridDistributedTrainer:
         self._start_run(run_id, step)
         if info is not None:
             with ThreadPoolExecutor(2) as pool:
-                futures = [pool.submit(self.clients[n].load, run_id, step, str(info.path / n.split("_")[0])) for n in ("cpu_stage", "gpu_stage")]
+                futures = [
+                    pool.submit(self.clients[n].load, run_id, step, str(info.path / n.split("_")[0]))
+                    for n in ("cpu_stage", "gpu_stage")
+                ]
                 for f in futures:
                     f.result()
         return step
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save_checkpoint(self, run_id: str, step: int, batches: StepBatches, driver: PipelineDriver, data: PreparedData) -> Path:
+    def _save_checkpoint(
+        self, run_id: str, step: int, batches: StepBatches, driver: PipelineDriver, data: PreparedData
+    ) -> Path:
         start = time.perf_counter()
         directory = ckpt.step_dir(self.checkpoint_root, step)
         if directory.exists():
             shutil.rmtree(directory)  # a leftover of an interrupted save: redo it
         directory.mkdir(parents=True)
         with ThreadPoolExecutor(2) as pool:
-            futures = {n: pool.submit(self.clients[n].save, run_id, step, str(directory / n.split("_")[0])) for n in ("cpu_stage", "gpu_stage")}
+            futures = {
+                n: pool.submit(self.clients[n].save, run_id, step, str(directory / n.split("_")[0]))
+                for n in ("cpu_stage", "gpu_stage")
+            }
             shards = {n: f.result() for n, f in futures.items()}
         epoch, offset = batches.position(step)
         manifest = {
@@ -314,7 +366,9 @@ class HybridDistributedTrainer:
             "tokenizer": str(data.tokenizer_path),
             "tokenizer_sha256": data.tokenizer_sha256,
             "loss_scale": driver.scaler.state(),
-            "shards": {n: {"sha256": s.sha256, "bytes": s.bytes, "files": list(s.files)} for n, s in shards.items()},
+            "shards": {
+                n: {"sha256": s.sha256, "bytes": s.bytes, "files": list(s.files)} for n, s in shards.items()
+            },
             "history": self.history,
             "validation": self.validation,
             "totals": self.totals,
@@ -329,8 +383,13 @@ class HybridDistributedTrainer:
         seconds = time.perf_counter() - start
         self.metrics.checkpoint_seconds.observe(seconds)
         self.metrics.checkpoints.inc()
-        log.info("checkpoint step %d -> %s (%.2fs, %.1f MB)", step, directory, seconds,
-                 sum(s.bytes for s in shards.values()) / 1e6)
+        log.info(
+            "checkpoint step %d -> %s (%.2fs, %.1f MB)",
+            step,
+            directory,
+            seconds,
+            sum(s.bytes for s in shards.values()) / 1e6,
+        )
         return directory
 
     def _bow_baseline(self, data: PreparedData):
@@ -372,7 +431,12 @@ class HybridDistributedTrainer:
             self._restore_orchestrator_state(info.manifest, driver)
         else:
             self._reset_progress()
-            driver.scaler.load({"scale": self.config.train.initial_loss_scale if driver.scaler.enabled else 1.0, "good_steps": 0})
+            driver.scaler.load(
+                {
+                    "scale": self.config.train.initial_loss_scale if driver.scaler.enabled else 1.0,
+                    "good_steps": 0,
+                }
+            )
         return step
 
     def _last_complete(self, run_id: str) -> ckpt.CheckpointInfo | None:
@@ -389,7 +453,9 @@ class HybridDistributedTrainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _evaluate(self, driver: PipelineDriver, data: PreparedData, label: str, explanations_path: Path | None = None) -> dict[str, Any]:
+    def _evaluate(
+        self, driver: PipelineDriver, data: PreparedData, label: str, explanations_path: Path | None = None
+    ) -> dict[str, Any]:
         from redheart import calculus
         from redheart.data import baseline_metrics, compute_metrics
 
@@ -403,7 +469,11 @@ class HybridDistributedTrainer:
                 outputs.setdefault(k, []).append(v)
         pred = {k: torch.cat(v) for k, v in outputs.items()}
         labels = dict(data.validation_labels)  # a copy: regret_target is added below
-        scores = calculus.score(pred["bentham"].numpy(), self.config.regret.regrets_per_step, self.config.regret.bentham_per_regret)
+        scores = calculus.score(
+            pred["bentham"].numpy(),
+            self.config.regret.regrets_per_step,
+            self.config.regret.bentham_per_regret,
+        )
         labels["regret_target"] = torch.from_numpy(scores.regret).float()
         metrics = compute_metrics(pred, labels)
         train_labels = dict(data.train_labels)
@@ -412,11 +482,22 @@ class HybridDistributedTrainer:
         baseline = baseline_metrics(train_labels, labels)
         from redheart.data.evaluation import bow_baseline_metrics, compare_with_baselines
 
-        baseline.update(bow_baseline_metrics(self._bow_baseline(data), val.input_ids, val.attention_mask, labels))
-        entry = {"label": label, "step": self._current_step, "metrics": metrics, "baseline": baseline,
-                 "worse_than_baselines": compare_with_baselines(metrics, baseline)}
+        baseline.update(
+            bow_baseline_metrics(self._bow_baseline(data), val.input_ids, val.attention_mask, labels)
+        )
+        entry = {
+            "label": label,
+            "step": self._current_step,
+            "metrics": metrics,
+            "baseline": baseline,
+            "worse_than_baselines": compare_with_baselines(metrics, baseline),
+        }
         if entry["worse_than_baselines"]:
-            log.warning("%s validation: the model does worse than a baseline: %s", label, "; ".join(entry["worse_than_baselines"]))
+            log.warning(
+                "%s validation: the model does worse than a baseline: %s",
+                label,
+                "; ".join(entry["worse_than_baselines"]),
+            )
         for key, value in metrics.items():
             if key in ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae"):
                 self.metrics.validation.labels(key).set(value)
@@ -428,17 +509,27 @@ class HybridDistributedTrainer:
         if explanations_path is not None:
             with phase, open(explanations_path, "w", encoding="utf-8") as fh:
                 for i, sid in enumerate(val.ids):
-                    fh.write(json.dumps({
-                        "scenario_id": sid,
-                        "regret": float(scores.regret[i]),
-                        "predicted_regret": float(pred["regret"][i]),
-                        "best_counterfactual": scores.best_name[i],
-                        "actual_utility": float(scores.actual_utility[i]),
-                        "counterfactual_utilities": [float(x) for x in scores.counterfactual_utilities[i]],
-                        "actual_perspective_utilities": [float(x) for x in scores.actual_perspectives[i]],
-                        "best_perspective_utilities": [float(x) for x in scores.best_perspectives[i]],
-                        "predicted_bentham": [round(float(x), 6) for x in pred["bentham"][i]],
-                    }, ensure_ascii=False) + "\n")
+                    fh.write(
+                        json.dumps(
+                            {
+                                "scenario_id": sid,
+                                "regret": float(scores.regret[i]),
+                                "predicted_regret": float(pred["regret"][i]),
+                                "best_counterfactual": scores.best_name[i],
+                                "actual_utility": float(scores.actual_utility[i]),
+                                "counterfactual_utilities": [
+                                    float(x) for x in scores.counterfactual_utilities[i]
+                                ],
+                                "actual_perspective_utilities": [
+                                    float(x) for x in scores.actual_perspectives[i]
+                                ],
+                                "best_perspective_utilities": [float(x) for x in scores.best_perspectives[i]],
+                                "predicted_bentham": [round(float(x), 6) for x in pred["bentham"][i]],
+                            },
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
         return entry
 
     # ------------------------------------------------------------------ the run
@@ -485,8 +576,10 @@ class HybridDistributedTrainer:
         def handler(signum, _frame):
             if self.stop_requested.is_set():
                 raise KeyboardInterrupt
-            log.warning("received %s: finishing the current step, then checkpoint and stop (again to abort)",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s: finishing the current step, then checkpoint and stop (again to abort)",
+                signal.Signals(signum).name,
+            )
             self.stop_requested.set()
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -514,12 +607,20 @@ class HybridDistributedTrainer:
     def _start_metrics(self) -> None:
         cfg = self.config
         if cfg.metrics.enabled and cfg.orchestrator.metrics_port:
-            port = 0 if cfg.launch.mode == "local" and cfg.launch.ports == "auto" else cfg.orchestrator.metrics_port
+            port = (
+                0
+                if cfg.launch.mode == "local" and cfg.launch.ports == "auto"
+                else cfg.orchestrator.metrics_port
+            )
             try:
-                self._metrics_server, self.metrics_port = start_metrics_endpoint(self.registry, cfg.metrics.host, port)
+                self._metrics_server, self.metrics_port = start_metrics_endpoint(
+                    self.registry, cfg.metrics.host, port
+                )
             except OSError as exc:
-                raise RunError(f"cannot serve orchestrator metrics on {cfg.metrics.host}:{port}: {exc} "
-                               f"(fix: another orchestrator.metrics_port, or 0 to disable)") from None
+                raise RunError(
+                    f"cannot serve orchestrator metrics on {cfg.metrics.host}:{port}: {exc} "
+                    f"(fix: another orchestrator.metrics_port, or 0 to disable)"
+                ) from None
             log.info("orchestrator metrics on http://%s:%d/metrics", cfg.metrics.host, self.metrics_port)
 
     def train(self) -> tuple[dict[str, Any], Path]:
@@ -537,31 +638,57 @@ class HybridDistributedTrainer:
             if resume_info is not None:
                 tokenizer_path = Path(resume_info.manifest["tokenizer"])
                 if not tokenizer_path.exists():
-                    raise RunError(f"checkpoint {resume_info.path} needs its tokenizer {tokenizer_path}, which is gone")
+                    raise RunError(
+                        f"checkpoint {resume_info.path} needs its tokenizer {tokenizer_path}, which is gone"
+                    )
             elif self.init_spec is not None:
                 # Token ids must mean what they meant to the exported embeddings.
                 tokenizer_path = Path(self.init_spec["path"]) / "tokenizer.json"
             data = prepare_data(cfg, self.output_dir, tokenizer_path=tokenizer_path)
-            if resume_info is not None and data.tokenizer_sha256 != resume_info.manifest.get("tokenizer_sha256"):
-                raise RunError(f"tokenizer {data.tokenizer_path} differs from the one checkpoint {resume_info.path} was trained with")
+            if resume_info is not None and data.tokenizer_sha256 != resume_info.manifest.get(
+                "tokenizer_sha256"
+            ):
+                raise RunError(
+                    f"tokenizer {data.tokenizer_path} differs from the one checkpoint {resume_info.path} was trained with"
+                )
             batches = StepBatches(cfg, data.train)
             self._start_metrics()
             self._open_services(stack)
             self._handshake()
             shape = resolve_model_shape(cfg.model)
             counts = count_parameters(shape)
-            run_id = resume_info.manifest["run_id"] if resume_info is not None else f"run-{uuid.uuid4().hex[:12]}"
+            run_id = (
+                resume_info.manifest["run_id"] if resume_info is not None else f"run-{uuid.uuid4().hex[:12]}"
+            )
             gpu_device = self.stage_info["gpu_stage"].device
-            lookahead = cfg.regret.lookahead if cfg.regret.enabled and self.addresses.get("regret") not in ("", "inprocess") else 0
+            lookahead = (
+                cfg.regret.lookahead
+                if cfg.regret.enabled and self.addresses.get("regret") not in ("", "inprocess")
+                else 0
+            )
             # Loss scaling is switched on after StartRun, when the stages have said their precision.
-            driver = PipelineDriver(self.clients["cpu_stage"], self.clients["gpu_stage"], cfg, run_id,
-                                    fp16_loss_scaling=False, lookahead=lookahead,
-                                    dead_services=self.launcher.dead if self.launcher is not None else None)
+            driver = PipelineDriver(
+                self.clients["cpu_stage"],
+                self.clients["gpu_stage"],
+                cfg,
+                run_id,
+                fp16_loss_scaling=False,
+                lookahead=lookahead,
+                dead_services=self.launcher.dead if self.launcher is not None else None,
+            )
             stack.callback(driver.close)
             self._last_info = resume_info
-            recovery = Recovery(cfg, self.launcher, self.addresses, self.clients, self.restarts, self.recoveries,
-                                self.stop_requested, restore=lambda: self._restore_last(run_id, driver),
-                                on_restart=lambda name: self.metrics.restarts.labels(name).inc())
+            recovery = Recovery(
+                cfg,
+                self.launcher,
+                self.addresses,
+                self.clients,
+                self.restarts,
+                self.recoveries,
+                self.stop_requested,
+                restore=lambda: self._restore_last(run_id, driver),
+                on_restart=lambda name: self.metrics.restarts.labels(name).inc(),
+            )
             run = _Loop(last_checkpoint=resume_info.path if resume_info is not None else None)
             self._log_run(run_id, counts, data, batches, gpu_device)
             progress = self._progress = Progress(batches.total_steps, cfg.orchestrator.progress)
@@ -586,9 +713,13 @@ class HybridDistributedTrainer:
             self._current_step = step
             self._sample_memory()
             self._loss_scale_state = driver.scaler.state()
-            report = self._report(run_id, step, batches, data, counts, wall_start, last_checkpoint, run.stopped_early)
+            report = self._report(
+                run_id, step, batches, data, counts, wall_start, last_checkpoint, run.stopped_early
+            )
             report["trace"] = self._write_trace()
-            (self.output_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
+            (self.output_dir / "report.json").write_text(
+                json.dumps(report, indent=2, sort_keys=True), encoding="utf-8"
+            )
             try:
                 plot_losses(self.history, self.output_dir / "loss.png", self.validation)
             except Exception as exc:  # a plot must never fail a finished run
@@ -617,22 +748,42 @@ class HybridDistributedTrainer:
         fp16 = any(self.clients[n].precision == "fp16" for n in ("cpu_stage", "gpu_stage"))
         if driver.scaler.enabled != fp16:
             t = self.config.train
-            driver.scaler = DynamicLossScale(fp16, init_scale=t.initial_loss_scale,
-                                             max_consecutive_skips=t.max_consecutive_skips)
+            driver.scaler = DynamicLossScale(
+                fp16, init_scale=t.initial_loss_scale, max_consecutive_skips=t.max_consecutive_skips
+            )
 
-    def _log_run(self, run_id: str, counts, data: PreparedData, batches: StepBatches, gpu_device: str) -> None:
+    def _log_run(
+        self, run_id: str, counts, data: PreparedData, batches: StepBatches, gpu_device: str
+    ) -> None:
         cfg = self.config
         log.info(
             "run %s: %d parameters (cpu stage %d: %s; gpu stage %d on %s: %s), %d train / %d validation scenarios, "
             "%d steps (%d per epoch), batch %d x %d micro-batches x %d accumulation",
-            run_id, counts["total"], counts["cpu_stage"], self.stage_info["cpu_stage"].layer_range,
-            counts["gpu_stage"], gpu_device, self.stage_info["gpu_stage"].layer_range, len(data.train), len(data.validation),
-            batches.total_steps, batches.steps_per_epoch, cfg.train.batch_size, cfg.micro_batches,
+            run_id,
+            counts["total"],
+            counts["cpu_stage"],
+            self.stage_info["cpu_stage"].layer_range,
+            counts["gpu_stage"],
+            gpu_device,
+            self.stage_info["gpu_stage"].layer_range,
+            len(data.train),
+            len(data.validation),
+            batches.total_steps,
+            batches.steps_per_epoch,
+            cfg.train.batch_size,
+            cfg.micro_batches,
             cfg.train.gradient_accumulation_steps,
         )
 
-    def _train_steps(self, run: "_Loop", run_id: str, driver: PipelineDriver, data: PreparedData,
-                     batches: StepBatches, progress: Progress) -> None:
+    def _train_steps(
+        self,
+        run: _Loop,
+        run_id: str,
+        driver: PipelineDriver,
+        data: PreparedData,
+        batches: StepBatches,
+        progress: Progress,
+    ) -> None:
         """Optimizer steps with logging, epoch-end evaluation and checkpoints, until the last step or a stop."""
         cfg = self.config
         evaluated_epochs = {v.get("epoch") for v in self.validation}
@@ -656,14 +807,23 @@ class HybridDistributedTrainer:
             if step % cfg.train.log_every_n_steps == 0 or step == batches.total_steps:
                 memory = self._sample_memory()
                 entry = {
-                    "step": step, "epoch": epoch, "loss": outcome.total_loss, "losses": outcome.losses,
-                    "learning_rate": lr, "grad_norm": outcome.grad_norm, "step_seconds": outcome.seconds,
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": outcome.total_loss,
+                    "losses": outcome.losses,
+                    "learning_rate": lr,
+                    "grad_norm": outcome.grad_norm,
+                    "step_seconds": outcome.seconds,
                     "samples_per_second": outcome.samples / outcome.seconds if outcome.seconds else 0.0,
                     "regret_mean": outcome.regret_mean,
                     "regret_computations": outcome.regret_computations,
                     "bentham_evaluations": outcome.bentham_evaluations,
-                    "bubble": {k.split()[0]: (v["wait"] / v["total"] if v["total"] else 0.0) for k, v in outcome.stage_timings.items()},
-                    "rss_bytes": memory, "skipped": outcome.skipped,
+                    "bubble": {
+                        k.split()[0]: (v["wait"] / v["total"] if v["total"] else 0.0)
+                        for k, v in outcome.stage_timings.items()
+                    },
+                    "rss_bytes": memory,
+                    "skipped": outcome.skipped,
                     "peak_gpu_memory_bytes": outcome.peak_gpu_memory_bytes,
                     "loss_scale": outcome.loss_scale,
                 }
@@ -675,11 +835,21 @@ class HybridDistributedTrainer:
                     f"{entry['samples_per_second']:.1f} samples/s regret {outcome.regret_mean:.4f} "
                     f"rss {' '.join(f'{k}={v / 2**20:.0f}MiB' for k, v in memory.items())}"
                 )
-            progress.update(step, outcome.total_loss, outcome.samples / outcome.seconds if outcome.seconds else 0.0)
+            progress.update(
+                step, outcome.total_loss, outcome.samples / outcome.seconds if outcome.seconds else 0.0
+            )
             end_of_epoch = step % batches.steps_per_epoch == 0
-            if end_of_epoch and cfg.train.eval_every_epoch and step < batches.total_steps and epoch not in evaluated_epochs:
-                with phase("Evaluate", step), self._span("evaluation", step - 1), \
-                        progress.phase(f"evaluation after epoch {epoch}"):
+            if (
+                end_of_epoch
+                and cfg.train.eval_every_epoch
+                and step < batches.total_steps
+                and epoch not in evaluated_epochs
+            ):
+                with (
+                    phase("Evaluate", step),
+                    self._span("evaluation", step - 1),
+                    progress.phase(f"evaluation after epoch {epoch}"),
+                ):
                     entry = self._evaluate(driver, data, f"epoch {epoch}")
                 entry["epoch"] = epoch
                 self.validation.append(entry)
@@ -690,20 +860,28 @@ class HybridDistributedTrainer:
             every = cfg.checkpoint.save_checkpoint_every
             if every and step % every == 0 and step < batches.total_steps:
                 t0 = time.perf_counter()
-                with phase("SaveState", step), self._span("checkpoint", step - 1), \
-                        progress.phase(f"checkpoint at step {step}"):
+                with (
+                    phase("SaveState", step),
+                    self._span("checkpoint", step - 1),
+                    progress.phase(f"checkpoint at step {step}"),
+                ):
                     run.last_checkpoint = self._save_checkpoint(run_id, step, batches, driver, data)
-                progress.message(f"checkpoint at step {step}: {run.last_checkpoint} ({time.perf_counter() - t0:.2f}s)")
+                progress.message(
+                    f"checkpoint at step {step}: {run.last_checkpoint} ({time.perf_counter() - t0:.2f}s)"
+                )
             if self.stop_requested.is_set():
                 run.stopped_early = step < batches.total_steps
                 return
 
-    def _final_evaluation(self, run: "_Loop", driver: PipelineDriver, data: PreparedData, batches: StepBatches,
-                          progress: Progress) -> None:
+    def _final_evaluation(
+        self, run: _Loop, driver: PipelineDriver, data: PreparedData, batches: StepBatches, progress: Progress
+    ) -> None:
         """The final validation and the explanations file."""
         self._current_step = run.step
         with phase("Evaluate", run.step), progress.phase("final evaluation"):
-            final = self._evaluate(driver, data, "final", explanations_path=self.output_dir / "explanations.jsonl")
+            final = self._evaluate(
+                driver, data, "final", explanations_path=self.output_dir / "explanations.jsonl"
+            )
         final["epoch"] = batches.position(max(run.step - 1, 0))[0]
         self.validation.append(final)
         if self._tb is not None:
@@ -711,8 +889,9 @@ class HybridDistributedTrainer:
         progress.message(f"final validation: {_fmt_metrics(final)}")
         progress.summary(final)
 
-    def _final_checkpoint(self, run: "_Loop", run_id: str, driver: PipelineDriver, data: PreparedData,
-                          batches: StepBatches) -> None:
+    def _final_checkpoint(
+        self, run: _Loop, run_id: str, driver: PipelineDriver, data: PreparedData, batches: StepBatches
+    ) -> None:
         if run.last_checkpoint is None or ckpt.read_manifest(run.last_checkpoint).get("step") != run.step:
             with phase("SaveState", run.step), self._progress.phase(f"checkpoint at step {run.step}"):
                 run.last_checkpoint = self._save_checkpoint(run_id, run.step, batches, driver, data)
@@ -730,14 +909,20 @@ class HybridDistributedTrainer:
         except ckpt.CheckpointError as exc:
             raise RunError(f"--resume: {exc}") from None
         saved_model = info.manifest.get("config", {}).get("model", {})
-        if self.config.model.gpu_layers_ratio == "auto" and self.config.model.cpu_layers is None and saved_model.get("cpu_layers") is not None:
+        if (
+            self.config.model.gpu_layers_ratio == "auto"
+            and self.config.model.cpu_layers is None
+            and saved_model.get("cpu_layers") is not None
+        ):
             # Keep the split the run was started with; re-measuring could choose another one.
             self.config = self.config.replace(**{"model.cpu_layers": saved_model["cpu_layers"]})
         if info.manifest.get("model_fingerprint") != self.config.model_fingerprint():
             theirs = info.manifest.get("config", {}).get("model", {})
             mine = self.config.to_dict()["model"]
-            raise RunError(f"--resume: checkpoint {info.path} was trained with different model settings: "
-                           f"{'; '.join(diff_settings(mine, theirs)) or 'resolved shape differs'}")
+            raise RunError(
+                f"--resume: checkpoint {info.path} was trained with different model settings: "
+                f"{'; '.join(diff_settings(mine, theirs)) or 'resolved shape differs'}"
+            )
         return info
 
     def _resolve_split(self, resume_info) -> None:
@@ -748,18 +933,41 @@ class HybridDistributedTrainer:
         except ValueError as exc:
             raise RunError(str(exc)) from None
 
-    def _report(self, run_id, step, batches: StepBatches, data: PreparedData, counts, wall_start, last_checkpoint, stopped_early) -> dict:
+    def _report(
+        self,
+        run_id,
+        step,
+        batches: StepBatches,
+        data: PreparedData,
+        counts,
+        wall_start,
+        last_checkpoint,
+        stopped_early,
+    ) -> dict:
         wall = time.time() - wall_start
         step_seconds = self.totals["step_seconds"] or 1e-9
         regret_steps = max(1, step)
         return {
             "run_id": run_id,
             "config": self.config.to_dict(),
-            "parameters": {"cpu_stage": counts["cpu_stage"], "gpu_stage": counts["gpu_stage"], "total": counts["total"]},
-            "stages": {n: {"address": self.addresses[n], "device": i.device, "layers": i.layer_range, "parameters": i.num_parameters,
-                           "device_name": i.device_name, "compute_capability": i.compute_capability,
-                           "memory_budget_bytes": i.memory_budget_bytes, "device_total_memory_bytes": i.total_memory_bytes}
-                       for n, i in self.stage_info.items()},
+            "parameters": {
+                "cpu_stage": counts["cpu_stage"],
+                "gpu_stage": counts["gpu_stage"],
+                "total": counts["total"],
+            },
+            "stages": {
+                n: {
+                    "address": self.addresses[n],
+                    "device": i.device,
+                    "layers": i.layer_range,
+                    "parameters": i.num_parameters,
+                    "device_name": i.device_name,
+                    "compute_capability": i.compute_capability,
+                    "memory_budget_bytes": i.memory_budget_bytes,
+                    "device_total_memory_bytes": i.total_memory_bytes,
+                }
+                for n, i in self.stage_info.items()
+            },
             "steps": step,
             "total_steps": batches.total_steps,
             "steps_per_epoch": batches.steps_per_epoch,
@@ -778,15 +986,19 @@ class HybridDistributedTrainer:
             "regret": {
                 "computations": self.totals["regret_computations"],
                 "bentham_evaluations": self.totals["bentham_evaluations"],
-                "computations_per_scenario": self.totals["regret_computations"] / max(1, self.totals["samples"]),
-                "bentham_evaluations_per_scenario": self.totals["bentham_evaluations"] / max(1, self.totals["samples"]),
+                "computations_per_scenario": self.totals["regret_computations"]
+                / max(1, self.totals["samples"]),
+                "bentham_evaluations_per_scenario": self.totals["bentham_evaluations"]
+                / max(1, self.totals["samples"]),
                 "computations_per_step": self.totals["regret_computations"] / regret_steps,
                 "mean_regret": self.regret_sum / self.regret_n if self.regret_n else 0.0,
                 "explanations": str(self.output_dir / "explanations.jsonl"),
             },
             "peak_rss_bytes": self.peak_rss,
             "peak_gpu_memory_bytes": max([h.get("peak_gpu_memory_bytes", 0) for h in self.history] or [0]),
-            "precision": {n: {"used": c.precision, "reason": c.precision_reason} for n, c in self.clients.items()},
+            "precision": {
+                n: {"used": c.precision, "reason": c.precision_reason} for n, c in self.clients.items()
+            },
             "loss_scale": self._loss_scale_state,
             "restarts": self.restarts,
             "recoveries": self.recoveries,
@@ -796,8 +1008,12 @@ class HybridDistributedTrainer:
             "split": {
                 "cpu_layers": resolve_model_shape(self.config.model).cpu_layers,
                 "automatic": self.split_choice is not None,
-                "reason": self.split_choice.reason if self.split_choice is not None else "model.gpu_layers_ratio / model.cpu_layers",
-                "predicted_step_seconds": self.split_choice.predicted_step_seconds if self.split_choice is not None else None,
+                "reason": self.split_choice.reason
+                if self.split_choice is not None
+                else "model.gpu_layers_ratio / model.cpu_layers",
+                "predicted_step_seconds": self.split_choice.predicted_step_seconds
+                if self.split_choice is not None
+                else None,
             },
         }
 
@@ -810,4 +1026,3 @@ def _fmt_metrics(entry: dict) -> str:
             bow = f", bag-of-words {b['baseline_bow_' + key]:.4f}" if "baseline_bow_" + key in b else ""
             parts.append(f"{key} {m[key]:.4f} (baseline {b.get('baseline_' + key, float('nan')):.4f}{bow})")
     return ", ".join(parts)
-

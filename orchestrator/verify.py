@@ -22,7 +22,6 @@ from orchestrator.pipeline import PipelineDriver
 from orchestrator.reference import SingleProcessTrainer, reference_placement
 from orchestrator.trainer import HybridDistributedTrainer, learning_rate_at
 
-
 CUDA_VERIFY_RTOL = 1e-4
 CUDA_VERIFY_ATOL = 1e-4
 """Tolerance of --verify when the GPU stage runs on CUDA (fp32, TF32 off): the reference runs the
@@ -63,30 +62,48 @@ def verify(trainer: HybridDistributedTrainer, out=sys.stdout) -> VerifyResult:
         run_id = f"verify-{uuid.uuid4().hex[:8]}"
         regret = trainer.addresses.get("regret", "")
         lookahead = cfg.regret.lookahead if cfg.regret.enabled and regret not in ("", "inprocess") else 0
-        driver = PipelineDriver(trainer.clients["cpu_stage"], trainer.clients["gpu_stage"], cfg, run_id, lookahead=lookahead)
+        driver = PipelineDriver(
+            trainer.clients["cpu_stage"], trainer.clients["gpu_stage"], cfg, run_id, lookahead=lookahead
+        )
         stack.callback(driver.close)
         trainer._restore(run_id, None)
-        gpu_device, note = reference_placement(trainer.stage_info["gpu_stage"].device, torch.cuda.is_available())
+        gpu_device, note = reference_placement(
+            trainer.stage_info["gpu_stage"].device, torch.cuda.is_available()
+        )
         if note:
             print(f"note: {note}", file=out)
         reference = SingleProcessTrainer(cfg, gpu_device=gpu_device)
-        if gpu_device.type == "cuda" and (o.verify_rtol < CUDA_VERIFY_RTOL or o.verify_atol < CUDA_VERIFY_ATOL):
-            print(f"note: the GPU stage runs on {gpu_device}; CUDA's fp32 kernels reduce in another order than the CPU's "
-                  f"and some backward kernels use atomics, so the tolerance is widened to rtol {CUDA_VERIFY_RTOL} "
-                  f"atol {CUDA_VERIFY_ATOL}", file=out)
-            o = dataclasses.replace(o, verify_rtol=max(o.verify_rtol, CUDA_VERIFY_RTOL),
-                                    verify_atol=max(o.verify_atol, CUDA_VERIFY_ATOL))
+        if gpu_device.type == "cuda" and (
+            o.verify_rtol < CUDA_VERIFY_RTOL or o.verify_atol < CUDA_VERIFY_ATOL
+        ):
+            print(
+                f"note: the GPU stage runs on {gpu_device}; CUDA's fp32 kernels reduce in another order than the CPU's "
+                f"and some backward kernels use atomics, so the tolerance is widened to rtol {CUDA_VERIFY_RTOL} "
+                f"atol {CUDA_VERIFY_ATOL}",
+                file=out,
+            )
+            o = dataclasses.replace(
+                o,
+                verify_rtol=max(o.verify_rtol, CUDA_VERIFY_RTOL),
+                verify_atol=max(o.verify_atol, CUDA_VERIFY_ATOL),
+            )
         steps = min(o.verify_steps, batches.total_steps)
         failures: list[str] = []
         max_loss = 0.0
-        print(f"verifying {steps} step(s): pipeline at {trainer.addresses['cpu_stage']} + {trainer.addresses['gpu_stage']} "
-              f"(regret: {regret or 'off'}) against single-process training", file=out)
+        print(
+            f"verifying {steps} step(s): pipeline at {trainer.addresses['cpu_stage']} + {trainer.addresses['gpu_stage']} "
+            f"(regret: {regret or 'off'}) against single-process training",
+            file=out,
+        )
         for step in range(steps):
             lr = learning_rate_at(step, batches.total_steps, cfg.train)
             rounds = batches.rounds(step)
             got = driver.run_step(step, rounds, lr)
             want = reference.step(step, rounds, lr)
-            a, b = torch.tensor(got.micro_batch_losses, dtype=torch.float64), torch.tensor(want["micro_batch_losses"], dtype=torch.float64)
+            a, b = (
+                torch.tensor(got.micro_batch_losses, dtype=torch.float64),
+                torch.tensor(want["micro_batch_losses"], dtype=torch.float64),
+            )
             diff = float((a - b).abs().max())
             max_loss = max(max_loss, diff)
             try:
@@ -95,8 +112,11 @@ def verify(trainer: HybridDistributedTrainer, out=sys.stdout) -> VerifyResult:
             except AssertionError:
                 status = "MISMATCH"
                 failures.append(f"step {step}: micro-batch losses differ by up to {diff:.3e}")
-            print(f"  step {step}: loss pipeline {got.total_loss:.6f} single-process {sum(want['micro_batch_losses']) / len(want['micro_batch_losses']):.6f} "
-                  f"max |diff| {diff:.3e}  grad norm {got.grad_norm:.6f} vs {want['grad_norm']:.6f}  {status}", file=out)
+            print(
+                f"  step {step}: loss pipeline {got.total_loss:.6f} single-process {sum(want['micro_batch_losses']) / len(want['micro_batch_losses']):.6f} "
+                f"max |diff| {diff:.3e}  grad norm {got.grad_norm:.6f} vs {want['grad_norm']:.6f}  {status}",
+                file=out,
+            )
         live = {**trainer.clients["cpu_stage"].parameters(), **trainer.clients["gpu_stage"].parameters()}
         ref = reference.named_parameters()
         missing = sorted(set(ref) ^ set(live))
@@ -112,8 +132,15 @@ def verify(trainer: HybridDistributedTrainer, out=sys.stdout) -> VerifyResult:
             except AssertionError:
                 failures.append(f"parameter {name} differs by up to {d:.3e}")
         ok = not failures
-        print(f"largest loss difference {max_loss:.3e}; largest parameter difference {worst:.3e}"
-              f"{f' ({worst_name})' if worst_name else ''} over {len(ref)} tensors; tolerance rtol {o.verify_rtol} atol {o.verify_atol}", file=out)
-        print("VERIFY OK: the pipeline trains like a single process" if ok else
-              "VERIFY FAILED:\n  " + "\n  ".join(failures[:20]), file=out)
+        print(
+            f"largest loss difference {max_loss:.3e}; largest parameter difference {worst:.3e}"
+            f"{f' ({worst_name})' if worst_name else ''} over {len(ref)} tensors; tolerance rtol {o.verify_rtol} atol {o.verify_atol}",
+            file=out,
+        )
+        print(
+            "VERIFY OK: the pipeline trains like a single process"
+            if ok
+            else "VERIFY FAILED:\n  " + "\n  ".join(failures[:20]),
+            file=out,
+        )
         return VerifyResult(steps, max_loss, worst, worst_name, len(ref), ok, failures)

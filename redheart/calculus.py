@@ -43,8 +43,9 @@ no randomness), so each scenario's numbers depend only on its own row.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -103,14 +104,24 @@ _TRANSFORM_SPEC: tuple[tuple[str, str, dict[str, tuple[float, float]]], ...] = (
     (
         "bolder",
         "act more decisively: stronger, longer and wider, but less certain and less pure",
-        {"intensity": (1.3, 0.0), "duration": (1.1, 0.0), "certainty": (0.8, 0.0), "purity": (0.85, 0.0),
-         "extent": (1.2, 0.0)},
+        {
+            "intensity": (1.3, 0.0),
+            "duration": (1.1, 0.0),
+            "certainty": (0.8, 0.0),
+            "purity": (0.85, 0.0),
+            "extent": (1.2, 0.0),
+        },
     ),
     (
         "consult_others",
         "consult the people concerned first: surer, more fruitful and reaching more people, but later and diluted",
-        {"intensity": (0.9, 0.0), "certainty": (0.8, 0.2), "propinquity": (0.6, 0.0), "fecundity": (0.8, 0.2),
-         "extent": (0.8, 0.2)},
+        {
+            "intensity": (0.9, 0.0),
+            "certainty": (0.8, 0.2),
+            "propinquity": (0.6, 0.0),
+            "fecundity": (0.8, 0.2),
+            "extent": (0.8, 0.2),
+        },
     ),
     (
         "caution",
@@ -224,7 +235,9 @@ def validate_bentham(array) -> None:
         finite = np.isfinite(arr)
         if not finite.all():
             row, col = (int(i) for i in np.argwhere(~finite)[0])
-            raise ValueError(f"bentham row {row}, column {col} ({FIELDS[col]}) is {arr[row, col]} (must be finite)")
+            raise ValueError(
+                f"bentham row {row}, column {col} ({FIELDS[col]}) is {arr[row, col]} (must be finite)"
+            )
     bad = (arr < low) | (arr > high)
     row, col = (int(i) for i in np.argwhere(bad)[0])
     bounds = "[-1, 1]" if col == _V else "[0, 1]"
@@ -280,7 +293,9 @@ def hedonic_value(vector: Sequence[float] | np.ndarray, perspective: str | int) 
     """Hedonic value of one Bentham vector (8 numbers) from one perspective (name or index)."""
     x = np.asarray(vector, dtype=np.float64)
     if x.shape != (VECTOR_SIZE,):
-        raise ValueError(f"a Bentham vector has {VECTOR_SIZE} numbers ({', '.join(FIELDS)}), got shape {list(x.shape)}")
+        raise ValueError(
+            f"a Bentham vector has {VECTOR_SIZE} numbers ({', '.join(FIELDS)}), got shape {list(x.shape)}"
+        )
     weights = _perspective(perspective)
     validate_bentham(x[None, :])
     return float(_hedonic(_as_clipped_float64(x[None, :]), weights)[0])
@@ -326,7 +341,9 @@ def score(bentham: np.ndarray, regrets_per_step: int = 7, bentham_per_regret: in
     # the temporaries in the CPU cache (whole-batch temporaries of a 20k batch are ~10 MB each).
     for lo in range(0, batch, _BLOCK_ROWS):
         hi = min(lo + _BLOCK_ROWS, batch)
-        _score_block(x[lo:hi], r, p, actual_persp[lo:hi], cf_persp[lo:hi], actual_utility[lo:hi], cf_utility[lo:hi])
+        _score_block(
+            x[lo:hi], r, p, actual_persp[lo:hi], cf_persp[lo:hi], actual_utility[lo:hi], cf_utility[lo:hi]
+        )
 
     best = np.argmax(cf_utility, axis=1).astype(np.int64)  # [B], first maximum on ties
     rows = np.arange(batch)
@@ -366,7 +383,9 @@ def _score_block(x, r, p, actual_persp, cf_persp, actual_utility, cf_utility) ->
     np.divide(cf_sum, p, out=cf_utility)
 
 
-def score_tensor(bentham: "torch.Tensor", regrets_per_step: int = 7, bentham_per_regret: int = 3) -> "torch.Tensor":
+def score_tensor(
+    bentham: torch.Tensor, regrets_per_step: int = 7, bentham_per_regret: int = 3
+) -> torch.Tensor:
     """In-process regret for a torch batch [B, 8]: float32 [B] on the input's device.
 
     Detaches first: regret is a training target, never a path for gradients.

@@ -192,7 +192,9 @@ def decode(
     if _WIRE_NAME[msg.dtype] not in limits.allowed_dtypes:
         raise _fail(msg, f"dtype {_WIRE_NAME[msg.dtype]} is not allowed here")
     if expect_dtype is not None and dtype != expect_dtype:
-        raise _fail(msg, f"dtype is {_WIRE_NAME[msg.dtype]}, expected {str(expect_dtype).removeprefix('torch.')}")
+        raise _fail(
+            msg, f"dtype is {_WIRE_NAME[msg.dtype]}, expected {str(expect_dtype).removeprefix('torch.')}"
+        )
     if expect_rank is not None and len(msg.shape) != expect_rank:
         raise _fail(msg, f"rank is {len(msg.shape)} (shape {list(msg.shape)}), expected {expect_rank}")
     numel = _checked_numel(msg, limits)
@@ -202,7 +204,9 @@ def decode(
         wire_dtype, itemsize = dtype, _ITEMSIZE[dtype]
     elif codec in (tensor_pb2.CODEC_FP16, tensor_pb2.CODEC_BF16):
         if dtype not in _FLOATS:
-            raise _fail(msg, f"codec {tensor_pb2.Codec.Name(codec)} needs a float dtype, got {_WIRE_NAME[msg.dtype]}")
+            raise _fail(
+                msg, f"codec {tensor_pb2.Codec.Name(codec)} needs a float dtype, got {_WIRE_NAME[msg.dtype]}"
+            )
         wire_dtype = torch.float16 if codec == tensor_pb2.CODEC_FP16 else torch.bfloat16
         itemsize = 2
     elif codec == tensor_pb2.CODEC_INT8_BLOCKWISE:
@@ -244,9 +248,13 @@ def _decode_int8(msg, dtype, shape, numel, limits) -> torch.Tensor:
         raise _fail(msg, f"block_size {block} must be in 1..{1 << 20}")
     blocks = math.ceil(numel / block) if numel else 0
     if len(msg.data) != numel:
-        raise _fail(msg, f"byte length {len(msg.data)} does not match {numel} int8 codes for shape {list(shape)}")
+        raise _fail(
+            msg, f"byte length {len(msg.data)} does not match {numel} int8 codes for shape {list(shape)}"
+        )
     if len(msg.scales) != blocks * 4:
-        raise _fail(msg, f"scales hold {len(msg.scales)} bytes, expected {blocks * 4} ({blocks} float32 blocks)")
+        raise _fail(
+            msg, f"scales hold {len(msg.scales)} bytes, expected {blocks * 4} ({blocks} float32 blocks)"
+        )
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     codes = torch.from_numpy(np.frombuffer(msg.data, dtype=np.int8).astype(np.float32))

@@ -20,17 +20,13 @@ import difflib
 import hashlib
 import json
 import os
-import sys
+import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from typing import Any
 
 __all__ = [
     "ConfigError",
@@ -453,7 +449,9 @@ class HybridConfig:
                 elif isinstance(value, Mapping):
                     raw[key].update(value)
                 else:
-                    raise ConfigError(f"HybridConfig({key}=...): expected a {SECTIONS[key].__name__} or a dict")
+                    raise ConfigError(
+                        f"HybridConfig({key}=...): expected a {SECTIONS[key].__name__} or a dict"
+                    )
                 continue
             section, name = _resolve_flat_key(key)
             raw[section][name] = value
@@ -479,8 +477,9 @@ class HybridConfig:
         if hasattr(type(self), name):
             owners = [s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
             hint = f" (fix: set config.{owners[0]}.{name})" if owners else ""
-            raise AttributeError(f"HybridConfig.{name} is derived (a method or property) and cannot be "
-                                 f"assigned{hint}")
+            raise AttributeError(
+                f"HybridConfig.{name} is derived (a method or property) and cannot be assigned{hint}"
+            )
         section, key = _flat_owner(name)
         raw = self.to_dict(redact_secrets=False)
         raw[section][key] = value
@@ -494,7 +493,7 @@ class HybridConfig:
                 setattr(target, f.name, getattr(source, f.name))
 
     @classmethod
-    def _from_sections(cls, sections: Mapping[str, Any]) -> "HybridConfig":
+    def _from_sections(cls, sections: Mapping[str, Any]) -> HybridConfig:
         obj = cls.__new__(cls)
         for name in SECTIONS:
             setattr(obj, name, sections[name])
@@ -506,7 +505,7 @@ class HybridConfig:
         path: str | os.PathLike[str],
         overrides: list[str] | None = None,
         env: Mapping[str, str] | None = None,
-    ) -> "HybridConfig":
+    ) -> HybridConfig:
         return load_config(path, overrides=overrides, env=env)
 
     def to_dict(self, *, redact_secrets: bool = True) -> dict[str, dict[str, Any]]:
@@ -536,7 +535,7 @@ class HybridConfig:
             lines.append("")
         return "\n".join(lines)
 
-    def replace(self, **dotted: Any) -> "HybridConfig":
+    def replace(self, **dotted: Any) -> HybridConfig:
         """A copy with some keys changed, e.g. ``cfg.replace(**{"train.max_steps": 4})``; validated."""
         raw = self.to_dict(redact_secrets=False)
         explicit = set()
@@ -568,7 +567,11 @@ class HybridConfig:
         return Path(self.orchestrator.output_dir)
 
     def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.directory) if self.checkpoint.directory else self.output_dir() / "checkpoints"
+        return (
+            Path(self.checkpoint.directory)
+            if self.checkpoint.directory
+            else self.output_dir() / "checkpoints"
+        )
 
     def model_settings(self) -> dict[str, Any]:
         """The resolved model shape and split: what both stages must agree on."""
@@ -584,7 +587,9 @@ class HybridConfig:
         return f"HybridConfig({parts})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, HybridConfig) and self.to_dict(redact_secrets=False) == other.to_dict(redact_secrets=False)
+        return isinstance(other, HybridConfig) and self.to_dict(redact_secrets=False) == other.to_dict(
+            redact_secrets=False
+        )
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
@@ -612,7 +617,9 @@ def _client_host(host: str) -> str:
 class _Origin:
     """Where values came from, to put file:line into messages."""
 
-    def __init__(self, label: str, text: str | None = None, sources: dict[tuple[str, str], str] | None = None):
+    def __init__(
+        self, label: str, text: str | None = None, sources: dict[tuple[str, str], str] | None = None
+    ):
         self.label = label
         self.text = text
         self.sources = sources or {}
@@ -654,7 +661,9 @@ def load_config(
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found (fix: pass --config with an existing file, e.g. examples/hybrid.toml)") from None
+        raise ConfigError(
+            f"{path}: config file not found (fix: pass --config with an existing file, e.g. examples/hybrid.toml)"
+        ) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
     try:
@@ -677,16 +686,22 @@ def load_config(
     for var, value in env.items():
         if not var.startswith("REDHEART_") or "__" not in var:
             continue
-        section, _, key = var[len("REDHEART_"):].lower().partition("__")
+        section, _, key = var[len("REDHEART_") :].lower().partition("__")
         if section not in SECTIONS:
-            raise ConfigError(f"environment {var}: unknown section `{section}`{_did_you_mean(section, SECTIONS)}")
-        raw[section][key] = _parse_secret(value) if (section, key) in SECRET_KEYS else parse_override_value(value)
+            raise ConfigError(
+                f"environment {var}: unknown section `{section}`{_did_you_mean(section, SECTIONS)}"
+            )
+        raw[section][key] = (
+            _parse_secret(value) if (section, key) in SECRET_KEYS else parse_override_value(value)
+        )
         origin.sources[(section, key)] = f"environment {var}"
 
     for item in overrides or []:
         section, key, value = parse_override(item)
         raw[section][key] = value
-        origin.sources[(section, key)] = f"--set {section}.{key}={REDACTED}" if (section, key) in SECRET_KEYS else f"--set {item}"
+        origin.sources[(section, key)] = (
+            f"--set {section}.{key}={REDACTED}" if (section, key) in SECRET_KEYS else f"--set {item}"
+        )
     if output_dir is not None:
         raw["orchestrator"]["output_dir"] = output_dir
         origin.sources[("orchestrator", "output_dir")] = "--output-dir"
@@ -852,7 +867,9 @@ def _build(raw: Mapping[str, Mapping[str, Any]], origin: _Origin) -> HybridConfi
             if (name, key) in SECRET_KEYS:
                 if not isinstance(value, str):
                     # Never echo a secret, not even a mistyped one.
-                    raise ConfigError(f"{origin.where(name, key)}: {name}.{key} must be a string (in quotes); value not shown")
+                    raise ConfigError(
+                        f"{origin.where(name, key)}: {name}.{key} must be a string (in quotes); value not shown"
+                    )
             kwargs[key] = _coerce(value, hints[key], origin.where(name, key), f"{name}.{key}")
             choices = _CHOICES.get((name, key))
             if choices and kwargs[key] not in choices:
@@ -910,8 +927,18 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
 
     t = cfg.train
     if t.pad_to_multiple_of < 0:
-        fail("train", "pad_to_multiple_of", f"train.pad_to_multiple_of = {t.pad_to_multiple_of} must be >= 0 (0: pad to model.max_seq_len)")
-    for key in ("epochs", "batch_size", "micro_batch_size", "gradient_accumulation_steps", "log_every_n_steps"):
+        fail(
+            "train",
+            "pad_to_multiple_of",
+            f"train.pad_to_multiple_of = {t.pad_to_multiple_of} must be >= 0 (0: pad to model.max_seq_len)",
+        )
+    for key in (
+        "epochs",
+        "batch_size",
+        "micro_batch_size",
+        "gradient_accumulation_steps",
+        "log_every_n_steps",
+    ):
         if getattr(t, key) < 1:
             fail("train", key, f"train.{key} = {getattr(t, key)} must be at least 1")
     if t.max_steps < 0:
@@ -939,19 +966,37 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
     if not 0 <= t.min_lr_ratio <= 1:
         fail("train", "min_lr_ratio", f"train.min_lr_ratio = {t.min_lr_ratio} must be in [0, 1]")
     if not t.initial_loss_scale >= 1.0 or t.initial_loss_scale == float("inf"):
-        fail("train", "initial_loss_scale", f"train.initial_loss_scale = {t.initial_loss_scale} must be a finite number >= 1")
+        fail(
+            "train",
+            "initial_loss_scale",
+            f"train.initial_loss_scale = {t.initial_loss_scale} must be a finite number >= 1",
+        )
     if t.max_consecutive_skips < 0:
-        fail("train", "max_consecutive_skips", f"train.max_consecutive_skips = {t.max_consecutive_skips} must be >= 0 (0: no limit)")
+        fail(
+            "train",
+            "max_consecutive_skips",
+            f"train.max_consecutive_skips = {t.max_consecutive_skips} must be >= 0 (0: no limit)",
+        )
     if t.max_grad_norm < 0:
-        fail("train", "max_grad_norm", f"train.max_grad_norm = {t.max_grad_norm} must be >= 0 (0: no clipping)")
+        fail(
+            "train", "max_grad_norm", f"train.max_grad_norm = {t.max_grad_norm} must be >= 0 (0: no clipping)"
+        )
     for head in t.loss_weights:
         if head not in ("emotion", "bentham", "judgment", "regret"):
-            fail("train", "loss_weights", f"train.loss_weights has unknown head `{head}`{_did_you_mean(head, ('emotion', 'bentham', 'judgment', 'regret'))}")
+            fail(
+                "train",
+                "loss_weights",
+                f"train.loss_weights has unknown head `{head}`{_did_you_mean(head, ('emotion', 'bentham', 'judgment', 'regret'))}",
+            )
 
     m = cfg.model
     if isinstance(m.gpu_layers_ratio, str):
         if m.gpu_layers_ratio != "auto":
-            fail("model", "gpu_layers_ratio", f'model.gpu_layers_ratio = {m.gpu_layers_ratio!r} must be a number in (0, 1] or "auto"')
+            fail(
+                "model",
+                "gpu_layers_ratio",
+                f'model.gpu_layers_ratio = {m.gpu_layers_ratio!r} must be a number in (0, 1] or "auto"',
+            )
     elif not 0 < m.gpu_layers_ratio <= 1:
         fail("model", "gpu_layers_ratio", f"model.gpu_layers_ratio = {m.gpu_layers_ratio} must be in (0, 1]")
     if not 0 <= m.dropout < 1:
@@ -965,14 +1010,26 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
 
     d = cfg.data
     if not 0 < d.validation_fraction < 1:
-        fail("data", "validation_fraction", f"data.validation_fraction = {d.validation_fraction} must be in (0, 1)")
+        fail(
+            "data",
+            "validation_fraction",
+            f"data.validation_fraction = {d.validation_fraction} must be in (0, 1)",
+        )
     if d.max_scenarios < 0:
         fail("data", "max_scenarios", f"data.max_scenarios = {d.max_scenarios} must be >= 0")
     if d.bucket_window < 1:
-        fail("data", "bucket_window", f"data.bucket_window = {d.bucket_window} must be at least 1 (optimizer steps per window)")
+        fail(
+            "data",
+            "bucket_window",
+            f"data.bucket_window = {d.bucket_window} must be at least 1 (optimizer steps per window)",
+        )
     if d.validation_path and Path(d.validation_path).resolve() == Path(d.path).resolve():
-        fail("data", "validation_path", f"data.validation_path = {d.validation_path!r} is data.path itself: validating on the "
-             "training data measures nothing (fix: a separate file, or leave it empty for the hash split)")
+        fail(
+            "data",
+            "validation_path",
+            f"data.validation_path = {d.validation_path!r} is data.path itself: validating on the "
+            "training data measures nothing (fix: a separate file, or leave it empty for the hash split)",
+        )
     for source, weight in d.source_weights.items():
         if weight < 0:
             fail("data", "source_weights", f"data.source_weights.{source} = {weight} must be >= 0")
@@ -982,19 +1039,35 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
         if getattr(r, key) < 1:
             fail("regret", key, f"regret.{key} = {getattr(r, key)} must be at least 1")
     if r.bentham_per_regret > 3:
-        fail("regret", "bentham_per_regret", f"regret.bentham_per_regret = {r.bentham_per_regret}: only 3 perspectives exist (agent, affected, society)")
+        fail(
+            "regret",
+            "bentham_per_regret",
+            f"regret.bentham_per_regret = {r.bentham_per_regret}: only 3 perspectives exist (agent, affected, society)",
+        )
     if r.lookahead < 0:
         fail("regret", "lookahead", f"regret.lookahead = {r.lookahead} must be >= 0")
     if r.max_batch < t.micro_batch_size:
-        fail("regret", "max_batch", f"regret.max_batch = {r.max_batch} is below train.micro_batch_size = {t.micro_batch_size}")
+        fail(
+            "regret",
+            "max_batch",
+            f"regret.max_batch = {r.max_batch} is below train.micro_batch_size = {t.micro_batch_size}",
+        )
 
     g = cfg.gpu_stage
     if g.device not in ("auto", "cpu", "cuda") and not g.device.startswith("cuda:"):
-        fail("gpu_stage", "device", f'gpu_stage.device = {g.device!r} must be "auto", "cpu", "cuda" or "cuda:N"')
+        fail(
+            "gpu_stage",
+            "device",
+            f'gpu_stage.device = {g.device!r} must be "auto", "cpu", "cuda" or "cuda:N"',
+        )
     if g.gpu_memory_gb <= 0:
         fail("gpu_stage", "gpu_memory_gb", f"gpu_stage.gpu_memory_gb = {g.gpu_memory_gb} must be > 0")
     if cfg.cpu_stage.cpu_memory_gb <= 0:
-        fail("cpu_stage", "cpu_memory_gb", f"cpu_stage.cpu_memory_gb = {cfg.cpu_stage.cpu_memory_gb} must be > 0")
+        fail(
+            "cpu_stage",
+            "cpu_memory_gb",
+            f"cpu_stage.cpu_memory_gb = {cfg.cpu_stage.cpu_memory_gb} must be > 0",
+        )
     for section in ("cpu_stage", "gpu_stage", "regret"):
         sec = getattr(cfg, section)
         if not 0 <= sec.port <= 65535:
@@ -1004,18 +1077,30 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
     if cfg.launch.mode == "remote":
         for section in ("cpu_stage", "gpu_stage"):
             if getattr(cfg, section).port == 0 and not getattr(cfg, section).address:
-                fail(section, "port", f"launch.mode = \"remote\" needs {section}.address or a fixed {section}.port")
+                fail(
+                    section,
+                    "port",
+                    f'launch.mode = "remote" needs {section}.address or a fixed {section}.port',
+                )
     if cfg.wire.max_message_mb < 1:
         fail("wire", "max_message_mb", f"wire.max_message_mb = {cfg.wire.max_message_mb} must be >= 1")
     if cfg.wire.max_rank < 1:
         fail("wire", "max_rank", f"wire.max_rank = {cfg.wire.max_rank} must be >= 1")
     if cfg.wire.max_concurrent_rpcs < 1:
-        fail("wire", "max_concurrent_rpcs", f"wire.max_concurrent_rpcs = {cfg.wire.max_concurrent_rpcs} must be >= 1")
+        fail(
+            "wire",
+            "max_concurrent_rpcs",
+            f"wire.max_concurrent_rpcs = {cfg.wire.max_concurrent_rpcs} must be >= 1",
+        )
     _validate_retry(cfg.wire, fail)
     _validate_security(cfg, fail)
     c = cfg.checkpoint
     if c.save_checkpoint_every < 0:
-        fail("checkpoint", "save_checkpoint_every", f"checkpoint.save_checkpoint_every = {c.save_checkpoint_every} must be >= 0")
+        fail(
+            "checkpoint",
+            "save_checkpoint_every",
+            f"checkpoint.save_checkpoint_every = {c.save_checkpoint_every} must be >= 0",
+        )
     if c.keep_last < 1:
         fail("checkpoint", "keep_last", f"checkpoint.keep_last = {c.keep_last} must be >= 1")
     if cfg.launch.max_restarts < 0:
@@ -1031,34 +1116,52 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
             fail("orchestrator", key, f"orchestrator.{key} = {getattr(o, key)} must be > 0")
     w = cfg.wire
     if not w.max_deadline_seconds > 0:
-        fail("wire", "max_deadline_seconds", f"wire.max_deadline_seconds = {w.max_deadline_seconds} must be > 0")
+        fail(
+            "wire",
+            "max_deadline_seconds",
+            f"wire.max_deadline_seconds = {w.max_deadline_seconds} must be > 0",
+        )
     if o.step_deadline_seconds > w.max_deadline_seconds:
-        fail("orchestrator", "step_deadline_seconds",
-             f"orchestrator.step_deadline_seconds = {o.step_deadline_seconds} is above wire.max_deadline_seconds = "
-             f"{w.max_deadline_seconds}: the stages would refuse every step (fix: raise wire.max_deadline_seconds)")
+        fail(
+            "orchestrator",
+            "step_deadline_seconds",
+            f"orchestrator.step_deadline_seconds = {o.step_deadline_seconds} is above wire.max_deadline_seconds = "
+            f"{w.max_deadline_seconds}: the stages would refuse every step (fix: raise wire.max_deadline_seconds)",
+        )
     for key in ("max_plan_samples", "max_plan_tokens", "max_early_pushes"):
         if getattr(w, key) < 1:
             fail("wire", key, f"wire.{key} = {getattr(w, key)} must be at least 1")
     if w.max_error_chars < 16:
         fail("wire", "max_error_chars", f"wire.max_error_chars = {w.max_error_chars} must be at least 16")
     if w.max_plan_samples < cfg.train.batch_size:
-        fail("wire", "max_plan_samples", f"wire.max_plan_samples = {w.max_plan_samples} is below train.batch_size = "
-             f"{cfg.train.batch_size}: the stages would refuse every step (fix: raise wire.max_plan_samples)")
+        fail(
+            "wire",
+            "max_plan_samples",
+            f"wire.max_plan_samples = {w.max_plan_samples} is below train.batch_size = "
+            f"{cfg.train.batch_size}: the stages would refuse every step (fix: raise wire.max_plan_samples)",
+        )
     if cfg.regret.cache_mb < 0:
         fail("regret", "cache_mb", f"regret.cache_mb = {cfg.regret.cache_mb} must be >= 0 (0: no cache)")
 
 
 def _validate_retry(w: WireConfig, fail) -> None:
     if not 1 <= w.retry_max_attempts <= 5:
-        fail("wire", "retry_max_attempts", f"wire.retry_max_attempts = {w.retry_max_attempts} must be in 1..5 "
-             "(gRPC caps retry policies at 5 attempts; 1 turns retries off)")
+        fail(
+            "wire",
+            "retry_max_attempts",
+            f"wire.retry_max_attempts = {w.retry_max_attempts} must be in 1..5 "
+            "(gRPC caps retry policies at 5 attempts; 1 turns retries off)",
+        )
     for key in ("retry_initial_backoff_seconds", "retry_max_backoff_seconds", "retry_backoff_multiplier"):
         if not getattr(w, key) > 0:
             fail("wire", key, f"wire.{key} = {getattr(w, key)} must be > 0")
     if w.retry_max_backoff_seconds < w.retry_initial_backoff_seconds:
-        fail("wire", "retry_max_backoff_seconds",
-             f"wire.retry_max_backoff_seconds = {w.retry_max_backoff_seconds} is below "
-             f"wire.retry_initial_backoff_seconds = {w.retry_initial_backoff_seconds}")
+        fail(
+            "wire",
+            "retry_max_backoff_seconds",
+            f"wire.retry_max_backoff_seconds = {w.retry_max_backoff_seconds} is below "
+            f"wire.retry_initial_backoff_seconds = {w.retry_initial_backoff_seconds}",
+        )
     from redheart.rpc import parse_status_codes
 
     try:
@@ -1096,15 +1199,21 @@ def _check_pem_file(path: str, what: str, marker: str) -> str | None:
     if f"{marker}-----".encode() not in text or b"-----BEGIN " not in text:
         return f"{path!r} is not a PEM {what} (no '-----BEGIN ...{marker}-----' line)"
     if marker == "PRIVATE KEY" and b"ENCRYPTED" in text:
-        return (f"{path!r} is an encrypted private key; gRPC needs it unencrypted "
-                f"(fix: `openssl pkey -in {path} -out key.pem`, then chmod 600 key.pem)")
+        return (
+            f"{path!r} is an encrypted private key; gRPC needs it unencrypted "
+            f"(fix: `openssl pkey -in {path} -out key.pem`, then chmod 600 key.pem)"
+        )
     return None
 
 
 def _validate_security(cfg: HybridConfig, fail) -> None:
     s = cfg.security
-    for key, what, marker in (("tls_cert", "certificate", "CERTIFICATE"), ("tls_key", "private key", "PRIVATE KEY"),
-                              ("tls_ca", "CA certificate bundle", "CERTIFICATE"), ("token_file", "token file", "")):
+    for key, what, marker in (
+        ("tls_cert", "certificate", "CERTIFICATE"),
+        ("tls_key", "private key", "PRIVATE KEY"),
+        ("tls_ca", "CA certificate bundle", "CERTIFICATE"),
+        ("token_file", "token file", ""),
+    ):
         path = getattr(s, key)
         if path:
             problem = _check_pem_file(path, what, marker)
@@ -1112,27 +1221,51 @@ def _validate_security(cfg: HybridConfig, fail) -> None:
                 fail("security", key, f"security.{key}: {problem}")
     if bool(s.tls_cert) != bool(s.tls_key):
         have, missing = ("tls_cert", "tls_key") if s.tls_cert else ("tls_key", "tls_cert")
-        fail("security", have, f"security.{have} is set but security.{missing} is not "
-                                 "(fix: set both, the certificate and its private key)")
+        fail(
+            "security",
+            have,
+            f"security.{have} is set but security.{missing} is not "
+            "(fix: set both, the certificate and its private key)",
+        )
     if s.require_client_cert:
         if not s.tls_ca:
-            fail("security", "require_client_cert", "security.require_client_cert = true needs security.tls_ca, "
-                 "the CA that signed the client certificates (fix: set tls_ca)")
+            fail(
+                "security",
+                "require_client_cert",
+                "security.require_client_cert = true needs security.tls_ca, "
+                "the CA that signed the client certificates (fix: set tls_ca)",
+            )
         if not s.tls_cert:
-            fail("security", "require_client_cert", "security.require_client_cert = true needs security.tls_cert and "
-                 "security.tls_key: every process presents its certificate (fix: set both)")
+            fail(
+                "security",
+                "require_client_cert",
+                "security.require_client_cert = true needs security.tls_cert and "
+                "security.tls_key: every process presents its certificate (fix: set both)",
+            )
     if s.tls_server_name and not s.tls_enabled:
-        fail("security", "tls_server_name", "security.tls_server_name is only used with TLS "
-             "(fix: set security.tls_ca / tls_cert, or remove tls_server_name)")
+        fail(
+            "security",
+            "tls_server_name",
+            "security.tls_server_name is only used with TLS "
+            "(fix: set security.tls_ca / tls_cert, or remove tls_server_name)",
+        )
     if s.tls_ca and not s.tls_cert and cfg.launch.mode == "local":
-        fail("security", "tls_ca", "security.tls_ca turns TLS on, but launch.mode = \"local\" starts the services, "
-             "which need security.tls_cert and security.tls_key to serve TLS (fix: set both)")
+        fail(
+            "security",
+            "tls_ca",
+            'security.tls_ca turns TLS on, but launch.mode = "local" starts the services, '
+            "which need security.tls_cert and security.tls_key to serve TLS (fix: set both)",
+        )
     if s.token and s.token_file:
         fail("security", "token", "security.token and security.token_file are both set (fix: keep one)")
     if s.token:
         if s.token == REDACTED:
-            fail("security", "token", f'security.token is "{REDACTED}": this file is a written-out copy that never '
-                 "stores the token (fix: pass it with REDHEART_SECURITY__TOKEN or security.token_file)")
+            fail(
+                "security",
+                "token",
+                f'security.token is "{REDACTED}": this file is a written-out copy that never '
+                "stores the token (fix: pass it with REDHEART_SECURITY__TOKEN or security.token_file)",
+            )
         problem = _check_token_text(s.token)
         if problem:
             fail("security", "token", f"security.token {problem}")

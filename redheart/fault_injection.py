@@ -96,8 +96,15 @@ def point(phase: str, step: int, when: str = "before") -> None:
             fd = os.open(directory / f"{index}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             continue  # fired already (maybe in an earlier incarnation of this service)
-        record = {"pid": os.getpid(), "time": time.time(), "service": service, "phase": phase, "step": step,
-                  "when": when, "action": fault.get("action", "kill")}
+        record = {
+            "pid": os.getpid(),
+            "time": time.time(),
+            "service": service,
+            "phase": phase,
+            "step": step,
+            "when": when,
+            "action": fault.get("action", "kill"),
+        }
         os.write(fd, json.dumps(record).encode())
         os.fsync(fd)
         os.close(fd)
@@ -158,8 +165,9 @@ class _FaultInterceptor(grpc.ServerInterceptor):
             point(phase, step, "after")
             return response
 
-        return grpc.unary_unary_rpc_method_handler(behaviour, handler.request_deserializer,
-                                                   handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            behaviour, handler.request_deserializer, handler.response_serializer
+        )
 
 
 def server_interceptors() -> list[grpc.ServerInterceptor]:

@@ -43,61 +43,94 @@ def stage_estimates(config, shape: ModelShape, gpu_on_cuda: bool) -> dict[str, d
     t = config.train
     act_bytes = 2 if t.use_mixed_precision else 4
     flight = in_flight_micro_batches(config)
-    checkpointing = {"cpu": config.cpu_stage.activation_checkpointing,
-                     "gpu": config.gpu_stage.activation_checkpointing}
+    checkpointing = {
+        "cpu": config.cpu_stage.activation_checkpointing,
+        "gpu": config.gpu_stage.activation_checkpointing,
+    }
     return {
-        s: estimate_stage_memory_bytes(shape, s, t.micro_batch_size, flight[s], activation_bytes=act_bytes,
-                                       checkpointing=checkpointing[s], autocast=t.use_mixed_precision,
-                                       cuda=(s == "gpu" and gpu_on_cuda))
+        s: estimate_stage_memory_bytes(
+            shape,
+            s,
+            t.micro_batch_size,
+            flight[s],
+            activation_bytes=act_bytes,
+            checkpointing=checkpointing[s],
+            autocast=t.use_mixed_precision,
+            cuda=(s == "gpu" and gpu_on_cuda),
+        )
         for s in ("cpu", "gpu")
     }
 
 
 def describe_estimate(est: dict[str, int]) -> str:
-    keys = ("weights", "gradients", "optimizer", "activations", "autocast_cache", "cuda_workspace", "cuda_context")
+    keys = (
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "autocast_cache",
+        "cuda_workspace",
+        "cuda_context",
+    )
     parts = [f"{k} {est[k] / GiB:.2f}" for k in keys if est.get(k)]
     return f"{est['total'] / GiB:.2f} GiB ({', '.join(parts)})"
 
 
-SPLIT_FIX = ("move layers to the CPU stage (lower model.gpu_layers_ratio), a smaller train.micro_batch_size, "
-             "or gpu_stage.activation_checkpointing = true")
+SPLIT_FIX = (
+    "move layers to the CPU stage (lower model.gpu_layers_ratio), a smaller train.micro_batch_size, "
+    "or gpu_stage.activation_checkpointing = true"
+)
 
 
-def check_device_budget(budget_bytes: int, estimate_bytes: int, free_bytes: int | None, total_bytes: int | None,
-                        device: str) -> list[BudgetFinding]:
+def check_device_budget(
+    budget_bytes: int, estimate_bytes: int, free_bytes: int | None, total_bytes: int | None, device: str
+) -> list[BudgetFinding]:
     """Compare the budget (gpu_memory_gb) and the stage's estimate with a card's free and total memory.
 
     ``free_bytes`` / ``total_bytes`` None: the card could not be read (remote stage); only the
     estimate is compared with the budget. All figures in bytes; ``device`` names the card in the
     messages, e.g. "cuda:1 (NVIDIA GeForce RTX 2070 SUPER)"."""
     gb = budget_bytes / GiB
-    out = [BudgetFinding(
-        estimate_bytes <= budget_bytes, True,
-        f"GPU stage memory estimate {estimate_bytes / GiB:.2f} GiB vs gpu_memory_gb = {gb:g}",
-        SPLIT_FIX + f", or raise gpu_stage.gpu_memory_gb to at least {_ceil_gb(estimate_bytes)} "
-                    f"if the card has it",
-    )]
+    out = [
+        BudgetFinding(
+            estimate_bytes <= budget_bytes,
+            True,
+            f"GPU stage memory estimate {estimate_bytes / GiB:.2f} GiB vs gpu_memory_gb = {gb:g}",
+            SPLIT_FIX + f", or raise gpu_stage.gpu_memory_gb to at least {_ceil_gb(estimate_bytes)} "
+            f"if the card has it",
+        )
+    ]
     if total_bytes is None or free_bytes is None:
         return out
-    out.append(BudgetFinding(
-        budget_bytes <= total_bytes, True,
-        f"gpu_memory_gb = {gb:g} vs {device}: {total_bytes / GiB:.2f} GiB in total",
-        f"set gpu_stage.gpu_memory_gb <= {total_bytes / GiB:.1f} (the card's memory) or use a larger GPU",
-    ))
+    out.append(
+        BudgetFinding(
+            budget_bytes <= total_bytes,
+            True,
+            f"gpu_memory_gb = {gb:g} vs {device}: {total_bytes / GiB:.2f} GiB in total",
+            f"set gpu_stage.gpu_memory_gb <= {total_bytes / GiB:.1f} (the card's memory) or use a larger GPU",
+        )
+    )
     used = max(0, total_bytes - free_bytes)
-    out.append(BudgetFinding(
-        estimate_bytes <= free_bytes, True,
-        f"GPU stage needs ~{estimate_bytes / GiB:.2f} GiB; {device} has {free_bytes / GiB:.2f} GiB free "
-        f"({used / GiB:.2f} of {total_bytes / GiB:.2f} GiB held by other processes)",
-        "stop what holds the card (nvidia-smi lists it), choose another gpu_stage.device, or " + SPLIT_FIX,
-    ))
+    out.append(
+        BudgetFinding(
+            estimate_bytes <= free_bytes,
+            True,
+            f"GPU stage needs ~{estimate_bytes / GiB:.2f} GiB; {device} has {free_bytes / GiB:.2f} GiB free "
+            f"({used / GiB:.2f} of {total_bytes / GiB:.2f} GiB held by other processes)",
+            "stop what holds the card (nvidia-smi lists it), choose another gpu_stage.device, or "
+            + SPLIT_FIX,
+        )
+    )
     if budget_bytes > free_bytes and estimate_bytes <= free_bytes:
-        out.append(BudgetFinding(
-            False, False,
-            f"gpu_memory_gb = {gb:g} is above the {free_bytes / GiB:.2f} GiB free on {device}: "
-            f"the budget cannot be reached",
-            f"lower gpu_stage.gpu_memory_gb to {free_bytes / GiB:.1f} or free the card",
-        ))
+        out.append(
+            BudgetFinding(
+                False,
+                False,
+                f"gpu_memory_gb = {gb:g} is above the {free_bytes / GiB:.2f} GiB free on {device}: "
+                f"the budget cannot be reached",
+                f"lower gpu_stage.gpu_memory_gb to {free_bytes / GiB:.1f} or free the card",
+            )
+        )
     return out
 
 
@@ -110,8 +143,10 @@ def allocator_fraction(budget_bytes: int, total_bytes: int, context_bytes: int =
         raise ValueError(f"the card reports {total_bytes} bytes of memory")
     room = min(budget_bytes, total_bytes) - context_bytes
     if room <= 0:
-        raise ValueError(f"gpu_memory_gb = {budget_bytes / GiB:g} cannot hold the CUDA context "
-                         f"(~{context_bytes / GiB:.2f} GiB) (fix: raise gpu_stage.gpu_memory_gb)")
+        raise ValueError(
+            f"gpu_memory_gb = {budget_bytes / GiB:g} cannot hold the CUDA context "
+            f"(~{context_bytes / GiB:.2f} GiB) (fix: raise gpu_stage.gpu_memory_gb)"
+        )
     return room / total_bytes
 
 

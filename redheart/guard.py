@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import grpc
 from google.protobuf import message_factory
@@ -34,10 +35,13 @@ def _parsing(behavior, request_cls, streaming: bool):
         try:
             return request_cls.FromString(raw)
         except (DecodeError, RecursionError, ValueError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"the request is not a valid {name} ({len(raw)} bytes): {clip(exc, 200)}")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid {name} ({len(raw)} bytes): {clip(exc, 200)}",
+            )
 
     if streaming:
+
         def stream(raw, context):
             yield from behavior(parse(raw, context), context)
 
@@ -61,12 +65,16 @@ def add_parsing_handlers(server: grpc.Server, servicer: Any, service) -> None:
             raise ValueError(f"{service.full_name}/{method.name}: client streaming is not supported here")
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _parsing(behavior, request_cls, True), request_deserializer=None,
-                response_serializer=response_cls.SerializeToString)
+                _parsing(behavior, request_cls, True),
+                request_deserializer=None,
+                response_serializer=response_cls.SerializeToString,
+            )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _parsing(behavior, request_cls, False), request_deserializer=None,
-                response_serializer=response_cls.SerializeToString)
+                _parsing(behavior, request_cls, False),
+                request_deserializer=None,
+                response_serializer=response_cls.SerializeToString,
+            )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
@@ -92,8 +100,10 @@ class CallBudget(grpc.ServerInterceptor):
         slots, limit, method = self._slots, self.limit, handler_call_details.method
 
         def busy(context):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{method}: {limit} calls are in progress on this server; retry later")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{method}: {limit} calls are in progress on this server; retry later",
+            )
 
         def unary(behavior):
             def wrapped(request, context):
@@ -118,9 +128,11 @@ class CallBudget(grpc.ServerInterceptor):
             return wrapped
 
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), handler.request_deserializer,
-                                                       handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(
+                unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), handler.request_deserializer,
-                                                        handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(
+                stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
         return handler

@@ -6,7 +6,7 @@ over the samples of the micro-batch that carry its label, and 0 (without a graph
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,9 @@ __all__ = ["multitask_loss", "label_counts", "IGNORE_INDEX"]
 IGNORE_INDEX = -100
 
 
-def _masked_mean(per_sample: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor | None:
+def _masked_mean(
+    per_sample: torch.Tensor, mask: torch.Tensor, count: int | None = None
+) -> torch.Tensor | None:
     if count is None:
         count = int(mask.sum())  # a host sync when the mask lives on a GPU: pass label_counts there
     if count == 0:
@@ -74,7 +76,9 @@ def multitask_loss(
         parts["judgment"] = F.cross_entropy(judgment_logits, judgment, ignore_index=IGNORE_INDEX)
 
     if regret_target is not None:
-        parts["regret"] = F.mse_loss(outputs["regret"].float(), regret_target.float().to(outputs["regret"].device))
+        parts["regret"] = F.mse_loss(
+            outputs["regret"].float(), regret_target.float().to(outputs["regret"].device)
+        )
 
     total = None
     for head in HEADS:

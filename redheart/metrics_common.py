@@ -9,15 +9,51 @@ can use a fresh ``CollectorRegistry``.
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
 
 # Training time scales: micro-batch compute of milliseconds up to multi-minute steps of big models.
-TRAINING_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-
+TRAINING_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+RPC_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
 
 
 def add_process_metrics(registry: CollectorRegistry) -> None:
@@ -126,34 +162,130 @@ class StageMetrics:
 
         self.stage = stage
         r = registry
-        self.forward_seconds = Histogram("redheart_stage_forward_seconds", "Forward compute time of one micro-batch.",
-                                         ["stage"], buckets=TRAINING_BUCKETS, registry=r)
-        self.backward_seconds = Histogram("redheart_stage_backward_seconds", "Backward compute time of one micro-batch (includes waiting for its gradient on the first stage).",
-                                          ["stage"], buckets=TRAINING_BUCKETS, registry=r)
-        self.round_seconds = Histogram("redheart_stage_round_seconds", "Wall time of one accumulation round on this stage.",
-                                       ["stage"], buckets=TRAINING_BUCKETS, registry=r)
-        self.wait_seconds = Counter("redheart_stage_wait_seconds_total", "Time blocked waiting on the peer stage (the pipeline bubble).",
-                                    ["stage"], registry=r)
-        self.compute_seconds = Counter("redheart_stage_compute_seconds_total", "Forward + backward compute time.", ["stage"], registry=r)
-        self.bubble_ratio = Gauge("redheart_stage_bubble_ratio", "Share of the last round spent waiting on the peer.", ["stage"], registry=r)
-        self.micro_batches = Counter("redheart_stage_micro_batches_total", "Micro-batch actions executed.", ["stage", "op"], registry=r)
-        self.steps_applied = Counter("redheart_stage_steps_applied_total", "Optimizer steps applied (or skipped together).", ["stage"], registry=r)
-        self.next_step = Gauge("redheart_stage_next_step", "The optimizer step this stage expects next.", ["stage"], registry=r)
-        self.parameters = Gauge("redheart_stage_parameters", "Parameters held by this stage.", ["stage"], registry=r)
-        self.wire_bytes = Counter("redheart_wire_bytes_total", "Tensor payload bytes between stages.", ["stage", "direction"], registry=r)
-        self.serialize_seconds = Counter("redheart_wire_serialize_seconds_total", "Time encoding / decoding tensors.", ["stage", "op"], registry=r)
-        self.regret_wait_seconds = Counter("redheart_stage_regret_wait_seconds_total", "Time the last stage waited for regret targets.", ["stage"], registry=r)
-        self.stale_tensors = Counter("redheart_stale_tensors_dropped_total",
-                                     "Pushed tensors dropped because they belong to an older attempt of their step.", ["stage"], registry=r)
-        self.checkpoint_seconds = Histogram("redheart_stage_checkpoint_seconds", "Time writing this stage's checkpoint shard.",
-                                            ["stage"], buckets=TRAINING_BUCKETS, registry=r)
-        self.gpu_allocated = Gauge("redheart_gpu_memory_allocated_bytes", "CUDA memory allocated by tensors (0 on CPU).", ["stage"], registry=r)
-        self.gpu_reserved = Gauge("redheart_gpu_memory_reserved_bytes", "CUDA memory reserved by the caching allocator (0 on CPU).", ["stage"], registry=r)
-        self.gpu_peak = Gauge("redheart_gpu_memory_peak_bytes", "Peak CUDA memory allocated during the last round (0 on CPU).", ["stage"], registry=r)
-        self.gpu_utilization = Gauge("redheart_gpu_utilization_ratio", "GPU busy share from NVML (0 on CPU or without NVML).", ["stage"], registry=r)
-        for metric in (self.forward_seconds, self.backward_seconds, self.round_seconds, self.wait_seconds, self.compute_seconds,
-                       self.bubble_ratio, self.steps_applied, self.next_step, self.parameters, self.regret_wait_seconds,
-                       self.checkpoint_seconds, self.stale_tensors, self.gpu_allocated, self.gpu_reserved, self.gpu_peak, self.gpu_utilization):
+        self.forward_seconds = Histogram(
+            "redheart_stage_forward_seconds",
+            "Forward compute time of one micro-batch.",
+            ["stage"],
+            buckets=TRAINING_BUCKETS,
+            registry=r,
+        )
+        self.backward_seconds = Histogram(
+            "redheart_stage_backward_seconds",
+            "Backward compute time of one micro-batch (includes waiting for its gradient on the first stage).",
+            ["stage"],
+            buckets=TRAINING_BUCKETS,
+            registry=r,
+        )
+        self.round_seconds = Histogram(
+            "redheart_stage_round_seconds",
+            "Wall time of one accumulation round on this stage.",
+            ["stage"],
+            buckets=TRAINING_BUCKETS,
+            registry=r,
+        )
+        self.wait_seconds = Counter(
+            "redheart_stage_wait_seconds_total",
+            "Time blocked waiting on the peer stage (the pipeline bubble).",
+            ["stage"],
+            registry=r,
+        )
+        self.compute_seconds = Counter(
+            "redheart_stage_compute_seconds_total", "Forward + backward compute time.", ["stage"], registry=r
+        )
+        self.bubble_ratio = Gauge(
+            "redheart_stage_bubble_ratio",
+            "Share of the last round spent waiting on the peer.",
+            ["stage"],
+            registry=r,
+        )
+        self.micro_batches = Counter(
+            "redheart_stage_micro_batches_total", "Micro-batch actions executed.", ["stage", "op"], registry=r
+        )
+        self.steps_applied = Counter(
+            "redheart_stage_steps_applied_total",
+            "Optimizer steps applied (or skipped together).",
+            ["stage"],
+            registry=r,
+        )
+        self.next_step = Gauge(
+            "redheart_stage_next_step", "The optimizer step this stage expects next.", ["stage"], registry=r
+        )
+        self.parameters = Gauge(
+            "redheart_stage_parameters", "Parameters held by this stage.", ["stage"], registry=r
+        )
+        self.wire_bytes = Counter(
+            "redheart_wire_bytes_total",
+            "Tensor payload bytes between stages.",
+            ["stage", "direction"],
+            registry=r,
+        )
+        self.serialize_seconds = Counter(
+            "redheart_wire_serialize_seconds_total",
+            "Time encoding / decoding tensors.",
+            ["stage", "op"],
+            registry=r,
+        )
+        self.regret_wait_seconds = Counter(
+            "redheart_stage_regret_wait_seconds_total",
+            "Time the last stage waited for regret targets.",
+            ["stage"],
+            registry=r,
+        )
+        self.stale_tensors = Counter(
+            "redheart_stale_tensors_dropped_total",
+            "Pushed tensors dropped because they belong to an older attempt of their step.",
+            ["stage"],
+            registry=r,
+        )
+        self.checkpoint_seconds = Histogram(
+            "redheart_stage_checkpoint_seconds",
+            "Time writing this stage's checkpoint shard.",
+            ["stage"],
+            buckets=TRAINING_BUCKETS,
+            registry=r,
+        )
+        self.gpu_allocated = Gauge(
+            "redheart_gpu_memory_allocated_bytes",
+            "CUDA memory allocated by tensors (0 on CPU).",
+            ["stage"],
+            registry=r,
+        )
+        self.gpu_reserved = Gauge(
+            "redheart_gpu_memory_reserved_bytes",
+            "CUDA memory reserved by the caching allocator (0 on CPU).",
+            ["stage"],
+            registry=r,
+        )
+        self.gpu_peak = Gauge(
+            "redheart_gpu_memory_peak_bytes",
+            "Peak CUDA memory allocated during the last round (0 on CPU).",
+            ["stage"],
+            registry=r,
+        )
+        self.gpu_utilization = Gauge(
+            "redheart_gpu_utilization_ratio",
+            "GPU busy share from NVML (0 on CPU or without NVML).",
+            ["stage"],
+            registry=r,
+        )
+        for metric in (
+            self.forward_seconds,
+            self.backward_seconds,
+            self.round_seconds,
+            self.wait_seconds,
+            self.compute_seconds,
+            self.bubble_ratio,
+            self.steps_applied,
+            self.next_step,
+            self.parameters,
+            self.regret_wait_seconds,
+            self.checkpoint_seconds,
+            self.stale_tensors,
+            self.gpu_allocated,
+            self.gpu_reserved,
+            self.gpu_peak,
+            self.gpu_utilization,
+        ):
             metric.labels(stage)
         for op in ("forward", "backward"):
             self.micro_batches.labels(stage, op)
@@ -178,7 +310,9 @@ class StageMetrics:
         total = t.get("total", 0.0)
         self.round_seconds.labels(s).observe(total)
         self.wait_seconds.labels(s).inc(t.get("wait", 0.0))
-        self.compute_seconds.labels(s).inc(max(0.0, t.get("forward", 0.0) + t.get("backward", 0.0) - t.get("wait", 0.0)))
+        self.compute_seconds.labels(s).inc(
+            max(0.0, t.get("forward", 0.0) + t.get("backward", 0.0) - t.get("wait", 0.0))
+        )
         self.regret_wait_seconds.labels(s).inc(t.get("regret_wait", 0.0))
         self.bubble_ratio.labels(s).set(t.get("wait", 0.0) / total if total > 0 else 0.0)
         if result.peak_memory_bytes:
@@ -201,11 +335,14 @@ class StageMetrics:
         if handle is not None:
             import pynvml
 
-            self.gpu_utilization.labels(s).set_function(_safe(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0))
+            self.gpu_utilization.labels(s).set_function(
+                _safe(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+            )
 
 
 def _safe(read):
     """A gauge callback that never breaks a scrape: 0 when the device cannot be read."""
+
     def value() -> float:
         try:
             return float(read())

@@ -57,7 +57,9 @@ PRESETS: dict[str, dict[str, int]] = {
     # the demo: learns visibly within minutes on 2 CPU cores
     "small": dict(hidden_size=128, num_layers=5, num_heads=4, ffn_size=512, vocab_size=4096, max_seq_len=64),
     # the original target_params = 200_000_000
-    "base": dict(hidden_size=1024, num_layers=13, num_heads=16, ffn_size=4096, vocab_size=32000, max_seq_len=256),
+    "base": dict(
+        hidden_size=1024, num_layers=13, num_heads=16, ffn_size=4096, vocab_size=32000, max_seq_len=256
+    ),
 }
 
 
@@ -90,15 +92,21 @@ def _shape_for_target(target: int) -> dict[str, int]:
         fixed = counts["total"] - counts["per_layer"]
         layers = round((target - fixed) / counts["per_layer"])
         if layers >= 6 or best is None:
-            best = dict(hidden_size=hidden, num_layers=max(2, layers), num_heads=max(1, hidden // 64),
-                        ffn_size=4 * hidden, vocab_size=vocab, max_seq_len=seq)
+            best = dict(
+                hidden_size=hidden,
+                num_layers=max(2, layers),
+                num_heads=max(1, hidden // 64),
+                ffn_size=4 * hidden,
+                vocab_size=vocab,
+                max_seq_len=seq,
+            )
         if layers < 6:
             break
     assert best is not None
     return best
 
 
-def resolve_model_shape(cfg: "ModelConfig", *, cpu_layers_override: int | None = None) -> ModelShape:
+def resolve_model_shape(cfg: ModelConfig, *, cpu_layers_override: int | None = None) -> ModelShape:
     """Preset / target_params / explicit fields -> a concrete, validated shape and split."""
     if cfg.preset == "custom":
         base: dict[str, int] = {}
@@ -114,9 +122,11 @@ def resolve_model_shape(cfg: "ModelConfig", *, cpu_layers_override: int | None =
         value = getattr(cfg, key)
         if value is not None:
             base[key] = value
-    missing = [k for k in ("hidden_size", "num_layers", "num_heads", "vocab_size", "max_seq_len") if k not in base]
+    missing = [
+        k for k in ("hidden_size", "num_layers", "num_heads", "vocab_size", "max_seq_len") if k not in base
+    ]
     if missing:
-        raise ValueError(f"model.preset = \"custom\" needs {', '.join('model.' + k for k in missing)}")
+        raise ValueError(f'model.preset = "custom" needs {", ".join("model." + k for k in missing)}')
     base.setdefault("ffn_size", 4 * base["hidden_size"])
     for key, value in base.items():
         if value < 1:
@@ -226,7 +236,10 @@ class _LayerStack(nn.Module):
     def __init__(self, shape: ModelShape, indices: range, checkpointing: bool) -> None:
         super().__init__()
         self.layers = nn.ModuleDict(
-            {str(i): EncoderLayer(shape.hidden_size, shape.num_heads, shape.ffn_size, shape.dropout) for i in indices}
+            {
+                str(i): EncoderLayer(shape.hidden_size, shape.num_heads, shape.ffn_size, shape.dropout)
+                for i in indices
+            }
         )
         self.checkpointing = checkpointing
         for i in indices:
@@ -266,7 +279,9 @@ class _EmbeddingAccumulate(torch.autograd.Function):
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         # [B, T, H] -> [B*T, H], one row per looked-up id
-        weight.grad.index_add_(0, ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1]).to(weight.grad.dtype))
+        weight.grad.index_add_(
+            0, ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1]).to(weight.grad.dtype)
+        )
         return None, None  # the weight's gradient is already in place
 
 
@@ -286,7 +301,9 @@ class CpuStageModule(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         b, t = input_ids.shape
         if t > self.shape.max_seq_len:
-            raise ValueError(f"input_ids has {t} positions, the model's max_seq_len is {self.shape.max_seq_len}")
+            raise ValueError(
+                f"input_ids has {t} positions, the model's max_seq_len is {self.shape.max_seq_len}"
+            )
         positions = torch.arange(t, device=input_ids.device)  # [T]
         if torch.is_grad_enabled() and self.token.weight.requires_grad:
             tokens = _EmbeddingAccumulate.apply(input_ids, self.token.weight)  # [B, T, H]
@@ -342,7 +359,7 @@ class GpuStageModule(nn.Module):
 def _global_name(local: str) -> str:
     """Module-local parameter name -> the name it has in the whole model (same in every split)."""
     if local.startswith("stack.layers."):
-        return "layers." + local[len("stack.layers."):]
+        return "layers." + local[len("stack.layers.") :]
     if local.startswith(("token.", "position.")):
         return "embeddings." + local
     return "heads." + local
@@ -363,10 +380,18 @@ CUDA_WORKSPACE_BYTES = 64 * 2**20
 ``max_memory_allocated``), 8-32 MiB each by default depending on the architecture."""
 
 
-def estimate_stage_memory_bytes(shape: ModelShape, stage: str, micro_batch: int, in_flight: int,
-                                bytes_per_param: int = 4, activation_bytes: int = 4, *,
-                                checkpointing: bool = False, autocast: bool = False,
-                                cuda: bool = False) -> dict[str, int]:
+def estimate_stage_memory_bytes(
+    shape: ModelShape,
+    stage: str,
+    micro_batch: int,
+    in_flight: int,
+    bytes_per_param: int = 4,
+    activation_bytes: int = 4,
+    *,
+    checkpointing: bool = False,
+    autocast: bool = False,
+    cuda: bool = False,
+) -> dict[str, int]:
     """Training-memory estimate of one stage: weights + grads + AdamW (2 states) + activations.
 
     ``in_flight`` micro-batches keep their activations until their backward (1F1B: p - rank, plus
@@ -393,7 +418,14 @@ def estimate_stage_memory_bytes(shape: ModelShape, stage: str, micro_batch: int,
     context = CUDA_CONTEXT_BYTES if cuda else 0
     workspace = CUDA_WORKSPACE_BYTES if cuda else 0
     total = weights + grads + optimizer + activations + autocast_cache + workspace + context
-    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
-            "autocast_cache": autocast_cache, "cuda_workspace": workspace, "cuda_context": context,
-            "total": total, "parameters": params}
-
+    return {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optimizer,
+        "activations": activations,
+        "autocast_cache": autocast_cache,
+        "cuda_workspace": workspace,
+        "cuda_context": context,
+        "total": total,
+        "parameters": params,
+    }

@@ -45,8 +45,9 @@ class Precision:
     """One line for the log: why this precision."""
 
 
-def choose_precision(mixed: bool, dtype: str, allow_tf32: bool, device_type: str,
-                     capability: tuple[int, int] | None = None) -> Precision:
+def choose_precision(
+    mixed: bool, dtype: str, allow_tf32: bool, device_type: str, capability: tuple[int, int] | None = None
+) -> Precision:
     """The precision of a stage on ``device_type`` ("cpu" or "cuda") with ``capability`` (major, minor).
 
     ``mixed`` is ``train.use_mixed_precision``, ``dtype`` is ``train.mixed_precision_dtype`` and
@@ -57,8 +58,13 @@ def choose_precision(mixed: bool, dtype: str, allow_tf32: bool, device_type: str
     if device_type == "cpu":
         if not mixed:
             return Precision("fp32", None, False, False, "mixed precision off")
-        return Precision("bf16", torch.bfloat16, False, False,
-                         "bf16 autocast on CPU (no fast fp16 on CPUs; mixed_precision_dtype applies to CUDA)")
+        return Precision(
+            "bf16",
+            torch.bfloat16,
+            False,
+            False,
+            "bf16 autocast on CPU (no fast fp16 on CPUs; mixed_precision_dtype applies to CUDA)",
+        )
     if device_type != "cuda":
         raise PrecisionError(f"no precision rule for device type {device_type!r} (cpu or cuda)")
     if capability is None or len(capability) != 2:
@@ -67,19 +73,25 @@ def choose_precision(mixed: bool, dtype: str, allow_tf32: bool, device_type: str
     native = tuple(capability) >= NATIVE_BF16_CAPABILITY
     if not mixed:
         tf32 = allow_tf32 and native
-        why = ("TF32 tensor cores for fp32 matmuls" if tf32 else
-               "TF32 off (train.allow_tf32 = false)" if native else
-               f"no TF32 below compute capability 8.0 (this card: {cc})")
+        why = (
+            "TF32 tensor cores for fp32 matmuls"
+            if tf32
+            else "TF32 off (train.allow_tf32 = false)"
+            if native
+            else f"no TF32 below compute capability 8.0 (this card: {cc})"
+        )
         return Precision("tf32" if tf32 else "fp32", None, False, tf32, f"mixed precision off; {why}")
     tf32 = allow_tf32 and native  # what autocast leaves in fp32 (e.g. the losses) may still use TF32
     if dtype == "bf16" and not native:
         raise PrecisionError(
-            f"train.mixed_precision_dtype = \"bf16\" but this GPU has compute capability {cc}: bf16 is "
+            f'train.mixed_precision_dtype = "bf16" but this GPU has compute capability {cc}: bf16 is '
             f"native from 8.0 (Ampere) on and emulated, several times slower, below it "
-            f"(fix: mixed_precision_dtype = \"auto\" or \"fp16\")")
+            f'(fix: mixed_precision_dtype = "auto" or "fp16")'
+        )
     if dtype == "bf16" or (dtype == "auto" and native):
-        return Precision("bf16", torch.bfloat16, False, tf32,
-                         f"bf16 autocast (native bf16 at compute capability {cc})")
+        return Precision(
+            "bf16", torch.bfloat16, False, tf32, f"bf16 autocast (native bf16 at compute capability {cc})"
+        )
     why = "as configured" if dtype == "fp16" else f"no native bf16 at compute capability {cc}"
     return Precision("fp16", torch.float16, True, tf32, f"fp16 autocast with dynamic loss scaling ({why})")
 

@@ -41,7 +41,6 @@ def watch_parent(stop: threading.Event, interval: float = 1.0) -> threading.Thre
     return thread
 
 
-
 def exit_after_shutdown(code: int, service: str) -> NoReturn:
     """End a service process with ``code`` once its own shutdown is complete.
 

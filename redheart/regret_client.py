@@ -13,9 +13,10 @@ raises :class:`redheart.rpc.ServiceError` naming the regret service's address; o
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -50,8 +51,15 @@ class RegretReply:
 class RegretClient:
     """Talks to one regret service address. Thread-safe; call :meth:`close` when done."""
 
-    def __init__(self, address: str, *, max_message_mb: int, timeout_seconds: float, max_in_flight: int = 4,
-                 security=None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        max_message_mb: int,
+        timeout_seconds: float,
+        max_in_flight: int = 4,
+        security=None,
+    ) -> None:
         """``security``: the [security] section (TLS / mTLS, token); None: plaintext, no token."""
         self.address = address
         self.timeout_seconds = float(timeout_seconds)
@@ -69,7 +77,7 @@ class RegretClient:
         scenario_ids: Sequence[str] = (),
         explain: bool = False,
         deadline: float | None = None,
-    ) -> "Future[RegretReply]":
+    ) -> Future[RegretReply]:
         """Send a [B, 8] batch for scoring; the future raises ServiceError on failure.
 
         ``deadline`` is an absolute ``time.monotonic()`` bounding the call and its retries
@@ -91,8 +99,16 @@ class RegretClient:
         batch = int(bentham.shape[0]) if bentham.dim() >= 1 else 0
         return self._executor.submit(self._call, request, batch, deadline)
 
-    def score(self, run_id: str, step: int, micro_batch: int, bentham: torch.Tensor,
-              scenario_ids: Sequence[str] = (), explain: bool = False, deadline: float | None = None) -> RegretReply:
+    def score(
+        self,
+        run_id: str,
+        step: int,
+        micro_batch: int,
+        bentham: torch.Tensor,
+        scenario_ids: Sequence[str] = (),
+        explain: bool = False,
+        deadline: float | None = None,
+    ) -> RegretReply:
         """Blocking :meth:`submit` (raises ServiceError)."""
         return self.submit(run_id, step, micro_batch, bentham, scenario_ids, explain, deadline).result()
 
@@ -105,7 +121,7 @@ class RegretClient:
         self._channel.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> "RegretClient":
+    def __enter__(self) -> RegretClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -140,16 +156,18 @@ class RegretClient:
         for e in response.explanations:
             cf_names = calculus.COUNTERFACTUALS[: len(e.counterfactual_utilities)]
             persp = calculus.PERSPECTIVES[: len(e.actual_perspective_utilities)]
-            explanations.append({
-                "scenario_id": e.scenario_id,
-                "regret": e.regret,
-                "best_counterfactual": e.best_counterfactual_name,
-                "best_index": e.best_counterfactual,
-                "actual_utility": e.actual_utility,
-                "counterfactual_utilities": dict(zip(cf_names, e.counterfactual_utilities)),
-                "actual_perspectives": dict(zip(persp, e.actual_perspective_utilities)),
-                "best_perspectives": dict(zip(persp, e.best_perspective_utilities)),
-            })
+            explanations.append(
+                {
+                    "scenario_id": e.scenario_id,
+                    "regret": e.regret,
+                    "best_counterfactual": e.best_counterfactual_name,
+                    "best_index": e.best_counterfactual,
+                    "actual_utility": e.actual_utility,
+                    "counterfactual_utilities": dict(zip(cf_names, e.counterfactual_utilities)),
+                    "actual_perspectives": dict(zip(persp, e.actual_perspective_utilities)),
+                    "best_perspectives": dict(zip(persp, e.best_perspective_utilities)),
+                }
+            )
         return RegretReply(
             regret=regret,
             best_index=best,

@@ -27,10 +27,11 @@ import ipaddress
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -73,7 +74,9 @@ class RpcFailure(Exception):
 class ServiceError(RuntimeError):
     """A call to another service failed; the message names the service, the address and the status."""
 
-    def __init__(self, service: str, address: str, method: str, code: grpc.StatusCode | None, details: str) -> None:
+    def __init__(
+        self, service: str, address: str, method: str, code: grpc.StatusCode | None, details: str
+    ) -> None:
         self.service = service
         self.address = address
         self.method = method
@@ -102,14 +105,16 @@ def channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
 # (which cannot send headers) work. It reveals only SERVING / NOT_SERVING.
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
 _AUTH_HEADER = "authorization"
-_UNAUTHENTICATED = "missing or invalid bearer token (fix: give every process the same security.token or security.token_file)"
+_UNAUTHENTICATED = (
+    "missing or invalid bearer token (fix: give every process the same security.token or security.token_file)"
+)
 
 
 def _read(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
-def server_credentials(security: "SecurityConfig | None") -> grpc.ServerCredentials | None:
+def server_credentials(security: SecurityConfig | None) -> grpc.ServerCredentials | None:
     """TLS credentials of a server (None: plaintext). mTLS when security.require_client_cert."""
     if security is None or not security.tls_enabled:
         return None
@@ -118,15 +123,19 @@ def server_credentials(security: "SecurityConfig | None") -> grpc.ServerCredenti
         # to clients that expect TLS.
         from redheart.config import ConfigError
 
-        raise ConfigError("security.tls_ca is set but a server needs security.tls_cert and security.tls_key to serve TLS "
-                          "(fix: give this service its certificate and key, see docs/security.md)")
+        raise ConfigError(
+            "security.tls_ca is set but a server needs security.tls_cert and security.tls_key to serve TLS "
+            "(fix: give this service its certificate and key, see docs/security.md)"
+        )
     pair = [(_read(security.tls_key), _read(security.tls_cert))]
     if security.require_client_cert:
-        return grpc.ssl_server_credentials(pair, root_certificates=_read(security.tls_ca), require_client_auth=True)
+        return grpc.ssl_server_credentials(
+            pair, root_certificates=_read(security.tls_ca), require_client_auth=True
+        )
     return grpc.ssl_server_credentials(pair, root_certificates=None, require_client_auth=False)
 
 
-def channel_credentials(security: "SecurityConfig | None") -> grpc.ChannelCredentials | None:
+def channel_credentials(security: SecurityConfig | None) -> grpc.ChannelCredentials | None:
     """TLS credentials of a client (None: plaintext). Presents tls_cert / tls_key when both are set
     (the client certificate of mutual TLS); verifies the server with tls_ca (or the system roots)."""
     if security is None or not security.tls_enabled:
@@ -139,7 +148,7 @@ def channel_credentials(security: "SecurityConfig | None") -> grpc.ChannelCreden
     )
 
 
-def _token(security: "SecurityConfig | None") -> str:
+def _token(security: SecurityConfig | None) -> str:
     return security.resolved_token() if security is not None else ""
 
 
@@ -177,8 +186,9 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             # Unknown method: the same answer as a known one, so the caller learns nothing.
-            return grpc.unary_unary_rpc_method_handler(lambda _request, context: context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED))
+            return grpc.unary_unary_rpc_method_handler(
+                lambda _request, context: context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+            )
 
         # Answer with a handler of the same shape as the real one, so streaming methods fail cleanly.
         def deny(_request, context):
@@ -199,7 +209,9 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
 
 class _CallDetails(
-    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
     grpc.ClientCallDetails,
 ):
     pass
@@ -221,8 +233,14 @@ class TokenClientInterceptor(
 
     def _details(self, d):
         metadata = [(k, v) for k, v in (d.metadata or ()) if k.lower() != _AUTH_HEADER] + [self._header]
-        return _CallDetails(d.method, d.timeout, metadata, d.credentials, getattr(d, "wait_for_ready", None),
-                            getattr(d, "compression", None))
+        return _CallDetails(
+            d.method,
+            d.timeout,
+            metadata,
+            d.credentials,
+            getattr(d, "wait_for_ready", None),
+            getattr(d, "compression", None),
+        )
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._details(client_call_details), request)
@@ -254,8 +272,17 @@ def _is_loopback(host: str) -> bool:
 # GetParameters repeat to the same state; a repeated StartRun re-creates the same state (same
 # seed, same first step). Scoring is a pure function of the request.
 IDEMPOTENT_METHODS: dict[str, tuple[str, ...]] = {
-    "redheart.v1.PipelineStage": ("Describe", "StartRun", "RunStep", "ApplyStep", "AbortStep", "PushTensor",
-                                  "SaveState", "LoadState", "GetParameters"),
+    "redheart.v1.PipelineStage": (
+        "Describe",
+        "StartRun",
+        "RunStep",
+        "ApplyStep",
+        "AbortStep",
+        "PushTensor",
+        "SaveState",
+        "LoadState",
+        "GetParameters",
+    ),
     "redheart.v1.RegretService": ("Score",),
 }
 
@@ -264,7 +291,7 @@ def parse_status_codes(text: str) -> tuple[str, ...]:
     """ "UNAVAILABLE, RESOURCE_EXHAUSTED" -> ("UNAVAILABLE", "RESOURCE_EXHAUSTED"); names checked."""
     names = tuple(part.strip().upper() for part in text.split(",") if part.strip())
     if not names:
-        raise ValueError("needs at least one status code, e.g. \"UNAVAILABLE\"")
+        raise ValueError('needs at least one status code, e.g. "UNAVAILABLE"')
     valid = {c.name for c in grpc.StatusCode} - {"OK"}
     for name in names:
         if name not in valid:
@@ -287,24 +314,38 @@ class RetryPolicy:
     status_codes: tuple[str, ...] = ("UNAVAILABLE",)
 
     @classmethod
-    def from_wire(cls, wire: "WireConfig") -> "RetryPolicy":
-        return cls(wire.retry_max_attempts, wire.retry_initial_backoff_seconds, wire.retry_max_backoff_seconds,
-                   wire.retry_backoff_multiplier, parse_status_codes(wire.retry_status_codes))
+    def from_wire(cls, wire: WireConfig) -> RetryPolicy:
+        return cls(
+            wire.retry_max_attempts,
+            wire.retry_initial_backoff_seconds,
+            wire.retry_max_backoff_seconds,
+            wire.retry_backoff_multiplier,
+            parse_status_codes(wire.retry_status_codes),
+        )
 
     def service_config(self, methods: Mapping[str, Sequence[str]] = IDEMPOTENT_METHODS) -> str | None:
         """The channel's service config JSON, or None when retries are off (one attempt)."""
         if self.max_attempts < 2:  # gRPC refuses a retry policy with fewer than 2 attempts
             return None
         names = [{"service": service, "method": m} for service, ms in methods.items() for m in ms]
-        policy = {"maxAttempts": self.max_attempts, "initialBackoff": f"{self.initial_backoff:.6f}s",
-                  "maxBackoff": f"{self.max_backoff:.6f}s", "backoffMultiplier": self.multiplier,
-                  "retryableStatusCodes": list(self.status_codes)}
+        policy = {
+            "maxAttempts": self.max_attempts,
+            "initialBackoff": f"{self.initial_backoff:.6f}s",
+            "maxBackoff": f"{self.max_backoff:.6f}s",
+            "backoffMultiplier": self.multiplier,
+            "retryableStatusCodes": list(self.status_codes),
+        }
         return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
 
 
-def make_channel(address: str, max_message_mb: int, security: "SecurityConfig | grpc.ChannelCredentials | None" = None,
-                 *, credentials: grpc.ChannelCredentials | None = None,
-                 retry: RetryPolicy | None = None) -> grpc.Channel:
+def make_channel(
+    address: str,
+    max_message_mb: int,
+    security: SecurityConfig | grpc.ChannelCredentials | None = None,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    retry: RetryPolicy | None = None,
+) -> grpc.Channel:
     """A channel with the message limits and, from ``security`` ([security]), TLS / mTLS
     credentials and the bearer token on every call. ``credentials`` (or ChannelCredentials passed
     positionally, the old signature) overrides the TLS part. ``retry``: gRPC retries the
@@ -317,8 +358,10 @@ def make_channel(address: str, max_message_mb: int, security: "SecurityConfig | 
         options += [("grpc.enable_retries", 1), ("grpc.service_config", service_config)]
     if retry is not None:
         # Reconnect to a restarting peer on the policy's backoff (gRPC's default grows to 120 s).
-        options += [("grpc.initial_reconnect_backoff_ms", max(1, int(retry.initial_backoff * 1000))),
-                    ("grpc.max_reconnect_backoff_ms", max(1, int(retry.max_backoff * 1000)))]
+        options += [
+            ("grpc.initial_reconnect_backoff_ms", max(1, int(retry.initial_backoff * 1000))),
+            ("grpc.max_reconnect_backoff_ms", max(1, int(retry.max_backoff * 1000))),
+        ]
     if credentials is None:
         credentials = channel_credentials(security)
     if security is not None and security.tls_server_name:
@@ -339,7 +382,7 @@ def make_server(
     max_workers: int = 16,
     max_concurrent_rpcs: int | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
-    security: "SecurityConfig | None" = None,
+    security: SecurityConfig | None = None,
 ) -> tuple[grpc.Server, health.HealthServicer]:
     """A server with message limits and a health servicer (overall status NOT_SERVING until ready).
 
@@ -371,8 +414,14 @@ def make_server(
     return server, health_servicer
 
 
-def bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None, *,
-         security: "SecurityConfig | None" = None) -> int:
+def bind(
+    server: grpc.Server,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
+    *,
+    security: SecurityConfig | None = None,
+) -> int:
     """Bind host:port (port 0: a free port) and return the port actually bound.
 
     TLS / mTLS from ``security`` ([security]) unless ``credentials`` are given; plaintext otherwise.
@@ -381,9 +430,12 @@ def bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCred
     if credentials is None:
         credentials = server_credentials(security)
     if credentials is None and not _is_loopback(host):
-        log.warning("listening on %s without TLS: anyone who can reach it can read the traffic%s "
-                    "(see docs/security.md)", target,
-                    " and the token" if _token(security) else " and drive the service")
+        log.warning(
+            "listening on %s without TLS: anyone who can reach it can read the traffic%s "
+            "(see docs/security.md)",
+            target,
+            " and the token" if _token(security) else " and drive the service",
+        )
     try:
         if credentials is not None:
             bound = server.add_secure_port(target, credentials)
@@ -430,7 +482,11 @@ services clip what they echo (wire.max_error_chars); this is the last bound."""
 
 
 def _bounded(message: str) -> str:
-    return message if len(message) <= MAX_STATUS_CHARS else message[:MAX_STATUS_CHARS] + f"... ({len(message)} characters)"
+    return (
+        message
+        if len(message) <= MAX_STATUS_CHARS
+        else message[:MAX_STATUS_CHARS] + f"... ({len(message)} characters)"
+    )
 
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
@@ -480,9 +536,17 @@ def call(
             raise ServiceError(service, address, name, code, details or "") from None
 
 
-def wait_for_serving(address: str, *, timeout: float, service_name: str, max_message_mb: int = 4,
-                     credentials: grpc.ChannelCredentials | None = None, metadata=None,
-                     alive: Callable[[], bool] | None = None, security: "SecurityConfig | None" = None) -> None:
+def wait_for_serving(
+    address: str,
+    *,
+    timeout: float,
+    service_name: str,
+    max_message_mb: int = 4,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata=None,
+    alive: Callable[[], bool] | None = None,
+    security: SecurityConfig | None = None,
+) -> None:
     """Poll the standard health service until SERVING; raise a clear error naming the address.
 
     Over the same TLS / mTLS as the service's other calls when ``security`` says so.
@@ -493,15 +557,25 @@ def wait_for_serving(address: str, *, timeout: float, service_name: str, max_mes
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if alive is not None and not alive():
-                raise ServiceError(service_name, address, "Health/Check", None, "the process exited before becoming healthy")
+                raise ServiceError(
+                    service_name, address, "Health/Check", None, "the process exited before becoming healthy"
+                )
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=min(2.0, max(0.1, deadline - time.monotonic())), metadata=metadata)
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(service=""),
+                    timeout=min(2.0, max(0.1, deadline - time.monotonic())),
+                    metadata=metadata,
+                )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except grpc.RpcError as exc:
                 last = f"{exc.code().name}: {exc.details()}"
             time.sleep(0.1)
-    raise ServiceError(service_name, address, "Health/Check", grpc.StatusCode.DEADLINE_EXCEEDED,
-                       f"not SERVING after {timeout:.0f}s (last: {last}); is it running and reachable?")
-
+    raise ServiceError(
+        service_name,
+        address,
+        "Health/Check",
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"not SERVING after {timeout:.0f}s (last: {last}); is it running and reachable?",
+    )

@@ -27,9 +27,10 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -121,11 +122,16 @@ class Mailbox:
             self._floor[(run_id, step)] = attempt
             while len(self._floor) > self.MAX_FLOORS:
                 del self._floor[next(iter(self._floor))]
-            old = [k for k, (a, _t) in self._items.items() if k[0] == run_id and k[1] == step and 0 < a < attempt]
+            old = [
+                k for k, (a, _t) in self._items.items() if k[0] == run_id and k[1] == step and 0 < a < attempt
+            ]
             for key in old:
                 del self._items[key]
-            self._consumed = {k: a for k, a in self._consumed.items()
-                              if not (k[0] == run_id and k[1] == step and a < attempt)}
+            self._consumed = {
+                k: a
+                for k, a in self._consumed.items()
+                if not (k[0] == run_id and k[1] == step and a < attempt)
+            }
             self._stale(len(old))
 
     def count(self, run_id: str, step: int, kinds: Sequence[str]) -> int:
@@ -139,7 +145,9 @@ class Mailbox:
             for key in [k for k in self._items if not keep(k)]:
                 del self._items[key]
 
-    def get(self, key: tuple[str, int, int, str], timeout: float, describe: str, attempt: int = 0) -> torch.Tensor:
+    def get(
+        self, key: tuple[str, int, int, str], timeout: float, describe: str, attempt: int = 0
+    ) -> torch.Tensor:
         """Wait for ``key`` (of ``attempt``; a tensor of a newer attempt is left for it). The
         deadline measures progress: it fails when nothing of this step arrived for ``timeout``
         seconds, so a long round whose tensors keep coming never does."""
@@ -187,10 +195,15 @@ class Mailbox:
         """Forget everything of a finished step (keeps memory bounded over a long run). Its attempt
         floor stays: tensors of an aborted try may still arrive."""
         with self._cond:
-            for key in [k for k in self._items if k[0] == run_id and k[1] == step and (kinds is None or k[3] in kinds)]:
+            for key in [
+                k for k in self._items if k[0] == run_id and k[1] == step and (kinds is None or k[3] in kinds)
+            ]:
                 del self._items[key]
-            self._consumed = {k: a for k, a in self._consumed.items()
-                              if not (k[0] == run_id and k[1] == step and (kinds is None or k[3] in kinds))}
+            self._consumed = {
+                k: a
+                for k, a in self._consumed.items()
+                if not (k[0] == run_id and k[1] == step and (kinds is None or k[3] in kinds))
+            }
             self._aborted.pop((run_id, step), None)
             self._arrived.pop((run_id, step), None)
 
@@ -204,11 +217,12 @@ class Mailbox:
             self._cond.notify_all()
 
 
-
 class PeerLink(Protocol):
     """Sends tensors to the neighbouring stages. Implemented over gRPC in redheart/stage_service.py."""
 
-    def send(self, direction: str, run_id: str, step: int, micro_batch: int, kind: str, tensor: torch.Tensor) -> None:
+    def send(
+        self, direction: str, run_id: str, step: int, micro_batch: int, kind: str, tensor: torch.Tensor
+    ) -> None:
         """Queue a tensor for the next ("next") or previous ("prev") stage; returns at once."""
 
     def flush(self, timeout: float) -> None:
@@ -222,14 +236,24 @@ class AttemptLink:
     """The link as a round's stage part sees it: every send carries the round's attempt, and a
     deadline of the round's (a push never outlives its try)."""
 
-    def __init__(self, link: PeerLink, plan: "RoundPlan") -> None:
+    def __init__(self, link: PeerLink, plan: RoundPlan) -> None:
         self._link = link
         self._plan = plan
 
-    def send(self, direction: str, run_id: str, step: int, micro_batch: int, kind: str, tensor: torch.Tensor) -> None:
+    def send(
+        self, direction: str, run_id: str, step: int, micro_batch: int, kind: str, tensor: torch.Tensor
+    ) -> None:
         if getattr(self._link, "carries_attempts", False):
-            self._link.send(direction, run_id, step, micro_batch, kind, tensor,
-                            deadline=time.monotonic() + self._plan.deadline_seconds, attempt=self._plan.attempt)
+            self._link.send(
+                direction,
+                run_id,
+                step,
+                micro_batch,
+                kind,
+                tensor,
+                deadline=time.monotonic() + self._plan.deadline_seconds,
+                attempt=self._plan.attempt,
+            )
         else:
             self._link.send(direction, run_id, step, micro_batch, kind, tensor)
 
@@ -271,11 +295,11 @@ class StagePart(Protocol):
     device: torch.device
     module: torch.nn.Module
 
-    def forward(self, ctx: "RoundContext", mb: MicroBatchInputs) -> ForwardRecord: ...
+    def forward(self, ctx: RoundContext, mb: MicroBatchInputs) -> ForwardRecord: ...
 
-    def backward(self, ctx: "RoundContext", mb: MicroBatchInputs, record: ForwardRecord) -> dict[str, Any]: ...
+    def backward(self, ctx: RoundContext, mb: MicroBatchInputs, record: ForwardRecord) -> dict[str, Any]: ...
 
-    def evaluate(self, ctx: "RoundContext", mb: MicroBatchInputs) -> dict[str, Any]: ...
+    def evaluate(self, ctx: RoundContext, mb: MicroBatchInputs) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -300,13 +324,22 @@ def _check_settings(settings: Mapping[str, Any]) -> None:
     for section in ("train", "regret"):
         value = settings.get(section, {})
         if not isinstance(value, Mapping):
-            raise StageError("invalid", f"StartRun settings: {section!r} must be a JSON object, got {type(value).__name__}")
+            raise StageError(
+                "invalid", f"StartRun settings: {section!r} must be a JSON object, got {type(value).__name__}"
+            )
     weights = settings.get("train", {}).get("loss_weights", {})
-    if not isinstance(weights, Mapping) or not all(isinstance(k, str) and _is_real(v) for k, v in weights.items()):
-        raise StageError("invalid", f"StartRun settings: train.loss_weights must map head names to finite numbers, got {weights!r:.200}")
+    if not isinstance(weights, Mapping) or not all(
+        isinstance(k, str) and _is_real(v) for k, v in weights.items()
+    ):
+        raise StageError(
+            "invalid",
+            f"StartRun settings: train.loss_weights must map head names to finite numbers, got {weights!r:.200}",
+        )
     every = settings.get("empty_cache_every", 0)
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise StageError("invalid", f"StartRun settings: empty_cache_every = {every!r:.50} must be an integer >= 0")
+        raise StageError(
+            "invalid", f"StartRun settings: empty_cache_every = {every!r:.50} must be an integer >= 0"
+        )
     regret = settings.get("regret", {})
     if regret.get("enabled", True):
         from redheart.calculus import check_counts
@@ -317,7 +350,9 @@ def _check_settings(settings: Mapping[str, Any]) -> None:
             raise StageError("invalid", f"StartRun settings: regret: {exc}") from None
         timeout = regret.get("timeout_seconds", 30.0)
         if not (_is_real(timeout) and timeout > 0):
-            raise StageError("invalid", f"StartRun settings: regret.timeout_seconds = {timeout!r:.50} must be a number > 0")
+            raise StageError(
+                "invalid", f"StartRun settings: regret.timeout_seconds = {timeout!r:.50} must be a number > 0"
+            )
 
 
 def _check_plan_numbers(plan: RoundPlan) -> None:
@@ -334,10 +369,12 @@ class RoundContext:
     """Handed to the stage part for each action: where to send, how to wait, what to count."""
 
     plan: RoundPlan
-    runtime: "StageRuntime"
+    runtime: StageRuntime
     link: PeerLink
     started: float
-    timings: dict[str, float] = field(default_factory=lambda: {"forward": 0.0, "backward": 0.0, "wait": 0.0, "regret_wait": 0.0})
+    timings: dict[str, float] = field(
+        default_factory=lambda: {"forward": 0.0, "backward": 0.0, "wait": 0.0, "regret_wait": 0.0}
+    )
     spans: list[tuple[str, int, float, float]] = field(default_factory=list)
     # Spans of other threads (sender, regret client) as (action, micro-batch, start, end, thread),
     # relative to `started` like `spans`; only the pipeline trace reads them.
@@ -353,7 +390,6 @@ class RoundContext:
             self.timings["wait"] += end - start
             if end - start > 1e-4:
                 self.spans.append(("wait", micro_batch, start - self.started, end - self.started))
-
 
     def autocast(self):
         return self.runtime.autocast()
@@ -384,12 +420,17 @@ def build_optimizer(module: torch.nn.Module, train: TrainConfig) -> torch.optim.
         if not p.requires_grad:
             continue
         (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     # fused=True: one kernel over all parameters of a group instead of a dozen ops per tensor (on
     # 2 cores, 0.09 s against 0.65 s for the 196M base model). Its arithmetic is the same for every
     # process that builds the same groups, so the pipeline still equals the single-process
     # reference, which builds its optimizers here too.
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+    fused = all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"]
+    )
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=train.learning_rate,
@@ -425,7 +466,9 @@ class StageRuntime:
         self.mixed_precision = False
         self.max_early_pushes = 64  # tensors kept for a step or pass whose RunStep has not arrived ([wire])
         self.precision: Precision = choose_precision(False, "auto", False, "cpu")
-        self._apply_peak = 0  # CUDA peak of the last ApplyStep (AdamW state), folded into the next step's peak
+        self._apply_peak = (
+            0  # CUDA peak of the last ApplyStep (AdamW state), folded into the next step's peak
+        )
 
     # ---- description
 
@@ -466,38 +509,66 @@ class StageRuntime:
         if self.running.is_set():
             raise StageError("precondition", f"{what}: a step is running on this stage (abort it first)")
         if not self.lock.acquire(timeout=CONTROL_WAIT_SECONDS):
-            raise StageError("precondition", f"{what}: the stage is busy with another call (a step is starting or "
-                                             f"running); retry or abort it")
+            raise StageError(
+                "precondition",
+                f"{what}: the stage is busy with another call (a step is starting or "
+                f"running); retry or abort it",
+            )
         try:
             yield
         finally:
             self.lock.release()
 
-    def start_run(self, run_id: str, settings: Mapping[str, Any], *, reinitialize: bool, first_step: int,
-                  regret_address: str) -> int:
+    def start_run(
+        self,
+        run_id: str,
+        settings: Mapping[str, Any],
+        *,
+        reinitialize: bool,
+        first_step: int,
+        regret_address: str,
+    ) -> int:
         with self._control(f"cannot start run {_short(run_id)}"):
-            _check_settings(settings)  # before anything changes: a refused StartRun leaves the stage as it was
+            _check_settings(
+                settings
+            )  # before anything changes: a refused StartRun leaves the stage as it was
             if not 0 <= first_step <= MAX_STEP:
-                raise StageError("invalid", f"cannot start run {run_id!r} at step {first_step}: steps go from 0 to {MAX_STEP}")
+                raise StageError(
+                    "invalid",
+                    f"cannot start run {run_id!r} at step {first_step}: steps go from 0 to {MAX_STEP}",
+                )
             train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-            train = TrainConfig(**{k: v for k, v in dict(settings.get("train", {})).items() if k in train_fields})
+            train = TrainConfig(
+                **{k: v for k, v in dict(settings.get("train", {})).items() if k in train_fields}
+            )
             device = self.part.device
             try:
-                precision = choose_precision(bool(train.use_mixed_precision), train.mixed_precision_dtype,
-                                             bool(train.allow_tf32), device.type, device_capability(device))
+                precision = choose_precision(
+                    bool(train.use_mixed_precision),
+                    train.mixed_precision_dtype,
+                    bool(train.allow_tf32),
+                    device.type,
+                    device_capability(device),
+                )
             except PrecisionError as exc:
                 raise StageError("precondition", f"cannot start run {run_id!r} on {device}: {exc}") from None
             if reinitialize or self.optimizer is None:
                 part = self._part_factory()
                 if settings.get("init_from"):
-                    _load_init_weights(part, settings["init_from"])  # before self.part: a refusal changes nothing
+                    _load_init_weights(
+                        part, settings["init_from"]
+                    )  # before self.part: a refusal changes nothing
                 self.part = part
             self.train = train
             self.settings = dict(settings)
             self.mixed_precision = bool(train.use_mixed_precision)
             self.precision = precision
             apply_tf32(precision, self.part.device)
-            self.optimizer = build_optimizer(self.part.module, train) if reinitialize or self.optimizer is None or self.run_id != run_id else self.optimizer
+            self.optimizer = (
+                build_optimizer(self.part.module, train)
+                if reinitialize or self.optimizer is None or self.run_id != run_id
+                else self.optimizer
+            )
             self.run_id = run_id
             self.next_step = first_step
             self.rounds_done = 0
@@ -511,22 +582,37 @@ class StageRuntime:
             self.part.module.train()
             if hasattr(self.part, "configure"):
                 self.part.configure(settings, regret_address)
-            log.info("%s stage: run %s starts at step %d (%d parameters, precision %s: %s)",
-                     self.name, run_id, first_step, self.num_parameters(), precision.name, precision.reason)
+            log.info(
+                "%s stage: run %s starts at step %d (%d parameters, precision %s: %s)",
+                self.name,
+                run_id,
+                first_step,
+                self.num_parameters(),
+                precision.name,
+                precision.reason,
+            )
             return self.num_parameters()
 
     def _check_run(self, run_id: str) -> None:
         if not self.run_id:
-            raise StageError("precondition", "no run started on this stage (the orchestrator must call StartRun first)")
+            raise StageError(
+                "precondition", "no run started on this stage (the orchestrator must call StartRun first)"
+            )
         if run_id != self.run_id:
-            raise StageError("precondition", f"run {_short(run_id)} is not the current run {_short(self.run_id)} of this stage")
+            raise StageError(
+                "precondition",
+                f"run {_short(run_id)} is not the current run {_short(self.run_id)} of this stage",
+            )
 
     def check_push(self, run_id: str, step: int, micro_batch: int, kind: str) -> None:
         """Refuse tensors this stage cannot use, naming step and micro-batch."""
         self._check_run(run_id)
         expected = self.part.receives
         if kind not in expected:
-            raise StageError("invalid", f"the {self.name} stage does not accept {kind} tensors (it receives {', '.join(sorted(expected))})")
+            raise StageError(
+                "invalid",
+                f"the {self.name} stage does not accept {kind} tensors (it receives {', '.join(sorted(expected))})",
+            )
         if micro_batch < 0:
             raise StageError("invalid", f"micro-batch {micro_batch} is negative")
         plan = self.current_plan
@@ -536,35 +622,51 @@ class StageRuntime:
             # grow the stage's memory.
             if plan is not None and plan.forward_only and plan.step == step and self.running.is_set():
                 if micro_batch not in {mb.index for mb in plan.micro_batches}:
-                    raise StageError("precondition", f"evaluation pass {step} has no micro-batch {micro_batch}")
+                    raise StageError(
+                        "precondition", f"evaluation pass {step} has no micro-batch {micro_batch}"
+                    )
                 return
             self._check_early(step, micro_batch, kind, "evaluation pass")
             return
         if step < self.next_step:
-            raise StageError("precondition", f"step {step} micro-batch {micro_batch}: step {step} is already applied on this stage (next step is {self.next_step})")
+            raise StageError(
+                "precondition",
+                f"step {step} micro-batch {micro_batch}: step {step} is already applied on this stage (next step is {self.next_step})",
+            )
         if step > self.next_step:
-            raise StageError("precondition", f"step {step} micro-batch {micro_batch}: this stage is at step {self.next_step}; step {step} is unknown")
+            raise StageError(
+                "precondition",
+                f"step {step} micro-batch {micro_batch}: this stage is at step {self.next_step}; step {step} is unknown",
+            )
         if plan is None or plan.forward_only or plan.step != step:
             self._check_early(step, micro_batch, kind, "step")
             return
         limit = plan.accumulation_steps * len(plan.micro_batches)
         if micro_batch >= limit:
-            raise StageError("precondition", f"step {step} micro-batch {micro_batch}: unknown micro-batch (the step has {limit})")
+            raise StageError(
+                "precondition",
+                f"step {step} micro-batch {micro_batch}: unknown micro-batch (the step has {limit})",
+            )
 
     def _check_early(self, step: int, micro_batch: int, kind: str, what: str) -> None:
         """A tensor for a step or pass whose RunStep has not arrived here yet: kept, up to a bound."""
         held = self.mailbox.count(self.run_id, step, (kind,))
         if held >= self.max_early_pushes:
-            raise StageError("exhausted", f"{what} {step} micro-batch {micro_batch}: {held} {kind} tensors already wait "
-                                          f"for a RunStep of it (wire.max_early_pushes); retry once it started")
+            raise StageError(
+                "exhausted",
+                f"{what} {step} micro-batch {micro_batch}: {held} {kind} tensors already wait "
+                f"for a RunStep of it (wire.max_early_pushes); retry once it started",
+            )
 
     def run_round(self, plan: RoundPlan, link: PeerLink) -> RoundResult:
         """Run this stage's actions for one accumulation round (or an evaluation pass)."""
         _check_plan_numbers(plan)
         # A retried RunStep waits for the round it repeats (then gets its cached result), bounded.
         if not self.lock.acquire(timeout=plan.deadline_seconds):
-            raise StageError("precondition", f"RunStep for step {plan.step}: another call held the stage for "
-                                             f"{plan.deadline_seconds:.0f}s")
+            raise StageError(
+                "precondition",
+                f"RunStep for step {plan.step}: another call held the stage for {plan.deadline_seconds:.0f}s",
+            )
         try:
             return self._run_round_locked(plan, link)
         finally:
@@ -580,7 +682,10 @@ class StageRuntime:
         if key in self.results:
             return self.results[key]  # a retried RunStep: same answer, no recompute
         if plan.step != self.next_step:
-            raise StageError("precondition", f"RunStep for step {plan.step} round {plan.accumulation_round}, but this stage expects step {self.next_step}")
+            raise StageError(
+                "precondition",
+                f"RunStep for step {plan.step} round {plan.accumulation_round}, but this stage expects step {self.next_step}",
+            )
         if plan.accumulation_round != self.rounds_done:
             raise StageError(
                 "precondition",
@@ -627,7 +732,9 @@ class StageRuntime:
         if plan.accumulation_round == 0:
             self.optimizer.zero_grad(set_to_none=True)
         m = len(plan.micro_batches)
-        order = build_schedule(plan.schedule, self.part.num_stages, m, extra_warmup=plan.lookahead)[self.part.rank]
+        order = build_schedule(plan.schedule, self.part.num_stages, m, extra_warmup=plan.lookahead)[
+            self.part.rank
+        ]
         started, started_unix = time.perf_counter(), time.time()
         ctx = RoundContext(plan=plan, runtime=self, link=AttemptLink(link, plan), started=started)
         records: dict[int, ForwardRecord] = {}
@@ -674,14 +781,20 @@ class StageRuntime:
             result.grad_norm_sq = norm_sq
             result.found_inf = found_inf
         if self.part.device.type == "cuda":
-            result.peak_memory_bytes = max(torch.cuda.max_memory_allocated(self.part.device), self._apply_peak)
+            result.peak_memory_bytes = max(
+                torch.cuda.max_memory_allocated(self.part.device), self._apply_peak
+            )
         return result
 
     @torch.no_grad()
     def _grad_norm_sq(self, loss_scale: float) -> tuple[float, bool]:
         # Per-tensor norms (as torch.nn.utils.clip_grad_norm_ computes them), summed in float64:
         # no full-size temporary copies of the gradients.
-        norms = [torch.linalg.vector_norm(p.grad.detach()) for p in self.part.module.parameters() if p.grad is not None]
+        norms = [
+            torch.linalg.vector_norm(p.grad.detach())
+            for p in self.part.module.parameters()
+            if p.grad is not None
+        ]
         total = float(torch.stack(norms).double().pow(2).sum()) if norms else 0.0
         # Divided twice: loss_scale ** 2 can underflow to 0 (a tiny scale); the quotient only overflows to inf.
         value = total / loss_scale / loss_scale
@@ -712,14 +825,23 @@ class StageRuntime:
         ctx.timings["total"] = time.perf_counter() - started
         return RoundResult(plan.run_id, plan.step, 0, outputs, ctx.timings, ctx.spans)
 
-    def apply(self, run_id: str, step: int, clip_coefficient: float, learning_rate: float, skip: bool,
-              loss_scale: float = 1.0) -> dict[str, Any]:
+    def apply(
+        self,
+        run_id: str,
+        step: int,
+        clip_coefficient: float,
+        learning_rate: float,
+        skip: bool,
+        loss_scale: float = 1.0,
+    ) -> dict[str, Any]:
         with self._control(f"ApplyStep for step {step}"):
             self._check_run(run_id)
             if (run_id, step) in self.applied:
                 return self.applied[(run_id, step)]  # retried ApplyStep: already done
             if step != self.next_step:
-                raise StageError("precondition", f"ApplyStep for step {step}, but this stage is at step {self.next_step}")
+                raise StageError(
+                    "precondition", f"ApplyStep for step {step}, but this stage is at step {self.next_step}"
+                )
             plan = self.current_plan
             needed = plan.accumulation_steps if plan is not None and plan.step == step else None
             if needed is None or self.rounds_done != needed:
@@ -728,11 +850,20 @@ class StageRuntime:
                     f"ApplyStep for step {step}: {self.rounds_done} of {needed or '?'} accumulation round(s) ran on this stage",
                 )
             if not (math.isfinite(clip_coefficient) and clip_coefficient >= 0):
-                raise StageError("invalid", f"ApplyStep for step {step}: clip coefficient {clip_coefficient} is not a finite number >= 0")
+                raise StageError(
+                    "invalid",
+                    f"ApplyStep for step {step}: clip coefficient {clip_coefficient} is not a finite number >= 0",
+                )
             if not (math.isfinite(learning_rate) and 0 <= learning_rate <= MAX_LEARNING_RATE):
-                raise StageError("invalid", f"ApplyStep for step {step}: learning rate {learning_rate} is not a number in [0, {MAX_LEARNING_RATE:g}]")
+                raise StageError(
+                    "invalid",
+                    f"ApplyStep for step {step}: learning rate {learning_rate} is not a number in [0, {MAX_LEARNING_RATE:g}]",
+                )
             if not skip and not (loss_scale > 0 and math.isfinite(clip_coefficient / loss_scale)):
-                raise StageError("invalid", f"ApplyStep for step {step}: clip coefficient {clip_coefficient} / loss scale {loss_scale} is not finite")
+                raise StageError(
+                    "invalid",
+                    f"ApplyStep for step {step}: clip coefficient {clip_coefficient} / loss scale {loss_scale} is not finite",
+                )
             start, started_unix = time.perf_counter(), time.time()
             assert self.optimizer is not None
             if not skip:
@@ -755,8 +886,12 @@ class StageRuntime:
             self.results = {k: v for k, v in self.results.items() if k[1] > step}
             self.mailbox.clear_step(run_id, step)
             self.current_plan = None
-            out = {"next_step": self.next_step, "seconds": time.perf_counter() - start, "applied": not skip,
-                   "started_unix": started_unix}
+            out = {
+                "next_step": self.next_step,
+                "seconds": time.perf_counter() - start,
+                "applied": not skip,
+                "started_unix": started_unix,
+            }
             self.applied = {k: v for k, v in self.applied.items() if k[1] > step - 4}
             self.applied[(run_id, step)] = out
             if self.part.device.type == "cuda" and self.settings.get("empty_cache_every", 0):
@@ -779,14 +914,24 @@ class StageRuntime:
         plan = self.current_plan
         running_pass = self.running.is_set() and plan is not None and plan.step == step
         if step != self.next_step and not running_pass:
-            log.info("%s stage: AbortStep for step %d ignored (the stage is at step %d)", self.name, step, self.next_step)
+            log.info(
+                "%s stage: AbortStep for step %d ignored (the stage is at step %d)",
+                self.name,
+                step,
+                self.next_step,
+            )
             return
         key = (run_id, step)
         if attempt > 0 and step == self.next_step:
             known = self.seen_attempts.get(key, 0)
             if attempt > known + 1:
-                log.info("%s stage: AbortStep attempt %d of step %d is beyond the attempts seen (%d): not kept",
-                         self.name, attempt, step, known)
+                log.info(
+                    "%s stage: AbortStep attempt %d of step %d is beyond the attempts seen (%d): not kept",
+                    self.name,
+                    attempt,
+                    step,
+                    known,
+                )
             elif attempt > self.aborted_attempts.get(key, (0, ""))[0]:
                 self.aborted_attempts[key] = (attempt, reason)
             while len(self.aborted_attempts) > Mailbox.MAX_ABORTED:
@@ -814,15 +959,21 @@ class StageRuntime:
         with self._control(f"cannot save at step {step}"):
             self._check_run(run_id)
             if step != self.next_step:
-                raise StageError("precondition", f"SaveState for step {step}, but this stage has completed {self.next_step} steps")
+                raise StageError(
+                    "precondition",
+                    f"SaveState for step {step}, but this stage has completed {self.next_step} steps",
+                )
             start = time.perf_counter()
             try:
                 return self._write_shard(run_id, step, Path(directory), start)
             except (OSError, ValueError, SafetensorError) as exc:
                 # An unwritable, missing or malformed directory (or a full disk) is a problem of the
                 # request or the machine, not a bug: FAILED_PRECONDITION naming the directory.
-                raise StageError("precondition", f"SaveState for step {step}: cannot write the shard to "
-                                                  f"{_short(directory)}: {type(exc).__name__}: {exc}") from None
+                raise StageError(
+                    "precondition",
+                    f"SaveState for step {step}: cannot write the shard to "
+                    f"{_short(directory)}: {type(exc).__name__}: {exc}",
+                ) from None
 
     def _write_shard(self, run_id: str, step: int, out: Path, start: float) -> dict[str, Any]:
         """The body of `save` (holding the lock); I/O errors propagate to `save`."""
@@ -852,7 +1003,10 @@ class StageRuntime:
             meta["files"][f] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         _atomic_write_text(out / "stage.json", json.dumps(meta, indent=2, sort_keys=True))
         return {
-            "files": [str(out / f) for f in ("weights.safetensors", "optimizer.safetensors", "rng.safetensors", "stage.json")],
+            "files": [
+                str(out / f)
+                for f in ("weights.safetensors", "optimizer.safetensors", "rng.safetensors", "stage.json")
+            ],
             "bytes": total,
             "seconds": time.perf_counter() - start,
             "sha256": meta["files"]["weights.safetensors"]["sha256"],
@@ -891,8 +1045,20 @@ class StageRuntime:
                 shard = self._read_shard(src, step, max_bytes)
             except StageError:
                 raise
-            except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, SafetensorError) as exc:
-                raise StageError("precondition", f"checkpoint {_short(directory)} cannot be loaded: {type(exc).__name__}: {exc}") from None
+            except (
+                OSError,
+                ValueError,
+                TypeError,
+                KeyError,
+                IndexError,
+                AttributeError,
+                RuntimeError,
+                SafetensorError,
+            ) as exc:
+                raise StageError(
+                    "precondition",
+                    f"checkpoint {_short(directory)} cannot be loaded: {type(exc).__name__}: {exc}",
+                ) from None
             meta, weights, opt_state, groups, rng = shard
             params = dict(self.part.module.global_named_parameters())
             with torch.no_grad():
@@ -903,7 +1069,9 @@ class StageRuntime:
                 p = params[name]
                 # The fused kernels read "step" on the parameter's device; the others want it on the CPU.
                 fused = bool(self.optimizer.defaults.get("fused"))
-                self.optimizer.state[p] = {k: (v.to(p.device) if k != "step" or fused else v) for k, v in state.items()}
+                self.optimizer.state[p] = {
+                    k: (v.to(p.device) if k != "step" or fused else v) for k, v in state.items()
+                }
             for group, saved in zip(self.optimizer.param_groups, groups):
                 group.update(saved)
             torch.set_rng_state(rng["torch_cpu"])
@@ -922,6 +1090,7 @@ class StageRuntime:
 
     def _read_shard(self, src: Path, step: int, max_bytes: int):
         """Read and check a shard without touching the stage; raises on anything malformed."""
+
         def bad(what: str) -> StageError:
             return StageError("precondition", f"checkpoint {_short(src)}: {what}")
 
@@ -935,11 +1104,20 @@ class StageRuntime:
             from redheart.config import diff_settings
 
             theirs = meta.get("model_settings")
-            diffs = diff_settings(self.model_settings(), theirs) if isinstance(theirs, dict) else ["no model_settings"]
-            raise StageError("precondition", f"checkpoint {_short(src)} was written by a different model: {'; '.join(diffs)}")
+            diffs = (
+                diff_settings(self.model_settings(), theirs)
+                if isinstance(theirs, dict)
+                else ["no model_settings"]
+            )
+            raise StageError(
+                "precondition",
+                f"checkpoint {_short(src)} was written by a different model: {'; '.join(diffs)}",
+            )
         saved_step = meta.get("step")
         if type(saved_step) is not int or saved_step != step or not 0 <= step <= MAX_STEP:
-            raise StageError("precondition", f"checkpoint {_short(src)} holds step {saved_step!r}, not {step}")
+            raise StageError(
+                "precondition", f"checkpoint {_short(src)} holds step {saved_step!r}, not {step}"
+            )
         if not isinstance(meta.get("run_id", ""), str):
             raise bad("run_id is not a string")
         files = meta.get("files")
@@ -953,7 +1131,9 @@ class StageRuntime:
             if not path.is_file():  # follows links; devices, FIFOs and directories are refused
                 raise bad(f"{f} is missing or not a regular file")
             if _sha256_capped(path, max_bytes) != info["sha256"]:
-                raise StageError("precondition", f"checkpoint file {_short(path)} is corrupt (sha256 mismatch)")
+                raise StageError(
+                    "precondition", f"checkpoint file {_short(path)} is corrupt (sha256 mismatch)"
+                )
         weights = load_file(str(src / "weights.safetensors"))
         params = dict(self.part.module.global_named_parameters())
         missing = sorted(set(params) - set(weights))
@@ -962,9 +1142,15 @@ class StageRuntime:
             raise bad(f"missing {missing[:5]} unexpected {unexpected[:5]}")
         for name, p in params.items():
             if weights[name].shape != p.shape or not weights[name].is_floating_point():
-                raise bad(f"{name} is {weights[name].dtype} {tuple(weights[name].shape)}, the model has {p.dtype} {tuple(p.shape)}")
+                raise bad(
+                    f"{name} is {weights[name].dtype} {tuple(weights[name].shape)}, the model has {p.dtype} {tuple(p.shape)}"
+                )
         opt_meta = meta.get("optimizer")
-        if not isinstance(opt_meta, dict) or not isinstance(opt_meta.get("steps"), dict) or not isinstance(opt_meta.get("param_groups"), list):
+        if (
+            not isinstance(opt_meta, dict)
+            or not isinstance(opt_meta.get("steps"), dict)
+            or not isinstance(opt_meta.get("param_groups"), list)
+        ):
             raise bad("stage.json has no valid optimizer section")
         opt_tensors = load_file(str(src / "optimizer.safetensors"))
         opt_state: dict[str, dict[str, torch.Tensor]] = {}
@@ -978,13 +1164,17 @@ class StageRuntime:
                 t = opt_tensors.get(f"{name}::{key}")
                 if t is not None:
                     if t.shape != params[name].shape or not t.is_floating_point():
-                        raise bad(f"optimizer {key} of {name} is {t.dtype} {tuple(t.shape)}, the parameter is {tuple(params[name].shape)}")
+                        raise bad(
+                            f"optimizer {key} of {name} is {t.dtype} {tuple(t.shape)}, the parameter is {tuple(params[name].shape)}"
+                        )
                     state[key] = t
             opt_state[name] = state
         groups = []
         template = build_optimizer(self.part.module, self.train).param_groups
         if len(opt_meta["param_groups"]) != len(template):
-            raise bad(f"{len(opt_meta['param_groups'])} optimizer parameter groups, the stage has {len(template)}")
+            raise bad(
+                f"{len(opt_meta['param_groups'])} optimizer parameter groups, the stage has {len(template)}"
+            )
         for saved, current in zip(opt_meta["param_groups"], template):
             if not isinstance(saved, dict):
                 raise bad("an optimizer parameter group is not a JSON object")
@@ -1047,7 +1237,10 @@ def _sha256_capped(path: Path, max_bytes: int) -> str:
         while chunk := fh.read(1 << 20):
             total += len(chunk)
             if total > max_bytes:
-                raise StageError("precondition", f"{_short(path)} is above the load cap of {max_bytes} bytes (checkpoint.max_load_mb)")
+                raise StageError(
+                    "precondition",
+                    f"{_short(path)} is above the load cap of {max_bytes} bytes (checkpoint.max_load_mb)",
+                )
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -1057,7 +1250,10 @@ def _read_capped(path: Path, max_bytes: int) -> bytes:
     with open(path, "rb") as fh:
         data = fh.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise StageError("precondition", f"{_short(path)} is above the load cap of {max_bytes} bytes (checkpoint.max_load_mb)")
+        raise StageError(
+            "precondition",
+            f"{_short(path)} is above the load cap of {max_bytes} bytes (checkpoint.max_load_mb)",
+        )
     return data
 
 

@@ -13,15 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import queue
 import signal
 import sys
 import threading
 import time
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 import torch
@@ -50,7 +50,11 @@ if typing.TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_KIND_TO_WIRE = {ACTIVATION: tensor_pb2.ACTIVATION, GRADIENT: tensor_pb2.GRADIENT, EVAL_ACTIVATION: tensor_pb2.EVAL_ACTIVATION}
+_KIND_TO_WIRE = {
+    ACTIVATION: tensor_pb2.ACTIVATION,
+    GRADIENT: tensor_pb2.GRADIENT,
+    EVAL_ACTIVATION: tensor_pb2.EVAL_ACTIVATION,
+}
 _WIRE_TO_KIND = {v: k for k, v in _KIND_TO_WIRE.items()}
 _STATUS = {
     "precondition": grpc.StatusCode.FAILED_PRECONDITION,
@@ -61,7 +65,17 @@ _STATUS = {
     "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "internal": grpc.StatusCode.INTERNAL,
 }
-STAGE_METHODS = ("Describe", "StartRun", "RunStep", "ApplyStep", "AbortStep", "PushTensor", "SaveState", "LoadState", "GetParameters")
+STAGE_METHODS = (
+    "Describe",
+    "StartRun",
+    "RunStep",
+    "ApplyStep",
+    "AbortStep",
+    "PushTensor",
+    "SaveState",
+    "LoadState",
+    "GetParameters",
+)
 VERSION = "0.1.0"
 MAX_RUN_ID = 256
 """Longest run id a stage accepts (the orchestrator's are far shorter)."""
@@ -87,8 +101,16 @@ class GrpcPeerLink:
 
     carries_attempts = True
 
-    def __init__(self, stage_name: str, codec_name: str, max_message_mb: int, metrics: StageMetrics | None,
-                 credentials: grpc.ChannelCredentials | None = None, metadata=None, security=None) -> None:
+    def __init__(
+        self,
+        stage_name: str,
+        codec_name: str,
+        max_message_mb: int,
+        metrics: StageMetrics | None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata=None,
+        security=None,
+    ) -> None:
         self.stage_name = stage_name
         self.codec_name = codec_name
         self.max_message_mb = max_message_mb
@@ -123,10 +145,22 @@ class GrpcPeerLink:
         with self._cond:
             self._error = None
 
-    def send(self, direction: str, run_id: str, step: int, micro_batch: int, kind: str, tensor: torch.Tensor,
-             deadline: float | None = None, attempt: int = 0) -> None:
+    def send(
+        self,
+        direction: str,
+        run_id: str,
+        step: int,
+        micro_batch: int,
+        kind: str,
+        tensor: torch.Tensor,
+        deadline: float | None = None,
+        attempt: int = 0,
+    ) -> None:
         if direction not in self._stubs:
-            raise StageError("precondition", f"the {self.stage_name} stage has no {direction} stage address (StartRun did not give one)")
+            raise StageError(
+                "precondition",
+                f"the {self.stage_name} stage has no {direction} stage address (StartRun did not give one)",
+            )
         with self._cond:
             if self._error is not None:
                 raise StageError("unavailable", str(self._error))
@@ -134,8 +168,19 @@ class GrpcPeerLink:
             generation = self._generation.get((run_id, step), 0)
         # Detached, and referenced by the queue until sent: the sender thread copies it to host memory
         # and serializes it while the compute thread goes on with the next micro-batch.
-        self._queue.put((direction, run_id, step, micro_batch, kind, tensor.detach(), deadline or time.monotonic() + 600.0,
-                         attempt, generation))
+        self._queue.put(
+            (
+                direction,
+                run_id,
+                step,
+                micro_batch,
+                kind,
+                tensor.detach(),
+                deadline or time.monotonic() + 600.0,
+                attempt,
+                generation,
+            )
+        )
 
     def _worker(self) -> None:
         while True:
@@ -151,8 +196,13 @@ class GrpcPeerLink:
                 msg = codec.encode(tensor, codec=self.codec_name, name=name)  # encode copies to host
                 t1 = time.perf_counter()
                 request = stage_pb2.TensorTransfer(
-                    envelope=tensor_pb2.Envelope(run_id=run_id, step=step, micro_batch=micro_batch, kind=_KIND_TO_WIRE[kind],
-                                                 attempt=attempt),
+                    envelope=tensor_pb2.Envelope(
+                        run_id=run_id,
+                        step=step,
+                        micro_batch=micro_batch,
+                        kind=_KIND_TO_WIRE[kind],
+                        attempt=attempt,
+                    ),
                     tensor=msg,
                     sender=self.stage_name,
                 )
@@ -212,13 +262,18 @@ class GrpcPeerLink:
                 # most 5 attempts inside one call's deadline. RESOURCE_EXHAUSTED: the peer holds its
                 # bound of tensors for a step whose RunStep has not reached it yet; it frees them
                 # once that RunStep starts.
-                if (exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-                        and time.monotonic() + delay < deadline and not self._closing):
+                if (
+                    exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                    and time.monotonic() + delay < deadline
+                    and not self._closing
+                ):
                     time.sleep(delay)
                     delay = min(2 * delay, 1.0)
                     continue
                 peer = "gpu" if direction == "next" else "cpu"
-                raise ServiceError(f"{peer} stage", address, "PushTensor", exc.code(), exc.details() or "") from None
+                raise ServiceError(
+                    f"{peer} stage", address, "PushTensor", exc.code(), exc.details() or ""
+                ) from None
 
     def error(self) -> BaseException | None:
         with self._cond:
@@ -234,7 +289,10 @@ class GrpcPeerLink:
                     pending, deadline = self._pending, time.monotonic() + timeout
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise StageError("deadline", f"{self._pending} tensor(s) still unsent, none delivered for {timeout:.0f}s")
+                    raise StageError(
+                        "deadline",
+                        f"{self._pending} tensor(s) still unsent, none delivered for {timeout:.0f}s",
+                    )
                 self._cond.wait(min(remaining, 1.0))
             if self._error is not None:
                 err, self._error = self._error, None
@@ -244,8 +302,9 @@ class GrpcPeerLink:
         """The sends since the last call, relative to `since` (a perf_counter), on the sender thread."""
         with self._cond:
             spans, self._spans = self._spans, []
-        return [(name, mb, start - since, end - since, "sender")
-                for name, mb, start, end in spans if end >= since]
+        return [
+            (name, mb, start - since, end - since, "sender") for name, mb, start, end in spans if end >= since
+        ]
 
     def reset_error(self) -> None:
         with self._cond:
@@ -307,9 +366,11 @@ def _decode_inputs(mb: stage_pb2.MicroBatch, limits: codec.TensorLimits, max_cha
         tensors[key] = codec.decode(msg, limits=limits)
     batch = tensors.get("attention_mask", tensors.get("input_ids"))
     if mb.sample_ids and batch is not None and batch.ndim >= 1 and batch.shape[0] != len(mb.sample_ids):
-        raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"micro-batch {mb.index}: {len(mb.sample_ids)} sample_ids for a batch of {batch.shape[0]} "
-                         f"(send one id per sample, or none)")
+        raise RpcFailure(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"micro-batch {mb.index}: {len(mb.sample_ids)} sample_ids for a batch of {batch.shape[0]} "
+            f"(send one id per sample, or none)",
+        )
     return MicroBatchInputs(index=mb.index, tensors=tensors, sample_ids=list(mb.sample_ids))
 
 
@@ -325,7 +386,9 @@ def _plan_size(request: stage_pb2.StepPlan) -> tuple[int, int]:
     return samples, tokens
 
 
-def _encode_result(result: RoundResult, link_stats: dict[str, float], received: int, decode_seconds: float) -> stage_pb2.StepResult:
+def _encode_result(
+    result: RoundResult, link_stats: dict[str, float], received: int, decode_seconds: float
+) -> stage_pb2.StepResult:
     out = stage_pb2.StepResult(
         envelope=tensor_pb2.Envelope(run_id=result.run_id, step=result.step),
         accumulation_round=result.accumulation_round,
@@ -372,8 +435,15 @@ def _encode_result(result: RoundResult, link_stats: dict[str, float], received: 
 
 
 class StageServicer(stage_pb2_grpc.PipelineStageServicer):
-    def __init__(self, runtime: StageRuntime, link: GrpcPeerLink, config: HybridConfig, metrics: StageMetrics | None,
-                 device: str, layer_range: str) -> None:
+    def __init__(
+        self,
+        runtime: StageRuntime,
+        link: GrpcPeerLink,
+        config: HybridConfig,
+        metrics: StageMetrics | None,
+        device: str,
+        layer_range: str,
+    ) -> None:
         self.runtime = runtime
         self.link = link
         self.config = config
@@ -419,14 +489,21 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         if not request.run_id:
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "StartRun needs a run_id")
         if len(request.run_id) > MAX_RUN_ID:
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"run_id of {len(request.run_id)} characters is longer than {MAX_RUN_ID}")
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"run_id of {len(request.run_id)} characters is longer than {MAX_RUN_ID}",
+            )
         try:
             settings = json.loads(request.train_settings_json or "{}")
         except json.JSONDecodeError as exc:
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"train_settings_json is not JSON: {clip(exc, self.max_chars)}") from None
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"train_settings_json is not JSON: {clip(exc, self.max_chars)}",
+            ) from None
         except RecursionError:  # "[" * 100000: deeper than the parser goes
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "train_settings_json is nested too deeply") from None
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT, "train_settings_json is nested too deeply"
+            ) from None
         if not isinstance(settings, dict):
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "train_settings_json must be a JSON object")
         if request.first_step < 0:
@@ -434,7 +511,10 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         try:
             settings.setdefault("empty_cache_every", self.config.gpu_stage.empty_cache_every)
             n = self.runtime.start_run(
-                request.run_id, settings, reinitialize=request.reinitialize, first_step=request.first_step,
+                request.run_id,
+                settings,
+                reinitialize=request.reinitialize,
+                first_step=request.first_step,
                 regret_address=request.regret_address,
             )
             # Only after the run was accepted: a refused StartRun must not repoint a running step's link.
@@ -442,41 +522,68 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         except StageError as exc:
             raise _to_failure(exc) from None
         except (TypeError, ValueError) as exc:
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"StartRun settings: {clip(exc, self.max_chars)}") from None
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT, f"StartRun settings: {clip(exc, self.max_chars)}"
+            ) from None
         except RecursionError:
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "StartRun settings are nested too deeply") from None
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT, "StartRun settings are nested too deeply"
+            ) from None
         if self.metrics is not None:
             self.metrics.parameters.labels(self.metrics.stage).set(n)
             self.metrics.next_step.labels(self.metrics.stage).set(self.runtime.next_step)
-        return stage_pb2.StartRunResponse(num_parameters=n, precision=self.runtime.precision.name,
-                                          precision_reason=self.runtime.precision.reason)
+        return stage_pb2.StartRunResponse(
+            num_parameters=n,
+            precision=self.runtime.precision.name,
+            precision_reason=self.runtime.precision.reason,
+        )
 
     @rpc_method
     def RunStep(self, request, context):
         env = request.envelope
         if request.accumulation_steps < 1 or not 0 <= request.accumulation_round < request.accumulation_steps:
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step}: accumulation round {request.accumulation_round} of {request.accumulation_steps} is impossible")
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"step {env.step}: accumulation round {request.accumulation_round} of {request.accumulation_steps} is impossible",
+            )
         if request.schedule not in ("1f1b", "gpipe"):
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step}: unknown schedule {request.schedule!r} (1f1b or gpipe)")
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"step {env.step}: unknown schedule {request.schedule!r} (1f1b or gpipe)",
+            )
         if request.lookahead < 0 or request.lookahead > len(request.micro_batches):
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step}: lookahead {request.lookahead} out of range")
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"step {env.step}: lookahead {request.lookahead} out of range",
+            )
         wire = self.config.wire
-        if not (math.isfinite(request.deadline_seconds) and 0 < request.deadline_seconds <= wire.max_deadline_seconds):
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"step {env.step}: deadline_seconds = {request.deadline_seconds} must be in (0, "
-                             f"{wire.max_deadline_seconds:g}] (wire.max_deadline_seconds)")
+        if not (
+            math.isfinite(request.deadline_seconds)
+            and 0 < request.deadline_seconds <= wire.max_deadline_seconds
+        ):
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"step {env.step}: deadline_seconds = {request.deadline_seconds} must be in (0, "
+                f"{wire.max_deadline_seconds:g}] (wire.max_deadline_seconds)",
+            )
         samples, tokens = _plan_size(request)
         if len(request.micro_batches) > wire.max_plan_samples or samples > wire.max_plan_samples:
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"step {env.step}: {len(request.micro_batches)} micro-batches of {samples} samples in all exceed "
-                             f"wire.max_plan_samples = {wire.max_plan_samples}")
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"step {env.step}: {len(request.micro_batches)} micro-batches of {samples} samples in all exceed "
+                f"wire.max_plan_samples = {wire.max_plan_samples}",
+            )
         if tokens > wire.max_plan_tokens:
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"step {env.step}: {tokens} token positions exceed wire.max_plan_tokens = {wire.max_plan_tokens}")
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"step {env.step}: {tokens} token positions exceed wire.max_plan_tokens = {wire.max_plan_tokens}",
+            )
         indices = [mb.index for mb in request.micro_batches]
         if len(set(indices)) != len(indices) or any(i < 0 for i in indices):
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"step {env.step}: micro-batch indices {clip(indices, self.max_chars)} must be distinct and >= 0")
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"step {env.step}: micro-batch indices {clip(indices, self.max_chars)} must be distinct and >= 0",
+            )
         micro_batches = [_decode_inputs(mb, self.limits, self.max_chars) for mb in request.micro_batches]
         plan = RoundPlan(
             run_id=env.run_id,
@@ -525,11 +632,23 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
             rt = self.runtime
             with self._recv_lock:
                 gone = self._callers.get(key, 0) == 0
-            if gone and rt.running.is_set() and rt.current_plan is not None and rt.current_plan.run_id == key[0] \
-                    and rt.current_plan.step == key[1] and rt.current_plan.accumulation_round == key[2]:
-                log.warning("%s stage: the orchestrator's call for step %d ended %.0fs ago: aborting the round",
-                            rt.name, key[1], lease)
-                rt.abort(key[0], key[1], "the orchestrator stopped waiting for this round (its lease expired)")
+            if (
+                gone
+                and rt.running.is_set()
+                and rt.current_plan is not None
+                and rt.current_plan.run_id == key[0]
+                and rt.current_plan.step == key[1]
+                and rt.current_plan.accumulation_round == key[2]
+            ):
+                log.warning(
+                    "%s stage: the orchestrator's call for step %d ended %.0fs ago: aborting the round",
+                    rt.name,
+                    key[1],
+                    lease,
+                )
+                rt.abort(
+                    key[0], key[1], "the orchestrator stopped waiting for this round (its lease expired)"
+                )
 
         def ended() -> None:
             with self._recv_lock:
@@ -549,20 +668,34 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
     def ApplyStep(self, request, context):
         env = request.envelope
         try:
-            out = self.runtime.apply(env.run_id, env.step, request.clip_coefficient, request.learning_rate, request.skip,
-                                     loss_scale=request.loss_scale if request.loss_scale > 0 else 1.0)
+            out = self.runtime.apply(
+                env.run_id,
+                env.step,
+                request.clip_coefficient,
+                request.learning_rate,
+                request.skip,
+                loss_scale=request.loss_scale if request.loss_scale > 0 else 1.0,
+            )
         except StageError as exc:
             raise _to_failure(exc) from None
         if self.metrics is not None:
             self.metrics.steps_applied.labels(self.metrics.stage).inc()
             self.metrics.next_step.labels(self.metrics.stage).set(out["next_step"])
-        return stage_pb2.ApplyResponse(next_step=out["next_step"], seconds=out["seconds"],
-                                       applied=out["applied"], started_unix=out.get("started_unix", 0.0))
+        return stage_pb2.ApplyResponse(
+            next_step=out["next_step"],
+            seconds=out["seconds"],
+            applied=out["applied"],
+            started_unix=out.get("started_unix", 0.0),
+        )
 
     @rpc_method
     def AbortStep(self, request, context):
-        self.runtime.abort(request.run_id, request.step, clip(request.reason or "aborted by the orchestrator", self.max_chars),
-                           request.attempt)
+        self.runtime.abort(
+            request.run_id,
+            request.step,
+            clip(request.reason or "aborted by the orchestrator", self.max_chars),
+            request.attempt,
+        )
         if request.run_id == self.runtime.run_id:
             self.link.supersede(request.run_id, request.step)  # what this stage still had to send for it
         return stage_pb2.AbortResponse()
@@ -571,7 +704,10 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
     def PushTensor(self, request, context):
         env = request.envelope
         if env.kind not in _WIRE_TO_KIND:
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step} micro-batch {env.micro_batch}: unknown tensor kind {env.kind}")
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"step {env.step} micro-batch {env.micro_batch}: unknown tensor kind {env.kind}",
+            )
         kind = _WIRE_TO_KIND[env.kind]
         try:
             self.runtime.check_push(env.run_id, env.step, env.micro_batch, kind)
@@ -585,7 +721,9 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         try:
             self.runtime.part.check_tensor(kind, tensor)
         except StageError as exc:
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step} micro-batch {env.micro_batch}: {exc}") from None
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT, f"step {env.step} micro-batch {env.micro_batch}: {exc}"
+            ) from None
         nbytes = codec.encoded_nbytes(msg)
         with self._recv_lock:
             self._received_bytes += nbytes
@@ -606,15 +744,21 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
             raise _to_failure(exc) from None
         if self.metrics is not None:
             self.metrics.checkpoint_seconds.labels(self.metrics.stage).observe(out["seconds"])
-        return stage_pb2.SaveStateResponse(files=out["files"], bytes=out["bytes"], seconds=out["seconds"], sha256=out["sha256"])
+        return stage_pb2.SaveStateResponse(
+            files=out["files"], bytes=out["bytes"], seconds=out["seconds"], sha256=out["sha256"]
+        )
 
     @rpc_method
     def LoadState(self, request, context):
         if not request.directory:
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "LoadState needs a directory")
         try:
-            next_step = self.runtime.load(request.run_id, request.step, request.directory,
-                                          self.config.checkpoint.max_load_mb * 1024 * 1024)
+            next_step = self.runtime.load(
+                request.run_id,
+                request.step,
+                request.directory,
+                self.config.checkpoint.max_load_mb * 1024 * 1024,
+            )
         except StageError as exc:
             raise _to_failure(exc) from None
         return stage_pb2.LoadStateResponse(next_step=next_step)
@@ -676,9 +820,15 @@ def create_stage_server(
     shape = resolve_model_shape(config.model)
     metrics = None
     if registry is not None:
-        metrics = metrics_factory(registry) if metrics_factory else StageMetrics(registry, stage=stage, methods=STAGE_METHODS)
+        metrics = (
+            metrics_factory(registry)
+            if metrics_factory
+            else StageMetrics(registry, stage=stage, methods=STAGE_METHODS)
+        )
     runtime = StageRuntime(part_factory, shape)
-    link = GrpcPeerLink(stage, config.wire.codec, config.wire.max_message_mb, metrics, security=config.security)
+    link = GrpcPeerLink(
+        stage, config.wire.codec, config.wire.max_message_mb, metrics, security=config.security
+    )
     servicer = StageServicer(runtime, link, config, metrics, device=device, layer_range=layer_range)
     interceptors = [metrics.grpc] if metrics is not None else []
     interceptors.append(CallBudget(SERVER_THREADS - RESERVED_THREADS, _EXEMPT))
@@ -703,8 +853,11 @@ def create_stage_server(
 
 def run_stage_cli(stage: str, create_server: Callable[..., tuple[StageServer, int]], args: StageArgs) -> int:
     """The stage process main; ``args`` comes parsed from the click command in redheart/cli_common.py."""
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s {stage}-stage %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s {stage}-stage %(levelname)s %(name)s: %(message)s",
+    )
     try:
         config = load_config(args.config, overrides=args.overrides)
     except ConfigError as exc:
@@ -722,7 +875,12 @@ def run_stage_cli(stage: str, create_server: Callable[..., tuple[StageServer, in
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already fixed in this process (a test that runs several stages in one)
         pass
-    log.info("%s stage: torch threads intra-op %d, inter-op %d", stage, torch.get_num_threads(), torch.get_num_interop_threads())
+    log.info(
+        "%s stage: torch threads intra-op %d, inter-op %d",
+        stage,
+        torch.get_num_threads(),
+        torch.get_num_interop_threads(),
+    )
     registry = CollectorRegistry()
     try:
         server, bound = create_server(config, host=host, port=port, registry=registry)
@@ -734,7 +892,9 @@ def run_stage_cli(stage: str, create_server: Callable[..., tuple[StageServer, in
         try:
             _http, bound_metrics = start_metrics_endpoint(registry, config.metrics.host, metrics_port)
         except OSError as exc:
-            print(f"error: cannot serve metrics on {config.metrics.host}:{metrics_port}: {exc}", file=sys.stderr)
+            print(
+                f"error: cannot serve metrics on {config.metrics.host}:{metrics_port}: {exc}", file=sys.stderr
+            )
             server.stop(0)
             return 1
     stop = threading.Event()
@@ -748,13 +908,25 @@ def run_stage_cli(stage: str, create_server: Callable[..., tuple[StageServer, in
     signal.signal(signal.SIGINT, on_signal)
     watcher = watch_parent(stop)
     d = server.servicer
-    log.info("%s stage listening on %s:%d (%s, %s, %d parameters, %s), metrics on %s", stage, host, bound, d.device,
-             d.layer_range, d.runtime.num_parameters(), config.security.describe(), bound_metrics or "off")
+    log.info(
+        "%s stage listening on %s:%d (%s, %s, %d parameters, %s), metrics on %s",
+        stage,
+        host,
+        bound,
+        d.device,
+        d.layer_range,
+        d.runtime.num_parameters(),
+        config.security.describe(),
+        bound_metrics or "off",
+    )
     print(f"REDHEART_READY service={stage}_stage port={bound} metrics_port={bound_metrics}", flush=True)
     while not stop.wait(0.5):
         pass
     if received:
-        log.info("received %s: draining (health NOT_SERVING, in-flight calls finish)", signal.Signals(received[0]).name)
+        log.info(
+            "received %s: draining (health NOT_SERVING, in-flight calls finish)",
+            signal.Signals(received[0]).name,
+        )
     server.stop(grace=10.0)
     if watcher is not None:
         watcher.join(timeout=2.0)

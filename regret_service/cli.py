@@ -24,7 +24,7 @@ import logging
 import signal
 import sys
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import click
 
@@ -52,18 +52,27 @@ Exit codes: 0 stopped by SIGTERM/SIGINT, 1 the service failed, 2 bad configurati
 @command(HELP)
 @config_options("the run's TOML file (uses [regret], [wire], [metrics])")
 @click.option("--host", default=None, help="interface to bind (default: regret.host)")
-@click.option("--port", type=port_type(), default=None,
-              help="port to listen on, 0 for any free port (default: regret.port)")
-@click.option("--metrics-port", type=port_type(), default=None,
-              help="Prometheus /metrics port, 0 for any free port (default: regret.metrics_port, "
-                   "where 0 disables; metrics.enabled = false disables both)")
+@click.option(
+    "--port",
+    type=port_type(),
+    default=None,
+    help="port to listen on, 0 for any free port (default: regret.port)",
+)
+@click.option(
+    "--metrics-port",
+    type=port_type(),
+    default=None,
+    help="Prometheus /metrics port, 0 for any free port (default: regret.metrics_port, "
+    "where 0 disables; metrics.enabled = false disables both)",
+)
 def cli(config_path, overrides, log_level, host, port, metrics_port) -> int:
     setup_logging(log_level, "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     return serve(config_path, list(overrides), host, port, metrics_port)
 
 
-def serve(config_path: str, overrides: list[str], host: str | None, port: int | None,
-          metrics_port_flag: int | None) -> int:
+def serve(
+    config_path: str, overrides: list[str], host: str | None, port: int | None, metrics_port_flag: int | None
+) -> int:
     from redheart.config import ConfigError, load_config
 
     try:
@@ -102,10 +111,15 @@ def serve(config_path: str, overrides: list[str], host: str | None, port: int | 
     http_server = None
     try:
         if serve_metrics:
-            http_server, bound_metrics = start_metrics_endpoint(server.registry, config.metrics.host, metrics_port)
+            http_server, bound_metrics = start_metrics_endpoint(
+                server.registry, config.metrics.host, metrics_port
+            )
             log.info("metrics on http://%s:%d/metrics", config.metrics.host, bound_metrics)
     except OSError as exc:
-        print(f"redheart-regret: cannot serve metrics on {config.metrics.host}:{metrics_port}: {exc}", file=sys.stderr)
+        print(
+            f"redheart-regret: cannot serve metrics on {config.metrics.host}:{metrics_port}: {exc}",
+            file=sys.stderr,
+        )
         server.stop(0)
         return 1
 

@@ -35,9 +35,10 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import connection as mp_connection
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -165,7 +166,9 @@ def worker_main(conn: mp_connection.Connection, regrets_per_step: int, bentham_p
         conn.send((job, ok, payload, time.perf_counter() - start))
 
 
-def crashing_worker_main(conn: mp_connection.Connection, regrets_per_step: int, bentham_per_regret: int) -> None:
+def crashing_worker_main(
+    conn: mp_connection.Connection, regrets_per_step: int, bentham_per_regret: int
+) -> None:
     """A worker that starts normally and kills itself (SIGKILL) on its first job.
 
     For drills and tests of the crash path: ``WorkerPool(n, worker_target=crashing_worker_main)``
@@ -296,7 +299,7 @@ class WorkerPool:
                 slot.conn.close()
         self._report_alive()
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         self.start()
         return self
 
@@ -321,8 +324,14 @@ class WorkerPool:
 
     # ---- scoring
 
-    def score(self, bentham: np.ndarray, *, explain: bool = False, timeout: float | None = None,
-              validate: bool = True) -> PoolResult:
+    def score(
+        self,
+        bentham: np.ndarray,
+        *,
+        explain: bool = False,
+        timeout: float | None = None,
+        validate: bool = True,
+    ) -> PoolResult:
         """Score a [B, 8] batch across the workers.
 
         Raises ValueError (invalid rows; pass ``validate=False`` only when the caller already ran
@@ -339,8 +348,9 @@ class WorkerPool:
         r, p = self.regrets_per_step, self.bentham_per_regret
         if batch == 0:
             detail = calculus.score(rows, r, p) if explain else None
-            return PoolResult(np.zeros(0, np.float32), np.zeros(0, np.int64), detail, 0, 0,
-                              time.perf_counter() - start, 0)
+            return PoolResult(
+                np.zeros(0, np.float32), np.zeros(0, np.int64), detail, 0, 0, time.perf_counter() - start, 0
+            )
         chunks = plan_chunks(batch, self.max_chunks, self.small_batch)
         payloads = self._run(rows, chunks, explain, deadline)
         regret = np.concatenate([pl["regret"] for pl in payloads])
@@ -358,9 +368,13 @@ class WorkerPool:
                 regret_computations=batch * r,
                 bentham_evaluations=batch * r * p,
             )
-        return PoolResult(regret, best, detail, batch * r, batch * r * p, time.perf_counter() - start, len(chunks))
+        return PoolResult(
+            regret, best, detail, batch * r, batch * r * p, time.perf_counter() - start, len(chunks)
+        )
 
-    def _run(self, rows: np.ndarray, chunks: list[tuple[int, int]], explain: bool, deadline: float | None) -> list[dict]:
+    def _run(
+        self, rows: np.ndarray, chunks: list[tuple[int, int]], explain: bool, deadline: float | None
+    ) -> list[dict]:
         results: list[dict | None] = [None] * len(chunks)
         pending = list(range(len(chunks)))[::-1]  # pop() takes the next chunk in order
         owned: set[int] = set()  # slots this request holds (released exactly once)
@@ -404,7 +418,9 @@ class WorkerPool:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise PoolTimeout(f"scoring {chunks[-1][1]} scenarios did not finish before the deadline")
-                if not mp_connection.wait(wait_for, timeout=1.0 if remaining is None else min(remaining, 1.0)):
+                if not mp_connection.wait(
+                    wait_for, timeout=1.0 if remaining is None else min(remaining, 1.0)
+                ):
                     continue
                 for index in list(held):
                     slot, flight = self._slots[index], held[index]
@@ -417,13 +433,22 @@ class WorkerPool:
                         exitcode = slot.process.exitcode
                         if flight.attempt >= 2:
                             # Leave the slot with a live process so the pool stays whole.
-                            self._replace(slot, reason=f"died (exit code {exitcode}) re-running rows {lo}..{hi - 1}")
+                            self._replace(
+                                slot, reason=f"died (exit code {exitcode}) re-running rows {lo}..{hi - 1}"
+                            )
                             raise WorkerCrashed(
                                 f"regret worker {index} died twice while scoring rows {lo}..{hi - 1} "
                                 f"(last exit code {exitcode}); the request was not scored"
                             )
-                        log.warning("regret worker %d (pid %d) died with exit code %s while scoring rows %d..%d; "
-                                    "re-running them on a replacement", index, slot.pid, exitcode, lo, hi - 1)
+                        log.warning(
+                            "regret worker %d (pid %d) died with exit code %s while scoring rows %d..%d; "
+                            "re-running them on a replacement",
+                            index,
+                            slot.pid,
+                            exitcode,
+                            lo,
+                            hi - 1,
+                        )
                         self._replace(slot, reason=f"died (exit code {exitcode})")
                         dispatch(slot, flight.chunk)
                         continue
@@ -440,7 +465,9 @@ class WorkerPool:
             # Workers still scoring for this request finish in the background before reuse;
             # the other slots go straight back.
             if held:
-                threading.Thread(target=self._drain, args=(dict(held),), name="regret-pool-drain", daemon=True).start()
+                threading.Thread(
+                    target=self._drain, args=(dict(held),), name="regret-pool-drain", daemon=True
+                ).start()
             for index in list(owned):
                 if index not in held:
                     release(index)
@@ -550,7 +577,11 @@ class WorkerPool:
                 process.kill()
             process.join(timeout=2.0)
             conn.close()
-            why = "did not start in time" if not ready else f"exited with code {process.exitcode} while starting"
+            why = (
+                "did not start in time"
+                if not ready
+                else f"exited with code {process.exitcode} while starting"
+            )
             raise WorkerCrashed(f"regret worker {slot.index} {why}")
         slot.process, slot.conn, slot.pid = process, conn, int(message[1])
 

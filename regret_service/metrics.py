@@ -23,7 +23,9 @@ failed: anything else (a worker died twice, deadline, shutdown)."""
 class RegretMetrics:
     """The regret service's metrics. Pass a fresh ``CollectorRegistry`` in tests."""
 
-    def __init__(self, registry: CollectorRegistry, num_workers: int, *, process_metrics: bool = True) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, num_workers: int, *, process_metrics: bool = True
+    ) -> None:
         self.registry = registry
         self.requests = Counter(
             "redheart_regret_requests_total",
@@ -99,8 +101,9 @@ class RegretMetrics:
 
     # ---- the servicer
 
-    def observe_batch(self, scenarios: int, computations: int, evaluations: int, regret_mean: float | None,
-                      seconds: float) -> None:
+    def observe_batch(
+        self, scenarios: int, computations: int, evaluations: int, regret_mean: float | None, seconds: float
+    ) -> None:
         self.requests.labels("scored").inc()
         self.scored_scenarios.inc(scenarios)
         self.regret_computations.inc(computations)

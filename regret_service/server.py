@@ -28,14 +28,24 @@ log = logging.getLogger(__name__)
 __all__ = ["RegretServer", "create_server", "SERVICE_FULL_NAME"]
 
 SERVER_THREADS = 16
-SERVICE_FULL_NAME = regret_pb2.DESCRIPTOR.services_by_name["RegretService"].full_name  # redheart.v1.RegretService
+SERVICE_FULL_NAME = regret_pb2.DESCRIPTOR.services_by_name[
+    "RegretService"
+].full_name  # redheart.v1.RegretService
 
 
 class RegretServer:
     """A started regret service: the gRPC server, its health servicer, the worker pool and metrics."""
 
-    def __init__(self, grpc_server, health, pool: WorkerPool, metrics: RegretMetrics, servicer: RegretServicer,
-                 host: str, port: int) -> None:
+    def __init__(
+        self,
+        grpc_server,
+        health,
+        pool: WorkerPool,
+        metrics: RegretMetrics,
+        servicer: RegretServicer,
+        host: str,
+        port: int,
+    ) -> None:
         self.grpc_server = grpc_server
         self.health = health
         self.pool = pool
@@ -67,7 +77,7 @@ class RegretServer:
         """Block until :meth:`stop` has finished (True) or ``timeout`` passed (False)."""
         return self._stopped.wait(timeout)
 
-    def __enter__(self) -> "RegretServer":
+    def __enter__(self) -> RegretServer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -100,8 +110,14 @@ def create_server(
     metrics.workers_alive.set(0)
     pool = WorkerPool(r.num_workers, r.regrets_per_step, r.bentham_per_regret, listener=metrics)
     limits = TensorLimits(max_rank=config.wire.max_rank)
-    servicer = RegretServicer(pool, metrics, max_batch=r.max_batch, limits=limits, cache_bytes=r.cache_mb << 20,
-                              max_error_chars=config.wire.max_error_chars)
+    servicer = RegretServicer(
+        pool,
+        metrics,
+        max_batch=r.max_batch,
+        limits=limits,
+        cache_bytes=r.cache_mb << 20,
+        max_error_chars=config.wire.max_error_chars,
+    )
     grpc_server, health = make_server(
         max_message_mb=config.wire.max_message_mb,
         max_workers=SERVER_THREADS,
@@ -120,6 +136,14 @@ def create_server(
         grpc_server.stop(0)
         raise
     set_serving(health, True, [SERVICE_FULL_NAME])
-    log.info("regret service SERVING on %s:%d (%d workers, %d counterfactuals x %d perspectives, max_batch %d, %s)",
-             host, bound, r.num_workers, r.regrets_per_step, r.bentham_per_regret, r.max_batch, config.security.describe())
+    log.info(
+        "regret service SERVING on %s:%d (%d workers, %d counterfactuals x %d perspectives, max_batch %d, %s)",
+        host,
+        bound,
+        r.num_workers,
+        r.regrets_per_step,
+        r.bentham_per_regret,
+        r.max_batch,
+        config.security.describe(),
+    )
     return RegretServer(grpc_server, health, pool, metrics, servicer, host, bound), bound

@@ -42,9 +42,17 @@ CACHE_BYTES = 64 << 20
 
 
 class RegretServicer(regret_pb2_grpc.RegretServiceServicer):
-    def __init__(self, pool: WorkerPool, metrics: RegretMetrics, *, max_batch: int,
-                 limits: TensorLimits = DEFAULT_LIMITS, cache_size: int = CACHE_SIZE,
-                 cache_bytes: int = CACHE_BYTES, max_error_chars: int = 200) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        metrics: RegretMetrics,
+        *,
+        max_batch: int,
+        limits: TensorLimits = DEFAULT_LIMITS,
+        cache_size: int = CACHE_SIZE,
+        cache_bytes: int = CACHE_BYTES,
+        max_error_chars: int = 200,
+    ) -> None:
         self.pool = pool
         self.metrics = metrics
         self.max_batch = max_batch
@@ -53,16 +61,22 @@ class RegretServicer(regret_pb2_grpc.RegretServiceServicer):
         self.cache_bytes = cache_bytes
         self.max_error_chars = max_error_chars
         # key -> (request, response, their size in bytes); bounded in entries and in bytes.
-        self._cache: OrderedDict[tuple[str, int, int], tuple[regret_pb2.ScoreRequest, regret_pb2.ScoreResponse, int]] = OrderedDict()
+        self._cache: OrderedDict[
+            tuple[str, int, int], tuple[regret_pb2.ScoreRequest, regret_pb2.ScoreResponse, int]
+        ] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
 
     @rpc_method
-    def Score(self, request: regret_pb2.ScoreRequest, context: grpc.ServicerContext) -> regret_pb2.ScoreResponse:
+    def Score(
+        self, request: regret_pb2.ScoreRequest, context: grpc.ServicerContext
+    ) -> regret_pb2.ScoreResponse:
         with self.metrics.in_flight.track_inprogress():
             return self._score(request, context)
 
-    def _score(self, request: regret_pb2.ScoreRequest, context: grpc.ServicerContext) -> regret_pb2.ScoreResponse:
+    def _score(
+        self, request: regret_pb2.ScoreRequest, context: grpc.ServicerContext
+    ) -> regret_pb2.ScoreResponse:
         try:
             rows, ids = self._validated(request)
         except RpcFailure:
@@ -80,7 +94,9 @@ class RegretServicer(regret_pb2_grpc.RegretServiceServicer):
                     self.metrics.requests.labels("cached").inc()
                     return hit[1]
             if hit is not None:
-                log.warning("Score %s: same envelope as an earlier request but different content; scoring again", key)
+                log.warning(
+                    "Score %s: same envelope as an earlier request but different content; scoring again", key
+                )
 
         remaining = context.time_remaining()
         try:
@@ -103,8 +119,11 @@ class RegretServicer(regret_pb2_grpc.RegretServiceServicer):
 
         batch = rows.shape[0]
         self.metrics.observe_batch(
-            batch, result.regret_computations, result.bentham_evaluations,
-            float(result.regret.mean(dtype=np.float64)) if batch else None, result.seconds,
+            batch,
+            result.regret_computations,
+            result.bentham_evaluations,
+            float(result.regret.mean(dtype=np.float64)) if batch else None,
+            result.seconds,
         )
         response = regret_pb2.ScoreResponse(
             regret_computations=result.regret_computations,
@@ -113,7 +132,9 @@ class RegretServicer(regret_pb2_grpc.RegretServiceServicer):
         )
         # CopyFrom: much cheaper than passing large sub-messages as constructor keywords.
         response.regret.CopyFrom(encode(torch.from_numpy(result.regret), name="regret"))
-        response.best_counterfactual.CopyFrom(encode(torch.from_numpy(result.best_index), name="best_counterfactual"))
+        response.best_counterfactual.CopyFrom(
+            encode(torch.from_numpy(result.best_index), name="best_counterfactual")
+        )
         if request.explain and result.detail is not None:
             response.explanations.extend(_explanations(result.detail, ids))
         size = request.ByteSize() + response.ByteSize() if key is not None else 0
@@ -136,7 +157,9 @@ class RegretServicer(regret_pb2_grpc.RegretServiceServicer):
 
     def _validated(self, request: regret_pb2.ScoreRequest) -> tuple[np.ndarray, list[str]]:
         if not request.HasField("bentham"):
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "ScoreRequest.bentham is missing (float32 [B, 8])")
+            raise RpcFailure(
+                grpc.StatusCode.INVALID_ARGUMENT, "ScoreRequest.bentham is missing (float32 [B, 8])"
+            )
         msg = request.bentham
         msg.name = clip(msg.name or "bentham", self.max_error_chars)  # echoed in every error about it
         label = msg.name

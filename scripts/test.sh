@@ -17,4 +17,7 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
 fi
 # The generated protobuf modules must match the .proto contracts.
 .venv/bin/redheart-gen-protos --check
+# Lint and formatting (configured in pyproject.toml) before the suite, so style drift fails fast.
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -37,15 +37,58 @@ def _run(*args: str, cwd: Path) -> None:
 
 
 def _ca(d: Path, name: str, cn: str) -> None:
-    _run("req", "-x509", "-new", "-nodes", *_EC, "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
-         "-subj", f"/CN={cn}", cwd=d)
+    _run(
+        "req",
+        "-x509",
+        "-new",
+        "-nodes",
+        *_EC,
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={cn}",
+        cwd=d,
+    )
 
 
 def _leaf(d: Path, name: str, ca: str, cn: str, ext: str) -> None:
     (d / f"{name}.ext").write_text(ext)
-    _run("req", "-new", "-nodes", *_EC, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
-    _run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-         "-out", f"{name}.pem", "-days", "2", "-sha256", "-extfile", f"{name}.ext", cwd=d)
+    _run(
+        "req",
+        "-new",
+        "-nodes",
+        *_EC,
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={cn}",
+        cwd=d,
+    )
+    _run(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        "-sha256",
+        "-extfile",
+        f"{name}.ext",
+        cwd=d,
+    )
 
 
 SERVICE_EXT = """basicConstraints = critical, CA:FALSE
@@ -72,5 +115,16 @@ def make_pki(d: Path) -> Pki:
     for key in d.glob("*.key"):
         key.chmod(0o600)
     (d / "token").chmod(0o600)
-    return Pki(d, d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key",
-               d / "rogue-ca.pem", d / "rogue.pem", d / "rogue.key", d / "token", token)
+    return Pki(
+        d,
+        d / "ca.pem",
+        d / "server.pem",
+        d / "server.key",
+        d / "client.pem",
+        d / "client.key",
+        d / "rogue-ca.pem",
+        d / "rogue.pem",
+        d / "rogue.key",
+        d / "token",
+        token,
+    )

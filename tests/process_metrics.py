@@ -32,7 +32,12 @@ def _regret(registry: CollectorRegistry) -> None:
     RegretMetrics(registry, num_workers=RegretConfig().num_workers)
 
 
-BUILDERS = {"orchestrator": _orchestrator, "cpu-stage": _cpu_stage, "gpu-stage": _gpu_stage, "regret": _regret}
+BUILDERS = {
+    "orchestrator": _orchestrator,
+    "cpu-stage": _cpu_stage,
+    "gpu-stage": _gpu_stage,
+    "regret": _regret,
+}
 
 
 def registry_of(process: str) -> CollectorRegistry:

@@ -22,7 +22,9 @@ def synthetic_batch(seed: int, batch_size: int = 8, seq: int = 16, vocab: int = 
         "attention_mask": mask,
         "labels.emotions": (torch.rand(batch_size, 6, generator=g) > 0.5).float(),
         "labels.emotions_mask": torch.rand(batch_size, generator=g) > 0.2,
-        "labels.bentham": torch.cat([torch.rand(batch_size, 7, generator=g), torch.rand(batch_size, 1, generator=g) * 2 - 1], 1),
+        "labels.bentham": torch.cat(
+            [torch.rand(batch_size, 7, generator=g), torch.rand(batch_size, 1, generator=g) * 2 - 1], 1
+        ),
         "labels.bentham_mask": torch.rand(batch_size, generator=g) > 0.2,
         "labels.judgment": judgment,
     }

@@ -19,8 +19,8 @@ from redheart.data.dataset import (
     LABEL_KEYS,
     EncodedDataset,
     batches_per_epoch,
-    encode_dataset,
     bucket_by_length,
+    encode_dataset,
     epoch_order,
     split_train_validation,
 )

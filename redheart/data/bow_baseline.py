@@ -17,8 +17,8 @@ one float64 LU factorisation; no random state, no iteration.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -46,7 +46,7 @@ class BowBaseline:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "BowBaseline | None":
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> BowBaseline | None:
         if "bow.features" not in tensors:
             return None
         features = tensors["bow.features"].long()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 from tokenizers import Tokenizer
@@ -103,9 +103,13 @@ class EncodedDataset:
         }
         for name, shape in expected.items():
             if shape != wanted[name]:
-                raise ValueError(f"EncodedDataset.{name} has shape {shape}, expected {wanted[name]} for {n} rows")
+                raise ValueError(
+                    f"EncodedDataset.{name} has shape {shape}, expected {wanted[name]} for {n} rows"
+                )
         if self.truncated_mask is not None and tuple(self.truncated_mask.shape) != (n,):
-            raise ValueError(f"EncodedDataset.truncated_mask has shape {tuple(self.truncated_mask.shape)}, expected ({n},)")
+            raise ValueError(
+                f"EncodedDataset.truncated_mask has shape {tuple(self.truncated_mask.shape)}, expected ({n},)"
+            )
         if self.input_ids.shape != self.attention_mask.shape:
             raise ValueError(
                 f"input_ids {tuple(self.input_ids.shape)} and attention_mask "
@@ -160,7 +164,9 @@ def _as_index(indices: Indices, n: int) -> torch.Tensor:
     """Validate row indices into a LongTensor [B]; negative or out-of-range indices are errors."""
     index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)  # [B]
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
-        raise IndexError(f"row indices must be in [0, {n}), got min {int(index.min())} max {int(index.max())}")
+        raise IndexError(
+            f"row indices must be in [0, {n}), got min {int(index.min())} max {int(index.max())}"
+        )
     return index
 
 
@@ -181,9 +187,13 @@ def encode_dataset(scenarios: Sequence[Scenario], tokenizer: Tokenizer, max_leng
         sources=[s.source for s in scenarios],
         input_ids=encoded.input_ids,
         attention_mask=encoded.attention_mask,
-        emotions=torch.tensor([s.emotions or zeros_e for s in scenarios], dtype=torch.float32).reshape(n, len(EMOTIONS)),
+        emotions=torch.tensor([s.emotions or zeros_e for s in scenarios], dtype=torch.float32).reshape(
+            n, len(EMOTIONS)
+        ),
         emotions_mask=torch.tensor([s.emotions is not None for s in scenarios], dtype=torch.bool),
-        bentham=torch.tensor([s.bentham or zeros_b for s in scenarios], dtype=torch.float32).reshape(n, len(BENTHAM_KEYS)),
+        bentham=torch.tensor([s.bentham or zeros_b for s in scenarios], dtype=torch.float32).reshape(
+            n, len(BENTHAM_KEYS)
+        ),
         bentham_mask=torch.tensor([s.bentham is not None for s in scenarios], dtype=torch.bool),
         judgment=torch.tensor(
             [IGNORE_INDEX if s.judgment is None else s.judgment for s in scenarios], dtype=torch.long
@@ -274,13 +284,22 @@ def epoch_order(
             f"source_weights names unknown source(s) {', '.join(unknown)}; known sources: {', '.join(known)}"
         )
     for name, weight in source_weights.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+            or weight < 0
+        ):
             raise DataError(f"source_weights[{name!r}] = {weight!r}, must be a finite number >= 0")
 
-    row_weight = torch.tensor([float(source_weights.get(s, 1.0)) for s in sources], dtype=torch.float64)  # [N]
+    row_weight = torch.tensor(
+        [float(source_weights.get(s, 1.0)) for s in sources], dtype=torch.float64
+    )  # [N]
     eligible = torch.nonzero(row_weight > 0).flatten()  # [E]
     if eligible.numel() == 0:
-        raise DataError("source_weights exclude every source (all weights are 0); give at least one a weight > 0")
+        raise DataError(
+            "source_weights exclude every source (all weights are 0); give at least one a weight > 0"
+        )
     weights = row_weight[eligible]  # [E]
     if bool((weights == weights[0]).all()):
         # Equal weights: sampling with replacement would only add noise; visit each row once.
@@ -321,7 +340,7 @@ def bucket_by_length(
     window = window_steps * step_samples
     out: list[int] = []
     for start in range(0, full, window):
-        chunk = rows[start:start + window]  # [W]
+        chunk = rows[start : start + window]  # [W]
         chunk = chunk[torch.sort(lengths[chunk], stable=True).indices]  # [W], shortest first
         steps = chunk.view(-1, step_samples)  # [W / step_samples, step_samples]
         steps = steps[torch.randperm(steps.shape[0], generator=g)]

@@ -13,7 +13,7 @@ reward any baseline for free). If every emotion is undefined the key is omitted.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -108,11 +108,15 @@ def compute_metrics(pred: Mapping[str, torch.Tensor], labels: Mapping[str, torch
     return out
 
 
-def _constant_pred(n: int, emotions_on: torch.Tensor, bentham: torch.Tensor, judgment: int, regret: float) -> dict[str, torch.Tensor]:
+def _constant_pred(
+    n: int, emotions_on: torch.Tensor, bentham: torch.Tensor, judgment: int, regret: float
+) -> dict[str, torch.Tensor]:
     """Model-shaped predictions that are the same for every row."""
     judgment_logits = torch.zeros(n, len(JUDGMENTS))  # [N, 5]
     judgment_logits[:, judgment] = 1.0
-    emotion_logits = torch.where(emotions_on, _BIG_LOGIT, -_BIG_LOGIT).float().expand(n, len(EMOTIONS))  # [N, 6]
+    emotion_logits = (
+        torch.where(emotions_on, _BIG_LOGIT, -_BIG_LOGIT).float().expand(n, len(EMOTIONS))
+    )  # [N, 6]
     return {
         "judgment_logits": judgment_logits,
         "emotion_logits": emotion_logits,
@@ -121,7 +125,9 @@ def _constant_pred(n: int, emotions_on: torch.Tensor, bentham: torch.Tensor, jud
     }
 
 
-def baseline_metrics(train_labels: Mapping[str, torch.Tensor], val_labels: Mapping[str, torch.Tensor]) -> dict[str, float]:
+def baseline_metrics(
+    train_labels: Mapping[str, torch.Tensor], val_labels: Mapping[str, torch.Tensor]
+) -> dict[str, float]:
     """The metrics a label-only, text-blind predictor fitted on train gets on validation.
 
     * judgment: always the most frequent train class (ties → lowest index).
@@ -187,8 +193,12 @@ def baseline_metrics(train_labels: Mapping[str, torch.Tensor], val_labels: Mappi
             regret_mean = float(target.mean())
             has_regret = True
 
-    majority_metrics = compute_metrics(_constant_pred(n_val, emo_majority, bentham_mean, majority, regret_mean), val_labels)
-    best_metrics = compute_metrics(_constant_pred(n_val, emo_best, bentham_mean, majority, regret_mean), val_labels)
+    majority_metrics = compute_metrics(
+        _constant_pred(n_val, emo_majority, bentham_mean, majority, regret_mean), val_labels
+    )
+    best_metrics = compute_metrics(
+        _constant_pred(n_val, emo_best, bentham_mean, majority, regret_mean), val_labels
+    )
 
     if has_judgment and "judgment_accuracy" in majority_metrics:
         out["baseline_judgment_accuracy"] = majority_metrics["judgment_accuracy"]
@@ -210,11 +220,17 @@ def baseline_metrics(train_labels: Mapping[str, torch.Tensor], val_labels: Mappi
 
 
 METRIC_KEYS = ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae")
-_HIGHER_IS_BETTER = {"judgment_accuracy": True, "emotion_macro_f1": True, "bentham_mae": False, "regret_mae": False}
+_HIGHER_IS_BETTER = {
+    "judgment_accuracy": True,
+    "emotion_macro_f1": True,
+    "bentham_mae": False,
+    "regret_mae": False,
+}
 
 
-def bow_baseline_metrics(bow, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         val_labels: Mapping[str, torch.Tensor]) -> dict[str, float]:
+def bow_baseline_metrics(
+    bow, input_ids: torch.Tensor, attention_mask: torch.Tensor, val_labels: Mapping[str, torch.Tensor]
+) -> dict[str, float]:
     """Metrics of the bag-of-words baseline (redheart/data/bow_baseline.py) on validation rows,
     keyed ``baseline_bow_<metric>``; heads the baseline was not fitted for are omitted."""
     metrics = compute_metrics(bow.predict(input_ids, attention_mask), val_labels)
@@ -230,12 +246,17 @@ def compare_with_baselines(metrics: Mapping[str, float], baseline: Mapping[str, 
         if key not in metrics:
             continue
         higher = _HIGHER_IS_BETTER[key]
-        for prefix, name in (("baseline_bow_", "the bag-of-words baseline"), ("baseline_", "the trivial baseline")):
+        for prefix, name in (
+            ("baseline_bow_", "the bag-of-words baseline"),
+            ("baseline_", "the trivial baseline"),
+        ):
             other = baseline.get(prefix + key)
             if other is None:
                 continue
             if (metrics[key] < other) if higher else (metrics[key] > other):
-                out.append(f"{key} {metrics[key]:.4f} is worse than {name} ({other:.4f}, "
-                           f"{'higher' if higher else 'lower'} is better)")
+                out.append(
+                    f"{key} {metrics[key]:.4f} is worse than {name} ({other:.4f}, "
+                    f"{'higher' if higher else 'lower'} is better)"
+                )
                 break
     return out

@@ -21,9 +21,10 @@ from __future__ import annotations
 import difflib
 import json
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 __all__ = [
     "EMOTIONS",
@@ -55,7 +56,16 @@ BENTHAM_KEYS: tuple[str, ...] = (
 JUDGMENTS: tuple[str, ...] = ("author", "other", "everybody", "nobody", "unclear")
 """Ethical verdict classes (who is in the wrong); ``Scenario.judgment`` is an index into this."""
 
-TOP_LEVEL_KEYS: tuple[str, ...] = ("id", "text", "source", "emotions", "bentham", "judgment", "options", "meta")
+TOP_LEVEL_KEYS: tuple[str, ...] = (
+    "id",
+    "text",
+    "source",
+    "emotions",
+    "bentham",
+    "judgment",
+    "options",
+    "meta",
+)
 """Keys allowed at the top level of a scenario object. ``meta`` holds free-form data and is ignored."""
 
 # Validity ranges per Bentham key: valence is signed (pain vs pleasure), the rest are magnitudes.
@@ -215,7 +225,9 @@ def _number(where: _Where, name: str, value: Any, lo: float, hi: float, *, allow
             return 1.0 if value else 0.0
         raise where.error(name, f" = {_fmt(value)}, must be a number in [{lo:g}, {hi:g}], not a boolean")
     if not isinstance(value, (int, float)):
-        raise where.error(name, f" = {_fmt(value)}, must be a number in [{lo:g}, {hi:g}], got {_json_type(value)}")
+        raise where.error(
+            name, f" = {_fmt(value)}, must be a number in [{lo:g}, {hi:g}], got {_json_type(value)}"
+        )
     number = float(value)
     if not math.isfinite(number):
         raise where.error(name, f" = {value}, must be a finite number in [{lo:g}, {hi:g}]")
@@ -233,7 +245,9 @@ def _parse_emotions(where: _Where, value: Any) -> tuple[float, ...] | None:
         for i, name in enumerate(value):
             item = f"emotions[{i}]"
             if not isinstance(name, str):
-                raise where.error(item, f" = {_fmt(name)}, must be an emotion name (string), got {_json_type(name)}")
+                raise where.error(
+                    item, f" = {_fmt(name)}, must be an emotion name (string), got {_json_type(name)}"
+                )
             if name not in EMOTIONS:
                 raise where.error(
                     item,
@@ -272,20 +286,22 @@ def _parse_bentham(where: _Where, value: Any) -> tuple[float, ...] | None:
         return None
     if not isinstance(value, dict):
         raise where.error(
-            "bentham", f" = {_fmt(value)}, must be an object with keys {', '.join(BENTHAM_KEYS)}, got {_json_type(value)}"
+            "bentham",
+            f" = {_fmt(value)}, must be an object with keys {', '.join(BENTHAM_KEYS)}, got {_json_type(value)}",
         )
     unknown = [k for k in value if k not in BENTHAM_KEYS]
     if unknown:
         k = unknown[0]
         raise where.error(
-            f"bentham.{k}", f": unknown key{_did_you_mean(k, BENTHAM_KEYS)}; valid keys: {', '.join(BENTHAM_KEYS)}"
+            f"bentham.{k}",
+            f": unknown key{_did_you_mean(k, BENTHAM_KEYS)}; valid keys: {', '.join(BENTHAM_KEYS)}",
         )
     missing = [k for k in BENTHAM_KEYS if k not in value]
     if missing:
         raise where.error(
             "bentham",
             f": missing key(s) {', '.join(missing)}; all eight are required "
-            "(or set \"bentham\": null to leave the row unlabeled)",
+            '(or set "bentham": null to leave the row unlabeled)',
         )
     return tuple(
         _number(where, f"bentham.{k}", value[k], *_BENTHAM_RANGES[k], allow_bool=False) for k in BENTHAM_KEYS
@@ -299,7 +315,8 @@ def _parse_judgment(where: _Where, value: Any) -> int | None:
     valid = ", ".join(JUDGMENTS)
     if not isinstance(value, str):
         raise where.error(
-            "judgment", f" = {_fmt(value)}, must be a class name (string), one of: {valid}; got {_json_type(value)}"
+            "judgment",
+            f" = {_fmt(value)}, must be a class name (string), one of: {valid}; got {_json_type(value)}",
         )
     name = value.strip().lower()
     if name not in JUDGMENTS:
@@ -314,7 +331,9 @@ def _parse_options(where: _Where, value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
     if not isinstance(value, list):
-        raise where.error("options", f" = {_fmt(value)}, must be a list of strings or null, got {_json_type(value)}")
+        raise where.error(
+            "options", f" = {_fmt(value)}, must be a list of strings or null, got {_json_type(value)}"
+        )
     out = []
     for i, item in enumerate(value):
         if not isinstance(item, str) or not item.strip():
@@ -361,7 +380,9 @@ def _parse_object(where: _Where, obj: Any, default_source: str) -> Scenario:
     if source is None:
         source = default_source
     elif not isinstance(source, str) or not source.strip():
-        raise where.error("source", f" = {_fmt(source)}, must be a non-empty string (or omit it to use the file name)")
+        raise where.error(
+            "source", f" = {_fmt(source)}, must be a non-empty string (or omit it to use the file name)"
+        )
 
     meta = obj.get("meta")
     if meta is not None and not isinstance(meta, dict):
@@ -378,7 +399,9 @@ def _parse_object(where: _Where, obj: Any, default_source: str) -> Scenario:
     )
 
 
-def scenario_from_dict(obj: Mapping[str, Any], *, default_source: str = "unknown", location: str = "<dict>") -> Scenario:
+def scenario_from_dict(
+    obj: Mapping[str, Any], *, default_source: str = "unknown", location: str = "<dict>"
+) -> Scenario:
     """Validate one already-decoded scenario object (e.g. built in Python) exactly as the loader does.
 
     ``location`` stands in for ``file:line`` in error messages.

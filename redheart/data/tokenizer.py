@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -195,7 +195,9 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_length: int) ->
         :class:`EncodedTexts` with ``input_ids`` and ``attention_mask`` of shape [N, L].
     """
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length must be an integer >= 2 ([CLS] + at least one token), got {max_length!r}")
+        raise ValueError(
+            f"max_length must be an integer >= 2 ([CLS] + at least one token), got {max_length!r}"
+        )
     n = len(texts)
     if n == 0:
         empty = torch.zeros((0, max_length), dtype=torch.long)

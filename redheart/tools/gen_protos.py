@@ -12,8 +12,8 @@ from __future__ import annotations
 import filecmp
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import click
 
@@ -25,8 +25,8 @@ OUT_PACKAGE = ROOT / "redheart" / "v1"
 
 
 def _generate(out_dir: Path) -> list[Path]:
-    from grpc_tools import protoc  # test extra; not needed at run time
     import grpc_tools
+    from grpc_tools import protoc  # test extra; not needed at run time
 
     protos = sorted((PROTO_ROOT / "redheart" / "v1").glob("*.proto"))
     if not protos:
@@ -46,7 +46,10 @@ def _generate(out_dir: Path) -> list[Path]:
     return sorted((out_dir / "redheart" / "v1").glob("*_pb2*.py*"))
 
 
-@click.command(cls=ExitCodeCommand, context_settings=CONTEXT_SETTINGS, help="""Generate the Python
+@click.command(
+    cls=ExitCodeCommand,
+    context_settings=CONTEXT_SETTINGS,
+    help="""Generate the Python
 protobuf / gRPC modules (redheart/v1/*_pb2*.py) from protos/redheart/v1/*.proto.
 
 \b
@@ -54,7 +57,8 @@ Examples:
   redheart-gen-protos            # regenerate redheart/v1/ in place (after editing a .proto)
   redheart-gen-protos --check    # exit 1 when the committed modules drift from the .proto files
 
-Exit codes: 0 written / up to date, 1 drift or protoc failed, 2 bad arguments.""")
+Exit codes: 0 written / up to date, 1 drift or protoc failed, 2 bad arguments.""",
+)
 @click.option("--check", is_flag=True, help="fail (exit 1) if the committed modules differ; write nothing")
 def gen_protos(check: bool) -> int:
     with tempfile.TemporaryDirectory() as tmp:

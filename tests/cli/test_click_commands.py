@@ -8,8 +8,8 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import ROOT, cli_env, run_cli
+
 from cpu_stage.cli import cli as cpu_cli
 from gpu_stage.cli import cli as gpu_cli
 from orchestrator.cli import cli as orchestrate_cli

@@ -16,7 +16,16 @@ pytestmark = pytest.mark.slow
 
 def test_the_device_check_dry_run_reports_every_section(tmp_path):
     out = tmp_path / "gpu_check.json"
-    cmd = [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--preset", "tiny", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "benchmarks/gpu_check.py",
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())

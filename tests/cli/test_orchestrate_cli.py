@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-
 from conftest import ROOT, cli_env, free_port, run_cli
 
 
@@ -18,7 +17,12 @@ def test_tiny_training_run_writes_report_checkpoint_plot_and_explanations(tmp_pa
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 6 and report["parameters"]["total"] > 0
     assert set(report["parameters"]) == {"cpu_stage", "gpu_stage", "total"}
-    assert len(report["loss_history"]) == 6 and set(report["loss_history"][0]["losses"]) == {"emotion", "bentham", "judgment", "regret"}
+    assert len(report["loss_history"]) == 6 and set(report["loss_history"][0]["losses"]) == {
+        "emotion",
+        "bentham",
+        "judgment",
+        "regret",
+    }
     # 7 counterfactual regrets and 21 Bentham evaluations per scenario, as the original design counts them.
     assert report["regret"]["computations"] == 6 * 8 * 7
     assert report["regret"]["bentham_evaluations"] == 6 * 8 * 21
@@ -35,8 +39,18 @@ def test_tiny_training_run_writes_report_checkpoint_plot_and_explanations(tmp_pa
 
 
 def test_verify_passes_and_prints_the_differences(tiny_toml):
-    result = run_cli(["orchestrator.cli", "--config", str(tiny_toml), "--verify", "--set", "orchestrator.verify_steps=2",
-                      "--set", "train.gradient_accumulation_steps=2"])
+    result = run_cli(
+        [
+            "orchestrator.cli",
+            "--config",
+            str(tiny_toml),
+            "--verify",
+            "--set",
+            "orchestrator.verify_steps=2",
+            "--set",
+            "train.gradient_accumulation_steps=2",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "VERIFY OK" in result.stdout
     assert "largest loss difference" in result.stdout and "largest parameter difference" in result.stdout
@@ -56,7 +70,16 @@ def test_check_reports_a_held_output_directory_and_a_budget_that_cannot_fit(tmp_
         out = tmp_path / "run"
         out.mkdir()
         (out / ".lock").write_text(f"{holder.pid} 0\n")
-        result = run_cli(["orchestrator.cli", "--config", str(tiny_toml), "--check", "--set", "cpu_stage.cpu_memory_gb=0.0001"])
+        result = run_cli(
+            [
+                "orchestrator.cli",
+                "--config",
+                str(tiny_toml),
+                "--check",
+                "--set",
+                "cpu_stage.cpu_memory_gb=0.0001",
+            ]
+        )
         assert result.returncode == 1
         assert f"held by running process {holder.pid}" in result.stdout
         assert "host memory estimate" in result.stdout and "vs cpu_memory_gb = 0.0001" in result.stdout
@@ -72,16 +95,37 @@ def test_check_reports_a_held_output_directory_and_a_budget_that_cannot_fit(tmp_
 
 def test_unreachable_remote_stage_is_named(tiny_toml):
     port = free_port()
-    result = run_cli(["orchestrator.cli", "--config", str(tiny_toml), "--set", 'launch.mode="remote"',
-                      "--set", f'cpu_stage.address="127.0.0.1:{port}"', "--set", f'gpu_stage.address="127.0.0.1:{free_port()}"',
-                      "--set", 'regret.address="inprocess"', "--set", "orchestrator.connect_timeout_seconds=3"], timeout=60)
+    result = run_cli(
+        [
+            "orchestrator.cli",
+            "--config",
+            str(tiny_toml),
+            "--set",
+            'launch.mode="remote"',
+            "--set",
+            f'cpu_stage.address="127.0.0.1:{port}"',
+            "--set",
+            f'gpu_stage.address="127.0.0.1:{free_port()}"',
+            "--set",
+            'regret.address="inprocess"',
+            "--set",
+            "orchestrator.connect_timeout_seconds=3",
+        ],
+        timeout=60,
+    )
     assert result.returncode == 1
     assert f"127.0.0.1:{port}" in result.stderr + result.stdout
 
 
 def _start(module, config, *extra):
-    proc = subprocess.Popen([sys.executable, "-m", module, "--config", str(config), "--port", "0", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--config", str(config), "--port", "0", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        cwd=ROOT,
+    )
     line = proc.stdout.readline()
     assert "REDHEART_READY" in line, proc.stderr.read()[-2000:]
     port = int(line.split("port=")[1].split()[0])
@@ -92,9 +136,22 @@ def test_remote_stages_with_different_model_settings_are_refused_naming_the_keys
     cpu, cpu_port = _start("cpu_stage.cli", tiny_toml)
     gpu, gpu_port = _start("gpu_stage.cli", tiny_toml, "--set", "model.num_layers=6")
     try:
-        result = run_cli(["orchestrator.cli", "--config", str(tiny_toml), "--set", 'launch.mode="remote"',
-                          "--set", f'cpu_stage.address="127.0.0.1:{cpu_port}"', "--set", f'gpu_stage.address="127.0.0.1:{gpu_port}"',
-                          "--set", 'regret.address="inprocess"'], timeout=120)
+        result = run_cli(
+            [
+                "orchestrator.cli",
+                "--config",
+                str(tiny_toml),
+                "--set",
+                'launch.mode="remote"',
+                "--set",
+                f'cpu_stage.address="127.0.0.1:{cpu_port}"',
+                "--set",
+                f'gpu_stage.address="127.0.0.1:{gpu_port}"',
+                "--set",
+                'regret.address="inprocess"',
+            ],
+            timeout=120,
+        )
         assert result.returncode == 1
         assert "different model settings" in result.stderr and "num_layers: 4 here, 6 there" in result.stderr
     finally:
@@ -111,8 +168,21 @@ def test_stage_cli_rejects_a_bad_config_with_exit_2(tmp_path):
 
 
 def test_a_diverging_fp32_run_stops_before_the_update_naming_step_and_stage(tiny_toml):
-    result = run_cli(["orchestrator.cli", "--config", str(tiny_toml), "--set", "train.learning_rate=1e25",
-                      "--set", "train.max_grad_norm=0.0", "--set", "train.max_steps=30", "--set", 'regret.address="inprocess"'])
+    result = run_cli(
+        [
+            "orchestrator.cli",
+            "--config",
+            str(tiny_toml),
+            "--set",
+            "train.learning_rate=1e25",
+            "--set",
+            "train.max_grad_norm=0.0",
+            "--set",
+            "train.max_steps=30",
+            "--set",
+            'regret.address="inprocess"',
+        ]
+    )
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "non-finite" in result.stderr and "in fp32 training; the update was not applied" in result.stderr
     assert "step " in result.stderr and ("gpu stage" in result.stderr or "micro-batch" in result.stderr)
@@ -123,18 +193,48 @@ def test_services_started_separately_train_with_a_remote_orchestrator(tmp_path, 
     gpu, gpu_port = _start("gpu_stage.cli", tiny_toml)
     regret, regret_port = _start("regret_service.cli", tiny_toml, "--metrics-port", "0")
     try:
-        result = run_cli(["orchestrator.cli", "--config", str(tiny_toml), "--set", 'launch.mode="remote"',
-                          "--set", f'cpu_stage.address="127.0.0.1:{cpu_port}"', "--set", f'gpu_stage.address="127.0.0.1:{gpu_port}"',
-                          "--set", f'regret.address="127.0.0.1:{regret_port}"', "--set", "train.max_steps=4"], timeout=180)
+        result = run_cli(
+            [
+                "orchestrator.cli",
+                "--config",
+                str(tiny_toml),
+                "--set",
+                'launch.mode="remote"',
+                "--set",
+                f'cpu_stage.address="127.0.0.1:{cpu_port}"',
+                "--set",
+                f'gpu_stage.address="127.0.0.1:{gpu_port}"',
+                "--set",
+                f'regret.address="127.0.0.1:{regret_port}"',
+                "--set",
+                "train.max_steps=4",
+            ],
+            timeout=180,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         report = json.loads((tmp_path / "run" / "report.json").read_text())
         assert report["steps"] == 4 and report["stages"]["cpu_stage"]["address"] == f"127.0.0.1:{cpu_port}"
         assert report["regret"]["computations"] == 4 * 8 * 7
         # the same services take a second run (a new run id) without a restart
-        result = run_cli(["orchestrator.cli", "--config", str(tiny_toml), "--set", 'launch.mode="remote"',
-                          "--set", f'cpu_stage.address="127.0.0.1:{cpu_port}"', "--set", f'gpu_stage.address="127.0.0.1:{gpu_port}"',
-                          "--set", f'regret.address="127.0.0.1:{regret_port}"', "--verify", "--set", "orchestrator.verify_steps=1"],
-                         timeout=180)
+        result = run_cli(
+            [
+                "orchestrator.cli",
+                "--config",
+                str(tiny_toml),
+                "--set",
+                'launch.mode="remote"',
+                "--set",
+                f'cpu_stage.address="127.0.0.1:{cpu_port}"',
+                "--set",
+                f'gpu_stage.address="127.0.0.1:{gpu_port}"',
+                "--set",
+                f'regret.address="127.0.0.1:{regret_port}"',
+                "--verify",
+                "--set",
+                "orchestrator.verify_steps=1",
+            ],
+            timeout=180,
+        )
         assert result.returncode == 0 and "VERIFY OK" in result.stdout, result.stderr[-3000:]
     finally:
         for p in (cpu, gpu, regret):
@@ -143,8 +243,17 @@ def test_services_started_separately_train_with_a_remote_orchestrator(tmp_path, 
 
 
 def test_automatic_split_trains_and_reports_why(tmp_path, tiny_toml):
-    result = run_cli(["orchestrator.cli", "--config", str(tiny_toml), "--set", 'model.gpu_layers_ratio="auto"',
-                      "--set", "train.max_steps=2"])
+    result = run_cli(
+        [
+            "orchestrator.cli",
+            "--config",
+            str(tiny_toml),
+            "--set",
+            'model.gpu_layers_ratio="auto"',
+            "--set",
+            "train.max_steps=2",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "automatic split: one layer fwd+bwd" in result.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())

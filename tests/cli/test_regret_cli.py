@@ -36,7 +36,11 @@ def _env() -> dict:
 def _spawn(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "regret_service.cli", *args],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -89,7 +93,9 @@ def test_serve_score_scrape_and_sigterm(tmp_path):
             # SIGTERM only once the server is handling it (32 MB take a while to arrive on a busy machine).
             deadline = time.monotonic() + 30
             while _metric(metrics_port, "redheart_regret_requests_in_flight") < 1:
-                assert time.monotonic() < deadline and not in_flight.done(), "the large Score never reached the server"
+                assert time.monotonic() < deadline and not in_flight.done(), (
+                    "the large Score never reached the server"
+                )
                 time.sleep(0.01)
             start = time.monotonic()
             proc.send_signal(signal.SIGTERM)

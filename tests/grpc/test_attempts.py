@@ -10,17 +10,17 @@ import time
 import grpc
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
-
 from conftest import free_port
+from prometheus_client import CollectorRegistry
+from test_adversarial import gpu_plan, stub
+from test_stage_service import tiny_config
+
 from gpu_stage.server import create_server as gpu_server
 from orchestrator.stage_client import StageClient
 from redheart import codec
 from redheart.stage_runtime import GRADIENT, Mailbox, StageError
 from redheart.stage_service import GrpcPeerLink
 from redheart.v1 import stage_pb2, tensor_pb2
-from test_adversarial import gpu_plan, stub
-from test_stage_service import tiny_config
 
 
 @pytest.fixture
@@ -31,8 +31,15 @@ def gpu():
     client = StageClient("gpu stage", f"127.0.0.1:{port}", max_message_mb=64, rpc_timeout=20)
     settings = {"train": dataclasses.asdict(cfg.train), "regret": dataclasses.asdict(cfg.regret)}
     # The CPU stage's address is one nothing listens on: only this test pushes activations.
-    client.start_run("run", settings, next_address="", prev_address=f"127.0.0.1:{free_port()}", regret_address="inprocess",
-                     first_step=0, reinitialize=True)
+    client.start_run(
+        "run",
+        settings,
+        next_address="",
+        prev_address=f"127.0.0.1:{free_port()}",
+        regret_address="inprocess",
+        first_step=0,
+        reinitialize=True,
+    )
     yield server, client, registry
     client.close()
     server.stop(0)
@@ -41,14 +48,21 @@ def gpu():
 def _activation(server, attempt: int, micro_batch: int = 0) -> stage_pb2.TensorTransfer:
     hidden = server.servicer.runtime.part.module.shape.hidden_size
     return stage_pb2.TensorTransfer(
-        envelope=tensor_pb2.Envelope(run_id="run", step=0, micro_batch=micro_batch, kind=tensor_pb2.ACTIVATION, attempt=attempt),
-        tensor=codec.encode(torch.ones(2, 16, hidden), name="activation"))
+        envelope=tensor_pb2.Envelope(
+            run_id="run", step=0, micro_batch=micro_batch, kind=tensor_pb2.ACTIVATION, attempt=attempt
+        ),
+        tensor=codec.encode(torch.ones(2, 16, hidden), name="activation"),
+    )
 
 
 def _wait_running(server, attempt: int) -> None:
     runtime = server.servicer.runtime
     end = time.monotonic() + 10
-    while not (runtime.running.is_set() and runtime.current_plan is not None and runtime.current_plan.attempt == attempt):
+    while not (
+        runtime.running.is_set()
+        and runtime.current_plan is not None
+        and runtime.current_plan.attempt == attempt
+    ):
         assert time.monotonic() < end, f"attempt {attempt} never started"
         time.sleep(0.01)
 
@@ -97,7 +111,16 @@ def test_superseding_a_step_drops_its_queued_pushes_and_stops_the_one_retrying()
     try:
         link.connect({"next": f"127.0.0.1:{free_port()}"})  # nothing listens: pushes retry UNAVAILABLE
         for mb in range(3):
-            link.send("next", "run", 0, mb, "activation", torch.ones(2, 3), deadline=time.monotonic() + 120, attempt=1)
+            link.send(
+                "next",
+                "run",
+                0,
+                mb,
+                "activation",
+                torch.ones(2, 3),
+                deadline=time.monotonic() + 120,
+                attempt=1,
+            )
         time.sleep(0.3)  # the first is now being retried
         start = time.monotonic()
         link.supersede("run", 0)

@@ -45,9 +45,9 @@ import json
 import math
 import os
 import re
-import threading
 import shutil
 import struct
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,6 +61,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from synthetic import synthetic_batch
 
 from cpu_stage.server import create_server as cpu_server
 from gpu_stage.server import create_server as gpu_server
@@ -71,7 +72,6 @@ from redheart import calculus, codec
 from redheart.config import HybridConfig
 from redheart.v1 import regret_pb2, stage_pb2, tensor_pb2
 from regret_service.server import create_server as regret_server
-from synthetic import synthetic_batch
 
 RUN_ID = "fuzz-run"
 CALL_TIMEOUT = 5.0  # every call's deadline
@@ -88,8 +88,13 @@ N_RANDOM, N_HOSTILE, N_MUTATED = 20, 30, 30  # per RPC and stage; Score gets 3x 
 N_HOSTILE_BY_METHOD = {"RunStep": 80, "PushTensor": 40, "LoadState": 40, "ApplyStep": 40}
 FUZZ = settings(
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large,
-                           HealthCheck.large_base_example, HealthCheck.filter_too_much],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+        HealthCheck.filter_too_much,
+    ],
     derandomize=True,
     database=None,
     print_blob=False,
@@ -109,7 +114,13 @@ REQUEST_TYPES = {
 }
 STAGE_METHODS = [m for m in REQUEST_TYPES if m != "Score"]
 CPU_KEYS = ("input_ids", "attention_mask")
-LABEL_KEYS = ("labels.emotions", "labels.emotions_mask", "labels.bentham", "labels.bentham_mask", "labels.judgment")
+LABEL_KEYS = (
+    "labels.emotions",
+    "labels.emotions_mask",
+    "labels.bentham",
+    "labels.bentham_mask",
+    "labels.judgment",
+)
 GPU_KEYS = ("attention_mask",) + LABEL_KEYS
 
 # Bugs in files this test does not own, each reproduced by a strict-xfail test at the end of this
@@ -128,7 +139,11 @@ DETAIL: Counter = Counter()  # (target, method, strategy, status code name) -> c
 FINISHED: set[str] = set()  # fuzz batches that ran to the end
 SKIPPED: Counter = Counter()  # SaveState requests not sent because they would write outside the sandbox
 KNOWN_SEEN: Counter = Counter()  # KNOWN_BUGS name -> answers that matched it
-LOG = open(os.environ["REDHEART_FUZZ_LOG"], "w", encoding="utf-8") if os.environ.get("REDHEART_FUZZ_LOG") else None  # noqa: SIM115
+LOG = (
+    open(os.environ["REDHEART_FUZZ_LOG"], "w", encoding="utf-8")
+    if os.environ.get("REDHEART_FUZZ_LOG")
+    else None
+)  # noqa: SIM115
 
 
 @dataclass
@@ -165,7 +180,9 @@ def _short(payload: bytes, limit: int = 160) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(payload)} bytes)"
 
 
-def invoke(channel: grpc.Channel, service: str, method: str, payload: bytes, timeout: float = CALL_TIMEOUT) -> Outcome:
+def invoke(
+    channel: grpc.Channel, service: str, method: str, payload: bytes, timeout: float = CALL_TIMEOUT
+) -> Outcome:
     """Send raw bytes as the request of service/method; consume a streamed answer fully."""
     path = f"/{service}/{method}"
     start = time.monotonic()
@@ -175,14 +192,24 @@ def invoke(channel: grpc.Channel, service: str, method: str, payload: bytes, tim
             for _item in call(payload, timeout=timeout):
                 pass
         else:
-            channel.unary_unary(path, request_serializer=None, response_deserializer=None)(payload, timeout=timeout)
+            channel.unary_unary(path, request_serializer=None, response_deserializer=None)(
+                payload, timeout=timeout
+            )
         return Outcome("OK", "", time.monotonic() - start)
     except grpc.RpcError as exc:
         return Outcome(exc.code().name, exc.details() or "", time.monotonic() - start)
 
 
-def judge(batch: Batch, target: str, method: str, strategy: str, payload: bytes, out: Outcome,
-          *, legit_wait: bool = False) -> None:
+def judge(
+    batch: Batch,
+    target: str,
+    method: str,
+    strategy: str,
+    payload: bytes,
+    out: Outcome,
+    *,
+    legit_wait: bool = False,
+) -> None:
     STATS[(target, method, strategy)] += 1
     OUTCOMES[out.code] += 1
     DETAIL[(target, method, strategy, out.code)] += 1
@@ -213,8 +240,18 @@ NAN, INF = float("nan"), float("inf")
 HOSTILE_DOUBLES = [NAN, INF, -INF, 0.0, -0.0, -1.0, 5e-324, 1e-308, 1e308, 1.7976931348623157e308, 1e9]
 HOSTILE_INT32 = [0, 1, -1, 2, 7, 2**31 - 1, -(2**31), 65535, 65536]
 HOSTILE_INT64 = [0, 1, -1, 2, 2**31, 2**62, 2**63 - 1, -(2**63), 1 << 40]
-HOSTILE_TEXT = ["", RUN_ID, RUN_ID + "\x00", RUN_ID.upper(), "\u202e" + RUN_ID, "x" * 5000, "😀" * 20,
-                "../../etc/passwd", "%s%n{0}", "\x00"]
+HOSTILE_TEXT = [
+    "",
+    RUN_ID,
+    RUN_ID + "\x00",
+    RUN_ID.upper(),
+    "\u202e" + RUN_ID,
+    "x" * 5000,
+    "😀" * 20,
+    "../../etc/passwd",
+    "%s%n{0}",
+    "\x00",
+]
 
 int32s = st.one_of(st.sampled_from(HOSTILE_INT32), st.integers(-(2**31), 2**31 - 1))
 int64s = st.one_of(st.sampled_from(HOSTILE_INT64), st.integers(-(2**63), 2**63 - 1))
@@ -224,11 +261,34 @@ texts = st.one_of(st.sampled_from(HOSTILE_TEXT), st.text(max_size=40))
 run_ids = st.one_of(st.just(RUN_ID), st.just(RUN_ID), texts)
 
 # Wire dtype code -> (numpy dtype, item size); bfloat16 travels as 16-bit words.
-NP_DTYPES = {tensor_pb2.FLOAT32: np.float32, tensor_pb2.FLOAT16: np.float16, tensor_pb2.BFLOAT16: np.int16,
-             tensor_pb2.INT64: np.int64, tensor_pb2.INT32: np.int32, tensor_pb2.UINT8: np.uint8,
-             tensor_pb2.BOOL: np.uint8, tensor_pb2.FLOAT64: np.float64, tensor_pb2.INT8: np.int8}
-HOSTILE_SHAPES = [[], [0], [-1], [2, -16, 64], [2**31, 2**31], [2**62, 4], [2**63 - 1], [1] * 9, [1] * 64,
-                  [0, 16, HIDDEN], [0, 2**31, 2**31], [2, 16, HIDDEN + 1], [2, 16], [2, 0, HIDDEN], [1, 1, 1, 1]]
+NP_DTYPES = {
+    tensor_pb2.FLOAT32: np.float32,
+    tensor_pb2.FLOAT16: np.float16,
+    tensor_pb2.BFLOAT16: np.int16,
+    tensor_pb2.INT64: np.int64,
+    tensor_pb2.INT32: np.int32,
+    tensor_pb2.UINT8: np.uint8,
+    tensor_pb2.BOOL: np.uint8,
+    tensor_pb2.FLOAT64: np.float64,
+    tensor_pb2.INT8: np.int8,
+}
+HOSTILE_SHAPES = [
+    [],
+    [0],
+    [-1],
+    [2, -16, 64],
+    [2**31, 2**31],
+    [2**62, 4],
+    [2**63 - 1],
+    [1] * 9,
+    [1] * 64,
+    [0, 16, HIDDEN],
+    [0, 2**31, 2**31],
+    [2, 16, HIDDEN + 1],
+    [2, 16],
+    [2, 0, HIDDEN],
+    [1, 1, 1, 1],
+]
 
 
 def _values(rng: np.random.Generator, np_dtype, n: int, kind: str, clean: bool = False) -> np.ndarray:
@@ -238,14 +298,18 @@ def _values(rng: np.random.Generator, np_dtype, n: int, kind: str, clean: bool =
         if kind == "valence":
             x = x * 2 - 1
         with np.errstate(over="ignore", invalid="ignore"):
-            hostile = np.array([np.nan, np.inf, -np.inf, -1.0, 2.0, 1e30, -0.0], dtype=np.float64).astype(np_dtype)
+            hostile = np.array([np.nan, np.inf, -np.inf, -1.0, 2.0, 1e30, -0.0], dtype=np.float64).astype(
+                np_dtype
+            )
     else:
         info = np.iinfo(np_dtype)
         hi = {"ids": VOCAB, "mask": 2, "judgment": 5, "bool": 2}.get(kind, 100)
         x = rng.integers(0, min(hi, int(info.max) + 1), n).astype(np_dtype)
         if kind == "judgment" and info.min <= -100:
             x[rng.random(n) < 0.2] = -100
-        hostile = np.array([info.min, info.max, -1, hi, hi + 7, -100 if info.min < -100 else 0], dtype=np.int64).astype(np_dtype)
+        hostile = np.array(
+            [info.min, info.max, -1, hi, hi + 7, -100 if info.min < -100 else 0], dtype=np.int64
+        ).astype(np_dtype)
     if n and not clean and rng.random() < 0.35:
         k = int(rng.integers(1, min(n, 4) + 1))
         x[rng.integers(0, n, k)] = rng.choice(hostile, k)
@@ -253,8 +317,13 @@ def _values(rng: np.random.Generator, np_dtype, n: int, kind: str, clean: bool =
 
 
 @st.composite
-def tensors(draw, dtype: int = tensor_pb2.FLOAT32, shape: tuple[int, ...] = (2, 16, HIDDEN), kind: str = "float",
-            name: str = "") -> tensor_pb2.Tensor:
+def tensors(
+    draw,
+    dtype: int = tensor_pb2.FLOAT32,
+    shape: tuple[int, ...] = (2, 16, HIDDEN),
+    kind: str = "float",
+    name: str = "",
+) -> tensor_pb2.Tensor:
     """A Tensor message shaped like (dtype, shape), or a hostile variant of it."""
     mode = draw(st.sampled_from(["valid", "valid", "valid", "dtype", "shape", "length", "codec", "garbage"]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -262,9 +331,16 @@ def tensors(draw, dtype: int = tensor_pb2.FLOAT32, shape: tuple[int, ...] = (2, 
     if mode == "dtype":
         dtype = draw(st.one_of(st.sampled_from(sorted(NP_DTYPES)), st.integers(-5, 40), int32s))
     elif mode == "shape":
-        shape = draw(st.one_of(st.sampled_from(HOSTILE_SHAPES), st.lists(st.integers(0, 6), max_size=5),
-                               st.lists(int64s, min_size=1, max_size=4)))
-    msg = tensor_pb2.Tensor(dtype=dtype, shape=shape, name=draw(st.sampled_from([name, "", "x" * 300, "\u202e"])))
+        shape = draw(
+            st.one_of(
+                st.sampled_from(HOSTILE_SHAPES),
+                st.lists(st.integers(0, 6), max_size=5),
+                st.lists(int64s, min_size=1, max_size=4),
+            )
+        )
+    msg = tensor_pb2.Tensor(
+        dtype=dtype, shape=shape, name=draw(st.sampled_from([name, "", "x" * 300, "\u202e"]))
+    )
     numel = math.prod(shape) if all(0 <= d <= 4096 for d in shape) else -1
     np_dtype = NP_DTYPES.get(dtype)
     if mode == "garbage" or np_dtype is None or not 0 <= numel <= 1 << 16:
@@ -274,8 +350,13 @@ def tensors(draw, dtype: int = tensor_pb2.FLOAT32, shape: tuple[int, ...] = (2, 
         msg.block_size = draw(st.sampled_from([0, 1, 7, 256, 1 << 20, (1 << 20) + 1, 2**32 - 1]))
         nbytes = draw(st.sampled_from([numel, numel * 2, numel * 4, 0, numel + 1]))
         msg.data = rng.integers(0, 256, nbytes, dtype=np.uint8).tobytes()
-        msg.scales = draw(st.one_of(st.binary(max_size=16), st.just(struct.pack("<f", NAN) * 4),
-                                    st.just(struct.pack("<f", 1.0) * max(1, math.ceil(numel / max(1, msg.block_size or 1))))))
+        msg.scales = draw(
+            st.one_of(
+                st.binary(max_size=16),
+                st.just(struct.pack("<f", NAN) * 4),
+                st.just(struct.pack("<f", 1.0) * max(1, math.ceil(numel / max(1, msg.block_size or 1)))),
+            )
+        )
     else:
         data = _values(rng, np_dtype, numel, kind).tobytes()
         if mode == "length":
@@ -311,11 +392,11 @@ def mutate(base: bytes, seed: int) -> bytes:
         elif op == "set":
             b[pos] = int(rng.integers(256))
         elif op == "delete":
-            del b[pos:pos + n]
+            del b[pos : pos + n]
         elif op == "duplicate":
-            b[pos:pos] = b[pos:pos + n]
+            b[pos:pos] = b[pos : pos + n]
         else:
-            del b[max(1, pos):]
+            del b[max(1, pos) :]
     return bytes(b)
 
 
@@ -346,7 +427,10 @@ class Stages:
         self.gpu_srv, p2 = gpu_server(cfg, host="127.0.0.1", port=0)
         self.address = {"cpu": f"127.0.0.1:{p1}", "gpu": f"127.0.0.1:{p2}"}
         self.servers = {"cpu": self.cpu_srv, "gpu": self.gpu_srv}
-        self.clients = {s: StageClient(f"{s} stage", a, max_message_mb=64, rpc_timeout=20) for s, a in self.address.items()}
+        self.clients = {
+            s: StageClient(f"{s} stage", a, max_message_mb=64, rpc_timeout=20)
+            for s, a in self.address.items()
+        }
         options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
         self.channels = {s: grpc.insecure_channel(a, options=options) for s, a in self.address.items()}
         self.settings = {"train": dataclasses.asdict(cfg.train), "regret": dataclasses.asdict(cfg.regret)}
@@ -361,10 +445,14 @@ class Stages:
 
     def start_request(self, stage: str) -> stage_pb2.StartRunRequest:
         return stage_pb2.StartRunRequest(
-            run_id=RUN_ID, train_settings_json=json.dumps(self.settings),
+            run_id=RUN_ID,
+            train_settings_json=json.dumps(self.settings),
             next_stage_address=self.address["gpu"] if stage == "cpu" else "",
             prev_stage_address=self.address["cpu"] if stage == "gpu" else "",
-            regret_address="inprocess" if stage == "gpu" else "", first_step=0, reinitialize=True)
+            regret_address="inprocess" if stage == "gpu" else "",
+            first_step=0,
+            reinitialize=True,
+        )
 
     def runtime(self, stage: str):
         return self.servers[stage].servicer.runtime
@@ -397,8 +485,12 @@ class Stages:
 
     def check_serving(self) -> None:
         for stage, channel in self.channels.items():
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT)
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING, f"{stage} stage is not SERVING after the fuzz batch"
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, (
+                f"{stage} stage is not SERVING after the fuzz batch"
+            )
 
     def check_valid_step(self) -> None:
         """A valid request after the batch: a real pipelined step equals single-process training."""
@@ -406,7 +498,9 @@ class Stages:
         assert self.wait_idle(), "a stage is still running a step after the fuzz batch"
         self.restore()
         out = self.driver.run_step(0, [synthetic_batch(0)], 1e-3)
-        torch.testing.assert_close(torch.tensor(out.micro_batch_losses), torch.tensor(self.reference), rtol=1e-5, atol=4e-5)
+        torch.testing.assert_close(
+            torch.tensor(out.micro_batch_losses), torch.tensor(self.reference), rtol=1e-5, atol=4e-5
+        )
         assert all(math.isfinite(v) for v in out.micro_batch_losses)
         self.restore()
 
@@ -443,8 +537,10 @@ def stages(sandbox):
 def regret():
     config = HybridConfig(**{"regret.num_workers": 2, "regret.max_batch": MAX_BATCH})
     server, port = regret_server(config, host="127.0.0.1", port=0)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20),
-                                                                  ("grpc.max_receive_message_length", 64 << 20)])
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
+    )
     yield server, channel
     channel.close()
     server.stop(grace=1.0)
@@ -471,24 +567,45 @@ HOSTILE_VALUES = {  # in-dtype values a buggy or malicious client could send
 }
 ALT_DTYPES = {  # other plausible dtypes for each input (a client that forgot a cast)
     "input_ids": [tensor_pb2.INT32, tensor_pb2.FLOAT32, tensor_pb2.UINT8, tensor_pb2.BOOL],
-    "attention_mask": [tensor_pb2.BOOL, tensor_pb2.FLOAT32, tensor_pb2.INT32, tensor_pb2.FLOAT16, tensor_pb2.INT8],
-    "labels.emotions": [tensor_pb2.INT64, tensor_pb2.FLOAT16, tensor_pb2.FLOAT64, tensor_pb2.BOOL, tensor_pb2.BFLOAT16],
+    "attention_mask": [
+        tensor_pb2.BOOL,
+        tensor_pb2.FLOAT32,
+        tensor_pb2.INT32,
+        tensor_pb2.FLOAT16,
+        tensor_pb2.INT8,
+    ],
+    "labels.emotions": [
+        tensor_pb2.INT64,
+        tensor_pb2.FLOAT16,
+        tensor_pb2.FLOAT64,
+        tensor_pb2.BOOL,
+        tensor_pb2.BFLOAT16,
+    ],
     "labels.emotions_mask": [tensor_pb2.INT64, tensor_pb2.FLOAT32, tensor_pb2.UINT8],
     "labels.bentham": [tensor_pb2.FLOAT64, tensor_pb2.INT64, tensor_pb2.FLOAT16, tensor_pb2.BFLOAT16],
     "labels.bentham_mask": [tensor_pb2.INT64, tensor_pb2.FLOAT32, tensor_pb2.INT8],
-    "labels.judgment": [tensor_pb2.INT32, tensor_pb2.FLOAT32, tensor_pb2.UINT8, tensor_pb2.INT8, tensor_pb2.BOOL],
+    "labels.judgment": [
+        tensor_pb2.INT32,
+        tensor_pb2.FLOAT32,
+        tensor_pb2.UINT8,
+        tensor_pb2.INT8,
+        tensor_pb2.BOOL,
+    ],
 }
 
 
-def _encode_values(dtype: int, shape: tuple[int, ...], kind: str, rng: np.random.Generator, name: str,
-                   hostile: bool = False) -> tensor_pb2.Tensor:
+def _encode_values(
+    dtype: int, shape: tuple[int, ...], kind: str, rng: np.random.Generator, name: str, hostile: bool = False
+) -> tensor_pb2.Tensor:
     n = math.prod(shape)
     x = _values(rng, NP_DTYPES[dtype], n, kind, clean=True)
     if kind == "mask" and n and shape[-1]:
         x.reshape(shape)[..., 0] = 1  # every sample keeps one position (as the data pipeline does)
     if hostile and n:
         with np.errstate(over="ignore", invalid="ignore"):
-            value = np.array(rng.choice(HOSTILE_VALUES.get(kind, [2])), dtype=np.float64 if kind == "float" else np.int64)
+            value = np.array(
+                rng.choice(HOSTILE_VALUES.get(kind, [2])), dtype=np.float64 if kind == "float" else np.int64
+            )
             x[int(rng.integers(n))] = value.astype(NP_DTYPES[dtype])
     if dtype == tensor_pb2.BOOL:
         x = np.minimum(x, 1) if not hostile else x
@@ -497,15 +614,39 @@ def _encode_values(dtype: int, shape: tuple[int, ...], kind: str, rng: np.random
 
 def _micro_batch(stage: str, index: int, b: int, t: int, rng: np.random.Generator) -> stage_pb2.MicroBatch:
     mb = stage_pb2.MicroBatch(index=index, sample_ids=[f"fz-{index}-{i}" for i in range(b)])
-    for key in (CPU_KEYS if stage == "cpu" else GPU_KEYS):
+    for key in CPU_KEYS if stage == "cpu" else GPU_KEYS:
         dtype, shape, kind = LAYOUT[key]
         mb.inputs[key].CopyFrom(_encode_values(dtype, shape(b, t), kind, rng, key))
     return mb
 
 
-PLAN_ASPECTS = ["run_id", "step", "round", "schedule", "multiplier", "scale", "deadline", "forward_only", "lookahead",
-                "indices", "empty", "many", "drop_input", "extra_input", "tensor", "values", "values", "values",
-                "dtype", "dtype", "shape", "shape", "mismatch", "sample_ids", "none"]
+PLAN_ASPECTS = [
+    "run_id",
+    "step",
+    "round",
+    "schedule",
+    "multiplier",
+    "scale",
+    "deadline",
+    "forward_only",
+    "lookahead",
+    "indices",
+    "empty",
+    "many",
+    "drop_input",
+    "extra_input",
+    "tensor",
+    "values",
+    "values",
+    "values",
+    "dtype",
+    "dtype",
+    "shape",
+    "shape",
+    "mismatch",
+    "sample_ids",
+    "none",
+]
 
 
 @st.composite
@@ -519,9 +660,15 @@ def hostile_plans(draw, stage: str) -> stage_pb2.StepPlan:
         b, t = draw(st.sampled_from([(0, 16), (2, 0), (1, 1), (8, 64), (2, 65), (2, 600), (64, 16), (0, 0)]))
     if "many" in aspects:
         m = 16
-    plan = stage_pb2.StepPlan(envelope=tensor_pb2.Envelope(run_id=RUN_ID, step=0), accumulation_round=0,
-                              accumulation_steps=1, schedule="1f1b", loss_multiplier=1.0 / m, loss_scale=1.0,
-                              deadline_seconds=0.05)
+    plan = stage_pb2.StepPlan(
+        envelope=tensor_pb2.Envelope(run_id=RUN_ID, step=0),
+        accumulation_round=0,
+        accumulation_steps=1,
+        schedule="1f1b",
+        loss_multiplier=1.0 / m,
+        loss_scale=1.0,
+        deadline_seconds=0.05,
+    )
     for i in range(m):
         plan.micro_batches.append(_micro_batch(stage, i, b, t, rng))
     mbs = plan.micro_batches
@@ -533,8 +680,11 @@ def hostile_plans(draw, stage: str) -> stage_pb2.StepPlan:
         elif aspect == "step":
             plan.envelope.step = draw(st.sampled_from([1, -1, 2**63 - 1, -(2**63), 7]))
         elif aspect == "round":
-            plan.accumulation_round, plan.accumulation_steps = draw(st.sampled_from(
-                [(1, 1), (-1, 1), (0, 0), (0, -1), (1, 2), (0, 2**31 - 1), (2**31 - 1, 2**31 - 1)]))
+            plan.accumulation_round, plan.accumulation_steps = draw(
+                st.sampled_from(
+                    [(1, 1), (-1, 1), (0, 0), (0, -1), (1, 2), (0, 2**31 - 1), (2**31 - 1, 2**31 - 1)]
+                )
+            )
         elif aspect == "schedule":
             plan.schedule = draw(st.one_of(st.sampled_from(["", "1F1B", "gpipe ", "interleaved"]), texts))
         elif aspect == "multiplier":
@@ -542,7 +692,9 @@ def hostile_plans(draw, stage: str) -> stage_pb2.StepPlan:
         elif aspect == "scale":
             plan.loss_scale = draw(doubles)
         elif aspect == "deadline":
-            plan.deadline_seconds = draw(st.sampled_from([0.0, -1.0, NAN, INF, -INF, 5e-324, 1e308, 30.0, 1e-9]))
+            plan.deadline_seconds = draw(
+                st.sampled_from([0.0, -1.0, NAN, INF, -INF, 5e-324, 1e308, 30.0, 1e-9])
+            )
         elif aspect == "forward_only":
             plan.forward_only = True
             plan.envelope.step = draw(st.sampled_from([1, 0, -1, 2**63 - 1]))
@@ -550,8 +702,14 @@ def hostile_plans(draw, stage: str) -> stage_pb2.StepPlan:
             plan.lookahead = draw(st.sampled_from([-1, 1, 4, 5, 2**31 - 1]))
         elif aspect == "indices" and mbs:
             new = draw(st.sampled_from(["dup", "neg", "huge", "shuffle", "gap", "max"]))
-            idx = {"dup": [0, 0, 1, 2], "neg": [-1, 0, 1, 2], "huge": [0, 1, 2, 65536], "shuffle": [3, 1, 0, 2],
-                   "gap": [0, 2, 4, 6], "max": [2**31 - 1, 0, 1, 2]}[new]
+            idx = {
+                "dup": [0, 0, 1, 2],
+                "neg": [-1, 0, 1, 2],
+                "huge": [0, 1, 2, 65536],
+                "shuffle": [3, 1, 0, 2],
+                "gap": [0, 2, 4, 6],
+                "max": [2**31 - 1, 0, 1, 2],
+            }[new]
             for mb, i in zip(mbs, idx + list(range(4, len(mbs)))):
                 mb.index = i
         elif aspect == "empty":
@@ -576,25 +734,51 @@ def hostile_plans(draw, stage: str) -> stage_pb2.StepPlan:
         elif aspect == "mismatch" and mbs:
             key = draw(st.sampled_from(keys))
             dtype, _shape, kind = LAYOUT[key]
-            bad = draw(st.sampled_from([(b + 1, t), (b, t + 1), (b, 7), (b, 6, 1), (b, 5), (b, 9), (b * 2,), (max(b - 1, 0), t)]))
+            bad = draw(
+                st.sampled_from(
+                    [(b + 1, t), (b, t + 1), (b, 7), (b, 6, 1), (b, 5), (b, 9), (b * 2,), (max(b - 1, 0), t)]
+                )
+            )
             pick().inputs[key].CopyFrom(_encode_values(dtype, bad, kind, rng, key))
         elif aspect == "sample_ids" and mbs:
             pick().sample_ids[:] = draw(st.lists(texts, max_size=5))
     return plan
 
 
-def _tensor_transfer(stage: str, step: int = 0, micro_batch: int = 0, shape=(2, 16, HIDDEN)) -> stage_pb2.TensorTransfer:
+def _tensor_transfer(
+    stage: str, step: int = 0, micro_batch: int = 0, shape=(2, 16, HIDDEN)
+) -> stage_pb2.TensorTransfer:
     kind = tensor_pb2.ACTIVATION if stage == "gpu" else tensor_pb2.GRADIENT
-    return stage_pb2.TensorTransfer(envelope=tensor_pb2.Envelope(run_id=RUN_ID, step=step, micro_batch=micro_batch, kind=kind),
-                                    tensor=codec.encode(torch.randn(*shape) * 0.1), sender="fuzz")
+    return stage_pb2.TensorTransfer(
+        envelope=tensor_pb2.Envelope(run_id=RUN_ID, step=step, micro_batch=micro_batch, kind=kind),
+        tensor=codec.encode(torch.randn(*shape) * 0.1),
+        sender="fuzz",
+    )
 
 
 @st.composite
 def hostile_pushes(draw, stage: str) -> stage_pb2.TensorTransfer:
     req = _tensor_transfer(stage, 0, draw(st.integers(0, 7)))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    [aspect] = pick_aspects(rng, ["run_id", "step", "micro_batch", "kind", "sender", "tensor", "tensor", "tensor",
-                                  "shape", "shape", "codec", "values", "none"], most=1)
+    [aspect] = pick_aspects(
+        rng,
+        [
+            "run_id",
+            "step",
+            "micro_batch",
+            "kind",
+            "sender",
+            "tensor",
+            "tensor",
+            "tensor",
+            "shape",
+            "shape",
+            "codec",
+            "values",
+            "none",
+        ],
+        most=1,
+    )
     if aspect == "run_id":
         req.envelope.run_id = draw(texts)
     elif aspect == "step":
@@ -608,29 +792,67 @@ def hostile_pushes(draw, stage: str) -> stage_pb2.TensorTransfer:
     elif aspect == "tensor":
         req.tensor.CopyFrom(draw(tensors(tensor_pb2.FLOAT32, (2, 16, HIDDEN), "float")))
     elif aspect == "shape":
-        shape = draw(st.sampled_from([(0, 16, HIDDEN), (2, 0, HIDDEN), (1, 600, HIDDEN), (2, 16, 0), (2, 16), (2, 16, HIDDEN, 1),
-                                      (64, 64, HIDDEN), (2, 16, HIDDEN * 2)]))
-        dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool]))
+        shape = draw(
+            st.sampled_from(
+                [
+                    (0, 16, HIDDEN),
+                    (2, 0, HIDDEN),
+                    (1, 600, HIDDEN),
+                    (2, 16, 0),
+                    (2, 16),
+                    (2, 16, HIDDEN, 1),
+                    (64, 64, HIDDEN),
+                    (2, 16, HIDDEN * 2),
+                ]
+            )
+        )
+        dtype = draw(
+            st.sampled_from(
+                [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool]
+            )
+        )
         req.tensor.CopyFrom(codec.encode(torch.zeros(shape).to(dtype)))
     elif aspect == "codec":
-        req.tensor.CopyFrom(codec.encode(torch.randn(2, 16, HIDDEN), codec=draw(st.sampled_from(["fp16", "bf16", "int8"]))))
+        req.tensor.CopyFrom(
+            codec.encode(torch.randn(2, 16, HIDDEN), codec=draw(st.sampled_from(["fp16", "bf16", "int8"])))
+        )
     elif aspect == "values":
-        req.tensor.CopyFrom(codec.encode(torch.full((2, 16, HIDDEN), draw(st.sampled_from([NAN, INF, -INF, 1e38])))))
+        req.tensor.CopyFrom(
+            codec.encode(torch.full((2, 16, HIDDEN), draw(st.sampled_from([NAN, INF, -INF, 1e38]))))
+        )
     return req
 
 
-JSON_VALUES = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
-                           lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
-                           max_leaves=8)
-TRAIN_KEYS = ["seed", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "use_mixed_precision",
-              "loss_weights", "schedule", "max_grad_norm"]
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+TRAIN_KEYS = [
+    "seed",
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
+    "use_mixed_precision",
+    "loss_weights",
+    "schedule",
+    "max_grad_norm",
+]
 
 
 @st.composite
 def hostile_settings(draw, stages: Stages) -> str:
     mode = draw(st.sampled_from(["json", "sections", "train", "regret", "text"]))
     if mode == "text":
-        return draw(st.one_of(texts, st.sampled_from(["{", "[]", "null", "1", '"x"', "NaN", "{" * 5000, "[" * 100000])))
+        return draw(
+            st.one_of(
+                texts, st.sampled_from(["{", "[]", "null", "1", '"x"', "NaN", "{" * 5000, "[" * 100000])
+            )
+        )
     if mode == "json":
         return json.dumps(draw(JSON_VALUES))
     settings_ = json.loads(json.dumps(stages.settings))
@@ -639,7 +861,9 @@ def hostile_settings(draw, stages: Stages) -> str:
     elif mode == "train":
         settings_["train"][draw(st.sampled_from(TRAIN_KEYS))] = draw(JSON_VALUES)
     else:
-        settings_["regret"][draw(st.sampled_from(["enabled", "regrets_per_step", "bentham_per_regret", "timeout_seconds"]))] = draw(JSON_VALUES)
+        settings_["regret"][
+            draw(st.sampled_from(["enabled", "regrets_per_step", "bentham_per_regret", "timeout_seconds"]))
+        ] = draw(JSON_VALUES)
     return json.dumps(settings_)
 
 
@@ -649,8 +873,20 @@ def hostile_start(draw, stage: str, stages: Stages) -> stage_pb2.StartRunRequest
     req.run_id = draw(st.one_of(st.just(RUN_ID), texts))
     if draw(st.booleans()):
         req.train_settings_json = draw(hostile_settings(stages))
-    addresses = st.one_of(st.just(""), texts, st.sampled_from(["127.0.0.1:1", "unix:/nonexistent", "dns:///x:99999",
-                                                                "[::1]:0", "ipv4:999.1.1.1:1", "garbage:::://"]))
+    addresses = st.one_of(
+        st.just(""),
+        texts,
+        st.sampled_from(
+            [
+                "127.0.0.1:1",
+                "unix:/nonexistent",
+                "dns:///x:99999",
+                "[::1]:0",
+                "ipv4:999.1.1.1:1",
+                "garbage:::://",
+            ]
+        ),
+    )
     for name in ("next_stage_address", "prev_stage_address", "regret_address"):
         if draw(st.integers(0, 3)) == 0:
             setattr(req, name, draw(addresses))
@@ -661,8 +897,12 @@ def hostile_start(draw, stage: str, stages: Stages) -> stage_pb2.StartRunRequest
 
 @st.composite
 def hostile_applies(draw) -> stage_pb2.ApplyRequest:
-    req = stage_pb2.ApplyRequest(envelope=tensor_pb2.Envelope(run_id=RUN_ID, step=0), clip_coefficient=1.0,
-                                 learning_rate=1e-3, loss_scale=1.0)
+    req = stage_pb2.ApplyRequest(
+        envelope=tensor_pb2.Envelope(run_id=RUN_ID, step=0),
+        clip_coefficient=1.0,
+        learning_rate=1e-3,
+        loss_scale=1.0,
+    )
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     for aspect in pick_aspects(rng, ["run_id", "step", "clip", "clip", "lr", "lr", "skip", "scale", "scale"]):
         if aspect == "run_id":
@@ -685,18 +925,43 @@ def hostile_aborts(draw) -> stage_pb2.AbortRequest:
     return stage_pb2.AbortRequest(run_id=draw(run_ids), step=draw(small_steps), reason=draw(texts))
 
 
-SAVE_PATHS = ["../../etc", "../../../../../../../../../x", "/proc/self", "/proc/self/fd/0", "/dev/null", "/dev/null/x",
-              "a\x00b", "x" * 5000, ("d/" * 2100), ".", "..", "save/../save/ok", "~", "\u202esave", "save/😀",
-              "/etc", "/", "/tmp", "../../../../../../../../../../../../etc/cron.d"]
+SAVE_PATHS = [
+    "../../etc",
+    "../../../../../../../../../x",
+    "/proc/self",
+    "/proc/self/fd/0",
+    "/dev/null",
+    "/dev/null/x",
+    "a\x00b",
+    "x" * 5000,
+    ("d/" * 2100),
+    ".",
+    "..",
+    "save/../save/ok",
+    "~",
+    "\u202esave",
+    "save/😀",
+    "/etc",
+    "/",
+    "/tmp",
+    "../../../../../../../../../../../../etc/cron.d",
+]
 # Directories where a write fails for every user, root included: safe to send from any CI user.
 UNWRITABLE = {"/proc/self", "/proc/self/fd/0", "/dev/null", "/dev/null/x"}
 
 
 @st.composite
 def hostile_saves(draw, sandbox: Path) -> stage_pb2.SaveStateRequest:
-    directory = draw(st.one_of(st.sampled_from(SAVE_PATHS), st.builds(lambda s: f"save/{s}", texts),
-                               st.just(str(sandbox / "save" / "abs"))))
-    return stage_pb2.SaveStateRequest(run_id=draw(run_ids), step=draw(st.one_of(st.just(0), small_steps)), directory=directory)
+    directory = draw(
+        st.one_of(
+            st.sampled_from(SAVE_PATHS),
+            st.builds(lambda s: f"save/{s}", texts),
+            st.just(str(sandbox / "save" / "abs")),
+        )
+    )
+    return stage_pb2.SaveStateRequest(
+        run_id=draw(run_ids), step=draw(st.one_of(st.just(0), small_steps)), directory=directory
+    )
 
 
 def write_allowed(stages: Stages, stage: str, payload: bytes) -> bool:
@@ -722,29 +987,64 @@ def garbage_shards(draw, stage: str, stages: Stages, counter=[0]) -> str:  # noq
     out = stages.sandbox / "garbage" / f"{stage}-{counter[0]}"
     out.mkdir(parents=True)
     meta = json.loads((real / "stage.json").read_text())
-    files = {f: (real / f).read_bytes() for f in ("weights.safetensors", "optimizer.safetensors", "rng.safetensors")}
-    mode = draw(st.sampled_from(["meta-bytes", "meta-json", "meta-field", "file-bytes", "file-sha", "file-kind", "names", "valid"]))
+    files = {
+        f: (real / f).read_bytes()
+        for f in ("weights.safetensors", "optimizer.safetensors", "rng.safetensors")
+    }
+    mode = draw(
+        st.sampled_from(
+            ["meta-bytes", "meta-json", "meta-field", "file-bytes", "file-sha", "file-kind", "names", "valid"]
+        )
+    )
     stage_json: bytes | None = None
     if mode == "meta-bytes":
-        stage_json = draw(st.one_of(st.binary(max_size=64), st.sampled_from([b"[" * 100000, b"\xff\xfe{}", b'{"step": 1e999}'])))
+        stage_json = draw(
+            st.one_of(
+                st.binary(max_size=64), st.sampled_from([b"[" * 100000, b"\xff\xfe{}", b'{"step": 1e999}'])
+            )
+        )
     elif mode == "meta-json":
         stage_json = json.dumps(draw(JSON_VALUES)).encode()
     elif mode == "meta-field":
-        key = draw(st.sampled_from(["step", "files", "optimizer", "model_fingerprint", "model_settings", "run_id"]))
-        path = {"optimizer": draw(st.sampled_from([None, "steps", "param_groups"])),
-                "files": draw(st.sampled_from([None, "weights.safetensors"]))}.get(key)
+        key = draw(
+            st.sampled_from(["step", "files", "optimizer", "model_fingerprint", "model_settings", "run_id"])
+        )
+        path = {
+            "optimizer": draw(st.sampled_from([None, "steps", "param_groups"])),
+            "files": draw(st.sampled_from([None, "weights.safetensors"])),
+        }.get(key)
         target = meta if path is None else meta[key]
         slot = key if path is None else path
-        target[slot] = draw(st.one_of(JSON_VALUES, st.sampled_from([0, 1, -1, 1.5, True, "0", 2**70, None, [], {}])))
+        target[slot] = draw(
+            st.one_of(JSON_VALUES, st.sampled_from([0, 1, -1, 1.5, True, "0", 2**70, None, [], {}]))
+        )
     elif mode in ("file-bytes", "file-sha"):
         name = draw(st.sampled_from(sorted(files)))
-        data = draw(st.one_of(st.binary(max_size=64), st.just(files[name][: len(files[name]) // 2]),
-                              st.just(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}"), st.just(struct.pack("<Q", 2**60) + b"{}")))
+        data = draw(
+            st.one_of(
+                st.binary(max_size=64),
+                st.just(files[name][: len(files[name]) // 2]),
+                st.just(b'\x08\x00\x00\x00\x00\x00\x00\x00{"a": 1}'),
+                st.just(struct.pack("<Q", 2**60) + b"{}"),
+            )
+        )
         files[name] = data
         if mode == "file-sha":  # a matching sha256: the safetensors parser gets the garbage
             meta["files"][name]["sha256"] = hashlib.sha256(data).hexdigest()
     elif mode == "names":
-        bad = draw(st.sampled_from(["/dev/zero", "/dev/urandom", "../../../../../../etc/passwd", "/proc/self/environ", "", ".", "sub/x"]))
+        bad = draw(
+            st.sampled_from(
+                [
+                    "/dev/zero",
+                    "/dev/urandom",
+                    "../../../../../../etc/passwd",
+                    "/proc/self/environ",
+                    "",
+                    ".",
+                    "sub/x",
+                ]
+            )
+        )
         meta["files"] = {bad: {"bytes": 0, "sha256": "0" * 64}, **meta["files"]}
     for f, data in files.items():
         if mode == "file-kind" and f == "weights.safetensors":
@@ -766,17 +1066,42 @@ def garbage_shards(draw, stage: str, stages: Stages, counter=[0]) -> str:  # noq
 
 @st.composite
 def hostile_loads(draw, stage: str, stages: Stages) -> stage_pb2.LoadStateRequest:
-    directory = draw(st.one_of(
-        st.sampled_from(["../../etc", "/proc/self", "/etc", "/", "/dev/zero", "/dev/null", "a\x00b", "x" * 5000,
-                         "/nonexistent/shard", "", ".", str(stages.shards["gpu" if stage == "cpu" else "cpu"])]),
-        garbage_shards(stage, stages), garbage_shards(stage, stages)))
-    return stage_pb2.LoadStateRequest(run_id=draw(run_ids), step=draw(st.one_of(st.just(0), st.just(0), small_steps)),
-                                      directory=directory)
+    directory = draw(
+        st.one_of(
+            st.sampled_from(
+                [
+                    "../../etc",
+                    "/proc/self",
+                    "/etc",
+                    "/",
+                    "/dev/zero",
+                    "/dev/null",
+                    "a\x00b",
+                    "x" * 5000,
+                    "/nonexistent/shard",
+                    "",
+                    ".",
+                    str(stages.shards["gpu" if stage == "cpu" else "cpu"]),
+                ]
+            ),
+            garbage_shards(stage, stages),
+            garbage_shards(stage, stages),
+        )
+    )
+    return stage_pb2.LoadStateRequest(
+        run_id=draw(run_ids), step=draw(st.one_of(st.just(0), st.just(0), small_steps)), directory=directory
+    )
 
 
-unknown_fields = st.builds(lambda f, v: bytes([(f << 3) | 0]) + bytes([v]), st.integers(1, 15), st.integers(0, 127))
-EMPTY_HOSTILE = st.one_of(unknown_fields, st.just(b"\x0a\x00"), st.just(b"\x12\x03abc" * 200),
-                          st.builds(lambda n: b"\xfa\x07" + bytes([n]) + b"x" * n, st.integers(0, 127)))
+unknown_fields = st.builds(
+    lambda f, v: bytes([(f << 3) | 0]) + bytes([v]), st.integers(1, 15), st.integers(0, 127)
+)
+EMPTY_HOSTILE = st.one_of(
+    unknown_fields,
+    st.just(b"\x0a\x00"),
+    st.just(b"\x12\x03abc" * 200),
+    st.builds(lambda n: b"\xfa\x07" + bytes([n]) + b"x" * n, st.integers(0, 127)),
+)
 
 
 def hostile_requests(method: str, stage: str, stages: Stages) -> st.SearchStrategy:
@@ -804,8 +1129,12 @@ def valid_request(method: str, stage: str, stages: Stages) -> bytes:
         "GetParameters": stage_pb2.GetParametersRequest(),
         "StartRun": stages.start_request(stage),
         "RunStep": plan,
-        "ApplyStep": stage_pb2.ApplyRequest(envelope=tensor_pb2.Envelope(run_id=RUN_ID, step=0), clip_coefficient=1.0,
-                                            learning_rate=1e-3, loss_scale=1.0),
+        "ApplyStep": stage_pb2.ApplyRequest(
+            envelope=tensor_pb2.Envelope(run_id=RUN_ID, step=0),
+            clip_coefficient=1.0,
+            learning_rate=1e-3,
+            loss_scale=1.0,
+        ),
         "AbortStep": stage_pb2.AbortRequest(run_id=RUN_ID, step=0, reason="fuzz"),
         "PushTensor": _tensor_transfer(stage),
         "SaveState": stage_pb2.SaveStateRequest(run_id=RUN_ID, step=0, directory="save/base"),
@@ -817,7 +1146,11 @@ def _prepush(stages: Stages, stage: str, plan: stage_pb2.StepPlan) -> None:
     """Deliver the peer's tensors of a plan ahead, so the stage computes instead of waiting."""
     for mb in plan.micro_batches:
         mask = mb.inputs["attention_mask"] if "attention_mask" in mb.inputs else None
-        shape = tuple(mask.shape) if mask is not None and len(mask.shape) == 2 and all(0 <= d <= 600 for d in mask.shape) else (2, 16)
+        shape = (
+            tuple(mask.shape)
+            if mask is not None and len(mask.shape) == 2 and all(0 <= d <= 600 for d in mask.shape)
+            else (2, 16)
+        )
         if not 0 <= mb.index < 65536:
             continue
         request = _tensor_transfer(stage, 0, mb.index, shape + (HIDDEN,))
@@ -837,7 +1170,12 @@ def send_stage(stages: Stages, batch: Batch, stage: str, method: str, strategy: 
         stages.prime()
     plan = _parses("RunStep", payload) if method == "RunStep" else None
     legit = bool(plan is not None and plan.deadline_seconds > WAIT_TIMEOUT and plan.envelope.run_id == RUN_ID)
-    if plan is not None and not plan.forward_only and plan.envelope.step == 0 and len(plan.micro_batches) <= 8:
+    if (
+        plan is not None
+        and not plan.forward_only
+        and plan.envelope.step == 0
+        and len(plan.micro_batches) <= 8
+    ):
         _prepush(stages, stage, plan)
     out = invoke(channel, STAGE_SERVICE, method, payload, timeout=WAIT_TIMEOUT if legit else CALL_TIMEOUT)
     judge(batch, target, method, strategy, payload, out, legit_wait=legit)
@@ -847,7 +1185,9 @@ def send_stage(stages: Stages, batch: Batch, stage: str, method: str, strategy: 
         if plan is not None and plan.envelope.step != 0:
             stages.abort_all(0)
         if not stages.wait_idle():
-            batch.problems.append(f"HANG: {stage} stage still running 3 s after AbortStep: RunStep [{strategy}] payload {_short(payload)}")
+            batch.problems.append(
+                f"HANG: {stage} stage still running 3 s after AbortStep: RunStep [{strategy}] payload {_short(payload)}"
+            )
 
 
 # ----------------------------------------------------------------------------- the stage fuzz tests
@@ -876,15 +1216,23 @@ def test_fuzz_stage_random_bytes(stages, stage, method):
 @pytest.mark.parametrize("stage", ["cpu", "gpu"])
 @pytest.mark.parametrize("method", STAGE_METHODS)
 def test_fuzz_stage_hostile_fields(stages, stage, method):
-    _run_stage_batch(stages, stage, method, "hostile", hostile_requests(method, stage, stages),
-                     N_HOSTILE_BY_METHOD.get(method, N_HOSTILE))
+    _run_stage_batch(
+        stages,
+        stage,
+        method,
+        "hostile",
+        hostile_requests(method, stage, stages),
+        N_HOSTILE_BY_METHOD.get(method, N_HOSTILE),
+    )
 
 
 @pytest.mark.parametrize("stage", ["cpu", "gpu"])
 @pytest.mark.parametrize("method", STAGE_METHODS)
 def test_fuzz_stage_mutated_valid_requests(stages, stage, method):
     base = valid_request(method, stage, stages)
-    _run_stage_batch(stages, stage, method, "mutated", mutations().map(lambda how: mutate(base, how)), N_MUTATED)
+    _run_stage_batch(
+        stages, stage, method, "mutated", mutations().map(lambda how: mutate(base, how)), N_MUTATED
+    )
 
 
 # ----------------------------------------------------------------------------- the regret fuzz tests
@@ -901,8 +1249,22 @@ def _score_request(x: np.ndarray, **kw) -> regret_pb2.ScoreRequest:
     return regret_pb2.ScoreRequest(bentham=codec.encode(torch.from_numpy(x), name="bentham"), **kw)
 
 
-SCORE_ASPECTS = ["tensor", "tensor", "rows", "values", "values", "dtype", "shape", "ids", "ids", "envelope", "envelope",
-                 "explain", "missing", "none"]
+SCORE_ASPECTS = [
+    "tensor",
+    "tensor",
+    "rows",
+    "values",
+    "values",
+    "dtype",
+    "shape",
+    "ids",
+    "ids",
+    "envelope",
+    "envelope",
+    "explain",
+    "missing",
+    "none",
+]
 
 
 @st.composite
@@ -916,7 +1278,11 @@ def hostile_scores(draw) -> bytes:
         req.scenario_ids.extend(f"s{i}" for i in range(rows))
     if draw(st.booleans()):
         # A few envelopes, reused: cache hits with other content must be scored anew, never answered stale.
-        req.envelope.CopyFrom(tensor_pb2.Envelope(run_id="fz", step=draw(st.integers(0, 2)), micro_batch=draw(st.integers(0, 1))))
+        req.envelope.CopyFrom(
+            tensor_pb2.Envelope(
+                run_id="fz", step=draw(st.integers(0, 2)), micro_batch=draw(st.integers(0, 1))
+            )
+        )
     for aspect in pick_aspects(rng, SCORE_ASPECTS):
         if aspect == "tensor":
             req.bentham.CopyFrom(draw(tensors(tensor_pb2.FLOAT32, (rows, 8), "float", name="bentham")))
@@ -927,21 +1293,45 @@ def hostile_scores(draw) -> bytes:
                 req.bentham.data = _valid_bentham(n, 0).tobytes()
         elif aspect == "values":
             y = x.copy()
-            y[int(rng.integers(rows)), int(rng.integers(8))] = rng.choice([np.nan, np.inf, -np.inf, -0.5, 1.5, -2.0, 3e38, 1e-45])
+            y[int(rng.integers(rows)), int(rng.integers(8))] = rng.choice(
+                [np.nan, np.inf, -np.inf, -0.5, 1.5, -2.0, 3e38, 1e-45]
+            )
             req.bentham.data = y.tobytes()
         elif aspect == "dtype":
-            dtype = draw(st.sampled_from([torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.uint8]))
+            dtype = draw(
+                st.sampled_from(
+                    [
+                        torch.float64,
+                        torch.float16,
+                        torch.bfloat16,
+                        torch.int64,
+                        torch.int32,
+                        torch.bool,
+                        torch.uint8,
+                    ]
+                )
+            )
             req.bentham.CopyFrom(codec.encode(torch.from_numpy(x).to(dtype), name="bentham"))
         elif aspect == "shape":
-            shape = draw(st.sampled_from([(rows, 7), (rows, 9), (rows, 8, 1), (rows * 8,), (1, rows, 8), (8, rows), ()]))
+            shape = draw(
+                st.sampled_from(
+                    [(rows, 7), (rows, 9), (rows, 8, 1), (rows * 8,), (1, rows, 8), (8, rows), ()]
+                )
+            )
             req.bentham.CopyFrom(codec.encode(torch.zeros(shape), name="bentham"))
         elif aspect == "ids":
-            req.scenario_ids[:] = draw(st.one_of(st.lists(texts, max_size=5), st.lists(texts, min_size=rows, max_size=rows)))
+            req.scenario_ids[:] = draw(
+                st.one_of(st.lists(texts, max_size=5), st.lists(texts, min_size=rows, max_size=rows))
+            )
         elif aspect == "envelope":
-            req.envelope.CopyFrom(tensor_pb2.Envelope(run_id=draw(st.sampled_from(["fz", "fz", "", "x" * 1000, "\x00"])),
-                                                      step=draw(st.sampled_from([0, 1, -1, 2**63 - 1, -(2**63)])),
-                                                      micro_batch=draw(st.sampled_from([0, 1, -(2**31), 2**31 - 1])),
-                                                      kind=draw(st.sampled_from([0, 1, 5, -1, 2**31 - 1]))))
+            req.envelope.CopyFrom(
+                tensor_pb2.Envelope(
+                    run_id=draw(st.sampled_from(["fz", "fz", "", "x" * 1000, "\x00"])),
+                    step=draw(st.sampled_from([0, 1, -1, 2**63 - 1, -(2**63)])),
+                    micro_batch=draw(st.sampled_from([0, 1, -(2**31), 2**31 - 1])),
+                    kind=draw(st.sampled_from([0, 1, 5, -1, 2**31 - 1])),
+                )
+            )
         elif aspect == "explain":
             req.explain = True
             req.scenario_ids[:] = [draw(texts) for _ in range(rows)]
@@ -966,7 +1356,10 @@ def _run_regret_batch(regret, strategy: str, strategy_obj, n: int) -> None:
     x = _valid_bentham(MAX_BATCH, seed=len(FINISHED))
     response = regret_pb2.ScoreResponse.FromString(
         channel.unary_unary(f"/{REGRET_SERVICE}/Score", request_serializer=None, response_deserializer=None)(
-            _score_request(x, envelope=tensor_pb2.Envelope(run_id="fz", step=0)).SerializeToString(), timeout=CALL_TIMEOUT))
+            _score_request(x, envelope=tensor_pb2.Envelope(run_id="fz", step=0)).SerializeToString(),
+            timeout=CALL_TIMEOUT,
+        )
+    )
     expected = calculus.score(x)
     np.testing.assert_array_equal(codec.decode(response.regret).numpy(), expected.regret)
     np.testing.assert_array_equal(codec.decode(response.best_counterfactual).numpy(), expected.best_index)
@@ -982,8 +1375,12 @@ def test_fuzz_regret_hostile_fields(regret):
 
 
 def test_fuzz_regret_mutated_valid_requests(regret):
-    base = _score_request(_valid_bentham(16, 1), envelope=tensor_pb2.Envelope(run_id="fz", step=3, micro_batch=1),
-                          scenario_ids=[f"s{i}" for i in range(16)], explain=True).SerializeToString()
+    base = _score_request(
+        _valid_bentham(16, 1),
+        envelope=tensor_pb2.Envelope(run_id="fz", step=3, micro_batch=1),
+        scenario_ids=[f"s{i}" for i in range(16)],
+        explain=True,
+    ).SerializeToString()
     _run_regret_batch(regret, "mutated", mutations().map(lambda how: mutate(base, how)), 3 * N_MUTATED)
 
 
@@ -995,7 +1392,9 @@ def test_save_state_to_unwritable_or_malformed_directories_fails_cleanly(stages)
     stages.restore()
     for directory in ("/proc/self", "/dev/null", "/dev/null/x", "a\x00b", "x" * 5000):
         with pytest.raises(grpc.RpcError) as err:
-            stages.clients["gpu"].stub.SaveState(stage_pb2.SaveStateRequest(run_id=RUN_ID, step=0, directory=directory), timeout=CALL_TIMEOUT)
+            stages.clients["gpu"].stub.SaveState(
+                stage_pb2.SaveStateRequest(run_id=RUN_ID, step=0, directory=directory), timeout=CALL_TIMEOUT
+            )
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, (directory[:40], err.value.details())
         assert "cannot write the shard" in err.value.details()
 
@@ -1010,8 +1409,13 @@ def test_load_state_of_a_shard_naming_a_device_file_is_refused_without_reading_i
     (out / "stage.json").write_text(json.dumps(meta))
     start = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
-        stages.clients["cpu"].stub.LoadState(stage_pb2.LoadStateRequest(run_id=RUN_ID, step=0, directory=str(out)), timeout=CALL_TIMEOUT)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "must list exactly the files" in err.value.details()
+        stages.clients["cpu"].stub.LoadState(
+            stage_pb2.LoadStateRequest(run_id=RUN_ID, step=0, directory=str(out)), timeout=CALL_TIMEOUT
+        )
+    assert (
+        err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        and "must list exactly the files" in err.value.details()
+    )
     assert time.monotonic() - start < 2
 
 
@@ -1031,8 +1435,12 @@ def test_a_refused_load_leaves_the_stage_unchanged(stages, sandbox):
             p.add_(1.0)
     changed = stages.clients["gpu"].parameters()
     with pytest.raises(grpc.RpcError) as err:
-        stages.clients["gpu"].stub.LoadState(stage_pb2.LoadStateRequest(run_id=RUN_ID, step=0, directory=str(out)), timeout=CALL_TIMEOUT)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "cannot be loaded" in err.value.details()
+        stages.clients["gpu"].stub.LoadState(
+            stage_pb2.LoadStateRequest(run_id=RUN_ID, step=0, directory=str(out)), timeout=CALL_TIMEOUT
+        )
+    assert (
+        err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "cannot be loaded" in err.value.details()
+    )
     after = stages.clients["gpu"].parameters()
     for name in before:
         torch.testing.assert_close(after[name], changed[name], rtol=0, atol=0)
@@ -1091,7 +1499,9 @@ def test_fuzz_start_run_settings_then_a_real_step(stages, text):
         except StepFailed as exc:
             code = getattr(exc.cause, "code", None)
             if code is None or code.name in ("INTERNAL", "UNKNOWN"):
-                batch.problems.append(f"settings {settings_json[:300]!r} accepted, then the step failed: {exc}")
+                batch.problems.append(
+                    f"settings {settings_json[:300]!r} accepted, then the step failed: {exc}"
+                )
         except NonFiniteError:
             pass  # absurd but well-formed numbers (a huge learning rate...): the orchestrator's own check
     stages.restore()
@@ -1118,7 +1528,9 @@ def test_gpu_stage_refuses_malformed_labels_with_invalid_argument(stages, case):
     stages.restore()
     _cpu_plan, plan = stages.driver.step_plans(0, [synthetic_batch(3)])
     arr = np.array(values, dtype=NP_DTYPES[dtype]).reshape(shape)
-    plan.micro_batches[1].inputs[key].CopyFrom(tensor_pb2.Tensor(dtype=dtype, shape=list(shape), data=arr.tobytes(), name=key))
+    plan.micro_batches[1].inputs[key].CopyFrom(
+        tensor_pb2.Tensor(dtype=dtype, shape=list(shape), data=arr.tobytes(), name=key)
+    )
     _prepush(stages, "gpu", plan)  # the activations arrive: the stage gets as far as its losses
     try:
         with pytest.raises(grpc.RpcError) as err:
@@ -1126,7 +1538,9 @@ def test_gpu_stage_refuses_malformed_labels_with_invalid_argument(stages, case):
     finally:
         stages.abort_all(0)
         stages.wait_idle()
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{err.value.code().name}: {err.value.details()}"
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (
+        f"{err.value.code().name}: {err.value.details()}"
+    )
     assert key in err.value.details()
 
 
@@ -1168,7 +1582,9 @@ def test_a_run_cannot_start_where_the_next_step_would_overflow_int64(stages):
         req.first_step = 2**63 - 1
         with pytest.raises(grpc.RpcError) as err:
             stages.clients[stage].stub.StartRun(req, timeout=CALL_TIMEOUT)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "steps go from 0" in err.value.details()
+        assert (
+            err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "steps go from 0" in err.value.details()
+        )
         stages.clients[stage].describe()
     stages.check_valid_step()
 
@@ -1184,18 +1600,27 @@ def test_abort_marks_are_bounded(stages):
 
 
 def test_zz_at_least_1000_bad_requests_were_sent():
-    expected = {f"{s} stage {m} [{k}]" for s in ("cpu", "gpu") for m in STAGE_METHODS for k in ("random", "hostile", "mutated")}
+    expected = {
+        f"{s} stage {m} [{k}]"
+        for s in ("cpu", "gpu")
+        for m in STAGE_METHODS
+        for k in ("random", "hostile", "mutated")
+    }
     expected |= {f"regret Score [{k}]" for k in ("random", "hostile", "mutated")}
     expected.add("StartRun settings + step")
     if not expected <= FINISHED:
-        pytest.skip(f"only {len(FINISHED)} of {len(expected)} fuzz batches ran (run the whole module for the count)")
+        pytest.skip(
+            f"only {len(FINISHED)} of {len(expected)} fuzz batches ran (run the whole module for the count)"
+        )
     total = sum(STATS.values())
     per_service = Counter()
     for (service, _method, _strategy), n in STATS.items():
         per_service[service] += n
-    lines = [f"bad requests sent: {total} ({dict(per_service)}); answers: {dict(OUTCOMES)}",
-             f"SaveState requests not sent (would write outside the sandbox): {sum(SKIPPED.values())}",
-             f"known bugs met: {dict(KNOWN_SEEN)}"]
+    lines = [
+        f"bad requests sent: {total} ({dict(per_service)}); answers: {dict(OUTCOMES)}",
+        f"SaveState requests not sent (would write outside the sandbox): {sum(SKIPPED.values())}",
+        f"known bugs met: {dict(KNOWN_SEEN)}",
+    ]
     for key in sorted(STATS):
         codes = {k[3]: n for k, n in sorted(DETAIL.items()) if k[:3] == key}
         lines.append(f"  {' '.join(key)}: {STATS[key]} {codes}")

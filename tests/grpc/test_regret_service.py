@@ -43,13 +43,22 @@ def service():
     server.stop(grace=1.0)
 
 
-def _request(bentham: tensor_pb2.Tensor | np.ndarray, *, run_id: str = "", step: int = 0, micro_batch: int = 0,
-             explain: bool = False, ids=()) -> regret_pb2.ScoreRequest:
+def _request(
+    bentham: tensor_pb2.Tensor | np.ndarray,
+    *,
+    run_id: str = "",
+    step: int = 0,
+    micro_batch: int = 0,
+    explain: bool = False,
+    ids=(),
+) -> regret_pb2.ScoreRequest:
     if isinstance(bentham, np.ndarray):
         bentham = encode(torch.from_numpy(bentham), name="bentham")
     return regret_pb2.ScoreRequest(
         envelope=tensor_pb2.Envelope(run_id=run_id, step=step, micro_batch=micro_batch),
-        bentham=bentham, scenario_ids=list(ids), explain=explain,
+        bentham=bentham,
+        scenario_ids=list(ids),
+        explain=explain,
     )
 
 
@@ -89,7 +98,9 @@ def test_score_equals_the_calculus_bit_for_bit(service):
     assert response.regret_computations == MAX_BATCH * 7
     assert response.bentham_evaluations == MAX_BATCH * 21
     assert _sample(server, "redheart_regret_computations_total") - before == MAX_BATCH * 7
-    assert _sample(server, "redheart_regret_mean") == pytest.approx(float(expected.regret.mean(dtype=np.float64)))
+    assert _sample(server, "redheart_regret_mean") == pytest.approx(
+        float(expected.regret.mean(dtype=np.float64))
+    )
     busy = [_sample(server, "redheart_regret_worker_busy_seconds_total", {"worker": w}) for w in ("0", "1")]
     assert all(b > 0 for b in busy)
 
@@ -125,15 +136,24 @@ def _with(row: int, col: int, value: float) -> np.ndarray:
 
 
 INVALID = {
-    "int64": (encode(torch.zeros(4, 8, dtype=torch.int64), name="bentham"), "dtype is int64, expected float32"),
+    "int64": (
+        encode(torch.zeros(4, 8, dtype=torch.int64), name="bentham"),
+        "dtype is int64, expected float32",
+    ),
     "shape_4x7": (encode(torch.zeros(4, 7), name="bentham"), "shape [B, 8]"),
     "rank_3": (encode(torch.zeros(2, 4, 8), name="bentham"), "rank is 3"),
     "nan": (_with(2, 4, np.nan), "row 2, column 4 (fecundity) is nan"),
     "inf": (_with(0, 1, np.inf), "row 0, column 1 (duration) is inf"),
     "out_of_range": (_with(3, 2, 1.75), "row 3, field certainty = 1.75 is outside [0, 1]"),
     "valence_out_of_range": (_with(1, 7, -2.0), "row 1, field valence = -2.0 is outside [-1, 1]"),
-    "above_max_batch": (_batch(MAX_BATCH + 1), f"batch of {MAX_BATCH + 1} scenarios exceeds regret.max_batch = {MAX_BATCH}"),
-    "truncated_bytes": (_raw(tensor_pb2.FLOAT32, [4, 8], b"\x00" * 100), "byte length 100 does not match shape [4, 8]"),
+    "above_max_batch": (
+        _batch(MAX_BATCH + 1),
+        f"batch of {MAX_BATCH + 1} scenarios exceeds regret.max_batch = {MAX_BATCH}",
+    ),
+    "truncated_bytes": (
+        _raw(tensor_pb2.FLOAT32, [4, 8], b"\x00" * 100),
+        "byte length 100 does not match shape [4, 8]",
+    ),
     "negative_dim": (_raw(tensor_pb2.FLOAT32, [-4, 8], b""), "dimension 0 is negative"),
     "missing": (None, "bentham is missing"),
 }
@@ -189,8 +209,17 @@ def test_client_future_and_concurrent_requests(service):
     sizes = [3, 200, 64, 129, 256, 1]
     batches = [_batch(n, seed=10 + i) for i, n in enumerate(sizes)]
     with RegretClient(server.address, max_message_mb=16, timeout_seconds=30) as client:
-        futures = [client.submit("run-c", 0, i, torch.from_numpy(b), explain=(i == 0), scenario_ids=["a", "b", "c"] if i == 0 else ())
-                   for i, b in enumerate(batches)]
+        futures = [
+            client.submit(
+                "run-c",
+                0,
+                i,
+                torch.from_numpy(b),
+                explain=(i == 0),
+                scenario_ids=["a", "b", "c"] if i == 0 else (),
+            )
+            for i, b in enumerate(batches)
+        ]
         replies = [f.result(timeout=60) for f in futures]
     for b, reply in zip(batches, replies):
         assert isinstance(reply, RegretReply)
@@ -205,7 +234,9 @@ def test_client_future_and_concurrent_requests(service):
     assert e["best_counterfactual"] == expected.best_name[1]
     assert list(e["counterfactual_utilities"]) == list(calculus.COUNTERFACTUALS)
     assert e["counterfactual_utilities"]["reversal"] == expected.counterfactual_utilities[1, 6]
-    assert e["actual_perspectives"] == dict(zip(calculus.PERSPECTIVES, expected.actual_perspectives[1].tolist()))
+    assert e["actual_perspectives"] == dict(
+        zip(calculus.PERSPECTIVES, expected.actual_perspectives[1].tolist())
+    )
 
 
 def test_client_raises_service_error_naming_the_address_when_nothing_listens():
@@ -246,7 +277,9 @@ def test_kill_9_of_an_idle_worker(service):
     expected = calculus.score(x)
     np.testing.assert_array_equal(regret, expected.regret)
     np.testing.assert_array_equal(best, expected.best_index)
-    assert _wait_for(lambda: server.pool.alive_count() == 2 and _sample(server, "redheart_regret_workers_alive") == 2)
+    assert _wait_for(
+        lambda: server.pool.alive_count() == 2 and _sample(server, "redheart_regret_workers_alive") == 2
+    )
     new_pids = server.pool.worker_pids()
     assert pids[0] not in new_pids and pids[1] in new_pids
     assert _sample(server, "redheart_regret_worker_restarts_total") == restarts + 1
@@ -288,9 +321,14 @@ def test_a_chunk_whose_worker_dies_twice_fails_cleanly():
     restarts: list[int] = []
 
     class Listener:
-        def on_busy(self, worker, seconds): pass
-        def on_restart(self, worker): restarts.append(worker)
-        def on_alive(self, count): pass
+        def on_busy(self, worker, seconds):
+            pass
+
+        def on_restart(self, worker):
+            restarts.append(worker)
+
+        def on_alive(self, count):
+            pass
 
     with WorkerPool(1, listener=Listener(), worker_target=crashing_worker_main) as pool:
         start = time.monotonic()

@@ -7,10 +7,10 @@ certificate, and a second CA that nobody trusts with a certificate of its own.
 
 from __future__ import annotations
 
-import os
 import contextlib
 import dataclasses
 import logging
+import os
 import subprocess
 import textwrap
 import threading
@@ -21,21 +21,23 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pki import OPENSSL, make_pki
+from synthetic import synthetic_batch
 
 from cpu_stage.server import create_server as cpu_server
 from gpu_stage.server import create_server as gpu_server
 from orchestrator.pipeline import PipelineDriver
 from orchestrator.stage_client import StageClient
-from pki import OPENSSL, make_pki
 from redheart import codec
 from redheart.config import REDACTED, ConfigError, HybridConfig, SecurityConfig, load_config
 from redheart.regret_client import RegretClient
 from redheart.rpc import ServiceError, TokenAuthInterceptor, make_channel, wait_for_serving
 from redheart.v1 import regret_pb2, regret_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
 from regret_service.server import create_server as regret_server
-from synthetic import synthetic_batch
 
-pytestmark = pytest.mark.skipif(OPENSSL is None and not os.environ.get("CI"), reason="needs the openssl command line (required under CI)")
+pytestmark = pytest.mark.skipif(
+    OPENSSL is None and not os.environ.get("CI"), reason="needs the openssl command line (required under CI)"
+)
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +59,11 @@ def client(pki, **fields) -> SecurityConfig:
 
 
 def stage_config(security: dict, **sections) -> HybridConfig:
-    base = {"model": {"preset": "tiny"}, "train": {"batch_size": 8, "micro_batch_size": 2, "learning_rate": 1e-3},
-            "regret": {"address": "inprocess", "num_workers": 1}}
+    base = {
+        "model": {"preset": "tiny"},
+        "train": {"batch_size": 8, "micro_batch_size": 2, "learning_rate": 1e-3},
+        "regret": {"address": "inprocess", "num_workers": 1},
+    }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return HybridConfig(security=security, **base)
@@ -75,8 +80,9 @@ def cpu_stage(security: dict, **sections):
 
 def describe(address, security=None, *, metadata=None, timeout=5.0):
     with make_channel(address, 16, security) as channel:
-        return stage_pb2_grpc.PipelineStageStub(channel).Describe(stage_pb2.DescribeRequest(), timeout=timeout,
-                                                                  metadata=metadata)
+        return stage_pb2_grpc.PipelineStageStub(channel).Describe(
+            stage_pb2.DescribeRequest(), timeout=timeout, metadata=metadata
+        )
 
 
 def refused(address, security=None, *, metadata=None) -> grpc.RpcError:
@@ -111,18 +117,33 @@ def test_security_defaults_are_off():
     assert not s.tls_enabled and s.resolved_token() == "" and s.describe() == "plaintext"
 
 
-@pytest.mark.parametrize("body, needle, line", [
-    ('tls_key = "{key}"', "security.tls_key is set but security.tls_cert is not", 3),
-    ('tls_cert = "{cert}"', "security.tls_cert is set but security.tls_key is not", 3),
-    ('tls_cert = "{cert}"\ntls_key = "{key}"\nrequire_client_cert = true', "require_client_cert = true needs security.tls_ca", 5),
-    ('tls_cert = "/nonexistent/cert.pem"', "security.tls_cert: file '/nonexistent/cert.pem' does not exist", 3),
-    ('tls_cert = "{key}"\ntls_key = "{key}"', "is not a PEM certificate", 3),
-    ('tls_cert = "{cert}"\ntls_key = "{cert}"', "is not a PEM private key", 4),
-    ('tls_server_name = "localhost"', "tls_server_name is only used with TLS", 3),
-    ('token = "abc"\ntoken_file = "{token}"', "security.token and security.token_file are both set", 3),
-    ('token = "has space"', "contains spaces", 3),
-    ('token_file = "/nonexistent/token"', "security.token_file: file '/nonexistent/token' does not exist", 3),
-])
+@pytest.mark.parametrize(
+    "body, needle, line",
+    [
+        ('tls_key = "{key}"', "security.tls_key is set but security.tls_cert is not", 3),
+        ('tls_cert = "{cert}"', "security.tls_cert is set but security.tls_key is not", 3),
+        (
+            'tls_cert = "{cert}"\ntls_key = "{key}"\nrequire_client_cert = true',
+            "require_client_cert = true needs security.tls_ca",
+            5,
+        ),
+        (
+            'tls_cert = "/nonexistent/cert.pem"',
+            "security.tls_cert: file '/nonexistent/cert.pem' does not exist",
+            3,
+        ),
+        ('tls_cert = "{key}"\ntls_key = "{key}"', "is not a PEM certificate", 3),
+        ('tls_cert = "{cert}"\ntls_key = "{cert}"', "is not a PEM private key", 4),
+        ('tls_server_name = "localhost"', "tls_server_name is only used with TLS", 3),
+        ('token = "abc"\ntoken_file = "{token}"', "security.token and security.token_file are both set", 3),
+        ('token = "has space"', "contains spaces", 3),
+        (
+            'token_file = "/nonexistent/token"',
+            "security.token_file: file '/nonexistent/token' does not exist",
+            3,
+        ),
+    ],
+)
 def test_security_config_errors_name_file_line_and_fix(tmp_path, pki, body, needle, line):
     body = body.format(cert=pki.server_cert, key=pki.server_key, token=pki.token_file)
     p = write(tmp_path, "[model]\n[security]\n" + body + "\n")
@@ -133,9 +154,11 @@ def test_security_config_errors_name_file_line_and_fix(tmp_path, pki, body, need
 
 def test_tls_ca_alone_is_a_client_config_refused_for_local_launch(tmp_path, pki):
     p = write(tmp_path, f'[security]\ntls_ca = "{pki.ca}"\n')
-    with pytest.raises(ConfigError, match="launch.mode = \"local\" starts the services, which need security.tls_cert"):
+    with pytest.raises(
+        ConfigError, match='launch.mode = "local" starts the services, which need security.tls_cert'
+    ):
         load_config(p, env={})
-    cfg = load_config(p, env={}, overrides=["launch.mode=\"remote\"", "cpu_stage.port=1", "gpu_stage.port=2"])
+    cfg = load_config(p, env={}, overrides=['launch.mode="remote"', "cpu_stage.port=1", "gpu_stage.port=2"])
     assert cfg.security.tls_enabled
     with pytest.raises(ConfigError, match="a server needs security.tls_cert"):
         cpu_server(stage_config({"tls_ca": str(pki.ca)}, launch={"mode": "remote"}), host="127.0.0.1", port=0)
@@ -143,8 +166,11 @@ def test_tls_ca_alone_is_a_client_config_refused_for_local_launch(tmp_path, pki)
 
 def test_encrypted_key_is_refused(tmp_path, pki):
     enc = tmp_path / "enc.key"
-    subprocess.run([OPENSSL, "pkey", "-in", str(pki.server_key), "-aes256", "-passout", "pass:pw", "-out", str(enc)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [OPENSSL, "pkey", "-in", str(pki.server_key), "-aes256", "-passout", "pass:pw", "-out", str(enc)],
+        check=True,
+        capture_output=True,
+    )
     with pytest.raises(ConfigError, match="encrypted private key; gRPC needs it unencrypted"):
         HybridConfig(security={"tls_cert": str(pki.server_cert), "tls_key": str(enc)})
 
@@ -203,12 +229,17 @@ def test_tls_trusting_the_ca_works_plaintext_and_other_ca_are_refused(pki):
         assert refused(address).code() == grpc.StatusCode.UNAVAILABLE  # plaintext client
         assert refused(address, client(pki, tls_ca=str(pki.rogue_ca))).code() == grpc.StatusCode.UNAVAILABLE
         # The name checked in the certificate can be overridden (connecting by IP to a DNS name) ...
-        assert describe(address, client(pki, tls_ca=str(pki.ca), tls_server_name="localhost")).stage_name == "cpu"
+        assert (
+            describe(address, client(pki, tls_ca=str(pki.ca), tls_server_name="localhost")).stage_name
+            == "cpu"
+        )
         # ... and a name the certificate does not carry is refused.
         bad_name = client(pki, tls_ca=str(pki.ca), tls_server_name="stage.example.org")
         assert refused(address, bad_name).code() == grpc.StatusCode.UNAVAILABLE
         # Health answers over TLS too (wait_for_serving passes the same security).
-        wait_for_serving(address, timeout=10, service_name="cpu stage", security=client(pki, tls_ca=str(pki.ca)))
+        wait_for_serving(
+            address, timeout=10, service_name="cpu stage", security=client(pki, tls_ca=str(pki.ca))
+        )
         with pytest.raises(ServiceError, match="not SERVING"):
             wait_for_serving(address, timeout=1, service_name="cpu stage")  # plaintext never gets an answer
 
@@ -232,18 +263,29 @@ def test_mutual_tls_needs_a_client_certificate_from_the_trusted_ca(pki):
 def test_stage_token_unauthenticated_without_or_with_a_wrong_token(pki, caplog):
     caplog.set_level(logging.DEBUG)
     with cpu_stage({"token_file": str(pki.token_file)}) as (address, srv):
-        for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", pki.token)],
-                         [("authorization", f"Bearer {pki.token}x")], [("x-token", pki.token)]):
+        for metadata in (
+            None,
+            [("authorization", "Bearer wrong")],
+            [("authorization", pki.token)],
+            [("authorization", f"Bearer {pki.token}x")],
+            [("x-token", pki.token)],
+        ):
             err = refused(address, metadata=metadata)
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
             assert pki.token not in (err.details() or "")
         # Two authorization headers are refused even when one is right.
-        err = refused(address, metadata=[("authorization", "Bearer nope"), ("authorization", f"Bearer {pki.token}")])
+        err = refused(
+            address, metadata=[("authorization", "Bearer nope"), ("authorization", f"Bearer {pki.token}")]
+        )
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED
         # A streaming method is refused the same way.
         with make_channel(address, 16) as channel:
             with pytest.raises(grpc.RpcError) as err:
-                list(stage_pb2_grpc.PipelineStageStub(channel).GetParameters(stage_pb2.GetParametersRequest(), timeout=5))
+                list(
+                    stage_pb2_grpc.PipelineStageStub(channel).GetParameters(
+                        stage_pb2.GetParametersRequest(), timeout=5
+                    )
+                )
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         # Through the project's client: ServiceError with the status, never the token.
         stage = StageClient("cpu stage", address, max_message_mb=16, rpc_timeout=5)
@@ -254,8 +296,13 @@ def test_stage_token_unauthenticated_without_or_with_a_wrong_token(pki, caplog):
         # The right token works, from the file or inline.
         right = client(pki, token=pki.token)
         assert describe(address, right).stage_name == "cpu"
-        stage = StageClient("cpu stage", address, max_message_mb=16, rpc_timeout=5,
-                            security=client(pki, token_file=str(pki.token_file)))
+        stage = StageClient(
+            "cpu stage",
+            address,
+            max_message_mb=16,
+            rpc_timeout=5,
+            security=client(pki, token_file=str(pki.token_file)),
+        )
         assert stage.describe().name == "cpu" and stage.parameters()
         stage.close()
         # Health needs no token (Kubernetes probes cannot send one).
@@ -289,8 +336,10 @@ def test_refused_calls_are_counted_as_unauthenticated(pki):
     srv, port = cpu_server(stage_config({"token": pki.token}), host="127.0.0.1", port=0, registry=registry)
     try:
         assert refused(f"127.0.0.1:{port}").code() == grpc.StatusCode.UNAUTHENTICATED
-        value = registry.get_sample_value("redheart_grpc_server_handled_total",
-                                          {"service": "cpu_stage", "method": "Describe", "code": "UNAUTHENTICATED"})
+        value = registry.get_sample_value(
+            "redheart_grpc_server_handled_total",
+            {"service": "cpu_stage", "method": "Describe", "code": "UNAUTHENTICATED"},
+        )
         assert value == 1  # visible on the dashboards / alerts, e.g. a client with a stale token
     finally:
         srv.stop(0)
@@ -298,8 +347,11 @@ def test_refused_calls_are_counted_as_unauthenticated(pki):
 
 @pytest.fixture(scope="module")
 def secure_regret(pki):
-    config = HybridConfig(security=mtls(pki, token=pki.token), regret={"num_workers": 1, "max_batch": 256},
-                          wire={"max_message_mb": 1})
+    config = HybridConfig(
+        security=mtls(pki, token=pki.token),
+        regret={"num_workers": 1, "max_batch": 256},
+        wire={"max_message_mb": 1},
+    )
     server, port = regret_server(config, host="127.0.0.1", port=0)
     yield f"127.0.0.1:{port}", config
     server.stop(grace=1.0)
@@ -314,7 +366,9 @@ def test_regret_score_needs_the_token(pki, secure_regret):
     assert err.value.code == grpc.StatusCode.UNAUTHENTICATED and pki.token not in str(err.value)
     with make_channel(address, 1, no_token) as channel:
         stub = regret_pb2_grpc.RegretServiceStub(channel)
-        request = regret_pb2.ScoreRequest(envelope=tensor_pb2.Envelope(run_id="r"), bentham=codec.encode(_bentham(2)))
+        request = regret_pb2.ScoreRequest(
+            envelope=tensor_pb2.Envelope(run_id="r"), bentham=codec.encode(_bentham(2))
+        )
         with pytest.raises(grpc.RpcError) as err:
             stub.Score(request, timeout=10, metadata=[("authorization", "Bearer wrong")])
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -343,9 +397,24 @@ def test_secured_pipeline_step_pushes_and_regret_calls(pki, secure_regret):
     driver = None
     try:
         settings = {"train": dataclasses.asdict(cfg.train), "regret": dataclasses.asdict(cfg.regret)}
-        cpu.start_run("sec", settings, next_address=gpu_addr, prev_address="", regret_address="", first_step=0, reinitialize=True)
-        gpu.start_run("sec", settings, next_address="", prev_address=cpu_addr, regret_address=regret_address,
-                      first_step=0, reinitialize=True)
+        cpu.start_run(
+            "sec",
+            settings,
+            next_address=gpu_addr,
+            prev_address="",
+            regret_address="",
+            first_step=0,
+            reinitialize=True,
+        )
+        gpu.start_run(
+            "sec",
+            settings,
+            next_address="",
+            prev_address=cpu_addr,
+            regret_address=regret_address,
+            first_step=0,
+            reinitialize=True,
+        )
         driver = PipelineDriver(cpu, gpu, cfg, "sec")
         result = driver.run_step(0, [synthetic_batch(1)], 1e-3)
         assert len(result.micro_batch_losses) == 4 and result.regret_computations == 8 * 7
@@ -367,7 +436,9 @@ def test_oversized_message_gets_resource_exhausted(secure_regret, pki):
         channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 8 << 20)])
         with channel:
             big = codec.encode(torch.zeros(2, 64, 4096))  # 2 MiB
-            request = stage_pb2.TensorTransfer(envelope=tensor_pb2.Envelope(run_id="r", kind=tensor_pb2.ACTIVATION), tensor=big)
+            request = stage_pb2.TensorTransfer(
+                envelope=tensor_pb2.Envelope(run_id="r", kind=tensor_pb2.ACTIVATION), tensor=big
+            )
             with pytest.raises(grpc.RpcError) as err:
                 stage_pb2_grpc.PipelineStageStub(channel).PushTensor(request, timeout=10)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -378,15 +449,27 @@ def test_oversized_message_gets_resource_exhausted(secure_regret, pki):
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # The regret service (wire.max_message_mb = 1 here), through TLS and the token.
     address, config = secure_regret
-    with make_channel(address, 1, config.security) as ok, \
-            grpc.secure_channel(address, grpc.ssl_channel_credentials(pki.ca.read_bytes(), pki.client_key.read_bytes(),
-                                                                       pki.client_cert.read_bytes()),
-                                options=[("grpc.max_send_message_length", 8 << 20)]) as raw:
-        request = regret_pb2.ScoreRequest(envelope=tensor_pb2.Envelope(run_id="r"), bentham=codec.encode(_bentham(70_000)))
+    with (
+        make_channel(address, 1, config.security) as ok,
+        grpc.secure_channel(
+            address,
+            grpc.ssl_channel_credentials(
+                pki.ca.read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes()
+            ),
+            options=[("grpc.max_send_message_length", 8 << 20)],
+        ) as raw,
+    ):
+        request = regret_pb2.ScoreRequest(
+            envelope=tensor_pb2.Envelope(run_id="r"), bentham=codec.encode(_bentham(70_000))
+        )
         with pytest.raises(grpc.RpcError) as err:
-            regret_pb2_grpc.RegretServiceStub(raw).Score(request, timeout=10, metadata=[("authorization", f"Bearer {pki.token}")])
+            regret_pb2_grpc.RegretServiceStub(raw).Score(
+                request, timeout=10, metadata=[("authorization", f"Bearer {pki.token}")]
+            )
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        small = regret_pb2.ScoreRequest(envelope=tensor_pb2.Envelope(run_id="r"), bentham=codec.encode(_bentham(8)))
+        small = regret_pb2.ScoreRequest(
+            envelope=tensor_pb2.Envelope(run_id="r"), bentham=codec.encode(_bentham(8))
+        )
         assert regret_pb2_grpc.RegretServiceStub(ok).Score(small, timeout=10).regret_computations == 8 * 7
 
 
@@ -400,8 +483,15 @@ def test_more_concurrent_rpcs_than_the_cap_get_resource_exhausted():
     held: dict = {}
     try:
         settings = {"train": dataclasses.asdict(cfg.train), "regret": dataclasses.asdict(cfg.regret)}
-        gpu.start_run("cap", settings, next_address="", prev_address="127.0.0.1:1", regret_address="inprocess",
-                      first_step=0, reinitialize=True)
+        gpu.start_run(
+            "cap",
+            settings,
+            next_address="",
+            prev_address="127.0.0.1:1",
+            regret_address="inprocess",
+            first_step=0,
+            reinitialize=True,
+        )
         driver = PipelineDriver(gpu, gpu, cfg, "cap")
         _cpu_plan, gpu_plan = driver.step_plans(0, [synthetic_batch(3)])
         driver.close()

@@ -8,9 +8,10 @@ import time
 import grpc
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from synthetic import synthetic_batch
+
 from cpu_stage.server import create_server as cpu_server
 from gpu_stage.server import create_server as gpu_server
 from orchestrator.pipeline import PipelineDriver
@@ -20,7 +21,6 @@ from redheart import codec
 from redheart.config import HybridConfig
 from redheart.rpc import ServiceError
 from redheart.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
-from synthetic import synthetic_batch
 
 
 def tiny_config(**train):
@@ -39,10 +39,24 @@ class Pipeline:
         self.gpu = StageClient("gpu stage", self.gpu_addr, max_message_mb=64, rpc_timeout=20)
         self.run_id = "test-run"
         settings = {"train": dataclasses.asdict(cfg.train), "regret": dataclasses.asdict(cfg.regret)}
-        self.cpu.start_run(self.run_id, settings, next_address=self.gpu_addr, prev_address="", regret_address="",
-                           first_step=0, reinitialize=True)
-        self.gpu.start_run(self.run_id, settings, next_address="", prev_address=self.cpu_addr, regret_address="inprocess",
-                           first_step=0, reinitialize=True)
+        self.cpu.start_run(
+            self.run_id,
+            settings,
+            next_address=self.gpu_addr,
+            prev_address="",
+            regret_address="",
+            first_step=0,
+            reinitialize=True,
+        )
+        self.gpu.start_run(
+            self.run_id,
+            settings,
+            next_address="",
+            prev_address=self.cpu_addr,
+            regret_address="inprocess",
+            first_step=0,
+            reinitialize=True,
+        )
         self.driver = PipelineDriver(self.cpu, self.gpu, cfg, self.run_id)
 
     def close(self):
@@ -90,7 +104,12 @@ def test_pipelined_steps_equal_single_process_with_accumulation(pipeline):
         got = pipeline.driver.run_step(step, rounds(step, cfg), 1e-3)
         want = ref.step(step, rounds(step, cfg), 1e-3)
         assert len(got.micro_batch_losses) == 8  # 4 micro-batches x 2 accumulation rounds
-        torch.testing.assert_close(torch.tensor(got.micro_batch_losses), torch.tensor(want["micro_batch_losses"]), rtol=1e-5, atol=4e-5)
+        torch.testing.assert_close(
+            torch.tensor(got.micro_batch_losses),
+            torch.tensor(want["micro_batch_losses"]),
+            rtol=1e-5,
+            atol=4e-5,
+        )
         assert got.regret_computations == 16 * 7 and got.bentham_evaluations == 16 * 21  # 16 scenarios
     live = {**pipeline.cpu.parameters(), **pipeline.gpu.parameters()}
     for name, value in ref.named_parameters().items():
@@ -98,8 +117,13 @@ def test_pipelined_steps_equal_single_process_with_accumulation(pipeline):
 
 
 def _push(stub, run_id, step, mb, kind, tensor_msg):
-    return stub.PushTensor(stage_pb2.TensorTransfer(
-        envelope=tensor_pb2.Envelope(run_id=run_id, step=step, micro_batch=mb, kind=kind), tensor=tensor_msg), timeout=5)
+    return stub.PushTensor(
+        stage_pb2.TensorTransfer(
+            envelope=tensor_pb2.Envelope(run_id=run_id, step=step, micro_batch=mb, kind=kind),
+            tensor=tensor_msg,
+        ),
+        timeout=5,
+    )
 
 
 def test_malformed_tensor_gets_invalid_argument_and_the_server_keeps_serving(pipeline):
@@ -110,7 +134,9 @@ def test_malformed_tensor_gets_invalid_argument_and_the_server_keeps_serving(pip
         with pytest.raises(grpc.RpcError) as err:
             _push(stub, pipeline.run_id, 0, 0, tensor_pb2.ACTIVATION, bad)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "byte length" in err.value.details() and "does not match shape [2, 16, 64]" in err.value.details()
+        assert (
+            "byte length" in err.value.details() and "does not match shape [2, 16, 64]" in err.value.details()
+        )
         for mutate, needle in [
             (lambda m: setattr(m, "dtype", 42), "unknown dtype code 42"),
             (lambda m: m.shape.extend([1] * 20), "rank"),
@@ -124,10 +150,15 @@ def test_malformed_tensor_gets_invalid_argument_and_the_server_keeps_serving(pip
         wrong_width = codec.encode(torch.zeros(2, 16, 63))
         with pytest.raises(grpc.RpcError) as err:
             _push(stub, pipeline.run_id, 0, 0, tensor_pb2.ACTIVATION, wrong_width)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "[batch, seq, 64]" in err.value.details()
+        assert (
+            err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "[batch, seq, 64]" in err.value.details()
+        )
         with pytest.raises(grpc.RpcError) as err:  # a gradient sent to the stage that only takes activations
             _push(stub, pipeline.run_id, 0, 0, tensor_pb2.GRADIENT, codec.encode(torch.zeros(2, 16, 64)))
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not accept gradient" in err.value.details()
+        assert (
+            err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            and "does not accept gradient" in err.value.details()
+        )
     # ...and a valid step right after works.
     out = pipeline.driver.run_step(0, rounds(0, pipeline.cfg), 1e-3)
     assert all(torch.isfinite(torch.tensor(out.micro_batch_losses)))
@@ -147,17 +178,40 @@ def test_out_of_order_and_unknown_steps_get_failed_precondition_naming_step(pipe
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "step 7" in err.value.details()
         with pytest.raises(grpc.RpcError) as err:
             _push(stub, "someone-else", 1, 0, tensor_pb2.ACTIVATION, act)
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not the current run" in err.value.details()
+        assert (
+            err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            and "not the current run" in err.value.details()
+        )
         with pytest.raises(grpc.RpcError) as err:
-            stub.ApplyStep(stage_pb2.ApplyRequest(envelope=tensor_pb2.Envelope(run_id=pipeline.run_id, step=1),
-                                                  clip_coefficient=1.0, learning_rate=1e-3), timeout=5)
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "ApplyStep for step 1" in err.value.details()
-        plan = stage_pb2.StepPlan(envelope=tensor_pb2.Envelope(run_id=pipeline.run_id, step=5), accumulation_round=0,
-                                  accumulation_steps=1, schedule="1f1b", loss_multiplier=1.0, loss_scale=1.0, deadline_seconds=1)
+            stub.ApplyStep(
+                stage_pb2.ApplyRequest(
+                    envelope=tensor_pb2.Envelope(run_id=pipeline.run_id, step=1),
+                    clip_coefficient=1.0,
+                    learning_rate=1e-3,
+                ),
+                timeout=5,
+            )
+        assert (
+            err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            and "ApplyStep for step 1" in err.value.details()
+        )
+        plan = stage_pb2.StepPlan(
+            envelope=tensor_pb2.Envelope(run_id=pipeline.run_id, step=5),
+            accumulation_round=0,
+            accumulation_steps=1,
+            schedule="1f1b",
+            loss_multiplier=1.0,
+            loss_scale=1.0,
+            deadline_seconds=1,
+        )
         plan.micro_batches.append(stage_pb2.MicroBatch(index=0))
         with pytest.raises(grpc.RpcError) as err:
             stub.RunStep(plan, timeout=5)
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "step 5" in err.value.details() and "expects step 1" in err.value.details()
+        assert (
+            err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            and "step 5" in err.value.details()
+            and "expects step 1" in err.value.details()
+        )
 
 
 def test_duplicate_push_is_acknowledged_and_dropped(pipeline):
@@ -189,9 +243,23 @@ def test_bad_inputs_in_a_plan_are_invalid_argument(pipeline):
 def test_missing_peer_tensor_times_out_naming_step_and_micro_batch(pipeline):
     # Only the GPU stage gets a plan, so no activation ever arrives.
     batch = synthetic_batch(3)
-    plan = stage_pb2.StepPlan(envelope=tensor_pb2.Envelope(run_id=pipeline.run_id, step=0), accumulation_round=0,
-                              accumulation_steps=2, schedule="1f1b", loss_multiplier=0.125, loss_scale=1.0, deadline_seconds=0.5)
-    keys = ("attention_mask", "labels.emotions", "labels.emotions_mask", "labels.bentham", "labels.bentham_mask", "labels.judgment")
+    plan = stage_pb2.StepPlan(
+        envelope=tensor_pb2.Envelope(run_id=pipeline.run_id, step=0),
+        accumulation_round=0,
+        accumulation_steps=2,
+        schedule="1f1b",
+        loss_multiplier=0.125,
+        loss_scale=1.0,
+        deadline_seconds=0.5,
+    )
+    keys = (
+        "attention_mask",
+        "labels.emotions",
+        "labels.emotions_mask",
+        "labels.bentham",
+        "labels.bentham_mask",
+        "labels.judgment",
+    )
     plan.micro_batches.append(micro_batch_message(0, batch.slice(0, 2).tensors, keys))
     start = time.monotonic()
     with pytest.raises(ServiceError) as err:
@@ -272,8 +340,12 @@ def test_one_plan_per_step_ragged_micro_batches_fused_adamw_equal_single_process
             assert widths <= {8, 16, 24} and len(widths) > 1, widths
             got = p.driver.run_step(step, batches, 1e-3)
             want = ref.step(step, batches, 1e-3)
-            torch.testing.assert_close(torch.tensor(got.micro_batch_losses), torch.tensor(want["micro_batch_losses"]),
-                                       rtol=1e-5, atol=4e-5)
+            torch.testing.assert_close(
+                torch.tensor(got.micro_batch_losses),
+                torch.tensor(want["micro_batch_losses"]),
+                rtol=1e-5,
+                atol=4e-5,
+            )
             assert got.computed_tokens < 16 * 64 / 2 and got.tokens <= got.computed_tokens
         live = {**p.cpu.parameters(), **p.gpu.parameters()}
         for name, value in ref.named_parameters().items():
@@ -288,7 +360,10 @@ def test_mixed_precision_sends_the_compute_dtype_on_the_wire():
         p = Pipeline(tiny_config(use_mixed_precision=mixed, gradient_accumulation_steps=1))
         try:
             out = p.driver.run_step(0, [synthetic_batch(7)], 1e-3)
-            sent[mixed] = (out.stage_timings["cpu stage"]["bytes_sent"], out.stage_timings["gpu stage"]["bytes_sent"])
+            sent[mixed] = (
+                out.stage_timings["cpu stage"]["bytes_sent"],
+                out.stage_timings["gpu stage"]["bytes_sent"],
+            )
             assert all(map(lambda v: v == v, out.micro_batch_losses))  # finite, not NaN
         finally:
             p.close()

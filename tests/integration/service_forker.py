@@ -48,12 +48,13 @@ def _child(log_path: str, module: str, argv: list[str]) -> int:
 
 def main() -> int:
     # Imported here, before any fork, so that every child starts with them loaded.
+    import torch._dynamo  # noqa: F401  (the optimizer's constructor imports it: seconds, once per process)
+
     import cpu_stage.cli  # noqa: F401
     import gpu_stage.cli  # noqa: F401
     import redheart.model  # noqa: F401
     import regret_service.cli  # noqa: F401
     import regret_service.server  # noqa: F401
-    import torch._dynamo  # noqa: F401  (the optimizer's constructor imports it: seconds, once per process)
 
     lock = threading.Lock()
     tags: dict[int, str] = {}

@@ -17,9 +17,9 @@ import time
 import psutil
 import pytest
 import torch
+from conftest import ROOT, cli_env, run_cli
 from safetensors.torch import load_file
 
-from conftest import ROOT, cli_env, run_cli
 from orchestrator import checkpoint as ckpt
 from redheart import fault_injection
 
@@ -109,8 +109,11 @@ class Killer(threading.Thread):
         return None
 
     def _newest_step(self) -> int:
-        steps = [int(d.name.split("-")[1]) for d in self.checkpoints.glob("step-*")
-                 if (d / "manifest.json").exists()]
+        steps = [
+            int(d.name.split("-")[1])
+            for d in self.checkpoints.glob("step-*")
+            if (d / "manifest.json").exists()
+        ]
         return max(steps, default=0)
 
     def run(self) -> None:
@@ -150,8 +153,13 @@ def test_chaos_every_run_completes_and_equals_an_uninterrupted_run(tmp_path, cor
     env = dict(cli_env(), **{fault_injection.PLAN_ENV: str(plan)})
     log_path = tmp_path / "chaos.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--config", str(config)], cwd=ROOT,
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "--config", str(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         killer = Killer(proc, run_dir / "checkpoints", seed=11, kills=RANDOM_KILLS)
         killer.start()
         try:
@@ -165,8 +173,10 @@ def test_chaos_every_run_completes_and_equals_an_uninterrupted_run(tmp_path, cor
     assert code == 0, text[-5000:]
 
     fired = fault_injection.fired(plan)
-    assert sorted(fired) == list(range(len(PHASE_FAULTS))), f"faults that never fired: " \
+    assert sorted(fired) == list(range(len(PHASE_FAULTS))), (
+        f"faults that never fired: "
         f"{[f for i, f in enumerate(PHASE_FAULTS) if i not in fired]}\n{text[-3000:]}"
+    )
     assert len(killer.done) >= RANDOM_KILLS, f"only {len(killer.done)} random kills landed before the end"
     gaps = [b[0] - a[0] for a, b in zip(killer.done, killer.done[1:])]
     assert sum(g < 1.0 for g in gaps) >= 2, gaps  # kills closer together than a restart takes

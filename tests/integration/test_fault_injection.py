@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, cli_env
+
 from orchestrator.stage_client import StageClient
 from redheart import fault_injection
 from redheart.config import HybridConfig
@@ -38,10 +38,12 @@ def test_without_a_plan_nothing_is_installed(monkeypatch):
 def test_a_fault_fires_once_at_its_phase_and_step_only(tmp_path, monkeypatch):
     from cpu_stage.server import create_server
 
-    plan = _plan(tmp_path,
-                 {"service": "cpu_stage", "phase": "SaveState", "step": 3, "action": "mark"},
-                 {"service": "cpu_stage", "phase": "Describe", "when": "after", "action": "mark"},
-                 {"service": "gpu_stage", "phase": "SaveState", "action": "mark"})
+    plan = _plan(
+        tmp_path,
+        {"service": "cpu_stage", "phase": "SaveState", "step": 3, "action": "mark"},
+        {"service": "cpu_stage", "phase": "Describe", "when": "after", "action": "mark"},
+        {"service": "gpu_stage", "phase": "SaveState", "action": "mark"},
+    )
     monkeypatch.setenv(fault_injection.PLAN_ENV, str(plan))
     monkeypatch.setenv(fault_injection.SERVICE_ENV, "cpu_stage")
     server, port = create_server(HybridConfig(model={"preset": "tiny"}), host="127.0.0.1", port=0)
@@ -64,10 +66,28 @@ def test_a_fault_fires_once_at_its_phase_and_step_only(tmp_path, monkeypatch):
 def _start(tmp_path, plan, restart_count=0):
     config = tmp_path / "service.toml"
     config.write_text(SERVICE_TOML)
-    env = dict(cli_env(), **{fault_injection.PLAN_ENV: str(plan), fault_injection.SERVICE_ENV: "cpu_stage",
-                             fault_injection.RESTART_ENV: str(restart_count)})
-    argv = [sys.executable, "-m", "cpu_stage.cli", "--config", str(config), "--host", "127.0.0.1", "--port", "0"]
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    env = dict(
+        cli_env(),
+        **{
+            fault_injection.PLAN_ENV: str(plan),
+            fault_injection.SERVICE_ENV: "cpu_stage",
+            fault_injection.RESTART_ENV: str(restart_count),
+        },
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "cpu_stage.cli",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+    ]
+    return subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
 
 
 def _port(proc) -> int:
@@ -81,8 +101,13 @@ def test_a_kill_fault_sigkills_the_service_inside_the_call(tmp_path):
     plan = _plan(tmp_path, {"service": "cpu_stage", "phase": "Describe"})
     proc = _start(tmp_path, plan)
     try:
-        client = StageClient("cpu stage", f"127.0.0.1:{_port(proc)}", max_message_mb=16, rpc_timeout=20,
-                             alive=lambda: proc.poll() is None)
+        client = StageClient(
+            "cpu stage",
+            f"127.0.0.1:{_port(proc)}",
+            max_message_mb=16,
+            rpc_timeout=20,
+            alive=lambda: proc.poll() is None,
+        )
         with pytest.raises(ServiceError, match="UNAVAILABLE"):
             client.describe()
         client.close()

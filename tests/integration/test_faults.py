@@ -13,9 +13,9 @@ import time
 import psutil
 import pytest
 import torch
+from conftest import ROOT, cli_env, run_cli
 from safetensors.torch import load_file
 
-from conftest import ROOT, cli_env, run_cli
 from orchestrator import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,10 @@ enabled = false
 
 def _weights(run_dir, step):
     d = ckpt.step_dir(run_dir / "checkpoints", step)
-    return {**load_file(str(d / "cpu" / "weights.safetensors")), **load_file(str(d / "gpu" / "weights.safetensors"))}
+    return {
+        **load_file(str(d / "cpu" / "weights.safetensors")),
+        **load_file(str(d / "gpu" / "weights.safetensors")),
+    }
 
 
 def _child(proc, module):
@@ -69,8 +72,13 @@ def test_each_service_killed_once_mid_run_and_the_run_still_matches(tmp_path, co
     run_dir = tmp_path / "faulty"
     faulty.write_text(FAULT_TOML.format(data=corpus, out=run_dir))
     log = open(tmp_path / "faulty.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--config", str(faulty)], cwd=ROOT, env=cli_env(),
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "--config", str(faulty)],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     killed = []
     try:
         for step, module in ((10, "cpu_stage.cli"), (20, "gpu_stage.cli"), (30, "regret_service.cli")):
@@ -94,8 +102,11 @@ def test_each_service_killed_once_mid_run_and_the_run_still_matches(tmp_path, co
     assert [r["restarted"] for r in report["recoveries"]] == [["cpu_stage"], ["gpu_stage"], ["regret"]]
     a, b = _weights(tmp_path / "straight", 40), _weights(run_dir, 40)
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
-    straight_losses = {h["step"]: h["loss"] for h in json.loads((tmp_path / "straight" / "report.json").read_text())["loss_history"]}
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+    straight_losses = {
+        h["step"]: h["loss"]
+        for h in json.loads((tmp_path / "straight" / "report.json").read_text())["loss_history"]
+    }
     faulty_losses = {h["step"]: h["loss"] for h in report["loss_history"]}
     assert faulty_losses == straight_losses  # no step lost, none applied twice
 
@@ -132,8 +143,14 @@ enabled = false
 
 def _service(module, config, service, plan):
     env = dict(cli_env(), REDHEART_SERVICE=service, REDHEART_TEST_FAULTS=str(plan))
-    proc = subprocess.Popen([sys.executable, "-m", module, "--config", str(config), "--host", "127.0.0.1", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--config", str(config), "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     line = proc.stdout.readline()
     assert "REDHEART_READY" in line, f"{module} exited with {proc.poll()}"
     return proc, int(line.split("port=")[1].split()[0])
@@ -146,10 +163,21 @@ def test_remote_orchestrator_killed_mid_step_a_new_one_trains_on_the_same_stages
     from redheart import fault_injection
 
     plan = tmp_path / "faults.json"
-    plan.write_text(json.dumps({"faults": [
-        {"service": "cpu_stage", "phase": "RunStep", "step": 5, "action": "mark"},
-        {"service": "orchestrator", "phase": "RunStep gpu stage", "step": 5, "delay_seconds": 2.0},
-    ]}))
+    plan.write_text(
+        json.dumps(
+            {
+                "faults": [
+                    {"service": "cpu_stage", "phase": "RunStep", "step": 5, "action": "mark"},
+                    {
+                        "service": "orchestrator",
+                        "phase": "RunStep gpu stage",
+                        "step": 5,
+                        "delay_seconds": 2.0,
+                    },
+                ]
+            }
+        )
+    )
     service_config = tmp_path / "service.toml"
     service_config.write_text(REMOTE_TOML.format(data=corpus, out=tmp_path / "unused", cpu=0, gpu=0))
     cpu, cpu_port = _service("cpu_stage.cli", service_config, "cpu_stage", plan)
@@ -160,18 +188,35 @@ def test_remote_orchestrator_killed_mid_step_a_new_one_trains_on_the_same_stages
     env = dict(cli_env(), REDHEART_SERVICE="orchestrator", REDHEART_TEST_FAULTS=str(plan))
     second = None
     try:
-        first = subprocess.run([sys.executable, "-m", "orchestrator.cli", "--config", str(config)], cwd=ROOT, env=env,
-                               capture_output=True, text=True, timeout=300)
+        first = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "--config", str(config)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         killed_at = time.monotonic()
         assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
-        assert sorted(fault_injection.fired(plan)) == [0, 1]  # the CPU stage got the plan, then the orchestrator died
+        assert sorted(fault_injection.fired(plan)) == [
+            0,
+            1,
+        ]  # the CPU stage got the plan, then the orchestrator died
         assert ckpt.latest(run_dir / "checkpoints").step == 5
 
-        second = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--config", str(config), "--resume"],
-                                  cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        second = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "--config", str(config), "--resume"],
+            cwd=ROOT,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         while ckpt.latest(run_dir / "checkpoints").step == 5:
             assert second.poll() is None, second.stderr.read()[-3000:]
-            assert time.monotonic() - killed_at < 120, "no step trained 120 s after the orchestrator was killed"
+            assert time.monotonic() - killed_at < 120, (
+                "no step trained 120 s after the orchestrator was killed"
+            )
             time.sleep(0.05)
         trained_after = time.monotonic() - killed_at
         _out, err = second.communicate(timeout=300)

@@ -12,10 +12,11 @@ import textwrap
 import time
 
 from conftest import ROOT, cli_env
+from test_sigterm import Service
+
 from orchestrator.stage_client import StageClient
 from redheart.config import load_config
 from redheart.rpc import ServiceError
-from test_sigterm import Service
 
 LEASE = 2.0
 STEP_DEADLINE = 300.0  # far longer than the test: only the lease can free the stage
@@ -45,12 +46,27 @@ def test_an_orchestrator_killed_mid_step_frees_the_stages_for_a_new_one(tmp_path
     settings = {"train": dataclasses.asdict(cfg.train), "regret": dataclasses.asdict(cfg.regret)}
     cpu = Service("cpu_stage.cli", tiny_toml, tmp_path / "cpu.log", *overrides)
     gpu = Service("gpu_stage.cli", tiny_toml, tmp_path / "gpu.log", *overrides)
-    orchestrator = subprocess.Popen([sys.executable, "-c", ORCHESTRATOR, cpu.address, gpu.address, json.dumps(settings),
-                                     str(STEP_DEADLINE)], stdout=subprocess.PIPE, stderr=open(tmp_path / "orchestrator.log", "w"),
-                                    text=True, env=cli_env(), cwd=ROOT)
+    orchestrator = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            ORCHESTRATOR,
+            cpu.address,
+            gpu.address,
+            json.dumps(settings),
+            str(STEP_DEADLINE),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=open(tmp_path / "orchestrator.log", "w"),
+        text=True,
+        env=cli_env(),
+        cwd=ROOT,
+    )
     client = StageClient("gpu stage", gpu.address, max_message_mb=64, rpc_timeout=10)
     try:
-        assert orchestrator.stdout.readline().strip() == "RUNNING", (tmp_path / "orchestrator.log").read_text()[-2000:]
+        assert orchestrator.stdout.readline().strip() == "RUNNING", (
+            tmp_path / "orchestrator.log"
+        ).read_text()[-2000:]
         time.sleep(0.5)  # the RunStep is now waiting on the peer
         assert "is running" in _start_run_refusal(client, settings, cpu.address)
         orchestrator.kill()
@@ -63,7 +79,9 @@ def test_an_orchestrator_killed_mid_step_frees_the_stages_for_a_new_one(tmp_path
             assert time.monotonic() - killed < 30, f"StartRun still refused 30 s after the kill: {refusal}"
             time.sleep(0.2)
         freed = time.monotonic() - killed
-        print(f"\nStartRun of a new orchestrator accepted {freed:.1f}s after the old one was killed (lease {LEASE}s)")
+        print(
+            f"\nStartRun of a new orchestrator accepted {freed:.1f}s after the old one was killed (lease {LEASE}s)"
+        )
         assert "lease expired" in (tmp_path / "gpu.log").read_text() or freed < LEASE + 5
     finally:
         if orchestrator.poll() is None:
@@ -75,8 +93,15 @@ def test_an_orchestrator_killed_mid_step_frees_the_stages_for_a_new_one(tmp_path
 
 def _start_run_refusal(client: StageClient, settings, cpu_address: str) -> str | None:
     try:
-        client.start_run("second", settings, next_address="", prev_address=cpu_address, regret_address="inprocess",
-                         first_step=0, reinitialize=True)
+        client.start_run(
+            "second",
+            settings,
+            next_address="",
+            prev_address=cpu_address,
+            regret_address="inprocess",
+            first_step=0,
+            reinitialize=True,
+        )
         return None
     except ServiceError as exc:
         return exc.details

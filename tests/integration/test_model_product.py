@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from cpu_stage.logic import CpuStagePart
 from gpu_stage.logic import GpuStagePart
 from inference import RedHeartModel, export_checkpoint
@@ -229,11 +229,12 @@ def test_training_with_validation_path_validates_on_that_file(runs):
 def test_a_run_from_an_exported_model_at_another_split_has_the_original_first_step_loss(runs, tmp_path):
     """Run 2 (split 3/2, from run 1's export) against the single-process reference of the exported
     weights at run 1's split 2/3, on the same first batch."""
+    from safetensors.torch import load_file
+
     from orchestrator.data import StepBatches, prepare_data
     from orchestrator.reference import SingleProcessTrainer
     from orchestrator.trainer import learning_rate_at
     from redheart.model_folder import WEIGHTS_FILE
-    from safetensors.torch import load_file
 
     config = HybridConfig.from_toml(runs["run2"]["config"]).replace(**{"model.cpu_layers": 2})
     reference = SingleProcessTrainer(config)

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import required_tool
 import yaml
+from conftest import required_tool
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
@@ -51,8 +51,14 @@ SHIPPED_PROMETHEUS = REPO / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "redheart.json"
 
 # Grafana's built-in variables, replaced as Grafana would for a 1 h range at our resolution.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "${__rate_interval}": "1m", "$__interval": "15s",
-                     "${__interval}": "15s", "$__range": "1h", "${__range}": "1h"}
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "${__rate_interval}": "1m",
+    "$__interval": "15s",
+    "${__interval}": "15s",
+    "$__range": "1h",
+    "${__range}": "1h",
+}
 
 # Which config keys give each Prometheus job's /metrics port.
 JOB_PORT_KEYS = {
@@ -147,8 +153,9 @@ class PrometheusAPI:
         return self._get("/api/v1/query", **params)["result"]
 
     def query_range(self, expr: str, start: float, end: float, step: float = 1.0) -> list[dict]:
-        return self._get("/api/v1/query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}",
-                         step=str(step))["result"]
+        return self._get(
+            "/api/v1/query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=str(step)
+        )["result"]
 
     def rule_groups(self) -> list[dict]:
         return self._get("/api/v1/rules")["groups"]
@@ -174,7 +181,7 @@ def _write_run_config(path: Path, tmp: Path) -> None:
 preset = "tiny"
 
 [data]
-path = "{tmp / 'data' / 'scenarios.jsonl'}"
+path = "{tmp / "data" / "scenarios.jsonl"}"
 generated_count = 400
 max_scenarios = 400
 
@@ -189,7 +196,7 @@ log_every_n_steps = 10
 save_checkpoint_every = 25
 
 [orchestrator]
-output_dir = "{tmp / 'run'}"
+output_dir = "{tmp / "run"}"
 progress = "log"
 """,
         encoding="utf-8",
@@ -224,7 +231,11 @@ def _pinned_instant(api: PrometheusAPI, since: float) -> float | None:
     up = _series_by_time(api.query_range('count(up{job=~"redheart-.*"} == 1)', since, now))
     samples = _series_by_time(api.query_range('min(count_over_time(up{job=~"redheart-.*"}[1m]))', since, now))
     steps = _series_by_time(api.query_range("max(redheart_train_steps_total)", since, now))
-    good = [t for t in up if up[t] == len(JOB_PORT_KEYS) and samples.get(t, 0) >= 3 and steps.get(t, 0) >= MIN_STEPS]
+    good = [
+        t
+        for t in up
+        if up[t] == len(JOB_PORT_KEYS) and samples.get(t, 0) >= 3 and steps.get(t, 0) >= MIN_STEPS
+    ]
     return max(good) if good else None
 
 
@@ -236,8 +247,10 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 def _logs(tmp: Path) -> str:
-    parts = [f"--- orchestrator output ---\n{_tail(tmp / 'orchestrator.log')}",
-             f"--- prometheus output ---\n{_tail(tmp / 'prometheus.log', 15)}"]
+    parts = [
+        f"--- orchestrator output ---\n{_tail(tmp / 'orchestrator.log')}",
+        f"--- prometheus output ---\n{_tail(tmp / 'prometheus.log', 15)}",
+    ]
     for log in sorted((tmp / "run").glob("**/*.log")):
         parts.append(f"--- {log.relative_to(tmp)} ---\n{_tail(log, 20)}")
     return "\n".join(parts)
@@ -294,9 +307,17 @@ def test_every_dashboard_query_returns_data_from_a_live_run(prometheus_binary: s
     run_log = open(tmp_path / "orchestrator.log", "wb")
     try:
         prometheus = subprocess.Popen(
-            [prometheus_binary, f"--config.file={prom_config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{ports['prometheus']}", "--log.level=warn"],
-            stdout=prom_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            [
+                prometheus_binary,
+                f"--config.file={prom_config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{ports['prometheus']}",
+                "--log.level=warn",
+            ],
+            stdout=prom_log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 60
         while not api.ready():
@@ -309,10 +330,19 @@ def test_every_dashboard_query_returns_data_from_a_live_run(prometheus_binary: s
 
         started = time.time()
         command = _orchestrate_command() + ["--config", str(run_config), "--set", 'launch.ports="fixed"']
-        command += [arg for key, port in ports.items() if key != "prometheus" for arg in ("--set", f"{key}={port}")]
+        command += [
+            arg for key, port in ports.items() if key != "prometheus" for arg in ("--set", f"{key}={port}")
+        ]
         env = dict(os.environ, PYTHONUNBUFFERED="1", REDHEART_LOG_LEVEL="INFO")
-        orchestrator = subprocess.Popen(command, cwd=tmp_path, stdout=run_log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        orchestrator = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            stdout=run_log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
         tracked[orchestrator.pid] = psutil.Process(orchestrator.pid)
 
         pinned = None
@@ -326,11 +356,15 @@ def test_every_dashboard_query_returns_data_from_a_live_run(prometheus_binary: s
                 pinned = _pinned_instant(api, started)
             if pinned is None:
                 if orchestrator.poll() is not None:
-                    pytest.fail(f"the run exited with code {orchestrator.returncode} before Prometheus saw every "
-                                f"process up with {MIN_STEPS} steps done\n{_logs(tmp_path)}")
+                    pytest.fail(
+                        f"the run exited with code {orchestrator.returncode} before Prometheus saw every "
+                        f"process up with {MIN_STEPS} steps done\n{_logs(tmp_path)}"
+                    )
                 if time.monotonic() > deadline:
-                    pytest.fail(f"no instant with all four processes up and {MIN_STEPS} steps done within "
-                                f"{STARTUP_DEADLINE_S:.0f} s (orchestrator reports {steps} steps)\n{_logs(tmp_path)}")
+                    pytest.fail(
+                        f"no instant with all four processes up and {MIN_STEPS} steps done within "
+                        f"{STARTUP_DEADLINE_S:.0f} s (orchestrator reports {steps} steps)\n{_logs(tmp_path)}"
+                    )
                 time.sleep(1.0)
 
         empty, errors = [], []
@@ -343,8 +377,10 @@ def test_every_dashboard_query_returns_data_from_a_live_run(prometheus_binary: s
             if not result:
                 empty.append(f"{where}: {expr}")
         assert not errors, "Prometheus rejected dashboard queries:\n" + "\n".join(errors)
-        assert not empty, (f"dashboard queries with no data at {pinned} (run started {started:.0f}):\n  "
-                           + "\n  ".join(empty))
+        assert not empty, (
+            f"dashboard queries with no data at {pinned} (run started {started:.0f}):\n  "
+            + "\n  ".join(empty)
+        )
 
         # A graceful stop: finish the step, checkpoint, stop the services, exit 0.
         if orchestrator.poll() is None:

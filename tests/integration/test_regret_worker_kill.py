@@ -10,7 +10,6 @@ import time
 
 import psutil
 import pytest
-
 from conftest import ROOT, cli_env
 
 pytestmark = pytest.mark.slow
@@ -20,7 +19,12 @@ def _regret_workers(orchestrator: psutil.Process) -> list[psutil.Process]:
     for child in orchestrator.children():
         if "regret_service.cli" in " ".join(child.cmdline()):
             # the pool's workers run multiprocessing's spawn entry point
-            return [w for w in child.children() if "multiprocessing" in " ".join(w.cmdline()) and "resource_tracker" not in " ".join(w.cmdline())]
+            return [
+                w
+                for w in child.children()
+                if "multiprocessing" in " ".join(w.cmdline())
+                and "resource_tracker" not in " ".join(w.cmdline())
+            ]
     return []
 
 
@@ -28,8 +32,21 @@ def test_killing_a_worker_mid_run_loses_no_step(tmp_path, tiny_toml):
     config = tiny_toml.read_text().replace("max_steps = 4", "max_steps = 90")
     tiny_toml.write_text(config)
     log = open(tmp_path / "run.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--config", str(tiny_toml), "--set", "checkpoint.save_checkpoint_every=20"],
-                            cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "--config",
+            str(tiny_toml),
+            "--set",
+            "checkpoint.save_checkpoint_every=20",
+        ],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         parent = psutil.Process(proc.pid)
         deadline = time.monotonic() + 120

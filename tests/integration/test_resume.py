@@ -13,9 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import ROOT, cli_env, run_cli
 from safetensors.torch import load_file
 
-from conftest import ROOT, cli_env, run_cli
 from orchestrator import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,10 @@ def _losses(report):
 
 def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     d = ckpt.step_dir(run_dir / "checkpoints", step)
-    return {**load_file(str(d / "cpu" / "weights.safetensors")), **load_file(str(d / "gpu" / "weights.safetensors"))}
+    return {
+        **load_file(str(d / "cpu" / "weights.safetensors")),
+        **load_file(str(d / "gpu" / "weights.safetensors")),
+    }
 
 
 def test_kill_everything_then_resume_matches_an_uninterrupted_run(tmp_path, corpus):
@@ -68,8 +71,14 @@ def test_kill_everything_then_resume_matches_an_uninterrupted_run(tmp_path, corp
 
     cfg = _config(tmp_path, corpus, "killed")
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "--config", str(cfg)], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "--config", str(cfg)],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     manifest = ckpt.step_dir(run_dir / "checkpoints", 10) / "manifest.json"
     deadline = time.monotonic() + 240
     while not manifest.exists():
@@ -107,7 +116,9 @@ def test_kill_everything_then_resume_matches_an_uninterrupted_run(tmp_path, corp
         assert torch.equal(wa[name], wb[name]), name
     # orphans of the killed orchestrator shut themselves down
     time.sleep(3)
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in family[1:])
+    assert not any(
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in family[1:]
+    )
 
 
 def test_resume_without_checkpoint_and_incomplete_checkpoint_are_skipped(tmp_path):

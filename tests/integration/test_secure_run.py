@@ -10,24 +10,30 @@ appear in no output, log, report or checkpoint.
 
 from __future__ import annotations
 
-import os
 import json
+import os
 
 import grpc
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import run_cli
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pki import OPENSSL, make_pki
+
 from orchestrator.launcher import LocalLauncher
 from orchestrator.stage_client import StageClient
-from pki import OPENSSL, make_pki
 from redheart.config import REDACTED, load_config
 from redheart.regret_client import RegretClient
 from redheart.rpc import ServiceError, make_channel
 from redheart.v1 import stage_pb2, stage_pb2_grpc
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(OPENSSL is None and not os.environ.get("CI"), reason="needs the openssl command line (required under CI)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        OPENSSL is None and not os.environ.get("CI"),
+        reason="needs the openssl command line (required under CI)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +67,9 @@ def test_secure_run_exits_0_and_never_leaks_the_token(tmp_path, tiny_toml, pki):
     assert "done: 3 steps" in result.stdout
     out = tmp_path / "run"
     report = json.loads((out / "report.json").read_text())
-    assert report["steps"] == 3 and report["regret"]["computations"] == 3 * 8 * 7  # scored by the regret service
+    assert (
+        report["steps"] == 3 and report["regret"]["computations"] == 3 * 8 * 7
+    )  # scored by the regret service
     assert report["config"]["security"]["token"] == REDACTED
     assert f'token = "{REDACTED}"' in (out / "config.toml").read_text()
     logs = {p.name: p.read_text(errors="replace") for p in (out / "logs").glob("*.log")}
@@ -94,19 +102,29 @@ def test_locally_launched_services_refuse_plaintext_and_unauthenticated_calls(tm
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
                 if name != "regret":
                     with pytest.raises(grpc.RpcError) as err:
-                        stage_pb2_grpc.PipelineStageStub(channel).Describe(stage_pb2.DescribeRequest(), timeout=5)
+                        stage_pb2_grpc.PipelineStageStub(channel).Describe(
+                            stage_pb2.DescribeRequest(), timeout=5
+                        )
                     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
-        with RegretClient(launcher.services["regret"].address, max_message_mb=16, timeout_seconds=5, security=no_token) as rc:
+        with RegretClient(
+            launcher.services["regret"].address, max_message_mb=16, timeout_seconds=5, security=no_token
+        ) as rc:
             with pytest.raises(ServiceError) as err:
                 rc.score("r", 0, 0, torch.rand(2, 8))
         assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
         # With the whole [security] (the token reached the services through the environment).
-        stage = StageClient("cpu stage", launcher.services["cpu_stage"].address, max_message_mb=16, rpc_timeout=10,
-                            security=cfg.security)
+        stage = StageClient(
+            "cpu stage",
+            launcher.services["cpu_stage"].address,
+            max_message_mb=16,
+            rpc_timeout=10,
+            security=cfg.security,
+        )
         assert stage.describe().name == "cpu"
         stage.close()
-        with RegretClient(launcher.services["regret"].address, max_message_mb=16, timeout_seconds=10,
-                          security=cfg.security) as rc:
+        with RegretClient(
+            launcher.services["regret"].address, max_message_mb=16, timeout_seconds=10, security=cfg.security
+        ) as rc:
             assert rc.score("r", 0, 0, torch.rand(2, 8)).regret.shape == (2,)
     finally:
         launcher.stop_all()

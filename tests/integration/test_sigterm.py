@@ -33,21 +33,28 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import ROOT, cli_env
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from synthetic import synthetic_batch
+
 from orchestrator.stage_client import StageClient, micro_batch_message
 from redheart import calculus, codec
 from redheart.config import load_config
 from redheart.rpc import ServiceError
 from redheart.v1 import regret_pb2, regret_pb2_grpc, stage_pb2, tensor_pb2
-from synthetic import synthetic_batch
 
 GRACE = 10.0  # the services' drain period (stage_service.run_stage_cli, regret_service.cli.GRACE_SECONDS)
 SLACK = 5.0  # process start-up of the interpreter's exit, a loaded 2-core CI machine
 PEER_WAIT = 20.0  # deadline_seconds of the RunSteps in flight: longer than the grace period
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-GPU_KEYS = ("attention_mask", "labels.emotions", "labels.emotions_mask", "labels.bentham", "labels.bentham_mask", "labels.judgment")
+GPU_KEYS = (
+    "attention_mask",
+    "labels.emotions",
+    "labels.emotions_mask",
+    "labels.bentham",
+    "labels.bentham_mask",
+    "labels.judgment",
+)
 CPU_KEYS = ("input_ids", "attention_mask")
 STOPPED = {"UNAVAILABLE", "ABORTED", "CANCELLED"}
 
@@ -60,8 +67,14 @@ class Service:
 
     def __init__(self, module: str, config: Path, log: Path, *extra: str) -> None:
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", module, "--config", str(config), "--port", "0", *extra],
-                                     stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=cli_env(), cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--config", str(config), "--port", "0", *extra],
+            stdout=subprocess.PIPE,
+            stderr=open(log, "w"),
+            text=True,
+            env=cli_env(),
+            cwd=ROOT,
+        )
         self.port = 0
         ready = threading.Event()
 
@@ -89,7 +102,9 @@ class HealthWatch:
 
     def __init__(self, address: str) -> None:
         self.channel = grpc.insecure_channel(address)
-        self.stream = health_pb2_grpc.HealthStub(self.channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
+        self.stream = health_pb2_grpc.HealthStub(self.channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=120
+        )
         self.seen: list[tuple[float, object]] = []
         self.serving = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -142,10 +157,19 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> tuple[int | None, float
 
 def _plan(run_id: str, keys, deadline: float) -> stage_pb2.StepPlan:
     batch = synthetic_batch(0)
-    plan = stage_pb2.StepPlan(envelope=tensor_pb2.Envelope(run_id=run_id, step=0), accumulation_round=0, accumulation_steps=1,
-                              schedule="1f1b", loss_multiplier=0.25, loss_scale=1.0, deadline_seconds=deadline)
+    plan = stage_pb2.StepPlan(
+        envelope=tensor_pb2.Envelope(run_id=run_id, step=0),
+        accumulation_round=0,
+        accumulation_steps=1,
+        schedule="1f1b",
+        loss_multiplier=0.25,
+        loss_scale=1.0,
+        deadline_seconds=deadline,
+    )
     for i in range(4):
-        plan.micro_batches.append(micro_batch_message(i, batch.slice(2 * i, 2 * i + 2).tensors, keys, batch.ids[2 * i:2 * i + 2]))
+        plan.micro_batches.append(
+            micro_batch_message(i, batch.slice(2 * i, 2 * i + 2).tensors, keys, batch.ids[2 * i : 2 * i + 2])
+        )
     return plan
 
 
@@ -173,17 +197,38 @@ def stages_sigterm(tmp_path_factory, corpus):
     cpu = Service("cpu_stage.cli", config, tmp / "cpu.log")
     gpu = Service("gpu_stage.cli", config, tmp / "gpu.log")
     services = {"cpu": cpu, "gpu": gpu}
-    clients = {n: StageClient(f"{n} stage", s.address, max_message_mb=64, rpc_timeout=10) for n, s in services.items()}
+    clients = {
+        n: StageClient(f"{n} stage", s.address, max_message_mb=64, rpc_timeout=10)
+        for n, s in services.items()
+    }
     watches: dict[str, HealthWatch] = {}
     try:
-        clients["cpu"].start_run("run", settings, next_address=gpu.address, prev_address="", regret_address="",
-                                 first_step=0, reinitialize=True)
-        clients["gpu"].start_run("run", settings, next_address="", prev_address=cpu.address, regret_address=silent_address,
-                                 first_step=0, reinitialize=True)
+        clients["cpu"].start_run(
+            "run",
+            settings,
+            next_address=gpu.address,
+            prev_address="",
+            regret_address="",
+            first_step=0,
+            reinitialize=True,
+        )
+        clients["gpu"].start_run(
+            "run",
+            settings,
+            next_address="",
+            prev_address=cpu.address,
+            regret_address=silent_address,
+            first_step=0,
+            reinitialize=True,
+        )
         watches = {n: HealthWatch(s.address) for n, s in services.items()}
         calls = {
-            "cpu": InFlight(clients["cpu"].stub.RunStep, _plan("run", CPU_KEYS, PEER_WAIT), timeout=PEER_WAIT + 30),
-            "gpu": InFlight(clients["gpu"].stub.RunStep, _plan("run", GPU_KEYS, PEER_WAIT), timeout=PEER_WAIT + 30),
+            "cpu": InFlight(
+                clients["cpu"].stub.RunStep, _plan("run", CPU_KEYS, PEER_WAIT), timeout=PEER_WAIT + 30
+            ),
+            "gpu": InFlight(
+                clients["gpu"].stub.RunStep, _plan("run", GPU_KEYS, PEER_WAIT), timeout=PEER_WAIT + 30
+            ),
         }
         time.sleep(1.0)  # both calls are now waiting on their peer
         assert all(c.outcome is None for c in calls.values()), {n: c.outcome for n, c in calls.items()}
@@ -215,10 +260,15 @@ def stages_sigterm(tmp_path_factory, corpus):
 @pytest.mark.parametrize("stage", ["cpu", "gpu"])
 def test_sigterm_of_a_stage_during_a_step_drains_and_exits_0(stages_sigterm, stage):
     seen = stages_sigterm
-    print(f"\n{stage} stage after SIGTERM: NOT_SERVING at {seen['not_serving'][stage]}s, in-flight RunStep "
-          f"{seen['calls'][stage]}, exit (code, seconds) {seen['exits'][stage]}")
+    print(
+        f"\n{stage} stage after SIGTERM: NOT_SERVING at {seen['not_serving'][stage]}s, in-flight RunStep "
+        f"{seen['calls'][stage]}, exit (code, seconds) {seen['exits'][stage]}"
+    )
     log = seen["logs"][stage].read_text()[-3000:]
-    assert seen["not_serving"][stage] is not None and seen["not_serving"][stage] < 2.0, (seen["not_serving"], log)
+    assert seen["not_serving"][stage] is not None and seen["not_serving"][stage] < 2.0, (
+        seen["not_serving"],
+        log,
+    )
     outcome, ended = seen["calls"][stage]
     assert outcome is not None, f"the in-flight RunStep never ended: {seen['calls']}"
     assert outcome[0] in STOPPED | {"OK"}, (outcome, log)
@@ -231,7 +281,9 @@ def test_sigterm_of_a_stage_during_a_step_drains_and_exits_0(stages_sigterm, sta
 @pytest.mark.parametrize("stage", ["cpu", "gpu"])
 def test_sigterm_of_a_stage_waiting_on_its_peer_exits_within_the_grace_period(stages_sigterm, stage):
     code, after = stages_sigterm["exits"][stage]
-    assert code == 0 and after < GRACE + SLACK, f"exit code {code} {after:.1f}s after SIGTERM (grace {GRACE}s)"
+    assert code == 0 and after < GRACE + SLACK, (
+        f"exit code {code} {after:.1f}s after SIGTERM (grace {GRACE}s)"
+    )
 
 
 # ----------------------------------------------------------------------------- (b) the regret service
@@ -240,11 +292,20 @@ SCORE_ROWS = 500_000
 
 
 def test_sigterm_of_the_regret_service_with_a_large_score_in_flight(tmp_path, tiny_toml):
-    svc = Service("regret_service.cli", tiny_toml, tmp_path / "regret.log", "--metrics-port", "0",
-                  "--set", f"regret.max_batch={SCORE_ROWS}")
+    svc = Service(
+        "regret_service.cli",
+        tiny_toml,
+        tmp_path / "regret.log",
+        "--metrics-port",
+        "0",
+        "--set",
+        f"regret.max_batch={SCORE_ROWS}",
+    )
     watch = None
-    channel = grpc.insecure_channel(svc.address, options=[("grpc.max_send_message_length", 256 << 20),
-                                                          ("grpc.max_receive_message_length", 256 << 20)])
+    channel = grpc.insecure_channel(
+        svc.address,
+        options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)],
+    )
     try:
         stub = regret_pb2_grpc.RegretServiceStub(channel)
         rng = np.random.default_rng(0)
@@ -254,7 +315,9 @@ def test_sigterm_of_the_regret_service_with_a_large_score_in_flight(tmp_path, ti
         start = time.monotonic()
         stub.Score(request, timeout=60)  # how long one takes here, to signal in the middle of the next
         duration = time.monotonic() - start
-        assert duration > 0.3, f"a Score of {SCORE_ROWS} rows took only {duration:.2f}s: too short to signal it in flight"
+        assert duration > 0.3, (
+            f"a Score of {SCORE_ROWS} rows took only {duration:.2f}s: too short to signal it in flight"
+        )
         watch = HealthWatch(svc.address)
         call = InFlight(stub.Score, request, timeout=60)
         time.sleep(duration / 3)
@@ -264,7 +327,10 @@ def test_sigterm_of_the_regret_service_with_a_large_score_in_flight(tmp_path, ti
         code, after = wait_exit(svc.proc, GRACE + SLACK + 30)
         call.thread.join(timeout=5)
         log = (tmp_path / "regret.log").read_text()[-3000:]
-        assert watch.not_serving_after(t0) is not None and watch.not_serving_after(t0) < 2.0, (watch.seen, log)
+        assert watch.not_serving_after(t0) is not None and watch.not_serving_after(t0) < 2.0, (
+            watch.seen,
+            log,
+        )
         assert call.outcome is not None and call.outcome[0] in STOPPED | {"OK"}, (call.outcome, log)
         if call.outcome[0] == "OK":  # it finished inside the grace period: with the calculus' answer
             np.testing.assert_array_equal(codec.decode(call.value.regret).numpy(), calculus.score(x).regret)
@@ -297,9 +363,23 @@ def test_signal_to_the_orchestrator_checkpoints_stops_every_child_and_resumes(tm
     run_dir = tmp_path / "run"
     log_path = tmp_path / "orchestrator.log"
     # No periodic checkpoint: the only one the run writes is the one the signal asks for.
-    base = [sys.executable, "-m", "orchestrator.cli", "--config", str(tiny_toml), "--set", "checkpoint.save_checkpoint_every=1000"]
+    base = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "--config",
+        str(tiny_toml),
+        "--set",
+        "checkpoint.save_checkpoint_every=1000",
+    ]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(base + ["--set", "train.max_steps=100000"], cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            base + ["--set", "train.max_steps=100000"],
+            cwd=ROOT,
+            env=cli_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     children: list[psutil.Process] = []
     try:
         _wait_for_step(log_path, proc, 3)
@@ -318,13 +398,17 @@ def test_signal_to_the_orchestrator_checkpoints_stops_every_child_and_resumes(tm
         assert manifest.is_file(), sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         assert json.loads(manifest.read_text())["step"] == step
         assert report["checkpoint"] == str(manifest.parent)
-        assert max(h["step"] for h in report["loss_history"]) == step  # the step in flight was finished, not dropped
+        assert (
+            max(h["step"] for h in report["loss_history"]) == step
+        )  # the step in flight was finished, not dropped
         deadline = time.monotonic() + 10
         alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
         while alive and time.monotonic() < deadline:
             time.sleep(0.1)
             alive = [c for c in alive if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-        assert not alive, f"children still alive after the orchestrator exited: {[(c.pid, c.cmdline()) for c in alive]}"
+        assert not alive, (
+            f"children still alive after the orchestrator exited: {[(c.pid, c.cmdline()) for c in alive]}"
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -337,8 +421,14 @@ def test_signal_to_the_orchestrator_checkpoints_stops_every_child_and_resumes(tm
 
     # --resume: continues from the saved step (a shorter max_steps changes the LR schedule; only
     # where it starts and that it ends cleanly are checked here).
-    resumed = subprocess.run(base + ["--resume", "--set", f"train.max_steps={step + 2}"], cwd=ROOT, env=cli_env(),
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        base + ["--resume", "--set", f"train.max_steps={step + 2}"],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert re.search(rf"resumed run \S+ at step {step} from ", resumed.stderr), resumed.stderr[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
@@ -359,8 +449,14 @@ class Forker:
     def __init__(self) -> None:
         env = cli_env()
         env["OPENBLAS_NUM_THREADS"] = "1"  # no BLAS threads in the parent of every fork
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "integration" / "service_forker.py")],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "integration" / "service_forker.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         self.lock = threading.Lock()
         self.pids: dict[str, int] = {}
         self.codes: dict[int, int] = {}
@@ -413,26 +509,49 @@ def _ready_port(log: Path, pid_alive, timeout: float = 60) -> int:
     raise AssertionError(f"{log.name}: not ready within {timeout}s")
 
 
-def _stop_three_while_busy(forker: Forker, tmp: Path, config: Path, settings: dict, plans: dict, i: int) -> dict[str, int | None]:
+def _stop_three_while_busy(
+    forker: Forker, tmp: Path, config: Path, settings: dict, plans: dict, i: int
+) -> dict[str, int | None]:
     """Start the three services, train continuously, SIGTERM all three mid-step; their exit codes."""
-    argv = {"cpu": ("cpu_stage.cli",), "gpu": ("gpu_stage.cli",),
-            "regret": ("regret_service.cli", "--set", "regret.num_workers=1")}
+    argv = {
+        "cpu": ("cpu_stage.cli",),
+        "gpu": ("gpu_stage.cli",),
+        "regret": ("regret_service.cli", "--set", "regret.num_workers=1"),
+    }
     pids, logs = {}, {}
     for name, (module, *extra) in argv.items():
         logs[name] = tmp / f"{name}-{i}.log"
-        pids[name] = forker.spawn(f"{name}-{i}", logs[name], module, "--config", str(config), "--port", "0", *extra)
+        pids[name] = forker.spawn(
+            f"{name}-{i}", logs[name], module, "--config", str(config), "--port", "0", *extra
+        )
     ports = {n: _ready_port(logs[n], lambda n=n: pids[n] not in forker.codes) for n in pids}
     addr = {n: f"127.0.0.1:{p}" for n, p in ports.items()}
-    clients = {n: StageClient(f"{n} stage", addr[n], max_message_mb=64, rpc_timeout=20) for n in ("cpu", "gpu")}
+    clients = {
+        n: StageClient(f"{n} stage", addr[n], max_message_mb=64, rpc_timeout=20) for n in ("cpu", "gpu")
+    }
     busy = threading.Event()
     stop = threading.Event()
 
     def train() -> None:
         try:
-            clients["cpu"].start_run("run", settings, next_address=addr["gpu"], prev_address="", regret_address="",
-                                     first_step=0, reinitialize=True)
-            clients["gpu"].start_run("run", settings, next_address="", prev_address=addr["cpu"], regret_address=addr["regret"],
-                                     first_step=0, reinitialize=True)
+            clients["cpu"].start_run(
+                "run",
+                settings,
+                next_address=addr["gpu"],
+                prev_address="",
+                regret_address="",
+                first_step=0,
+                reinitialize=True,
+            )
+            clients["gpu"].start_run(
+                "run",
+                settings,
+                next_address="",
+                prev_address=addr["cpu"],
+                regret_address=addr["regret"],
+                first_step=0,
+                reinitialize=True,
+            )
             step = 0
             while not stop.is_set():
                 calls = [clients[n].stub.RunStep.future(plans[n](step), timeout=30) for n in ("cpu", "gpu")]
@@ -440,8 +559,14 @@ def _stop_three_while_busy(forker: Forker, tmp: Path, config: Path, settings: di
                 for c in calls:
                     c.result()
                 for c in clients.values():  # the stub, not StageClient.apply: no retries once the services go
-                    c.stub.ApplyStep(stage_pb2.ApplyRequest(envelope=tensor_pb2.Envelope(run_id="run", step=step),
-                                                            clip_coefficient=1.0, learning_rate=1e-3), timeout=20)
+                    c.stub.ApplyStep(
+                        stage_pb2.ApplyRequest(
+                            envelope=tensor_pb2.Envelope(run_id="run", step=step),
+                            clip_coefficient=1.0,
+                            learning_rate=1e-3,
+                        ),
+                        timeout=20,
+                    )
                 step += 1
         except (grpc.RpcError, ServiceError):
             pass  # the services are going away: that is the point
@@ -476,7 +601,12 @@ def test_each_service_exits_0_on_50_sigterms_while_both_stages_are_busy(tmp_path
     start = time.monotonic()
     try:
         with ThreadPoolExecutor(PARALLEL) as pool:
-            results = list(pool.map(lambda i: _stop_three_while_busy(forker, tmp_path, tiny_toml, settings, plans, i), range(STOPS)))
+            results = list(
+                pool.map(
+                    lambda i: _stop_three_while_busy(forker, tmp_path, tiny_toml, settings, plans, i),
+                    range(STOPS),
+                )
+            )
     finally:
         forker.close()
     print(f"\n{STOPS} x 3 services stopped with SIGTERM mid-step in {time.monotonic() - start:.0f}s")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -33,11 +32,28 @@ PROCESSES = ("orchestrator", "cpu_stage", "gpu_stage", "regret")
 
 
 def test_rss_of_every_process_stays_flat_over_400_steps(tmp_path, tiny_toml):
-    result = run_cli(["orchestrator.cli", "--config", str(tiny_toml), "--output-dir", str(tmp_path / "run"),
-                      "--set", f"train.max_steps={STEPS}", "--set", "train.epochs=1000",
-                      "--set", "train.batch_size=8", "--set", "train.micro_batch_size=2",
-                      "--set", f"train.log_every_n_steps={LOG_EVERY}", "--set", "checkpoint.save_checkpoint_every=100"],
-                     timeout=900)
+    result = run_cli(
+        [
+            "orchestrator.cli",
+            "--config",
+            str(tiny_toml),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--set",
+            f"train.max_steps={STEPS}",
+            "--set",
+            "train.epochs=1000",
+            "--set",
+            "train.batch_size=8",
+            "--set",
+            "train.micro_batch_size=2",
+            "--set",
+            f"train.log_every_n_steps={LOG_EVERY}",
+            "--set",
+            "checkpoint.save_checkpoint_every=100",
+        ],
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["steps"] == STEPS
@@ -47,8 +63,10 @@ def test_rss_of_every_process_stays_flat_over_400_steps(tmp_path, tiny_toml):
     last_step, last = samples[-1]
 
     mib = 1 << 20
-    lines = [f"RSS (MiB) per process, {len(samples)} samples; bound: growth <= {BOUND_BYTES / mib:.0f} MiB "
-             f"from step {first_step} to step {last_step}"]
+    lines = [
+        f"RSS (MiB) per process, {len(samples)} samples; bound: growth <= {BOUND_BYTES / mib:.0f} MiB "
+        f"from step {first_step} to step {last_step}"
+    ]
     lines.append(f"{'step':>6} " + " ".join(f"{p:>13}" for p in PROCESSES))
     for step, rss in samples:
         lines.append(f"{step:>6} " + " ".join(f"{rss.get(p, 0) / mib:>13.1f}" for p in PROCESSES))
@@ -58,12 +76,29 @@ def test_rss_of_every_process_stays_flat_over_400_steps(tmp_path, tiny_toml):
         growth[p] = last[p] - first[p]
         lo = min(rss[p] for s, rss in samples if s >= first_step)
         hi = max(rss[p] for s, rss in samples if s >= first_step)
-        lines.append(f"{p}: {first[p] / mib:.1f} -> {last[p] / mib:.1f} MiB (growth {growth[p] / mib:+.1f} MiB, "
-                     f"range after warm-up {lo / mib:.1f}..{hi / mib:.1f}, peak {report['peak_rss_bytes'].get(p, 0) / mib:.1f})")
+        lines.append(
+            f"{p}: {first[p] / mib:.1f} -> {last[p] / mib:.1f} MiB (growth {growth[p] / mib:+.1f} MiB, "
+            f"range after warm-up {lo / mib:.1f}..{hi / mib:.1f}, peak {report['peak_rss_bytes'].get(p, 0) / mib:.1f})"
+        )
     text = "\n".join(lines)
     print("\n" + text)
     (tmp_path / "rss.txt").write_text(text + "\n")
-    (tmp_path / "rss.json").write_text(json.dumps({"bound_bytes": BOUND_BYTES, "first_step": first_step, "last_step": last_step,
-                                                   "growth_bytes": growth, "samples": samples}, indent=2))
+    (tmp_path / "rss.json").write_text(
+        json.dumps(
+            {
+                "bound_bytes": BOUND_BYTES,
+                "first_step": first_step,
+                "last_step": last_step,
+                "growth_bytes": growth,
+                "samples": samples,
+            },
+            indent=2,
+        )
+    )
     over = {p: g for p, g in growth.items() if g > BOUND_BYTES}
-    assert not over, f"RSS grew beyond {BOUND_BYTES / mib:.0f} MiB: " + ", ".join(f"{p} {g / mib:+.1f} MiB" for p, g in over.items()) + "\n" + text
+    assert not over, (
+        f"RSS grew beyond {BOUND_BYTES / mib:.0f} MiB: "
+        + ", ".join(f"{p} {g / mib:+.1f} MiB" for p, g in over.items())
+        + "\n"
+        + text
+    )

@@ -6,25 +6,30 @@ import dataclasses
 
 import pytest
 import torch
+from synthetic import synthetic_batch
 
 from orchestrator.launcher import LocalLauncher
 from orchestrator.pipeline import PipelineDriver
 from orchestrator.reference import SingleProcessTrainer
 from orchestrator.stage_client import StageClient
 from redheart.config import load_config
-from synthetic import synthetic_batch
 
 
 @pytest.fixture
 def stage_processes(tmp_path, tiny_toml):
-    cfg = load_config(tiny_toml, overrides=["train.gradient_accumulation_steps=2", 'regret.address="inprocess"',
-                                            "model.dropout=0.1"], env={})
+    cfg = load_config(
+        tiny_toml,
+        overrides=["train.gradient_accumulation_steps=2", 'regret.address="inprocess"', "model.dropout=0.1"],
+        env={},
+    )
     resolved = tmp_path / "resolved.toml"
     resolved.write_text(cfg.to_toml())
     launcher = LocalLauncher(cfg, resolved, tmp_path / "logs")
     launcher.start(["cpu_stage", "gpu_stage"])
-    clients = {n: StageClient(n.replace("_", " "), launcher.services[n].address, max_message_mb=64, rpc_timeout=30)
-               for n in ("cpu_stage", "gpu_stage")}
+    clients = {
+        n: StageClient(n.replace("_", " "), launcher.services[n].address, max_message_mb=64, rpc_timeout=30)
+        for n in ("cpu_stage", "gpu_stage")
+    }
     yield cfg, launcher, clients
     for c in clients.values():
         c.close()
@@ -40,8 +45,24 @@ def test_pipelined_training_equals_single_process(stage_processes, steps):
     settings = {"train": dataclasses.asdict(cfg.train), "regret": dataclasses.asdict(cfg.regret)}
     cpu, gpu = clients["cpu_stage"], clients["gpu_stage"]
     run = f"equivalence-{steps}"
-    cpu.start_run(run, settings, next_address=gpu.address, prev_address="", regret_address="", first_step=0, reinitialize=True)
-    gpu.start_run(run, settings, next_address="", prev_address=cpu.address, regret_address="inprocess", first_step=0, reinitialize=True)
+    cpu.start_run(
+        run,
+        settings,
+        next_address=gpu.address,
+        prev_address="",
+        regret_address="",
+        first_step=0,
+        reinitialize=True,
+    )
+    gpu.start_run(
+        run,
+        settings,
+        next_address="",
+        prev_address=cpu.address,
+        regret_address="inprocess",
+        first_step=0,
+        reinitialize=True,
+    )
     driver = PipelineDriver(cpu, gpu, cfg, run, dead_services=launcher.dead)
     reference = SingleProcessTrainer(cfg)
     try:
@@ -49,15 +70,24 @@ def test_pipelined_training_equals_single_process(stage_processes, steps):
             rounds = [synthetic_batch(100 * step + r) for r in range(2)]
             got = driver.run_step(step, rounds, 2e-3)
             want = reference.step(step, rounds, 2e-3)
-            torch.testing.assert_close(torch.tensor(got.micro_batch_losses), torch.tensor(want["micro_batch_losses"]),
-                                       rtol=1e-5, atol=4e-5)
+            torch.testing.assert_close(
+                torch.tensor(got.micro_batch_losses),
+                torch.tensor(want["micro_batch_losses"]),
+                rtol=1e-5,
+                atol=4e-5,
+            )
             assert got.grad_norm == pytest.approx(want["grad_norm"], rel=1e-5)
             # Activations and gradients went directly between the stages, in both directions.
-            assert got.stage_timings["cpu stage"]["bytes_sent"] > 0 and got.stage_timings["gpu stage"]["bytes_sent"] > 0
+            assert (
+                got.stage_timings["cpu stage"]["bytes_sent"] > 0
+                and got.stage_timings["gpu stage"]["bytes_sent"] > 0
+            )
     finally:
         driver.close()
     live = {**cpu.parameters(), **gpu.parameters()}
     ref = reference.named_parameters()
     assert set(live) == set(ref)
     for name, value in ref.items():
-        torch.testing.assert_close(live[name], value, rtol=1e-5, atol=4e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            live[name], value, rtol=1e-5, atol=4e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )

@@ -6,9 +6,19 @@ from redheart.model import resolve_model_shape
 
 
 def config(**model):
-    return HybridConfig(model={"preset": "custom", "hidden_size": 256, "num_layers": 10, "num_heads": 4, "vocab_size": 4096,
-                               "max_seq_len": 64, "gpu_layers_ratio": "auto", **model},
-                        train={"batch_size": 16, "micro_batch_size": 2})
+    return HybridConfig(
+        model={
+            "preset": "custom",
+            "hidden_size": 256,
+            "num_layers": 10,
+            "num_heads": 4,
+            "vocab_size": 4096,
+            "max_seq_len": 64,
+            "gpu_layers_ratio": "auto",
+            **model,
+        },
+        train={"batch_size": 16, "micro_batch_size": 2},
+    )
 
 
 def profile(layer, fixed=0.001, opt=1e-9, device="cpu"):
@@ -22,7 +32,9 @@ def test_a_fast_gpu_takes_most_layers():
 
 
 def test_equal_devices_balance_the_stages():
-    choice = choose_split(config(), cpu_profile=profile(0.010, fixed=0.0), gpu_profile=profile(0.010, fixed=0.0))
+    choice = choose_split(
+        config(), cpu_profile=profile(0.010, fixed=0.0), gpu_profile=profile(0.010, fixed=0.0)
+    )
     assert choice.cpu_layers == 5
 
 
@@ -31,7 +43,10 @@ def test_the_choice_minimises_the_predicted_step_time():
     cpu, gpu = profile(0.012, fixed=0.004), profile(0.010, fixed=0.002)
     choice = choose_split(cfg, cpu_profile=cpu, gpu_profile=gpu)
     shape = resolve_model_shape(cfg.model)
-    best = min(range(11), key=lambda k: predict_step_seconds(shape, k, cfg.micro_batches, cpu, gpu, choice.wire_seconds))
+    best = min(
+        range(11),
+        key=lambda k: predict_step_seconds(shape, k, cfg.micro_batches, cpu, gpu, choice.wire_seconds),
+    )
     assert choice.cpu_layers == best
     assert choice.predicted_step_seconds == pytest.approx(min(choice.candidates.values()))
 
@@ -41,7 +56,11 @@ def test_the_gpu_memory_budget_excludes_splits_and_can_refuse():
     choice = choose_split(cfg, cpu_profile=profile(0.050), gpu_profile=profile(0.001, device="cuda"))
     assert choice.excluded and min(choice.excluded) < choice.cpu_layers  # fewer CPU layers would not fit
     with pytest.raises(ValueError, match="no split fits gpu_memory_gb"):
-        choose_split(cfg.replace(**{"gpu_stage.gpu_memory_gb": 1e-6}), cpu_profile=profile(0.05), gpu_profile=profile(0.001))
+        choose_split(
+            cfg.replace(**{"gpu_stage.gpu_memory_gb": 1e-6}),
+            cpu_profile=profile(0.05),
+            gpu_profile=profile(0.001),
+        )
 
 
 def test_resolve_measures_here_in_local_mode_and_refuses_remote():
@@ -51,4 +70,8 @@ def test_resolve_measures_here_in_local_mode_and_refuses_remote():
     fixed, none = resolve_auto_split(config(cpu_layers=2))
     assert none is None and fixed.model.cpu_layers == 2
     with pytest.raises(ValueError, match='needs launch.mode = "local"'):
-        resolve_auto_split(config().replace(**{"launch.mode": "remote", "cpu_stage.address": "a:1", "gpu_stage.address": "b:2"}))
+        resolve_auto_split(
+            config().replace(
+                **{"launch.mode": "remote", "cpu_stage.address": "a:1", "gpu_stage.address": "b:2"}
+            )
+        )

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import torch
+from synthetic import synthetic_batch
 
 from orchestrator.batching import Batch, computed_tokens, step_micro_batches, trim_padding
-from redheart.data.dataset import trimmed_length
 from redheart.config import HybridConfig, auto_micro_batch_size
 from redheart.data import bucket_by_length, epoch_order
-from synthetic import synthetic_batch
+from redheart.data.dataset import trimmed_length
 
 
 def _batch(lengths: list[int], width: int = 64) -> Batch:
     mask = torch.zeros(len(lengths), width, dtype=torch.long)
     for i, n in enumerate(lengths):
         mask[i, :n] = 1
-    ids = torch.where(mask.bool(), torch.arange(width).expand(len(lengths), width) + 4, torch.zeros_like(mask))
+    ids = torch.where(
+        mask.bool(), torch.arange(width).expand(len(lengths), width) + 4, torch.zeros_like(mask)
+    )
     labels = torch.arange(len(lengths), dtype=torch.float32)[:, None].expand(len(lengths), 6).clone()
-    return Batch({"input_ids": ids, "attention_mask": mask, "labels.emotions": labels}, [f"s{i}" for i in range(len(lengths))])
+    return Batch(
+        {"input_ids": ids, "attention_mask": mask, "labels.emotions": labels},
+        [f"s{i}" for i in range(len(lengths))],
+    )
 
 
 def test_trimmed_length_rounds_the_longest_row_up_to_the_multiple():
@@ -59,7 +64,9 @@ def test_trimmed_forward_equals_the_padded_forward():
     full, cut = batch, trim_padding(batch, 8)
     assert cut.tensors["input_ids"].shape[1] == 24
     with torch.no_grad():
-        a = gpu(cpu(full.tensors["input_ids"], full.tensors["attention_mask"]), full.tensors["attention_mask"])
+        a = gpu(
+            cpu(full.tensors["input_ids"], full.tensors["attention_mask"]), full.tensors["attention_mask"]
+        )
         b = gpu(cpu(cut.tensors["input_ids"], cut.tensors["attention_mask"]), cut.tensors["attention_mask"])
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from redheart.data.bow_baseline import BowBaseline, RIDGE, _design, _feature_index, fit_bow_baseline
+from redheart.data.bow_baseline import RIDGE, BowBaseline, _design, _feature_index, fit_bow_baseline
 from redheart.data.evaluation import bow_baseline_metrics, compare_with_baselines
 
 

@@ -85,12 +85,18 @@ def test_doc_example_matches_the_calculus():
         vector, persp, utility = ex["rows"][name]
         # The documented transformed vector is what the transform table gives.
         expected = [
-            min(max(TRANSFORMS[name][f][0] * x[i] + TRANSFORMS[name][f][1], -1.0 if f == "valence" else 0.0), 1.0)
+            min(
+                max(TRANSFORMS[name][f][0] * x[i] + TRANSFORMS[name][f][1], -1.0 if f == "valence" else 0.0),
+                1.0,
+            )
             for i, f in enumerate(FIELDS)
         ]
         np.testing.assert_allclose(vector, expected, atol=1e-12, err_msg=name)
         for k, perspective in enumerate(PERSPECTIVES):
-            assert calculus.hedonic_value(vector, perspective) == pytest.approx(persp[k], abs=5e-7), (name, perspective)
+            assert calculus.hedonic_value(vector, perspective) == pytest.approx(persp[k], abs=5e-7), (
+                name,
+                perspective,
+            )
         assert result.counterfactual_utilities[0, j] == pytest.approx(utility, abs=5e-7), name
     assert result.best_name == [ex["best"]]
     assert COUNTERFACTUALS[int(result.best_index[0])] == ex["best"]
@@ -116,9 +122,25 @@ def test_time_factor_hand_sums():
 
 def test_names_counts_and_shapes():
     assert len(COUNTERFACTUALS) >= 7 and len(set(COUNTERFACTUALS)) == len(COUNTERFACTUALS)
-    assert COUNTERFACTUALS[:7] == ("inaction", "delay", "rule_following", "bolder", "consult_others", "caution", "reversal")
+    assert COUNTERFACTUALS[:7] == (
+        "inaction",
+        "delay",
+        "rule_following",
+        "bolder",
+        "consult_others",
+        "caution",
+        "reversal",
+    )
     assert PERSPECTIVES == ("agent", "affected", "society")
-    assert calculus.CIRCUMSTANCES == ("intensity", "duration", "certainty", "propinquity", "fecundity", "purity", "extent")
+    assert calculus.CIRCUMSTANCES == (
+        "intensity",
+        "duration",
+        "certainty",
+        "propinquity",
+        "fecundity",
+        "purity",
+        "extent",
+    )
     x = np.random.default_rng(0).random((5, 8)).astype(np.float32)
     for r in range(1, len(COUNTERFACTUALS) + 1):
         for p in range(1, 4):
@@ -166,8 +188,18 @@ def test_regret_is_nonnegative_and_finite(x):
 
 
 @PROPERTY
-@given(one_vector(intensity=st.floats(0.9, 1.0), duration=1.0, certainty=1.0,
-                  propinquity=st.floats(0.05, 1.0), fecundity=1.0, purity=1.0, extent=1.0, valence=1.0))
+@given(
+    one_vector(
+        intensity=st.floats(0.9, 1.0),
+        duration=1.0,
+        certainty=1.0,
+        propinquity=st.floats(0.05, 1.0),
+        fecundity=1.0,
+        purity=1.0,
+        extent=1.0,
+        valence=1.0,
+    )
+)
 def test_zero_regret_when_the_actual_action_beats_every_counterfactual(x):
     # Full duration, certainty, purity, fecundity, extent and valence and near-full intensity: every transform
     # takes away more than it adds (bolder gains at most 1/0.9 in intensity but loses at least 15%
@@ -184,8 +216,12 @@ def test_zero_regret_constructed_case():
 
 
 @PROPERTY
-@given(one_vector(valence=st.floats(0.01, 1.0)), st.floats(0.0, 1.0), st.floats(0.0, 1.0),
-       st.sampled_from(PERSPECTIVES))
+@given(
+    one_vector(valence=st.floats(0.01, 1.0)),
+    st.floats(0.0, 1.0),
+    st.floats(0.0, 1.0),
+    st.sampled_from(PERSPECTIVES),
+)
 def test_value_rises_with_intensity_for_pleasure(x, a, b, perspective):
     lo, hi = sorted((a, b))
     low, high = x.copy(), x.copy()
@@ -197,8 +233,12 @@ def test_value_rises_with_intensity_for_pleasure(x, a, b, perspective):
 
 
 @PROPERTY
-@given(one_vector(valence=st.floats(-1.0, -0.01)), st.floats(0.0, 1.0), st.floats(0.0, 1.0),
-       st.sampled_from(PERSPECTIVES))
+@given(
+    one_vector(valence=st.floats(-1.0, -0.01)),
+    st.floats(0.0, 1.0),
+    st.floats(0.0, 1.0),
+    st.sampled_from(PERSPECTIVES),
+)
 def test_value_falls_with_intensity_for_pain(x, a, b, perspective):
     lo, hi = sorted((a, b))
     low, high = x.copy(), x.copy()
@@ -207,9 +247,17 @@ def test_value_falls_with_intensity_for_pain(x, a, b, perspective):
 
 
 @PROPERTY
-@given(one_vector(intensity=st.floats(0.0, 0.9), duration=st.floats(0.05, 1), certainty=st.floats(0.05, 1),
-                  propinquity=st.floats(0.05, 1), purity=st.floats(0.05, 1), valence=st.sampled_from([-0.7, 0.7])),
-       st.sampled_from(PERSPECTIVES))
+@given(
+    one_vector(
+        intensity=st.floats(0.0, 0.9),
+        duration=st.floats(0.05, 1),
+        certainty=st.floats(0.05, 1),
+        propinquity=st.floats(0.05, 1),
+        purity=st.floats(0.05, 1),
+        valence=st.sampled_from([-0.7, 0.7]),
+    ),
+    st.sampled_from(PERSPECTIVES),
+)
 def test_strictly_monotone_in_intensity_in_the_interior(x, perspective):
     # Away from the degenerate corners (no duration, no certainty, or society's factor
     # 1 + (fecundity + purity - 1) = 0) every other factor is > 0, so the change is strict.
@@ -236,7 +284,7 @@ def test_chunking_invariance(x, data):
     whole = calculus.score(x)
     # Every row alone ...
     for i in range(x.shape[0]):
-        alone = calculus.score(x[i:i + 1])
+        alone = calculus.score(x[i : i + 1])
         assert alone.regret[0] == whole.regret[i]
         np.testing.assert_array_equal(alone.counterfactual_utilities[0], whole.counterfactual_utilities[i])
         np.testing.assert_array_equal(alone.actual_perspectives[0], whole.actual_perspectives[i])
@@ -245,7 +293,9 @@ def test_chunking_invariance(x, data):
     parts = [calculus.score(x[:cut]), calculus.score(x[cut:])]
     np.testing.assert_array_equal(np.concatenate([p.regret for p in parts]), whole.regret)
     np.testing.assert_array_equal(np.concatenate([p.best_index for p in parts]), whole.best_index)
-    np.testing.assert_array_equal(np.concatenate([p.best_perspectives for p in parts]), whole.best_perspectives)
+    np.testing.assert_array_equal(
+        np.concatenate([p.best_perspectives for p in parts]), whole.best_perspectives
+    )
 
 
 def test_chunking_invariance_across_internal_blocks():
@@ -257,7 +307,9 @@ def test_chunking_invariance_across_internal_blocks():
     other = rng.random((333, 8)).astype(np.float32)
     mixed = calculus.score(np.concatenate([other, x[700:1100]]))
     np.testing.assert_array_equal(mixed.regret[333:], whole.regret[700:1100])
-    np.testing.assert_array_equal(mixed.counterfactual_utilities[333:], whole.counterfactual_utilities[700:1100])
+    np.testing.assert_array_equal(
+        mixed.counterfactual_utilities[333:], whole.counterfactual_utilities[700:1100]
+    )
     for lo, hi in ((0, 513), (513, 1029), (1029, 1500)):
         np.testing.assert_array_equal(calculus.score(x[lo:hi]).regret, whole.regret[lo:hi])
 

@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -6,7 +5,17 @@ from redheart import codec
 from redheart.codec import TensorLimits, TensorValidationError, decode, encode
 from redheart.v1 import tensor_pb2
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool, torch.float64, torch.int8]
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.uint8,
+    torch.bool,
+    torch.float64,
+    torch.int8,
+]
 
 
 def _sample(dtype, shape=(3, 5, 7)):
@@ -16,7 +25,9 @@ def _sample(dtype, shape=(3, 5, 7)):
     if dtype.is_floating_point:
         return (torch.randn(shape, generator=g) * 3).to(dtype)
     info = torch.iinfo(dtype)
-    return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, generator=g, dtype=torch.int64).to(dtype)
+    return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, generator=g, dtype=torch.int64).to(
+        dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -84,10 +95,19 @@ def _msg(**kw):
         (dict(shape=[1 << 40, 1 << 40]), "above the limit"),
         (dict(shape=[1 << 30, 1 << 30, 1 << 30], data=b""), "holds more than"),
         (dict(codec=7), "unknown codec code 7"),
-        (dict(dtype=tensor_pb2.INT64, shape=[2], data=b"\0" * 16, codec=tensor_pb2.CODEC_FP16), "needs a float dtype"),
+        (
+            dict(dtype=tensor_pb2.INT64, shape=[2], data=b"\0" * 16, codec=tensor_pb2.CODEC_FP16),
+            "needs a float dtype",
+        ),
         (dict(codec=tensor_pb2.CODEC_INT8_BLOCKWISE, data=b"\0" * 4, block_size=0), "block_size 0"),
-        (dict(codec=tensor_pb2.CODEC_INT8_BLOCKWISE, data=b"\0" * 4, block_size=2, scales=b"\0" * 4), "scales hold 4 bytes, expected 8"),
-        (dict(dtype=tensor_pb2.BOOL, shape=[2], data=b"\x00\x07"), "bool tensor holds bytes other than 0 and 1"),
+        (
+            dict(codec=tensor_pb2.CODEC_INT8_BLOCKWISE, data=b"\0" * 4, block_size=2, scales=b"\0" * 4),
+            "scales hold 4 bytes, expected 8",
+        ),
+        (
+            dict(dtype=tensor_pb2.BOOL, shape=[2], data=b"\x00\x07"),
+            "bool tensor holds bytes other than 0 and 1",
+        ),
     ],
 )
 def test_malformed_messages_are_rejected_with_a_message_naming_the_problem(kwargs, needle):

@@ -19,11 +19,14 @@ def test_defaults_load_and_example_config_is_valid():
 
 
 def test_unknown_key_names_file_line_and_suggests(tmp_path):
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
         [train]
         batch_size = 8
         learnig_rate = 0.1
-    """)
+    """,
+    )
     with pytest.raises(ConfigError) as err:
         load_config(p, env={})
     msg = str(err.value)
@@ -76,20 +79,32 @@ def test_precedence_cli_over_env_over_file(tmp_path):
 
 def test_set_overrides_strings_and_errors(tmp_path):
     p = write(tmp_path, "")
-    cfg = load_config(p, overrides=['gpu_stage.device="cpu"', "launch.mode=remote", "data.source_weights={a = 2.0}"], env={})
+    cfg = load_config(
+        p, overrides=['gpu_stage.device="cpu"', "launch.mode=remote", "data.source_weights={a = 2.0}"], env={}
+    )
     assert cfg.gpu_stage.device == "cpu" and cfg.launch.mode == "remote"
     assert cfg.data.source_weights == {"a": 2.0}
     with pytest.raises(ConfigError, match="expected section.key=value"):
         parse_override("train.epochs")
-    with pytest.raises(ConfigError, match=r"--set 'tran.epochs=1': unknown section `tran` \(did you mean `train`\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"--set 'tran.epochs=1': unknown section `tran` \(did you mean `train`\?\)"
+    ):
         load_config(p, overrides=["tran.epochs=1"], env={})
     with pytest.raises(ConfigError, match=r"--set train.epochs=x: train.epochs = 'x' must be an integer"):
         load_config(p, overrides=["train.epochs=x"], env={})
 
 
 def test_hybrid_config_flat_constructor_like_the_original():
-    cfg = HybridConfig(target_params=200_000_000, gpu_memory_gb=8.0, cpu_memory_gb=128.0, regrets_per_step=7,
-                       epochs=3, batch_size=8, num_workers=4, use_mixed_precision=True)
+    cfg = HybridConfig(
+        target_params=200_000_000,
+        gpu_memory_gb=8.0,
+        cpu_memory_gb=128.0,
+        regrets_per_step=7,
+        epochs=3,
+        batch_size=8,
+        num_workers=4,
+        use_mixed_precision=True,
+    )
     assert cfg.model.target_params == 200_000_000 and cfg.gpu_stage.gpu_memory_gb == 8.0
     assert cfg.regret.num_workers == 4 and cfg.train.use_mixed_precision
     with pytest.raises(ConfigError, match="exists in several sections"):
@@ -117,7 +132,9 @@ def test_config_reference_is_current_and_lists_every_key():
     from redheart.tools.config_doc import render
 
     text = Path("docs/config.md").read_text()
-    assert text == render(), "docs/config.md is stale: run `python -m redheart.tools.config_doc > docs/config.md`"
+    assert text == render(), (
+        "docs/config.md is stale: run `python -m redheart.tools.config_doc > docs/config.md`"
+    )
     import dataclasses
 
     for section, cls in SECTIONS.items():

@@ -166,7 +166,9 @@ def test_duplicate_key_is_refused(tmp_path: Path) -> None:
     assert 'duplicate key "text"' in str(load_error(path))
 
 
-@pytest.mark.parametrize(("line", "expected"), [("[1, 2]", "got array"), ('"text"', "got string"), ("3", "got number")])
+@pytest.mark.parametrize(
+    ("line", "expected"), [("[1, 2]", "got array"), ('"text"', "got string"), ("3", "got number")]
+)
 def test_line_must_be_an_object(tmp_path: Path, line: str, expected: str) -> None:
     err = str(load_error(write(tmp_path, line)))
     assert err.startswith(f"{tmp_path / 'data.jsonl'}:1: expected a JSON object per line")
@@ -208,7 +210,9 @@ FIELD_ERRORS = [
 
 
 @pytest.mark.parametrize(("obj", "field", "fragment"), FIELD_ERRORS, ids=[f[2][:40] for f in FIELD_ERRORS])
-def test_field_errors_name_file_line_field_and_problem(tmp_path: Path, obj: dict, field: str, fragment: str) -> None:
+def test_field_errors_name_file_line_field_and_problem(
+    tmp_path: Path, obj: dict, field: str, fragment: str
+) -> None:
     path = write(tmp_path, row(id="ok"), obj)
     err = load_error(path)
     assert str(err).startswith(f"{path}:2: "), str(err)
@@ -230,7 +234,7 @@ def test_unknown_emotion_lists_the_valid_ones(tmp_path: Path) -> None:
 def test_duplicate_id_names_both_lines(tmp_path: Path) -> None:
     path = write(tmp_path, row(id="a"), row(id="b"), "", row(id="a"))
     err = load_error(path)
-    assert str(err).startswith(f"{path}:4: id = \"a\": duplicate id (first used on line 1)")
+    assert str(err).startswith(f'{path}:4: id = "a": duplicate id (first used on line 1)')
 
 
 def test_integer_and_string_ids_collide(tmp_path: Path) -> None:
@@ -260,7 +264,10 @@ def test_skip_invalid_keeps_good_rows_and_reports_bad_ones(tmp_path: Path) -> No
 
 def test_skip_invalid_with_nothing_valid_still_fails(tmp_path: Path) -> None:
     path = write(tmp_path, "{broken", row(text=""))
-    with pytest.raises(DataError, match=r"no valid scenarios \(2 invalid line\(s\) skipped\); first error: .*:1: invalid JSON"):
+    with pytest.raises(
+        DataError,
+        match=r"no valid scenarios \(2 invalid line\(s\) skipped\); first error: .*:1: invalid JSON",
+    ):
         load_jsonl(path, skip_invalid=True)
 
 

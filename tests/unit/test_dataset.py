@@ -28,12 +28,16 @@ BEN = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, -0.8)
 
 
 def scenario(i: int, **labels: object) -> Scenario:
-    return Scenario(id=f"s{i}", text=f"Scenario number {i}: I helped my friend.", source=f"src{i % 3}", **labels)
+    return Scenario(
+        id=f"s{i}", text=f"Scenario number {i}: I helped my friend.", source=f"src{i % 3}", **labels
+    )
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return train_tokenizer([f"Scenario number {i}: I helped my friend. 나는 친구를 도와주었다." for i in range(50)], 300)
+    return train_tokenizer(
+        [f"Scenario number {i}: I helped my friend. 나는 친구를 도와주었다." for i in range(50)], 300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,9 @@ def rows() -> list[Scenario]:
 
 def test_encode_dataset_shapes_dtypes_and_masks(tok: Tokenizer, rows: list[Scenario]) -> None:
     ds = encode_dataset(rows, tok, 24)
-    assert len(ds) == 4 and ds.ids == ["s0", "s1", "s2", "s3"] and ds.sources == ["src0", "src1", "src2", "src0"]
+    assert (
+        len(ds) == 4 and ds.ids == ["s0", "s1", "s2", "s3"] and ds.sources == ["src0", "src1", "src2", "src0"]
+    )
     assert ds.input_ids.shape == ds.attention_mask.shape == (4, 24)
     assert ds.input_ids.dtype == ds.attention_mask.dtype == torch.long
     assert (ds.input_ids[:, 0] == CLS_ID).all()
@@ -59,8 +65,12 @@ def test_encode_dataset_shapes_dtypes_and_masks(tok: Tokenizer, rows: list[Scena
     assert ds.bentham_mask.tolist() == [True, False, False, True]
     assert ds.judgment.dtype == torch.long and ds.judgment.tolist() == [2, IGNORE_INDEX, 0, IGNORE_INDEX]
     assert IGNORE_INDEX == -100
-    assert torch.allclose(ds.emotions[0], torch.tensor(EMO)) and torch.allclose(ds.bentham[3], torch.tensor(BEN))
-    assert not ds.emotions[1].any() and not ds.bentham[1].any() and not ds.bentham[2].any()  # zeros where missing
+    assert torch.allclose(ds.emotions[0], torch.tensor(EMO)) and torch.allclose(
+        ds.bentham[3], torch.tensor(BEN)
+    )
+    assert (
+        not ds.emotions[1].any() and not ds.bentham[1].any() and not ds.bentham[2].any()
+    )  # zeros where missing
     assert ds.truncated == 0 and ds.max_length == 24
 
 
@@ -75,7 +85,9 @@ def test_subset_and_labels(tok: Tokenizer, rows: list[Scenario]) -> None:
     sub = ds.subset([3, 0, 0])
     assert isinstance(sub, EncodedDataset) and len(sub) == 3
     assert sub.ids == ["s3", "s0", "s0"] and sub.sources == ["src0", "src0", "src0"]
-    assert torch.equal(sub.input_ids[1], ds.input_ids[0]) and torch.equal(sub.judgment, torch.tensor([-100, 2, 2]))
+    assert torch.equal(sub.input_ids[1], ds.input_ids[0]) and torch.equal(
+        sub.judgment, torch.tensor([-100, 2, 2])
+    )
     assert len(ds.subset(torch.tensor([2]))) == 1
     assert len(ds.subset([])) == 0
 

@@ -17,7 +17,7 @@ import importlib.util
 import json
 import re
 import shlex
-import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -31,11 +31,6 @@ from redheart.config import (
     RegretConfig,
     load_config,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -60,12 +55,26 @@ DEFAULTS = {
     "orchestrator": (None, OrchestratorConfig().metrics_port),
 }
 SECTION = {"cpu-stage": "cpu_stage", "gpu-stage": "gpu_stage", "regret": "regret"}
-COMMAND = {"cpu-stage": "redheart-cpu-stage", "gpu-stage": "redheart-gpu-stage", "regret": "redheart-regret",
-           "orchestrator": "redheart-orchestrate"}
-PROMETHEUS_JOBS = {"redheart-orchestrator": "orchestrator", "redheart-cpu-stage": "cpu-stage",
-                   "redheart-gpu-stage": "gpu-stage", "redheart-regret": "regret"}
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "${__rate_interval}": "1m", "$__interval": "15s",
-                     "${__interval}": "15s", "$__range": "1h", "${__range}": "1h"}
+COMMAND = {
+    "cpu-stage": "redheart-cpu-stage",
+    "gpu-stage": "redheart-gpu-stage",
+    "regret": "redheart-regret",
+    "orchestrator": "redheart-orchestrate",
+}
+PROMETHEUS_JOBS = {
+    "redheart-orchestrator": "orchestrator",
+    "redheart-cpu-stage": "cpu-stage",
+    "redheart-gpu-stage": "gpu-stage",
+    "redheart-regret": "regret",
+}
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "${__rate_interval}": "1m",
+    "$__interval": "15s",
+    "${__interval}": "15s",
+    "$__range": "1h",
+    "${__range}": "1h",
+}
 REGRET_SERVICE_FAMILIES = ("redheart_regret_", "redheart_bentham_")
 
 
@@ -87,8 +96,13 @@ def _port_of(hostport: str) -> int:
 def test_every_yaml_file_parses() -> None:
     files = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yml", ".yaml"))
     expected = {
-        "compose.yaml", "prometheus.yml", "prometheus-compose.yml", "alerts.yml", "kustomization.yaml",
-        "namespace.yaml", "configmap.yaml",
+        "compose.yaml",
+        "prometheus.yml",
+        "prometheus-compose.yml",
+        "alerts.yml",
+        "kustomization.yaml",
+        "namespace.yaml",
+        "configmap.yaml",
     }
     assert expected <= {p.name for p in files}, f"missing: {expected - {p.name for p in files}}"
     for path in files:
@@ -148,15 +162,28 @@ def _alert_expressions() -> list[str]:
 def test_dashboard_covers_the_required_views() -> None:
     used = set().union(*(promql_metric_names(e) for e in _dashboard_expressions()))
     required = {
-        "redheart_train_step_duration_seconds_bucket", "redheart_train_samples_total", "redheart_train_tokens_total",
-        "redheart_train_loss", "redheart_validation_metric", "redheart_validation_baseline",
-        "redheart_train_regret_mean", "redheart_regret_mean", "redheart_train_regret_computations_total",
-        "redheart_regret_computations_total", "redheart_stage_forward_seconds_sum",
-        "redheart_stage_backward_seconds_sum", "redheart_pipeline_bubble_ratio", "redheart_wire_bytes_total",
-        "redheart_wire_serialize_seconds_total", "redheart_regret_score_seconds_bucket",
-        "redheart_regret_worker_busy_seconds_total", "redheart_gpu_memory_allocated_bytes",
-        "redheart_gpu_memory_reserved_bytes", "redheart_gpu_memory_peak_bytes",
-        "redheart_process_resident_memory_bytes", "redheart_process_cpu_seconds_total",
+        "redheart_train_step_duration_seconds_bucket",
+        "redheart_train_samples_total",
+        "redheart_train_tokens_total",
+        "redheart_train_loss",
+        "redheart_validation_metric",
+        "redheart_validation_baseline",
+        "redheart_train_regret_mean",
+        "redheart_regret_mean",
+        "redheart_train_regret_computations_total",
+        "redheart_regret_computations_total",
+        "redheart_stage_forward_seconds_sum",
+        "redheart_stage_backward_seconds_sum",
+        "redheart_pipeline_bubble_ratio",
+        "redheart_wire_bytes_total",
+        "redheart_wire_serialize_seconds_total",
+        "redheart_regret_score_seconds_bucket",
+        "redheart_regret_worker_busy_seconds_total",
+        "redheart_gpu_memory_allocated_bytes",
+        "redheart_gpu_memory_reserved_bytes",
+        "redheart_gpu_memory_peak_bytes",
+        "redheart_process_resident_memory_bytes",
+        "redheart_process_cpu_seconds_total",
         "redheart_grpc_server_handled_total",
     }
     assert required <= used, f"the dashboard has no panel for {sorted(required - used)}"
@@ -165,8 +192,22 @@ def test_dashboard_covers_the_required_views() -> None:
 # ----------------------------------------------------------------------------- metric names
 
 
-_FUNCTION_OR_KEYWORD = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
-                        "bool", "offset", "inf", "nan", "atan2"}
+_FUNCTION_OR_KEYWORD = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+    "atan2",
+}
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -183,7 +224,7 @@ def promql_metric_names(expr: str) -> set[str]:
     names = set()
     for match in re.finditer(r"(?<![\w.:])[A-Za-z_:][A-Za-z0-9_:]*", s):
         token = match.group(0)
-        if s[match.end():].lstrip().startswith("("):
+        if s[match.end() :].lstrip().startswith("("):
             continue
         if token.lower() in _FUNCTION_OR_KEYWORD:
             continue
@@ -200,7 +241,9 @@ def test_promql_metric_names_extracts_what_it_should() -> None:
         'histogram_quantile(0.9, sum by (stage, le) (rate(redheart_stage_round_seconds_bucket{stage="cpu"}[1m])))'
     ) == {"redheart_stage_round_seconds_bucket"}
     assert promql_metric_names("(time() - a_b) and (a_b > 0) or on(job) c offset 5m") == {"a_b", "c"}
-    assert promql_metric_names('sum(rate(x_total{code!="OK"}[5m])) / sum(rate(x_total[5m])) > 1e-3') == {"x_total"}
+    assert promql_metric_names('sum(rate(x_total{code!="OK"}[5m])) / sum(rate(x_total[5m])) > 1e-3') == {
+        "x_total"
+    }
     assert promql_metric_names('up{job=~"redheart-.*"} == 0') == {"up"}
     assert promql_metric_names("increase(redheart_typo_total[10m]) == 0") == {"redheart_typo_total"}
 
@@ -249,7 +292,9 @@ def test_hybrid_toml_loads_and_targets_the_services() -> None:
         grpc_port, metrics_port = DEFAULTS[service]
         assert sec.host == "0.0.0.0", f"{section}.host must bind all interfaces in a container"
         assert sec.address == f"{service}:{grpc_port}", f"{section}.address must name the {service} service"
-        assert (sec.port, sec.metrics_port) == (grpc_port, metrics_port), f"{section} ports differ from the defaults"
+        assert (sec.port, sec.metrics_port) == (grpc_port, metrics_port), (
+            f"{section} ports differ from the defaults"
+        )
     assert config.orchestrator.metrics_port == DEFAULTS["orchestrator"][1]
     assert config.orchestrator.output_dir.startswith(DATA_ROOT + "/")
     assert config.data.path.startswith(DATA_ROOT + "/")
@@ -258,21 +303,28 @@ def test_hybrid_toml_loads_and_targets_the_services() -> None:
 # ----------------------------------------------------------------------------- prometheus
 
 
-@pytest.mark.parametrize("name, host_of", [
-    ("prometheus.yml", lambda service: "127.0.0.1"),
-    ("prometheus-compose.yml", lambda service: service),
-])
+@pytest.mark.parametrize(
+    "name, host_of",
+    [
+        ("prometheus.yml", lambda service: "127.0.0.1"),
+        ("prometheus-compose.yml", lambda service: service),
+    ],
+)
 def test_prometheus_targets_are_the_default_metrics_ports(name: str, host_of) -> None:
     config = _yaml(DEPLOY / "prometheus" / name)
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) == set(PROMETHEUS_JOBS), f"{name}: jobs {sorted(jobs)}"
     for job_name, service in PROMETHEUS_JOBS.items():
         targets = [t for sc in jobs[job_name]["static_configs"] for t in sc["targets"]]
-        assert targets == [f"{host_of(service)}:{DEFAULTS[service][1]}"], f"{name}: {job_name} targets {targets}"
+        assert targets == [f"{host_of(service)}:{DEFAULTS[service][1]}"], (
+            f"{name}: {job_name} targets {targets}"
+        )
     assert config["rule_files"] == ["alerts.yml"]
     assert (DEPLOY / "prometheus" / "alerts.yml").is_file()
     interval = config["global"]["scrape_interval"]
-    assert re.fullmatch(r"\d+s", interval) and int(interval[:-1]) <= 15, "training needs a short scrape interval"
+    assert re.fullmatch(r"\d+s", interval) and int(interval[:-1]) <= 15, (
+        "training needs a short scrape interval"
+    )
 
 
 def test_local_prometheus_config_documents_fixed_ports() -> None:
@@ -361,7 +413,9 @@ def test_compose_shares_the_run_volume_with_the_stages() -> None:
     compose = _compose()
     mounts = {}
     for name in ("orchestrator", "cpu-stage", "gpu-stage"):
-        named = [v for v in compose["services"][name]["volumes"] if isinstance(v, str) and not v.startswith(".")]
+        named = [
+            v for v in compose["services"][name]["volumes"] if isinstance(v, str) and not v.startswith(".")
+        ]
         mounts[name] = {tuple(v.split(":")[:2]) for v in named}
     shared = set.intersection(*mounts.values())
     assert any(target == DATA_ROOT and source in compose["volumes"] for source, target in shared), mounts
@@ -379,7 +433,10 @@ def test_compose_prometheus_and_grafana_mount_the_shipped_files() -> None:
         return out
 
     prom = targets("prometheus")
-    assert prom[str((DEPLOY / "prometheus" / "prometheus-compose.yml").resolve())] == "/etc/prometheus/prometheus.yml"
+    assert (
+        prom[str((DEPLOY / "prometheus" / "prometheus-compose.yml").resolve())]
+        == "/etc/prometheus/prometheus.yml"
+    )
     assert prom[str(ALERTS.resolve())] == "/etc/prometheus/alerts.yml"
     assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
     graf = targets("grafana")
@@ -468,7 +525,9 @@ def test_k8s_config_is_mounted_at_the_same_path_everywhere() -> None:
                 volume = volumes[mount["name"]]
                 if volume.get("configMap", {}).get("name") == "redheart-config":
                     file = mount.get("subPath") or "hybrid.toml"
-                    paths.append(mount["mountPath"] if mount.get("subPath") else f"{mount['mountPath']}/{file}")
+                    paths.append(
+                        mount["mountPath"] if mount.get("subPath") else f"{mount['mountPath']}/{file}"
+                    )
                     config_volumes.add(mount["name"])
                 if "persistentVolumeClaim" in volume:
                     assert volume["persistentVolumeClaim"]["claimName"] in _by_kind("PersistentVolumeClaim")
@@ -481,14 +540,20 @@ def test_k8s_shared_run_volume() -> None:
     assert "ReadWriteMany" in claim["spec"]["accessModes"], "the stages are on different nodes"
     for name in ("orchestrator", "cpu-stage", "gpu-stage"):
         spec = _pod_specs()[name]["spec"]
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in spec["volumes"]
+            if "persistentVolumeClaim" in v
+        }
         mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
         assert claims.get(mounts.get(DATA_ROOT)) == claim["metadata"]["name"], name
 
 
 def test_k8s_configmap_is_deploy_config_hybrid_toml() -> None:
     text = _by_kind("ConfigMap")["redheart-config"]["data"]["hybrid.toml"]
-    assert text == HYBRID_TOML.read_text(encoding="utf-8"), "configmap.yaml drifted from deploy/config/hybrid.toml"
+    assert text == HYBRID_TOML.read_text(encoding="utf-8"), (
+        "configmap.yaml drifted from deploy/config/hybrid.toml"
+    )
     tomllib.loads(text)
 
 
@@ -509,7 +574,9 @@ def test_k8s_gpu_stage_requests_a_gpu_and_avoids_the_cpu_stage_node() -> None:
     assert load_config(HYBRID_TOML, overrides=overrides, env={}).gpu_stage.device == "cuda"
 
     def anti_affinity_to(pod: str) -> set[str]:
-        terms = pods[pod]["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        terms = pods[pod]["spec"]["affinity"]["podAntiAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]
         out = set()
         for term in terms:
             assert term["topologyKey"] == "kubernetes.io/hostname"
@@ -544,7 +611,11 @@ def test_dockerfile_builds_from_what_exists() -> None:
             assert (REPO / source).exists(), f"Dockerfile copies {source}, which does not exist"
     # The packages the image installs are the project's.
     packages = set(_pyproject()["tool"]["setuptools"]["packages"]["find"]["include"])
-    copied = {Path(s).name for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.M) for s in shlex.split(line)[:-1]}
+    copied = {
+        Path(s).name
+        for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.M)
+        for s in shlex.split(line)[:-1]
+    }
     assert {p.rstrip("*") for p in packages} <= copied, f"the image misses packages of {packages}"
 
 
@@ -562,7 +633,10 @@ def test_dataclass_defaults_are_what_the_deploy_files_assume() -> None:
     # The comments and docs quote these numbers (docs/deploy.md, docs/metrics.md, the Dockerfile's
     # EXPOSE): if a default port changes in redheart/config.py, this names what to update.
     assert DEFAULTS == {
-        "cpu-stage": (50051, 9101), "gpu-stage": (50052, 9102), "regret": (50053, 9103), "orchestrator": (None, 9100),
+        "cpu-stage": (50051, 9101),
+        "gpu-stage": (50052, 9102),
+        "regret": (50053, 9103),
+        "orchestrator": (None, 9100),
     }
     exposed = re.search(r"^EXPOSE (.+)$", DOCKERFILE.read_text(), re.M).group(1).split()
     assert {int(p) for p in exposed} == {p for pair in DEFAULTS.values() for p in pair if p is not None}

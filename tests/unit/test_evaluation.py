@@ -49,7 +49,9 @@ def test_perfect_predictions() -> None:
         "regret": torch.tensor([0.0, 0.1, 0.2, 0.3]),
     }
     m = compute_metrics(pred, lab)
-    assert m == pytest.approx({"judgment_accuracy": 1.0, "emotion_macro_f1": 1.0, "bentham_mae": 0.0, "regret_mae": 0.0})
+    assert m == pytest.approx(
+        {"judgment_accuracy": 1.0, "emotion_macro_f1": 1.0, "bentham_mae": 0.0, "regret_mae": 0.0}
+    )
 
 
 def test_hand_computed_values_and_masking() -> None:
@@ -57,9 +59,13 @@ def test_hand_computed_values_and_masking() -> None:
     lab = labels(E, [True, True, True, False], B, [True, True, False, False], [0, 4, -100, -100])
     pred = {
         # Predict joy on rows 0 and 2, nothing else (row 3 predicts everything — masked out).
-        "emotion_logits": torch.tensor([[5.0, -5, -5, -5, -5, -5], [-5.0] * 6, [5.0, -5, -5, -5, -5, -5], [5.0] * 6]),
+        "emotion_logits": torch.tensor(
+            [[5.0, -5, -5, -5, -5, -5], [-5.0] * 6, [5.0, -5, -5, -5, -5, -5], [5.0] * 6]
+        ),
         "bentham": torch.tensor([[0.6] * 7 + [0.0], [0.2] * 7 + [-0.1], [9.0] * 8, [9.0] * 8]),
-        "judgment_logits": torch.tensor([[3.0, 0, 0, 0, 0], [3.0, 0, 0, 0, 0], [0, 3.0, 0, 0, 0], [0, 3.0, 0, 0, 0]]),
+        "judgment_logits": torch.tensor(
+            [[3.0, 0, 0, 0, 0], [3.0, 0, 0, 0, 0], [0, 3.0, 0, 0, 0], [0, 3.0, 0, 0, 0]]
+        ),
     }
     m = compute_metrics(pred, lab)
     assert m["judgment_accuracy"] == pytest.approx(0.5)  # row 0 right, row 1 wrong, rows 2-3 unlabeled
@@ -159,5 +165,9 @@ def test_all_positive_baseline_matches_closed_form() -> None:
     p = emotions.mean(0).double()
     assert m["baseline_emotion_macro_f1_best_constant"] == pytest.approx(float((2 * p / (1 + p)).mean()))
     assert m["baseline_emotion_macro_f1_majority"] == 0.0  # every emotion below 50 % → "never"
-    assert set(m) == {"baseline_emotion_macro_f1", "baseline_emotion_macro_f1_majority", "baseline_emotion_macro_f1_best_constant"}
+    assert set(m) == {
+        "baseline_emotion_macro_f1",
+        "baseline_emotion_macro_f1_majority",
+        "baseline_emotion_macro_f1_best_constant",
+    }
     assert not any(math.isnan(v) for v in m.values())

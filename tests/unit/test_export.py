@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
+from model_fixtures import copy_checkpoint, make_checkpoint
 from safetensors.torch import load_file
 
 from inference.export import export_checkpoint, full_model_parameters
-from model_fixtures import copy_checkpoint, make_checkpoint
 from redheart import model_folder
 from redheart.model_folder import ModelFolderError
 

@@ -40,7 +40,9 @@ def test_same_seed_same_bytes_different_seed_different_bytes(tmp_path: Path) -> 
     assert a != c
     assert a.endswith(b"\n") and b"\r" not in a
     first = a.split(b"\n", 1)[0].decode("utf-8")
-    assert first.startswith('{"bentham": ') or first.startswith('{"emotions": ') or first.startswith('{"id": ')  # sorted keys
+    assert (
+        first.startswith('{"bentham": ') or first.startswith('{"emotions": ') or first.startswith('{"id": ')
+    )  # sorted keys
 
 
 def test_output_is_canonical_utf8_not_escaped(tmp_path: Path) -> None:
@@ -98,7 +100,9 @@ def test_all_classes_sources_and_some_missing_labels(corpus: list[dict]) -> None
     assert set(JUDGMENTS) <= set(judgments)
     assert 0.02 < judgments["unclear"] / n < 0.10  # a small class
     sources = {r["source"] for r in corpus}
-    assert len(sources) == 8 and all(re.fullmatch(r"generated-(en|ko)-(relationships|family|work|community)", s) for s in sources)
+    assert len(sources) == 8 and all(
+        re.fullmatch(r"generated-(en|ko)-(relationships|family|work|community)", s) for s in sources
+    )
     for key, rate in (("emotions", 0.10), ("bentham", 0.10), ("judgment", 0.05), ("options", 0.15)):
         missing = sum(key not in r for r in corpus) / n
         assert abs(missing - rate) < 0.025, (key, missing)
@@ -135,7 +139,16 @@ def decode_judgment_en(text: str) -> str:
     return {"I": "author", "both": "everybody"}.get(subject, "other")
 
 
-WRONG_KO = ("거짓말을 했", "약속을 어겼", "돈을 훔쳤", "전화를 무시했", "성과를 가로챘", "모욕했", "소문을 퍼뜨렸", "몰래 읽었")
+WRONG_KO = (
+    "거짓말을 했",
+    "약속을 어겼",
+    "돈을 훔쳤",
+    "전화를 무시했",
+    "성과를 가로챘",
+    "모욕했",
+    "소문을 퍼뜨렸",
+    "몰래 읽었",
+)
 
 
 def decode_judgment_ko(text: str) -> str:
@@ -191,8 +204,16 @@ def test_propinquity_follows_time_words(corpus: list[dict]) -> None:
 
 def test_extent_grows_with_who_was_affected(corpus: list[dict]) -> None:
     rows = [r for r in english(corpus) if "bentham" in r]
-    community = [r["bentham"]["extent"] for r in rows if "our community" in r["text"] or "the whole neighborhood" in r["text"]]
-    to_me = [r["bentham"]["extent"] for r in rows if re.search(r"\b(lied to|insulted|apologized to|helped) me\b", r["text"])]
+    community = [
+        r["bentham"]["extent"]
+        for r in rows
+        if "our community" in r["text"] or "the whole neighborhood" in r["text"]
+    ]
+    to_me = [
+        r["bentham"]["extent"]
+        for r in rows
+        if re.search(r"\b(lied to|insulted|apologized to|helped) me\b", r["text"])
+    ]
     assert community and to_me
     assert min(community) > 0.85 > 0.15 > max(to_me)
 
@@ -218,7 +239,9 @@ def test_text_length_does_not_give_away_the_judgment(corpus: list[dict]) -> None
     for r in fit:
         per_bin.setdefault(bin_of(r), Counter())[r["judgment"]] += 1
     prior = Counter(r["judgment"] for r in fit).most_common(1)[0][0]
-    length_acc = sum(per_bin.get(bin_of(r), Counter({prior: 1})).most_common(1)[0][0] == r["judgment"] for r in held) / len(held)
+    length_acc = sum(
+        per_bin.get(bin_of(r), Counter({prior: 1})).most_common(1)[0][0] == r["judgment"] for r in held
+    ) / len(held)
     prior_acc = sum(r["judgment"] == prior for r in held) / len(held)
     assert length_acc < prior_acc + 0.05, (length_acc, prior_acc)
 
@@ -250,7 +273,10 @@ def test_cli_writes_file_and_prints_summary(tmp_path: Path, capsys: pytest.Captu
     assert out.read_bytes() == write_jsonl(tmp_path / "again.jsonl", 40, 2, 0.5).read_bytes()
 
 
-@pytest.mark.parametrize("argv", [["--count", "5"], ["--out", "x.jsonl", "--count", "0"], ["--out", "x.jsonl", "--korean-fraction", "2"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--count", "5"], ["--out", "x.jsonl", "--count", "0"], ["--out", "x.jsonl", "--korean-fraction", "2"]],
+)
 def test_cli_rejects_bad_arguments(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(argv)

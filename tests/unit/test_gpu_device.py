@@ -27,14 +27,23 @@ def _settings(cfg: HybridConfig) -> dict:
 
 @pytest.mark.parametrize("mixed, expected", [(True, "bf16"), (False, "fp32")])
 def test_the_stage_reports_the_precision_it_chose(mixed, expected):
-    cfg = HybridConfig(model={"preset": "tiny"}, gpu_stage={"device": "cpu"}, train={"use_mixed_precision": mixed})
+    cfg = HybridConfig(
+        model={"preset": "tiny"}, gpu_stage={"device": "cpu"}, train={"use_mixed_precision": mixed}
+    )
     server, port = gpu_server(cfg, host="127.0.0.1", port=0)
     client = StageClient("gpu stage", f"127.0.0.1:{port}", max_message_mb=64, rpc_timeout=20)
     try:
         before = client.describe()
         assert (before.precision, before.device_name, before.total_memory_bytes) == ("", "cpu", 0)
-        client.start_run("r1", _settings(cfg), next_address="", prev_address="127.0.0.1:1", regret_address="",
-                         first_step=0, reinitialize=True)
+        client.start_run(
+            "r1",
+            _settings(cfg),
+            next_address="",
+            prev_address="127.0.0.1:1",
+            regret_address="",
+            first_step=0,
+            reinitialize=True,
+        )
         assert client.precision == expected and client.precision_reason
         assert client.describe().precision == expected
     finally:
@@ -54,8 +63,12 @@ def test_the_probe_says_why_a_device_cannot_be_used():
 def test_preflight_names_the_configured_device_when_cuda_is_missing(tmp_path):
     from orchestrator.preflight import preflight
 
-    cfg = HybridConfig(model={"preset": "tiny"}, gpu_stage={"device": "cuda:1"},
-                       orchestrator={"output_dir": str(tmp_path / "run")}, data={"path": str(tmp_path / "none.jsonl")})
+    cfg = HybridConfig(
+        model={"preset": "tiny"},
+        gpu_stage={"device": "cuda:1"},
+        orchestrator={"output_dir": str(tmp_path / "run")},
+        data={"path": str(tmp_path / "none.jsonl")},
+    )
     out = io.StringIO()
     report = preflight(cfg, out=out)
     assert not report.ok
@@ -75,17 +88,29 @@ def test_the_reference_runs_the_gpu_part_where_the_pipeline_does():
 
 def test_losses_from_host_counts_and_lazy_values_equal_the_eager_path():
     torch.manual_seed(0)
-    outputs = {"emotion_logits": torch.randn(4, 6), "bentham": torch.rand(4, 8), "judgment_logits": torch.randn(4, 5),
-               "regret": torch.rand(4)}
+    outputs = {
+        "emotion_logits": torch.randn(4, 6),
+        "bentham": torch.rand(4, 8),
+        "judgment_logits": torch.randn(4, 5),
+        "regret": torch.rand(4),
+    }
     for masks in ([1, 0, 1, 1], [0, 0, 0, 0]):
-        labels = {"labels.emotions": torch.rand(4, 6).round(), "labels.emotions_mask": torch.tensor(masks, dtype=torch.bool),
-                  "labels.bentham": torch.rand(4, 8), "labels.bentham_mask": torch.tensor(masks[::-1], dtype=torch.bool),
-                  "labels.judgment": torch.tensor([-100 if m == 0 else 2 for m in masks])}
+        labels = {
+            "labels.emotions": torch.rand(4, 6).round(),
+            "labels.emotions_mask": torch.tensor(masks, dtype=torch.bool),
+            "labels.bentham": torch.rand(4, 8),
+            "labels.bentham_mask": torch.tensor(masks[::-1], dtype=torch.bool),
+            "labels.judgment": torch.tensor([-100 if m == 0 else 2 for m in masks]),
+        }
         target = torch.rand(4)
         eager_total, eager = multitask_loss(outputs, labels, target, {"bentham": 2.0})
-        lazy_total, lazy = multitask_loss(outputs, labels, target, {"bentham": 2.0}, label_counts=label_counts(labels), lazy=True)
+        lazy_total, lazy = multitask_loss(
+            outputs, labels, target, {"bentham": 2.0}, label_counts=label_counts(labels), lazy=True
+        )
         assert torch.equal(eager_total, lazy_total)
-        assert set(eager) == set(lazy) and all(torch.is_tensor(v) and float(v) == eager[k] for k, v in lazy.items())
+        assert set(eager) == set(lazy) and all(
+            torch.is_tensor(v) and float(v) == eager[k] for k, v in lazy.items()
+        )
     assert label_counts(labels) == {"emotion": 0, "bentham": 0, "judgment": 0}
 
 
@@ -93,7 +118,11 @@ def test_gpu_gauges_stay_zero_on_cpu_and_nvml_is_optional():
     registry = CollectorRegistry()
     metrics = StageMetrics(registry, stage="gpu", methods=STAGE_METHODS)
     metrics.bind_device("cpu")
-    for name in ("redheart_gpu_memory_allocated_bytes", "redheart_gpu_memory_reserved_bytes", "redheart_gpu_utilization_ratio"):
+    for name in (
+        "redheart_gpu_memory_allocated_bytes",
+        "redheart_gpu_memory_reserved_bytes",
+        "redheart_gpu_utilization_ratio",
+    ):
         assert registry.get_sample_value(name, {"stage": "gpu"}) == 0.0
     try:
         import pynvml  # noqa: F401
@@ -111,12 +140,16 @@ def test_the_split_profiles_a_device_in_a_child_process_in_the_stage_precision()
     assert prof.device == "cpu" and prof.precision == "bf16"
     assert prof.layer_seconds > 0 and prof.fixed_seconds > 0 and prof.optimizer_seconds_per_param > 0
     with pytest.raises(ValueError, match="profiling the gpu stage's layers on cpu failed"):
-        profile_in_subprocess(cfg, dataclasses.replace(shape, num_heads=3), "cpu", 1, 2, 16, "gpu", timeout=300)
+        profile_in_subprocess(
+            cfg, dataclasses.replace(shape, num_heads=3), "cpu", 1, 2, 16, "gpu", timeout=300
+        )
 
 
 @pytest.mark.cuda
 def test_gpu_gauges_read_the_stage_device_at_scrape_time():
-    index = torch.cuda.device_count() - 1  # the last card: a device-0 reading would be wrong on multi-GPU hosts
+    index = (
+        torch.cuda.device_count() - 1
+    )  # the last card: a device-0 reading would be wrong on multi-GPU hosts
     registry = CollectorRegistry()
     metrics = StageMetrics(registry, stage="gpu", methods=STAGE_METHODS)
     metrics.bind_device(f"cuda:{index}")

@@ -27,7 +27,9 @@ def test_estimate_above_the_budget_is_refused_with_numbers_and_fix():
 
 
 def test_budget_above_the_card_is_refused_naming_the_card():
-    (bad,) = _fatal(check_device_budget(24 * GiB, 5 * GiB, free_bytes=7.8 * GiB, total_bytes=8 * GiB, device=CARD))
+    (bad,) = _fatal(
+        check_device_budget(24 * GiB, 5 * GiB, free_bytes=7.8 * GiB, total_bytes=8 * GiB, device=CARD)
+    )
     assert "gpu_memory_gb = 24 vs cuda:1 (NVIDIA GeForce RTX 2070 SUPER): 8.00 GiB in total" == bad.what
     assert "gpu_memory_gb <= 8.0" in bad.fix
 
@@ -35,7 +37,10 @@ def test_budget_above_the_card_is_refused_naming_the_card():
 def test_estimate_above_the_free_memory_is_refused_and_says_who_holds_the_rest():
     findings = check_device_budget(8 * GiB, 5 * GiB, free_bytes=3 * GiB, total_bytes=8 * GiB, device=CARD)
     (bad,) = _fatal(findings)
-    assert "needs ~5.00 GiB; cuda:1 (NVIDIA GeForce RTX 2070 SUPER) has 3.00 GiB free (5.00 of 8.00 GiB held by other processes)" in bad.what
+    assert (
+        "needs ~5.00 GiB; cuda:1 (NVIDIA GeForce RTX 2070 SUPER) has 3.00 GiB free (5.00 of 8.00 GiB held by other processes)"
+        in bad.what
+    )
     assert "nvidia-smi" in bad.fix
 
 
@@ -48,7 +53,9 @@ def test_budget_above_free_memory_is_only_a_warning_while_the_estimate_fits():
 
 def test_allocator_fraction_takes_the_context_off_the_budget():
     assert allocator_fraction(8 * GiB, 80 * GiB, context_bytes=GiB) == pytest.approx(7 / 80)
-    assert allocator_fraction(100 * GiB, 80 * GiB, context_bytes=GiB) == pytest.approx(79 / 80)  # capped at the card
+    assert allocator_fraction(100 * GiB, 80 * GiB, context_bytes=GiB) == pytest.approx(
+        79 / 80
+    )  # capped at the card
     with pytest.raises(ValueError, match="cannot hold the CUDA context"):
         allocator_fraction(GiB // 4, 8 * GiB, context_bytes=CUDA_CONTEXT_BYTES)
 
@@ -60,13 +67,23 @@ def test_estimate_counts_checkpointing_autocast_cache_and_context():
     amp = estimate_stage_memory_bytes(shape, "gpu", 4, 2, activation_bytes=2, autocast=True, cuda=True)
     assert ckpt["activations"] < plain["activations"] / 4
     assert amp["autocast_cache"] == 2 * amp["parameters"] and amp["cuda_context"] == CUDA_CONTEXT_BYTES
-    parts = ("weights", "gradients", "optimizer", "activations", "autocast_cache", "cuda_workspace", "cuda_context")
+    parts = (
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "autocast_cache",
+        "cuda_workspace",
+        "cuda_context",
+    )
     assert amp["total"] == sum(amp[k] for k in parts) and amp["cuda_workspace"] > 0
 
 
 def test_the_fix_the_check_suggests_can_make_it_pass():
     # The old estimate ignored activation checkpointing: its own fix could never pass the check.
-    cfg = HybridConfig(model={"preset": "base"}, train={"batch_size": 16, "micro_batch_size": 8}, gpu_memory_gb=3.0)
+    cfg = HybridConfig(
+        model={"preset": "base"}, train={"batch_size": 16, "micro_batch_size": 8}, gpu_memory_gb=3.0
+    )
     shape = resolve_model_shape(cfg.model)
     budget = int(cfg.gpu_stage.gpu_memory_gb * GiB)
     need = stage_estimates(cfg, shape, gpu_on_cuda=True)["gpu"]["total"]

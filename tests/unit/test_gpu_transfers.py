@@ -4,7 +4,6 @@ host syncs per micro-batch, counted with torch.cuda.set_sync_debug_mode."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from gpu_stage.inprocess import run_stage
 from redheart.config import HybridConfig

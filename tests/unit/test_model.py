@@ -66,7 +66,9 @@ def test_composed_stages_give_activated_heads():
     out = GpuStageModule(shape)(CpuStageModule(shape)(ids, mask), mask)
     assert out["emotion_logits"].shape == (3, 6) and out["judgment_logits"].shape == (3, 5)
     b = out["bentham"]
-    assert b.shape == (3, 8) and (b[:, :7] >= 0).all() and (b[:, :7] <= 1).all() and (b[:, 7].abs() <= 1).all()
+    assert (
+        b.shape == (3, 8) and (b[:, :7] >= 0).all() and (b[:, :7] <= 1).all() and (b[:, 7].abs() <= 1).all()
+    )
     assert (out["regret"] >= 0).all()
 
 
@@ -83,16 +85,22 @@ def test_padding_does_not_change_the_prediction():
 
 def _outputs(b=4):
     g = torch.Generator().manual_seed(0)
-    return {"emotion_logits": torch.randn(b, 6, generator=g, requires_grad=True),
-            "bentham": torch.rand(b, 8, generator=g).requires_grad_(),
-            "judgment_logits": torch.randn(b, 5, generator=g, requires_grad=True),
-            "regret": torch.rand(b, generator=g).requires_grad_()}
+    return {
+        "emotion_logits": torch.randn(b, 6, generator=g, requires_grad=True),
+        "bentham": torch.rand(b, 8, generator=g).requires_grad_(),
+        "judgment_logits": torch.randn(b, 5, generator=g, requires_grad=True),
+        "regret": torch.rand(b, generator=g).requires_grad_(),
+    }
 
 
 def _labels(b=4, emo_mask=True, ben_mask=True, judgment=None):
-    return {"labels.emotions": torch.ones(b, 6), "labels.emotions_mask": torch.full((b,), emo_mask),
-            "labels.bentham": torch.zeros(b, 8), "labels.bentham_mask": torch.full((b,), ben_mask),
-            "labels.judgment": torch.tensor(judgment if judgment is not None else [0, 1, 2, 3])}
+    return {
+        "labels.emotions": torch.ones(b, 6),
+        "labels.emotions_mask": torch.full((b,), emo_mask),
+        "labels.bentham": torch.zeros(b, 8),
+        "labels.bentham_mask": torch.full((b,), ben_mask),
+        "labels.judgment": torch.tensor(judgment if judgment is not None else [0, 1, 2, 3]),
+    }
 
 
 def test_missing_labels_mask_their_head():
@@ -132,12 +140,20 @@ def test_activation_checkpointing_gives_the_same_gradients():
     mask = torch.ones(2, 12, dtype=torch.long)
     grads = []
     for checkpointing in (False, True):
-        cpu, gpu = CpuStageModule(shape, checkpointing=checkpointing), GpuStageModule(shape, checkpointing=checkpointing)
+        cpu, gpu = (
+            CpuStageModule(shape, checkpointing=checkpointing),
+            GpuStageModule(shape, checkpointing=checkpointing),
+        )
         torch.manual_seed(7)  # the same dropout masks; recomputation must replay them
         out = gpu(cpu(ids, mask), mask)
         (out["bentham"].sum() + out["emotion_logits"].sum()).backward()
-        grads.append({n: p.grad.clone() for n, p in list(cpu.global_named_parameters()) + list(gpu.global_named_parameters())
-                      if p.grad is not None})
+        grads.append(
+            {
+                n: p.grad.clone()
+                for n, p in list(cpu.global_named_parameters()) + list(gpu.global_named_parameters())
+                if p.grad is not None
+            }
+        )
     assert len(grads[0]) == len(grads[1]) > 20
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)

@@ -12,13 +12,16 @@ from redheart.precision import PrecisionError, choose_precision
 TURING, VOLTA, AMPERE, ADA, HOPPER = (7, 5), (7, 0), (8, 0), (8, 9), (9, 0)
 
 
-@pytest.mark.parametrize("capability, name, dtype, scaling", [
-    (TURING, "fp16", torch.float16, True),   # bf16 is only emulated on Turing: never chosen
-    (VOLTA, "fp16", torch.float16, True),
-    (AMPERE, "bf16", torch.bfloat16, False),
-    (ADA, "bf16", torch.bfloat16, False),
-    (HOPPER, "bf16", torch.bfloat16, False),
-])
+@pytest.mark.parametrize(
+    "capability, name, dtype, scaling",
+    [
+        (TURING, "fp16", torch.float16, True),  # bf16 is only emulated on Turing: never chosen
+        (VOLTA, "fp16", torch.float16, True),
+        (AMPERE, "bf16", torch.bfloat16, False),
+        (ADA, "bf16", torch.bfloat16, False),
+        (HOPPER, "bf16", torch.bfloat16, False),
+    ],
+)
 def test_auto_mixed_precision_follows_the_capability(capability, name, dtype, scaling):
     p = choose_precision(True, "auto", True, "cuda", capability)
     assert (p.name, p.autocast_dtype, p.loss_scaling) == (name, dtype, scaling)
@@ -26,7 +29,9 @@ def test_auto_mixed_precision_follows_the_capability(capability, name, dtype, sc
 
 
 def test_bf16_requested_below_ampere_is_refused_with_the_fix():
-    with pytest.raises(PrecisionError, match=r"compute capability 7\.5.*fix: mixed_precision_dtype = \"auto\" or \"fp16\""):
+    with pytest.raises(
+        PrecisionError, match=r"compute capability 7\.5.*fix: mixed_precision_dtype = \"auto\" or \"fp16\""
+    ):
         choose_precision(True, "bf16", True, "cuda", TURING)
     assert choose_precision(True, "bf16", True, "cuda", HOPPER).name == "bf16"
 
@@ -36,11 +41,14 @@ def test_fp16_can_be_forced_on_a_bf16_card():
     assert (p.name, p.loss_scaling, p.tf32) == ("fp16", True, True)
 
 
-@pytest.mark.parametrize("capability, allow, name, tf32", [
-    (HOPPER, True, "tf32", True),
-    (HOPPER, False, "fp32", False),
-    (TURING, True, "fp32", False),  # no TF32 tensor cores before Ampere
-])
+@pytest.mark.parametrize(
+    "capability, allow, name, tf32",
+    [
+        (HOPPER, True, "tf32", True),
+        (HOPPER, False, "fp32", False),
+        (TURING, True, "fp32", False),  # no TF32 tensor cores before Ampere
+    ],
+)
 def test_fp32_uses_tf32_where_the_card_has_it_unless_turned_off(capability, allow, name, tf32):
     p = choose_precision(False, "auto", allow, "cuda", capability)
     assert (p.name, p.autocast_dtype, p.loss_scaling, p.tf32) == (name, None, False, tf32)
@@ -71,7 +79,11 @@ def test_config_keys_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="max_consecutive_skips = -1 must be >= 0"):
         load_config(path)
     cfg = HybridConfig(mixed_precision_dtype="fp16", allow_tf32=False)
-    assert (cfg.train.mixed_precision_dtype, cfg.train.allow_tf32, cfg.train.max_consecutive_skips) == ("fp16", False, 32)
+    assert (cfg.train.mixed_precision_dtype, cfg.train.allow_tf32, cfg.train.max_consecutive_skips) == (
+        "fp16",
+        False,
+        32,
+    )
 
 
 def test_consecutive_fp16_skips_stop_the_run_naming_step_and_scale():
@@ -79,7 +91,9 @@ def test_consecutive_fp16_skips_stop_the_run_naming_step_and_scale():
     for step in range(4):
         scaler.update(True, step)
     assert scaler.scale == 1.0  # floored: 8 -> 4 -> 2 -> 1 -> 1
-    with pytest.raises(NonFiniteError, match=r"step 4: 5 consecutive steps overflowed in fp16.*loss scale now 1"):
+    with pytest.raises(
+        NonFiniteError, match=r"step 4: 5 consecutive steps overflowed in fp16.*loss scale now 1"
+    ):
         scaler.update(True, 4)
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from model_fixtures import make_checkpoint
 
 from inference import RedHeartModel, export_checkpoint
-from model_fixtures import make_checkpoint
 from redheart import calculus, model_folder
 from redheart.model_folder import ModelFolderError
 
@@ -101,7 +101,7 @@ def test_a_stage_loads_its_own_part_of_a_folder_at_any_split(folder):
     reference = dict(whole.body.global_named_parameters()) | dict(whole.heads.global_named_parameters())
     for cpu_layers in (0, 2, 3):
         shape = ModelShape(**{**model_folder.shape_of(config).__dict__, "cpu_layers": cpu_layers})
-        for factory in (lambda: CpuStagePart(shape), lambda: GpuStagePart(shape, device="cpu")):
+        for factory in (lambda s=shape: CpuStagePart(s), lambda s=shape: GpuStagePart(s, device="cpu")):
             runtime = StageRuntime(factory, shape)
             runtime.start_run(
                 "r",

@@ -22,9 +22,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import required_tool
 from process_metrics import BUILDERS, registry_of
-import yaml
 from prometheus_client import generate_latest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,8 +33,14 @@ ALERTS = PROMETHEUS_DIR / "alerts.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "redheart.json"
 
 # Grafana's built-in interval variables, as the live test substitutes them.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "${__rate_interval}": "1m", "$__interval": "15s",
-                     "${__interval}": "15s", "$__range": "1h", "${__range}": "1h"}
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "${__rate_interval}": "1m",
+    "$__interval": "15s",
+    "${__interval}": "15s",
+    "$__range": "1h",
+    "${__range}": "1h",
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +92,16 @@ def _dashboard_expressions() -> list[tuple[str, str]]:
 def test_dashboard_expressions_compile(promtool: str, tmp_path: Path) -> None:
     exprs = _dashboard_expressions()
     assert exprs, "the dashboard has no PromQL targets"
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:expr_{i}", "expr": expr} for i, (_where, expr) in enumerate(exprs)
-    ]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:expr_{i}", "expr": expr} for i, (_where, expr) in enumerate(exprs)
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump(rules, sort_keys=False), encoding="utf-8")
     proc = _run([promtool, "check", "rules", str(path)])
@@ -143,8 +156,11 @@ ALERT_TESTS = [
         "alert_rule_test": [
             _alert("RedHeartServiceDown", "1m"),
             _alert("RedHeartServiceDown", "2m"),
-            _alert("RedHeartServiceDown", "4m",
-                   {"severity": "critical", "job": "redheart-cpu-stage", "instance": "cpu:9101"}),
+            _alert(
+                "RedHeartServiceDown",
+                "4m",
+                {"severity": "critical", "job": "redheart-cpu-stage", "instance": "cpu:9101"},
+            ),
         ],
     },
     {
@@ -240,10 +256,19 @@ def test_alert_rules_fire_when_expected(promtool: str, tmp_path: Path) -> None:
 
 def test_alert_tests_cover_the_required_alerts() -> None:
     tested = {case["alertname"] for test in ALERT_TESTS for case in test["alert_rule_test"]}
-    defined = {rule["alert"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]
-               if "alert" in rule}
-    required = {"RedHeartServiceDown", "RedHeartTrainingStalled", "RedHeartNonFiniteLoss",
-                "RedHeartRegretWorkersDown", "RedHeartHighPipelineBubble"}
+    defined = {
+        rule["alert"]
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+    required = {
+        "RedHeartServiceDown",
+        "RedHeartTrainingStalled",
+        "RedHeartNonFiniteLoss",
+        "RedHeartRegretWorkersDown",
+        "RedHeartHighPipelineBubble",
+    }
     assert required <= defined, f"alerts.yml lacks {required - defined}"
     assert required <= tested, f"no promtool test for {required - tested}"
     assert tested <= defined, f"tests name alerts that do not exist: {tested - defined}"

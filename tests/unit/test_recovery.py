@@ -8,8 +8,8 @@ import time
 
 import grpc
 import pytest
-
 from conftest import free_port
+
 from orchestrator.pipeline import StepFailed
 from orchestrator.recovery import PhaseFailed, Recovery, RecoveryStopped, phase
 from orchestrator.trainer import RunError
@@ -22,10 +22,21 @@ def _error(code, details="boom", method="RunStep", service="gpu stage"):
 
 
 def _recovery(restore, *, max_restarts=5, addresses=None, stop=None):
-    cfg = HybridConfig(model={"preset": "tiny"}, launch={"max_restarts": max_restarts},
-                       orchestrator={"step_deadline_seconds": 600.0})
-    return Recovery(cfg, None, addresses or {}, {}, {"cpu_stage": 0, "gpu_stage": 0, "regret": 0}, [],
-                    stop or threading.Event(), restore=restore)
+    cfg = HybridConfig(
+        model={"preset": "tiny"},
+        launch={"max_restarts": max_restarts},
+        orchestrator={"step_deadline_seconds": 600.0},
+    )
+    return Recovery(
+        cfg,
+        None,
+        addresses or {},
+        {},
+        {"cpu_stage": 0, "gpu_stage": 0, "regret": 0},
+        [],
+        stop or threading.Event(),
+        restore=restore,
+    )
 
 
 def _failed(name, cause, step=3):
@@ -37,16 +48,19 @@ def _failed(name, cause, step=3):
     raise AssertionError("phase() did not wrap the failure")
 
 
-@pytest.mark.parametrize("code, details, fault", [
-    (grpc.StatusCode.UNAVAILABLE, "connection refused", True),
-    (grpc.StatusCode.DEADLINE_EXCEEDED, "", True),
-    (grpc.StatusCode.ABORTED, "step 3 was aborted", True),
-    (grpc.StatusCode.FAILED_PRECONDITION, "no run started on this stage", True),
-    (grpc.StatusCode.FAILED_PRECONDITION, "cannot start run 'r': a step of run 'q' is running", True),
-    (grpc.StatusCode.FAILED_PRECONDITION, "checkpoint x was written by a different model", False),
-    (grpc.StatusCode.INVALID_ARGUMENT, "unknown schedule", False),
-    (grpc.StatusCode.INTERNAL, "a bug", False),
-])
+@pytest.mark.parametrize(
+    "code, details, fault",
+    [
+        (grpc.StatusCode.UNAVAILABLE, "connection refused", True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "", True),
+        (grpc.StatusCode.ABORTED, "step 3 was aborted", True),
+        (grpc.StatusCode.FAILED_PRECONDITION, "no run started on this stage", True),
+        (grpc.StatusCode.FAILED_PRECONDITION, "cannot start run 'r': a step of run 'q' is running", True),
+        (grpc.StatusCode.FAILED_PRECONDITION, "checkpoint x was written by a different model", False),
+        (grpc.StatusCode.INVALID_ARGUMENT, "unknown schedule", False),
+        (grpc.StatusCode.INTERNAL, "a bug", False),
+    ],
+)
 def test_what_counts_as_a_fault(code, details, fault):
     recovery = _recovery(lambda: 0)
     assert recovery.is_fault(_failed("SaveState", _error(code, details, method="SaveState"))) is fault
@@ -74,8 +88,9 @@ def test_a_restore_that_fails_is_retried_and_each_round_costs_a_restart():
     def restore():
         calls.append(time.monotonic())
         if len(calls) < 3:
-            raise _error(grpc.StatusCode.UNAVAILABLE, "killed while loading", method="LoadState",
-                         service="cpu stage")
+            raise _error(
+                grpc.StatusCode.UNAVAILABLE, "killed while loading", method="LoadState", service="cpu stage"
+            )
         return 7
 
     recovery = _recovery(restore)

@@ -140,10 +140,14 @@ def test_load_refuses_a_tokenizer_with_other_special_ids(tmp_path: Path) -> None
 
     other = Tokenizer(models.BPE())
     other.pre_tokenizer = pre_tokenizers.ByteLevel()
-    other.train_from_iterator(["hello world"] * 3, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "[PAD]"]))
+    other.train_from_iterator(
+        ["hello world"] * 3, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "[PAD]"])
+    )
     path = tmp_path / "other.json"
     other.save(str(path))
-    with pytest.raises(DataError, match=r"special token \[PAD\] has id 1, expected 0; this is not a Red Heart tokenizer"):
+    with pytest.raises(
+        DataError, match=r"special token \[PAD\] has id 1, expected 0; this is not a Red Heart tokenizer"
+    ):
         load_tokenizer(path)
 
 
