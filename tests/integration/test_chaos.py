@@ -94,7 +94,8 @@ class Killer(threading.Thread):
         self.checkpoints = checkpoints
         self.rng = random.Random(seed)
         self.kills = kills
-        self.done: list[tuple[float, str, int]] = []  # (monotonic time, service, pid)
+        # (monotonic time, service, pid, newest checkpoint step when the kill landed)
+        self.done: list[tuple[float, str, int, int]] = []
         # Victims in seeded random order, each service once in every three kills.
         self.order = [name for _ in range(kills) for name in self.rng.sample(sorted(SERVICES), len(SERVICES))]
         self.stop = threading.Event()
@@ -135,8 +136,8 @@ class Killer(threading.Thread):
                 victim.send_signal(signal.SIGKILL)
             except psutil.NoSuchProcess:
                 continue
-            self.done.append((time.monotonic(), name, victim.pid))
             seen = self._newest_step()
+            self.done.append((time.monotonic(), name, victim.pid, seen))
 
 
 def test_chaos_every_run_completes_and_equals_an_uninterrupted_run(tmp_path, corpus):
@@ -178,9 +179,11 @@ def test_chaos_every_run_completes_and_equals_an_uninterrupted_run(tmp_path, cor
         f"{[f for i, f in enumerate(PHASE_FAULTS) if i not in fired]}\n{text[-3000:]}"
     )
     assert len(killer.done) >= RANDOM_KILLS, f"only {len(killer.done)} random kills landed before the end"
-    gaps = [b[0] - a[0] for a, b in zip(killer.done, killer.done[1:])]
-    assert sum(g < 1.0 for g in gaps) >= 2, gaps  # kills closer together than a restart takes
-    assert {name for _t, name, _pid in killer.done} == set(SERVICES)
+    # Kills during a recovery: no checkpoint was saved between the kill and the one before it.
+    # Judged by checkpoints, not by wall-clock gaps, so a loaded machine cannot fail it.
+    during_recovery = [b for a, b in zip(killer.done, killer.done[1:]) if b[3] == a[3]]
+    assert len(during_recovery) >= 2, killer.done
+    assert {name for _t, name, _pid, _step in killer.done} == set(SERVICES)
 
     report = json.loads((run_dir / "report.json").read_text())
     assert report["steps"] == STEPS
