@@ -9,7 +9,6 @@ then written next to its destination and renamed into place (redheart/model_fold
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,7 @@ MAX_JSON_BYTES = 64 << 20
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelFolderError(f"{path} is missing ({what})")
-    with open(path, "rb") as fh:
-        raw = fh.read(MAX_JSON_BYTES + 1)
-    if len(raw) > MAX_JSON_BYTES:
-        raise ModelFolderError(f"{path} is implausibly large")
-    try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFolderError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ModelFolderError(f"{path} is not a JSON object")
-    return value
+    return model_folder.read_json_object(path, what, MAX_JSON_BYTES)
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -85,7 +72,7 @@ def _read_shard(
     directory: Path, stage: str, manifest: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], ModelShape]:
     shard = directory / stage
-    meta = _read_json(shard / "stage.json", f"the {stage} stage shard is missing")
+    meta = _read_json(shard / "stage.json", f"the {stage} stage shard is incomplete")
     for key in ("run_id", "step", "model_fingerprint"):
         if meta.get(key) != manifest.get(key):
             raise ModelFolderError(

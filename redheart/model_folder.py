@@ -74,6 +74,23 @@ def shape_of(config: Mapping[str, Any], *, cpu_layers: int | None = None) -> Mod
     )
 
 
+def read_json_object(path: Path, what: str, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
+    """A JSON object read with a size cap (a hostile or corrupt file cannot exhaust memory)."""
+    if not path.is_file():
+        raise ModelFolderError(f"{path} is missing: {what}")
+    with open(path, "rb") as fh:
+        raw = fh.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ModelFolderError(f"{path} is implausibly large (over {max_bytes} bytes)")
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFolderError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ModelFolderError(f"{path} is not a JSON object ({what})")
+    return value
+
+
 def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """config.json of a model folder, checked: format, version, shape keys, listed files present."""
     root = Path(folder)
@@ -82,19 +99,8 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise ModelFolderError(
             f"{root} is not a model folder (no such directory; make one with redheart-export)"
         )
-    if not path.is_file():
-        raise ModelFolderError(
-            f"{path} is missing: {root} is not a model folder (make one with redheart-export)"
-        )
-    with open(path, "rb") as fh:
-        raw = fh.read(MAX_CONFIG_BYTES + 1)
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ModelFolderError(f"{path} is implausibly large (over {MAX_CONFIG_BYTES} bytes)")
-    try:
-        config = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFolderError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    config = read_json_object(path, f"{root} is not a model folder (make one with redheart-export)")
+    if config.get("format") != FORMAT:
         raise ModelFolderError(f'{path} is not a Red Heart model config ("format" is not {FORMAT!r})')
     if config.get("format_version") != FORMAT_VERSION:
         raise ModelFolderError(

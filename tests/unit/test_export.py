@@ -68,7 +68,7 @@ def test_a_missing_shard_is_refused_naming_it(broken, tmp_path):
 
     shutil.rmtree(broken / "gpu")
     _refused(
-        broken, tmp_path / "m", rf"{broken}/gpu/stage\.json is missing \(the gpu stage shard is missing\)"
+        broken, tmp_path / "m", rf"{broken}/gpu/stage\.json is missing: the gpu stage shard is incomplete"
     )
 
 
