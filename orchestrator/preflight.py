@@ -185,7 +185,7 @@ def preflight(
     )
 
     # -- output directory lock
-    from orchestrator.trainer import OutputLock
+    from orchestrator.run_dir import OutputLock
 
     holder = OutputLock(cfg.output_dir()).holder()
     report.add(

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from orchestrator.data import StepBatches, prepare_data
+from orchestrator.lr_schedule import learning_rate_at
 from orchestrator.pipeline import PipelineDriver
 from orchestrator.reference import SingleProcessTrainer, reference_placement
-from orchestrator.trainer import HybridDistributedTrainer, learning_rate_at
+from orchestrator.run_dir import prepare_output
+from orchestrator.trainer import HybridDistributedTrainer
 
 CUDA_VERIFY_RTOL = 1e-4
 CUDA_VERIFY_ATOL = 1e-4
@@ -52,23 +54,25 @@ def verify(trainer: HybridDistributedTrainer, out=sys.stdout) -> VerifyResult:
         cfg = cfg.replace(**{"train.allow_tf32": False})
         trainer.config = cfg
     with ExitStack() as stack:
-        trainer._resolve_split(None)
+        trainer.resolve_split()
         cfg = trainer.config
-        trainer._prepare_output(stack)
+        prepare_output(cfg, trainer.output_dir, stack)
         data = prepare_data(cfg, trainer.output_dir)
         batches = StepBatches(cfg, data.train)
-        trainer._open_services(stack)
-        trainer._handshake()
+        services = trainer.open_services(stack)
         run_id = f"verify-{uuid.uuid4().hex[:8]}"
-        regret = trainer.addresses.get("regret", "")
-        lookahead = cfg.regret.lookahead if cfg.regret.enabled and regret not in ("", "inprocess") else 0
+        regret = services.regret_address
         driver = PipelineDriver(
-            trainer.clients["cpu_stage"], trainer.clients["gpu_stage"], cfg, run_id, lookahead=lookahead
+            *(services.clients[s.name] for s in services.stages),
+            cfg,
+            run_id,
+            lookahead=services.regret_lookahead(),
         )
         stack.callback(driver.close)
-        trainer._restore(run_id, None)
+        services.restore(run_id, None)
+        # The reference runs the GPU part where the last stage runs it.
         gpu_device, note = reference_placement(
-            trainer.stage_info["gpu_stage"].device, torch.cuda.is_available()
+            services.stage_info[services.stages[-1].name].device, torch.cuda.is_available()
         )
         if note:
             print(f"note: {note}", file=out)
@@ -91,7 +95,7 @@ def verify(trainer: HybridDistributedTrainer, out=sys.stdout) -> VerifyResult:
         failures: list[str] = []
         max_loss = 0.0
         print(
-            f"verifying {steps} step(s): pipeline at {trainer.addresses['cpu_stage']} + {trainer.addresses['gpu_stage']} "
+            f"verifying {steps} step(s): pipeline at {' + '.join(services.addresses[s.name] for s in services.stages)} "
             f"(regret: {regret or 'off'}) against single-process training",
             file=out,
         )
@@ -117,7 +121,7 @@ def verify(trainer: HybridDistributedTrainer, out=sys.stdout) -> VerifyResult:
                 f"max |diff| {diff:.3e}  grad norm {got.grad_norm:.6f} vs {want['grad_norm']:.6f}  {status}",
                 file=out,
             )
-        live = {**trainer.clients["cpu_stage"].parameters(), **trainer.clients["gpu_stage"].parameters()}
+        live = services.parameters()
         ref = reference.named_parameters()
         missing = sorted(set(ref) ^ set(live))
         if missing:

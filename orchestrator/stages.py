@@ -1,0 +1,55 @@
+"""The pipeline's stages as data: one ordered list that the trainer, checkpoints, launcher and
+metrics iterate over instead of writing ``("cpu_stage", "gpu_stage")`` out.
+
+Each stage is a process of its own with its own config section (``[cpu_stage]``, ``[gpu_stage]``)
+and its own shard directory in a checkpoint (``cpu/``, ``gpu/``); its position in the list is its
+pipeline rank, which the stage reports in Describe and the handshake checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # the service name: config section, launcher key, report key
+    shard: str  # its directory inside a checkpoint step directory
+    rank: int  # its pipeline position, 0 first
+
+    @property
+    def label(self) -> str:
+        """The name in messages and StageClient names: "cpu stage"."""
+        return self.name.replace("_", " ")
+
+    def section(self, config) -> Any:
+        return getattr(config, self.name)
+
+    def address(self, config) -> str:
+        """Its configured address (remote mode)."""
+        return getattr(config, f"{self.name}_address")()
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec(name="cpu_stage", shard="cpu", rank=0),
+    StageSpec(name="gpu_stage", shard="gpu", rank=1),
+)
+"""The stages in pipeline order. Two today: `build_schedule` and the stage runtime are general in
+the number of stages, the model split (`resolve_model_shape`) is not yet."""
+
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+
+def stage_specs(config=None) -> tuple[StageSpec, ...]:
+    """The stage list of a run. Taking the config is where a config-driven split (more than two
+    stages) will plug in; today every config has the same two."""
+    return STAGES
+
+
+def first_stage() -> StageSpec:
+    return STAGES[0]
+
+
+def last_stage() -> StageSpec:
+    return STAGES[-1]
