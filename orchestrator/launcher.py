@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.stages import STAGE_NAMES
 from redheart.config import HybridConfig
 
 log = logging.getLogger(__name__)
@@ -197,9 +198,9 @@ class LocalLauncher:
         argv += ["--host", "127.0.0.1", "--port", "0" if auto else str(section.port)]
         if cfg.metrics.enabled:
             argv += ["--metrics-port", "0" if auto else str(section.metrics_port)]
-        if name in ("cpu_stage", "gpu_stage") and getattr(cfg, name).threads == 0:
-            cpu_threads, gpu_threads = stage_threads(cfg, os.cpu_count() or 1)
-            argv += ["--set", f"{name}.threads={cpu_threads if name == 'cpu_stage' else gpu_threads}"]
+        if name in STAGE_NAMES and getattr(cfg, name).threads == 0:
+            threads = dict(zip(STAGE_NAMES, stage_threads(cfg, os.cpu_count() or 1)))
+            argv += ["--set", f"{name}.threads={threads[name]}"]
         return argv
 
     def start(self, names: list[str]) -> None:
@@ -255,7 +256,7 @@ class LocalLauncher:
             return
         self._closed = True
         # Stages first (they hold the run's state), the regret service last.
-        for name in ("cpu_stage", "gpu_stage", "regret"):
+        for name in (*STAGE_NAMES, "regret"):
             svc = self.services.get(name)
             if svc is not None:
                 code = svc.stop()

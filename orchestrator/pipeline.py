@@ -160,7 +160,7 @@ class PipelineDriver:
             max_consecutive_skips=config.train.max_consecutive_skips,
         )
         self.lookahead = lookahead
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-call")
+        self.pool = ThreadPoolExecutor(max_workers=len(self.stages), thread_name_prefix="stage-call")
         # Local launch: the processes we started. A dead one fails the step at once instead of
         # after the step deadline (the surviving stage would otherwise wait on it that long).
         self.dead_services = dead_services
@@ -217,7 +217,7 @@ class PipelineDriver:
         waits = 2 * max(len(p.micro_batches) for p in plans) + 2
         timeout = self.config.orchestrator.step_deadline_seconds * waits + 30.0
         futures = [self.pool.submit(stage.run_step, plan, timeout) for stage, plan in zip(self.stages, plans)]
-        results: list[Any] = [None, None]
+        results: list[Any] = [None] * len(self.stages)
         errors: list[tuple[str, BaseException]] = []
         aborted = False
         pending = list(enumerate(futures))
@@ -285,45 +285,70 @@ class PipelineDriver:
         t = self.config.train
         if len(rounds) != t.gradient_accumulation_steps:
             raise ValueError(
-                f"step {step}: {len(rounds)} rounds given, gradient_accumulation_steps is {t.gradient_accumulation_steps}"
+                f"step {step}: {len(rounds)} rounds given, gradient_accumulation_steps is "
+                f"{t.gradient_accumulation_steps}"
             )
         self.attempts[step] = self.attempts.get(step, 0) + 1
         for old in [s for s in self.attempts if s < step - 16]:
             del self.attempts[old]
+        self._check_batch_sizes(step, rounds)
         start = time.perf_counter()
-        per_mb: list[stage_pb2.MicroBatchResult] = []
-        stage_timings = {
-            s.name: {
-                "forward": 0.0,
-                "backward": 0.0,
-                "wait": 0.0,
-                "serialize": 0.0,
-                "send": 0.0,
-                "bytes_sent": 0.0,
-                "bytes_received": 0.0,
-                "total": 0.0,
-                "regret_wait": 0.0,
-            }
-            for s in self.stages
-        }
-        spans: dict[str, list] = {s.name: [] for s in self.stages}
-        norms: dict[str, float] = {}
-        found_inf = False
-        peak = 0
+        parts = step_micro_batches(rounds, t.micro_batch_size, t.pad_to_multiple_of)
+        results = self._run_on_stages(step, self._plans(step, parts))
+        gathered = self._gather(results)
+        # The last stage holds the heads: its micro-batch results carry the losses.
+        per_mb = sorted(results[-1].micro_batches, key=lambda m: m.index)
+        total_norm = self._total_norm(step, gathered.norms)
+        skip = False
+        if self.scaler.enabled:
+            skip = gathered.found_inf or not math.isfinite(total_norm)
+        else:
+            self._fail_on_nonfinite(step, per_mb, gathered.norms)
+        coef = clip_coefficient(total_norm, t.max_grad_norm) if not skip else 0.0
+        scale = self.scaler.scale
+        self._apply(step, coef, learning_rate, skip, scale)
+        self.scaler.update(skip, step)
+        mb_losses = [m.total_loss for m in per_mb]
+        regret_values = [m.regret_mean for m in per_mb if m.regret_computations]
+        return StepOutcome(
+            step=step,
+            losses=_mean_losses(per_mb),
+            total_loss=sum(mb_losses) / len(mb_losses),
+            micro_batch_losses=mb_losses,
+            grad_norm=total_norm,
+            clip_coefficient=coef,
+            learning_rate=learning_rate,
+            skipped=skip,
+            loss_scale=scale,
+            regret_mean=sum(regret_values) / len(regret_values) if regret_values else 0.0,
+            regret_computations=sum(m.regret_computations for m in per_mb),
+            bentham_evaluations=sum(m.bentham_evaluations for m in per_mb),
+            samples=sum(len(p) for p in parts),
+            tokens=sum(int(p.tensors["attention_mask"].sum()) for p in parts),
+            computed_tokens=computed_tokens(parts),
+            seconds=time.perf_counter() - start,
+            stage_timings=gathered.timings,
+            spans=gathered.spans,
+            peak_gpu_memory_bytes=gathered.peak,
+        )
+
+    def _check_batch_sizes(self, step: int, rounds: Sequence[Batch]) -> None:
+        t = self.config.train
         for r, batch in enumerate(rounds):
             if len(batch) != t.batch_size:
                 raise ValueError(
                     f"step {step} round {r}: batch of {len(batch)} samples, train.batch_size is {t.batch_size}"
                 )
-        parts = step_micro_batches(rounds, t.micro_batch_size, t.pad_to_multiple_of)
-        plans = self._plans(step, parts)
-        results = self._run_on_stages(step, plans)
-        tokens = sum(int(p.tensors["attention_mask"].sum()) for p in parts)
-        computed = computed_tokens(parts)
-        samples = sum(len(p) for p in parts)
+
+    def _gather(self, results: Sequence[stage_pb2.StepResult]) -> _Gathered:
+        """Every stage's timings, spans, squared gradient norm, overflow flag and peak memory."""
+        g = _Gathered(
+            timings={s.name: dict.fromkeys(_TIMING_KEYS, 0.0) for s in self.stages},
+            spans={s.name: [] for s in self.stages},
+        )
         for stage, res in zip(self.stages, results):
             tm = res.timings
-            acc = stage_timings[stage.name]
+            acc = g.timings[stage.name]
             acc["forward"] += tm.forward_seconds
             acc["backward"] += tm.backward_seconds
             acc["wait"] += tm.wait_seconds
@@ -333,12 +358,15 @@ class PipelineDriver:
             acc["bytes_received"] += tm.bytes_received
             acc["total"] += tm.total_seconds
             acc["regret_wait"] += tm.regret_wait_seconds
-            spans[stage.name].extend((s.action, s.micro_batch, s.start, s.end) for s in res.spans)
+            g.spans[stage.name].extend((s.action, s.micro_batch, s.start, s.end) for s in res.spans)
             if res.has_grad_norm:
-                norms[stage.name] = res.grad_norm_sq
-                found_inf |= res.found_inf
-            peak = max(peak, res.peak_memory_bytes)
-        per_mb.extend(sorted(results[1].micro_batches, key=lambda m: m.index))
+                g.norms[stage.name] = res.grad_norm_sq
+                g.found_inf |= res.found_inf
+            g.peak = max(g.peak, res.peak_memory_bytes)
+        return g
+
+    def _total_norm(self, step: int, norms: dict[str, float]) -> float:
+        """The global gradient norm from every stage's squared norm; inf when any is not finite."""
         if set(norms) != {s.name for s in self.stages}:
             raise StepFailed(
                 step,
@@ -347,30 +375,29 @@ class PipelineDriver:
                     f"gradient norms missing from {sorted({s.name for s in self.stages} - set(norms))}"
                 ),
             )
-        total_norm = (
+        return (
             math.sqrt(sum(norms.values())) if all(math.isfinite(v) for v in norms.values()) else float("inf")
         )
-        losses = _mean_losses(per_mb)
-        mb_losses = [m.total_loss for m in per_mb]
-        skip = False
-        if self.scaler.enabled:
-            skip = found_inf or not math.isfinite(total_norm)
-        else:
-            bad_mb = [m.index for m in per_mb if not math.isfinite(m.total_loss)]
-            bad_stage = [name for name, v in norms.items() if not math.isfinite(v)]
-            if bad_mb or bad_stage:
-                self._abort_all(step, "non-finite loss or gradient")
-                where = []
-                if bad_mb:
-                    where.append(f"loss of micro-batch(es) {bad_mb} on the gpu stage")
-                if bad_stage:
-                    where.append(f"gradient norm on the {', '.join(bad_stage)}")
-                raise NonFiniteError(
-                    f"step {step}: non-finite {' and '.join(where)} in fp32 training; the update was not applied "
-                    f"(fix: lower train.learning_rate, set train.max_grad_norm, or check the data)"
-                )
-        coef = clip_coefficient(total_norm, t.max_grad_norm) if not skip else 0.0
-        scale = self.scaler.scale
+
+    def _fail_on_nonfinite(self, step: int, per_mb, norms: dict[str, float]) -> None:
+        """fp32 training: a non-finite loss or gradient aborts the step, nothing is applied."""
+        bad_mb = [m.index for m in per_mb if not math.isfinite(m.total_loss)]
+        bad_stage = [name for name, v in norms.items() if not math.isfinite(v)]
+        if not (bad_mb or bad_stage):
+            return
+        self._abort_all(step, "non-finite loss or gradient")
+        where = []
+        if bad_mb:
+            where.append(f"loss of micro-batch(es) {bad_mb} on the gpu stage")
+        if bad_stage:
+            where.append(f"gradient norm on the {', '.join(bad_stage)}")
+        raise NonFiniteError(
+            f"step {step}: non-finite {' and '.join(where)} in fp32 training; the update was not applied "
+            f"(fix: lower train.learning_rate, set train.max_grad_norm, or check the data)"
+        )
+
+    def _apply(self, step: int, coef: float, learning_rate: float, skip: bool, scale: float) -> None:
+        """ApplyStep on every stage side by side; the first failure fails the step."""
         applied = [
             self.pool.submit(s.apply, self.run_id, step, coef, learning_rate, skip, scale)
             for s in self.stages
@@ -383,29 +410,6 @@ class PipelineDriver:
                 errors.append((s.name, exc))
         if errors:
             raise StepFailed(step, errors[0][0], errors[0][1])
-        self.scaler.update(skip, step)
-        regret_values = [m.regret_mean for m in per_mb if m.regret_computations]
-        return StepOutcome(
-            step=step,
-            losses=losses,
-            total_loss=sum(mb_losses) / len(mb_losses),
-            micro_batch_losses=mb_losses,
-            grad_norm=total_norm,
-            clip_coefficient=coef,
-            learning_rate=learning_rate,
-            skipped=skip,
-            loss_scale=scale,
-            regret_mean=sum(regret_values) / len(regret_values) if regret_values else 0.0,
-            regret_computations=sum(m.regret_computations for m in per_mb),
-            bentham_evaluations=sum(m.bentham_evaluations for m in per_mb),
-            samples=samples,
-            tokens=tokens,
-            computed_tokens=computed,
-            seconds=time.perf_counter() - start,
-            stage_timings=stage_timings,
-            spans=spans,
-            peak_gpu_memory_bytes=peak,
-        )
 
     # ---- evaluation
 
@@ -419,10 +423,34 @@ class PipelineDriver:
         plans = self._plans(0, parts, forward_only=True, eval_id=eval_id)
         results = self._run_on_stages(eval_id, plans)
         outputs: dict[str, list[torch.Tensor]] = {}
-        for mb in sorted(results[1].micro_batches, key=lambda m: m.index):
+        for mb in sorted(results[-1].micro_batches, key=lambda m: m.index):  # the last stage's heads
             for name, msg in mb.outputs.items():
                 outputs.setdefault(name, []).append(codec.decode(msg))
         return {k: torch.cat(v) for k, v in outputs.items()}
+
+
+_TIMING_KEYS = (
+    "forward",
+    "backward",
+    "wait",
+    "serialize",
+    "send",
+    "bytes_sent",
+    "bytes_received",
+    "total",
+    "regret_wait",
+)
+
+
+@dataclass
+class _Gathered:
+    """What a step's StepResults say, summed per stage."""
+
+    timings: dict[str, dict[str, float]]
+    spans: dict[str, list]
+    norms: dict[str, float] = field(default_factory=dict)
+    found_inf: bool = False
+    peak: int = 0
 
 
 def _mean_losses(per_mb: Sequence[stage_pb2.MicroBatchResult]) -> dict[str, float]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from orchestrator.stages import stage_specs
 from redheart.config import HybridConfig
 from redheart.gpu_memory import check_device_budget, describe_estimate, stage_estimates
 from redheart.model import count_parameters, resolve_model_shape
@@ -102,10 +103,20 @@ def preflight(
     cfg = config
     shape = resolve_model_shape(cfg.model)
     counts = count_parameters(shape)
-    t = cfg.train
     local = cfg.launch.mode == "local"
+    on_cuda, facts = _check_devices(cfg, report, local)
+    _check_memory(cfg, report, shape, on_cuda, facts, local)
+    _check_disk(cfg, report, counts)
+    _check_output_lock(cfg, report)
+    _check_services(cfg, report, local)
+    _check_data_and_time(cfg, report, shape, counts)
+    _print_report(report, out, quiet_when_ok)
+    return report
 
-    # -- devices (read by a probe subprocess: this process must never hold a CUDA context)
+
+def _check_devices(cfg: HybridConfig, report: PreflightReport, local: bool):
+    """The GPU stage's device, read by a probe subprocess (this process must never hold a CUDA
+    context); returns (GPU stage on CUDA, the probe's facts or None)."""
     device = cfg.gpu_stage.device
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     facts = None
@@ -128,13 +139,18 @@ def preflight(
                 'or set gpu_stage.device = "auto" / "cpu"',
             )
     report.estimates["gpu_device"] = facts
+    return on_cuda, facts
 
-    # -- memory budgets (1F1B keeps at most p - rank micro-batches in flight)
+
+def _check_memory(
+    cfg: HybridConfig, report: PreflightReport, shape, on_cuda: bool, facts, local: bool
+) -> None:
+    """Memory budgets (1F1B keeps at most p - rank micro-batches in flight)."""
     est = stage_estimates(cfg, shape, gpu_on_cuda=on_cuda)
     report.estimates["memory_bytes"] = {s: e["total"] for s, e in est.items()}
     report.estimates["memory_detail"] = est
     if on_cuda:
-        label = f"{facts['device']} ({facts['name']})" if facts else device
+        label = f"{facts['device']} ({facts['name']})" if facts else cfg.gpu_stage.device
         findings = check_device_budget(
             int(cfg.gpu_stage.gpu_memory_gb * GiB),
             est["gpu"]["total"],
@@ -168,7 +184,9 @@ def preflight(
             'free memory, or run the stages on separate hosts (launch.mode = "remote")',
         )
 
-    # -- disk for checkpoints
+
+def _check_disk(cfg: HybridConfig, report: PreflightReport, counts) -> None:
+    """Disk for the checkpoints kept."""
     ckpt_dir = cfg.checkpoint_dir()
     probe = ckpt_dir
     while not probe.exists() and probe != probe.parent:
@@ -184,7 +202,9 @@ def preflight(
         "free disk, lower checkpoint.keep_last, or point checkpoint.directory elsewhere",
     )
 
-    # -- output directory lock
+
+def _check_output_lock(cfg: HybridConfig, report: PreflightReport) -> None:
+    """The output directory is not held by a running run."""
     from orchestrator.run_dir import OutputLock
 
     holder = OutputLock(cfg.output_dir()).holder()
@@ -195,7 +215,9 @@ def preflight(
         "wait for that run to finish, stop it, or pass another --output-dir",
     )
 
-    # -- ports / services
+
+def _check_services(cfg: HybridConfig, report: PreflightReport, local: bool) -> None:
+    """Local: the fixed ports are free; remote: every service is reachable."""
     if local:
         if cfg.launch.ports == "fixed":
             for name, port in (
@@ -213,7 +235,7 @@ def preflight(
         else:
             report.add(True, 'ports: chosen automatically on loopback (launch.ports = "auto")', fatal=False)
     else:
-        addresses = {"cpu_stage": cfg.cpu_stage_address(), "gpu_stage": cfg.gpu_stage_address()}
+        addresses = {s.name: s.address(cfg) for s in stage_specs(cfg)}
         if cfg.regret.enabled and cfg.regret.address != "inprocess":
             addresses["regret"] = cfg.regret_address()
         for name, address in addresses.items():
@@ -224,7 +246,10 @@ def preflight(
                 f"start it (`redheart-{name.replace('_', '-')} --config ...`) or fix {name}.address",
             )
 
-    # -- data and time estimate
+
+def _check_data_and_time(cfg: HybridConfig, report: PreflightReport, shape, counts) -> None:
+    """The data's size, the steps it makes, and a time estimate."""
+    t = cfg.train
     data_path = Path(cfg.data.path)
     if data_path.exists():
         rows = _count_lines(data_path)
@@ -271,6 +296,9 @@ def preflight(
         fatal=False,
     )
 
+
+def _print_report(report: PreflightReport, out, quiet_when_ok: bool) -> None:
+    """The findings, unless everything passed and the caller wants quiet."""
     failed = [f for f in report.findings if not f.ok and f.fatal]
     if not (quiet_when_ok and not failed):
         print(f"pre-flight check ({'OK' if not failed else f'{len(failed)} problem(s)'}):", file=out)
@@ -279,4 +307,3 @@ def preflight(
             print(f"  [{mark}] {f.what}", file=out)
             if not f.ok and f.fix:
                 print(f"        fix: {f.fix}", file=out)
-    return report

@@ -33,6 +33,7 @@ from typing import Any
 from orchestrator.launcher import LaunchError, LocalLauncher
 from orchestrator.pipeline import StepFailed
 from orchestrator.stage_client import StageClient
+from orchestrator.stages import STAGE_NAMES
 from redheart.config import HybridConfig
 from redheart.rpc import ServiceError, wait_for_serving
 
@@ -185,7 +186,7 @@ class Recovery:
         return "gpu_stage" if "gpu" in where else "cpu_stage"
 
     def _wait_until_serving(self) -> None:
-        for name in ("cpu_stage", "gpu_stage", "regret"):
+        for name in (*STAGE_NAMES, "regret"):
             address = self.addresses.get(name, "")
             if not address or address == "inprocess":
                 continue

@@ -11,6 +11,7 @@ from typing import Any
 
 from orchestrator.metrics import VALIDATION_METRICS
 from orchestrator.plots import plot_losses, plot_trace_step
+from orchestrator.stages import short_name
 from redheart.model import resolve_model_shape
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,31 @@ def fmt_metrics(entry: dict) -> str:
             bow = f", bag-of-words {b['baseline_bow_' + key]:.4f}" if "baseline_bow_" + key in b else ""
             parts.append(f"{key} {m[key]:.4f} (baseline {b.get('baseline_' + key, float('nan')):.4f}{bow})")
     return ", ".join(parts)
+
+
+def log_run(run_id: str, counts, data, batches, services, cfg) -> None:
+    """The run's opening line: parameters per stage, data, steps, batch shape."""
+    info = services.stage_info
+    last = services.stages[-1]
+    stages = "; ".join(
+        f"{s.label} {counts[s.name]}{f' on {info[s.name].device}' if s is last else ''}: "
+        f"{info[s.name].layer_range}"
+        for s in services.stages
+    )
+    log.info(
+        "run %s: %d parameters (%s), %d train / %d validation scenarios, "
+        "%d steps (%d per epoch), batch %d x %d micro-batches x %d accumulation",
+        run_id,
+        counts["total"],
+        stages,
+        len(data.train),
+        len(data.validation),
+        batches.total_steps,
+        batches.steps_per_epoch,
+        cfg.train.batch_size,
+        cfg.micro_batches,
+        cfg.train.gradient_accumulation_steps,
+    )
 
 
 def step_entry(step: int, epoch: int, lr: float, outcome, memory: dict[str, int]) -> dict[str, Any]:
@@ -42,7 +68,7 @@ def step_entry(step: int, epoch: int, lr: float, outcome, memory: dict[str, int]
         "regret_computations": outcome.regret_computations,
         "bentham_evaluations": outcome.bentham_evaluations,
         "bubble": {
-            k.split()[0]: (v["wait"] / v["total"] if v["total"] else 0.0)
+            short_name(k): (v["wait"] / v["total"] if v["total"] else 0.0)
             for k, v in outcome.stage_timings.items()
         },
         "rss_bytes": memory,
@@ -153,10 +179,10 @@ def _stage_summary(address: str, info) -> dict:
 
 def build_report(trainer, run_id, step, batches, data, counts, wall_start, last_checkpoint, stopped_early):
     """report.json's content, from the trainer's tallies and its services' answers."""
-    t = trainer
+    t, tally = trainer, trainer.tally
     services = t.services
     wall = time.time() - wall_start
-    step_seconds = t.totals["step_seconds"] or 1e-9
+    step_seconds = tally.totals["step_seconds"] or 1e-9
     return {
         "run_id": run_id,
         "config": t.config.to_dict(),
@@ -168,18 +194,18 @@ def build_report(trainer, run_id, step, batches, data, counts, wall_start, last_
         "epochs": step / batches.steps_per_epoch,
         "stopped_early": stopped_early,
         "wall_seconds": wall,
-        "train_seconds": t.totals["step_seconds"],
-        "samples": t.totals["samples"],
-        "tokens": t.totals["tokens"],
-        "samples_per_second": t.totals["samples"] / step_seconds,
-        "tokens_per_second": t.totals["tokens"] / step_seconds,
-        "skipped_steps": t.totals["skipped_steps"],
-        "loss_history": t.history,
-        "validation": t.validation,
-        "final_validation": t.validation[-1] if t.validation else None,
-        "regret": _regret_summary(t.totals, t.regret_sum, t.regret_n, step, t.output_dir),
+        "train_seconds": tally.totals["step_seconds"],
+        "samples": tally.totals["samples"],
+        "tokens": tally.totals["tokens"],
+        "samples_per_second": tally.totals["samples"] / step_seconds,
+        "tokens_per_second": tally.totals["tokens"] / step_seconds,
+        "skipped_steps": tally.totals["skipped_steps"],
+        "loss_history": tally.history,
+        "validation": tally.validation,
+        "final_validation": tally.validation[-1] if tally.validation else None,
+        "regret": _regret_summary(tally.totals, tally.regret_sum, tally.regret_n, step, t.output_dir),
         "peak_rss_bytes": t.peak_rss,
-        "peak_gpu_memory_bytes": max([h.get("peak_gpu_memory_bytes", 0) for h in t.history] or [0]),
+        "peak_gpu_memory_bytes": max([h.get("peak_gpu_memory_bytes", 0) for h in tally.history] or [0]),
         "precision": {
             n: {"used": c.precision, "reason": c.precision_reason} for n, c in services.clients.items()
         },

@@ -15,7 +15,7 @@ from typing import Any
 @dataclass(frozen=True)
 class StageSpec:
     name: str  # the service name: config section, launcher key, report key
-    shard: str  # its directory inside a checkpoint step directory
+    shard: str  # its directory inside a checkpoint step directory, and its short name ("cpu")
     rank: int  # its pipeline position, 0 first
 
     @property
@@ -39,6 +39,13 @@ STAGES: tuple[StageSpec, ...] = (
 the number of stages, the model split (`resolve_model_shape`) is not yet."""
 
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+STAGE_SHORT_NAMES: tuple[str, ...] = tuple(s.shard for s in STAGES)  # metric labels, report keys
+_SHORT_BY_LABEL = {s.label: s.shard for s in STAGES}
+
+
+def short_name(label: str) -> str:
+    """ "cpu stage" (a StageClient's name, a key of StepOutcome.stage_timings) -> "cpu"."""
+    return _SHORT_BY_LABEL.get(label, label.split()[0])
 
 
 def stage_specs(config=None) -> tuple[StageSpec, ...]:

@@ -31,7 +31,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from orchestrator import checkpoint as ckpt
-from orchestrator import evaluation, report, run_dir, run_products
+from orchestrator import evaluation, report, run_checkpoints, run_dir, run_products
 from orchestrator.data import PreparedData, StepBatches, prepare_data
 from orchestrator.lr_schedule import learning_rate_at
 from orchestrator.metrics import OrchestratorMetrics
@@ -41,8 +41,9 @@ from orchestrator.recovery import PhaseFailed, Recovery, RecoveryStopped, phase
 from orchestrator.run_dir import OutputLock
 from orchestrator.service_set import RunError, ServiceSet
 from orchestrator.stages import stage_specs
+from orchestrator.tally import RunTally
 from orchestrator.trace import TraceRecorder
-from redheart.config import HybridConfig, diff_settings
+from redheart.config import HybridConfig
 from redheart.model import count_parameters, resolve_model_shape
 
 # Older import paths: `from orchestrator.trainer import RunError, OutputLock, learning_rate_at, _fmt_metrics`.
@@ -110,18 +111,7 @@ class HybridDistributedTrainer:
 
     def _reset_progress(self) -> None:
         """What a run has done so far: empty at the start, and again when a recovery finds no checkpoint."""
-        self.history: list[dict[str, Any]] = []
-        self.validation: list[dict[str, Any]] = []
-        self.totals = {
-            "samples": 0,
-            "tokens": 0,
-            "regret_computations": 0,
-            "bentham_evaluations": 0,
-            "skipped_steps": 0,
-            "step_seconds": 0.0,
-        }
-        self.regret_sum = 0.0
-        self.regret_n = 0
+        self.tally = RunTally()
 
     # ------------------------------------------------------------------ the run
 
@@ -191,7 +181,7 @@ class HybridDistributedTrainer:
         )
         stack.callback(driver.close)
         self._last_info = resume_info
-        self._log_run(run_id, counts, data, batches)
+        report.log_run(run_id, counts, data, batches, self.services, cfg)
         progress = self._progress = Progress(batches.total_steps, cfg.orchestrator.progress)
         stack.callback(progress.close)
         return _Run(run_id, driver, data, batches, progress, counts)
@@ -243,7 +233,7 @@ class HybridDistributedTrainer:
             loop.stopped_early,
         )
         result["trace"] = report.write_trace(self.trace, self.output_dir)
-        report.write_products(result, self.output_dir, self.history, self.validation)
+        report.write_products(result, self.output_dir, self.tally.history, self.tally.validation)
         return result, loop.last_checkpoint
 
     # ------------------------------------------------------------------ the phases of a run
@@ -272,33 +262,9 @@ class HybridDistributedTrainer:
                 fp16, init_scale=t.initial_loss_scale, max_consecutive_skips=t.max_consecutive_skips
             )
 
-    def _log_run(self, run_id: str, counts, data: PreparedData, batches: StepBatches) -> None:
-        cfg = self.config
-        info = self.services.stage_info
-        last = self.services.stages[-1]
-        stages = "; ".join(
-            f"{s.label} {counts[s.name]}{f' on {info[s.name].device}' if s is last else ''}: "
-            f"{info[s.name].layer_range}"
-            for s in self.services.stages
-        )
-        log.info(
-            "run %s: %d parameters (%s), %d train / %d validation scenarios, "
-            "%d steps (%d per epoch), batch %d x %d micro-batches x %d accumulation",
-            run_id,
-            counts["total"],
-            stages,
-            len(data.train),
-            len(data.validation),
-            batches.total_steps,
-            batches.steps_per_epoch,
-            cfg.train.batch_size,
-            cfg.micro_batches,
-            cfg.train.gradient_accumulation_steps,
-        )
-
     def _train_steps(self, loop: _Loop, run: _Run) -> None:
         """Optimizer steps with logging, epoch-end evaluation and checkpoints, until the last step or a stop."""
-        evaluated_epochs = {v.get("epoch") for v in self.validation}
+        evaluated_epochs = {v.get("epoch") for v in self.tally.validation}
         total = run.batches.total_steps
         while loop.step < total:
             epoch, _ = run.batches.position(loop.step)
@@ -339,7 +305,7 @@ class HybridDistributedTrainer:
         total = run.batches.total_steps
         if step % self.config.train.log_every_n_steps == 0 or step == total:
             entry = report.step_entry(step, epoch, lr, outcome, self._sample_memory())
-            self.history.append(entry)
+            self.tally.history.append(entry)
             run.progress.message(report.step_line(entry, total, outcome))
         run.progress.update(
             step, outcome.total_loss, outcome.samples / outcome.seconds if outcome.seconds else 0.0
@@ -357,7 +323,7 @@ class HybridDistributedTrainer:
         ):
             entry = self._evaluate(run.driver, run.data, f"epoch {epoch}")
         entry["epoch"] = epoch
-        self.validation.append(entry)
+        self.tally.validation.append(entry)
         if self._tb is not None:
             self._tb.validation(entry)
         run.progress.message(f"validation after epoch {epoch}: {report.fmt_metrics(entry)}")
@@ -382,7 +348,7 @@ class HybridDistributedTrainer:
                 run.driver, run.data, "final", explanations_path=self.output_dir / "explanations.jsonl"
             )
         final["epoch"] = run.batches.position(max(loop.step - 1, 0))[0]
-        self.validation.append(final)
+        self.tally.validation.append(final)
         if self._tb is not None:
             self._tb.validation(final)
         run.progress.message(f"final validation: {report.fmt_metrics(final)}")
@@ -409,7 +375,7 @@ class HybridDistributedTrainer:
             label=label,
             step=self._current_step,
             bow=self._bow_baseline(data),
-            regret_mean=self.regret_sum / self.regret_n if self.regret_n else None,
+            regret_mean=self.tally.regret_mean(),
             metrics=self.metrics,
             progress=self._progress,
             explanations_path=explanations_path,
@@ -419,15 +385,7 @@ class HybridDistributedTrainer:
         self.metrics.observe_step(outcome)
         self.metrics.epoch.set(epoch)
         self.metrics.step.set(outcome.step + 1)
-        self.totals["samples"] += outcome.samples
-        self.totals["tokens"] += outcome.tokens
-        self.totals["regret_computations"] += outcome.regret_computations
-        self.totals["bentham_evaluations"] += outcome.bentham_evaluations
-        self.totals["skipped_steps"] += int(outcome.skipped)
-        self.totals["step_seconds"] += outcome.seconds
-        if outcome.regret_computations:
-            self.regret_sum += outcome.regret_mean
-            self.regret_n += 1
+        self.tally.record(outcome)
 
     def _sample_memory(self) -> dict[str, int]:
         launcher = self.services.launcher if self.services is not None else None
@@ -444,27 +402,7 @@ class HybridDistributedTrainer:
             shutil.rmtree(directory)  # a leftover of an interrupted save: redo it
         directory.mkdir(parents=True)
         shards = self.services.save(run_id, step, directory)
-        epoch, offset = batches.position(step)
-        manifest = {
-            "run_id": run_id,
-            "step": step,
-            "epoch": epoch,
-            "step_in_epoch": offset,
-            "model_fingerprint": self.config.model_fingerprint(),
-            "config": self.config.to_dict(),
-            "tokenizer": str(data.tokenizer_path),
-            "tokenizer_sha256": data.tokenizer_sha256,
-            "loss_scale": driver.scaler.state(),
-            "shards": {
-                n: {"sha256": s.sha256, "bytes": s.bytes, "files": list(s.files)} for n, s in shards.items()
-            },
-            "history": self.history,
-            "validation": self.validation,
-            "totals": self.totals,
-            "regret_sum": self.regret_sum,
-            "regret_n": self.regret_n,
-            "restarts": self.restarts,
-        }
+        manifest = run_checkpoints.manifest(self, run_id, step, batches, driver, data, shards)
         manifest["baselines"] = self._write_baselines(directory, data)
         ckpt.write_manifest(directory, manifest)
         self._last_info = ckpt.CheckpointInfo(directory, step, manifest)
@@ -487,7 +425,7 @@ class HybridDistributedTrainer:
         return self._bow
 
     def _write_baselines(self, directory: Path, data: PreparedData) -> dict[str, str]:
-        mean = self.regret_sum / self.regret_n if self.regret_n else None
+        mean = self.tally.regret_mean()
         return run_products.write_baselines(directory, data, self._bow_baseline(data), mean)
 
     def _check_init_from(self) -> dict[str, str] | None:
@@ -497,11 +435,7 @@ class HybridDistributedTrainer:
             raise RunError(str(exc)) from None
 
     def _restore_orchestrator_state(self, manifest: dict[str, Any], driver: PipelineDriver | None) -> None:
-        self.history = list(manifest.get("history", []))
-        self.validation = list(manifest.get("validation", []))
-        self.totals.update(manifest.get("totals", {}))
-        self.regret_sum = float(manifest.get("regret_sum", 0.0))
-        self.regret_n = int(manifest.get("regret_n", 0))
+        self.tally.load(manifest)
         for k, v in manifest.get("restarts", {}).items():
             self.restarts[k] = max(self.restarts.get(k, 0), int(v))
         if driver is not None:
@@ -529,46 +463,12 @@ class HybridDistributedTrainer:
         return step
 
     def _last_complete(self, run_id: str) -> ckpt.CheckpointInfo | None:
-        candidates = []
-        if self._last_info is not None:
-            try:  # the one we saved or resumed from last; --resume may name one outside checkpoint_dir
-                candidates.append(ckpt.resolve(self._last_info.path))
-            except ckpt.CheckpointError:
-                pass
-        latest = ckpt.latest(self.checkpoint_root)
-        if latest is not None and latest.manifest.get("run_id") == run_id:
-            candidates.append(latest)
-        return max(candidates, key=lambda c: c.step) if candidates else None
+        return run_checkpoints.last_complete(self._last_info, self.checkpoint_root, run_id)
 
     # ------------------------------------------------------------------ the config of a run
 
     def _resume_info(self) -> ckpt.CheckpointInfo | None:
-        if not self.resume:
-            return None
-        try:
-            if self.resume is True or self.resume == "latest":
-                info = ckpt.latest(self.checkpoint_root)
-                if info is None:
-                    raise RunError(f"--resume: no complete checkpoint under {self.checkpoint_root}")
-            else:
-                info = ckpt.resolve(Path(str(self.resume)))
-        except ckpt.CheckpointError as exc:
-            raise RunError(f"--resume: {exc}") from None
-        saved_model = info.manifest.get("config", {}).get("model", {})
-        if (
-            self.config.model.gpu_layers_ratio == "auto"
-            and self.config.model.cpu_layers is None
-            and saved_model.get("cpu_layers") is not None
-        ):
-            # Keep the split the run was started with; re-measuring could choose another one.
-            self.config = self.config.replace(**{"model.cpu_layers": saved_model["cpu_layers"]})
-        if info.manifest.get("model_fingerprint") != self.config.model_fingerprint():
-            theirs = info.manifest.get("config", {}).get("model", {})
-            mine = self.config.to_dict()["model"]
-            raise RunError(
-                f"--resume: checkpoint {info.path} was trained with different model settings: "
-                f"{'; '.join(diff_settings(mine, theirs)) or 'resolved shape differs'}"
-            )
+        info, self.config = run_checkpoints.resume_point(self.resume, self.checkpoint_root, self.config)
         return info
 
     def resolve_split(self) -> None:

@@ -43,16 +43,7 @@ class VerifyResult:
 
 
 def verify(trainer: HybridDistributedTrainer, out=sys.stdout) -> VerifyResult:
-    cfg = trainer.config
-    o = cfg.orchestrator
-    if cfg.train.use_mixed_precision:
-        print("note: --verify compares fp32 math; mixed precision is switched off for the check", file=out)
-        cfg = cfg.replace(**{"train.use_mixed_precision": False})
-        trainer.config = cfg
-    if cfg.train.allow_tf32:
-        # TF32 rounds matmul inputs to 10 mantissa bits on Ampere and later: not fp32 math.
-        cfg = cfg.replace(**{"train.allow_tf32": False})
-        trainer.config = cfg
+    _fp32_only(trainer, out)
     with ExitStack() as stack:
         trainer.resolve_split()
         cfg = trainer.config
@@ -70,75 +61,23 @@ def verify(trainer: HybridDistributedTrainer, out=sys.stdout) -> VerifyResult:
         )
         stack.callback(driver.close)
         services.restore(run_id, None)
-        # The reference runs the GPU part where the last stage runs it.
-        gpu_device, note = reference_placement(
-            services.stage_info[services.stages[-1].name].device, torch.cuda.is_available()
-        )
-        if note:
-            print(f"note: {note}", file=out)
-        reference = SingleProcessTrainer(cfg, gpu_device=gpu_device)
-        if gpu_device.type == "cuda" and (
-            o.verify_rtol < CUDA_VERIFY_RTOL or o.verify_atol < CUDA_VERIFY_ATOL
-        ):
-            print(
-                f"note: the GPU stage runs on {gpu_device}; CUDA's fp32 kernels reduce in another order than the CPU's "
-                f"and some backward kernels use atomics, so the tolerance is widened to rtol {CUDA_VERIFY_RTOL} "
-                f"atol {CUDA_VERIFY_ATOL}",
-                file=out,
-            )
-            o = dataclasses.replace(
-                o,
-                verify_rtol=max(o.verify_rtol, CUDA_VERIFY_RTOL),
-                verify_atol=max(o.verify_atol, CUDA_VERIFY_ATOL),
-            )
+        reference, o = _reference(cfg, services, out)
         steps = min(o.verify_steps, batches.total_steps)
         failures: list[str] = []
-        max_loss = 0.0
+        pipeline = " + ".join(services.addresses[s.name] for s in services.stages)
         print(
-            f"verifying {steps} step(s): pipeline at {' + '.join(services.addresses[s.name] for s in services.stages)} "
+            f"verifying {steps} step(s): pipeline at {pipeline} "
             f"(regret: {regret or 'off'}) against single-process training",
             file=out,
         )
-        for step in range(steps):
-            lr = learning_rate_at(step, batches.total_steps, cfg.train)
-            rounds = batches.rounds(step)
-            got = driver.run_step(step, rounds, lr)
-            want = reference.step(step, rounds, lr)
-            a, b = (
-                torch.tensor(got.micro_batch_losses, dtype=torch.float64),
-                torch.tensor(want["micro_batch_losses"], dtype=torch.float64),
-            )
-            diff = float((a - b).abs().max())
-            max_loss = max(max_loss, diff)
-            try:
-                torch.testing.assert_close(a, b, rtol=o.verify_rtol, atol=o.verify_atol)
-                status = "ok"
-            except AssertionError:
-                status = "MISMATCH"
-                failures.append(f"step {step}: micro-batch losses differ by up to {diff:.3e}")
-            print(
-                f"  step {step}: loss pipeline {got.total_loss:.6f} single-process {sum(want['micro_batch_losses']) / len(want['micro_batch_losses']):.6f} "
-                f"max |diff| {diff:.3e}  grad norm {got.grad_norm:.6f} vs {want['grad_norm']:.6f}  {status}",
-                file=out,
-            )
-        live = services.parameters()
+        max_loss = _compare_steps(driver, reference, batches, steps, cfg, o, failures, out)
         ref = reference.named_parameters()
-        missing = sorted(set(ref) ^ set(live))
-        if missing:
-            failures.append(f"parameter names differ: {missing[:5]}")
-        worst, worst_name = 0.0, ""
-        for name in sorted(set(ref) & set(live)):
-            d = float((live[name] - ref[name]).abs().max()) if ref[name].numel() else 0.0
-            if d > worst:
-                worst, worst_name = d, name
-            try:
-                torch.testing.assert_close(live[name], ref[name], rtol=o.verify_rtol, atol=o.verify_atol)
-            except AssertionError:
-                failures.append(f"parameter {name} differs by up to {d:.3e}")
+        worst, worst_name = _compare_parameters(services.parameters(), ref, o, failures)
         ok = not failures
         print(
             f"largest loss difference {max_loss:.3e}; largest parameter difference {worst:.3e}"
-            f"{f' ({worst_name})' if worst_name else ''} over {len(ref)} tensors; tolerance rtol {o.verify_rtol} atol {o.verify_atol}",
+            f"{f' ({worst_name})' if worst_name else ''} over {len(ref)} tensors; "
+            f"tolerance rtol {o.verify_rtol} atol {o.verify_atol}",
             file=out,
         )
         print(
@@ -148,3 +87,87 @@ def verify(trainer: HybridDistributedTrainer, out=sys.stdout) -> VerifyResult:
             file=out,
         )
         return VerifyResult(steps, max_loss, worst, worst_name, len(ref), ok, failures)
+
+
+def _fp32_only(trainer: HybridDistributedTrainer, out) -> None:
+    """--verify compares fp32 math: mixed precision and TF32 are switched off for the check."""
+    cfg = trainer.config
+    if cfg.train.use_mixed_precision:
+        print("note: --verify compares fp32 math; mixed precision is switched off for the check", file=out)
+        cfg = cfg.replace(**{"train.use_mixed_precision": False})
+        trainer.config = cfg
+    if cfg.train.allow_tf32:
+        # TF32 rounds matmul inputs to 10 mantissa bits on Ampere and later: not fp32 math.
+        cfg = cfg.replace(**{"train.allow_tf32": False})
+        trainer.config = cfg
+
+
+def _reference(cfg, services, out):
+    """The single-process trainer to compare with, and the tolerances (wider with CUDA)."""
+    o = cfg.orchestrator
+    # The reference runs the GPU part where the last stage runs it.
+    gpu_device, note = reference_placement(
+        services.stage_info[services.stages[-1].name].device, torch.cuda.is_available()
+    )
+    if note:
+        print(f"note: {note}", file=out)
+    reference = SingleProcessTrainer(cfg, gpu_device=gpu_device)
+    if gpu_device.type == "cuda" and (o.verify_rtol < CUDA_VERIFY_RTOL or o.verify_atol < CUDA_VERIFY_ATOL):
+        print(
+            f"note: the GPU stage runs on {gpu_device}; CUDA's fp32 kernels reduce in another order than "
+            f"the CPU's and some backward kernels use atomics, so the tolerance is widened to "
+            f"rtol {CUDA_VERIFY_RTOL} atol {CUDA_VERIFY_ATOL}",
+            file=out,
+        )
+        o = dataclasses.replace(
+            o,
+            verify_rtol=max(o.verify_rtol, CUDA_VERIFY_RTOL),
+            verify_atol=max(o.verify_atol, CUDA_VERIFY_ATOL),
+        )
+    return reference, o
+
+
+def _compare_steps(driver, reference, batches, steps: int, cfg, o, failures: list[str], out) -> float:
+    """Run `steps` steps both ways; returns the largest micro-batch loss difference."""
+    max_loss = 0.0
+    for step in range(steps):
+        lr = learning_rate_at(step, batches.total_steps, cfg.train)
+        rounds = batches.rounds(step)
+        got = driver.run_step(step, rounds, lr)
+        want = reference.step(step, rounds, lr)
+        a, b = (
+            torch.tensor(got.micro_batch_losses, dtype=torch.float64),
+            torch.tensor(want["micro_batch_losses"], dtype=torch.float64),
+        )
+        diff = float((a - b).abs().max())
+        max_loss = max(max_loss, diff)
+        try:
+            torch.testing.assert_close(a, b, rtol=o.verify_rtol, atol=o.verify_atol)
+            status = "ok"
+        except AssertionError:
+            status = "MISMATCH"
+            failures.append(f"step {step}: micro-batch losses differ by up to {diff:.3e}")
+        single = sum(want["micro_batch_losses"]) / len(want["micro_batch_losses"])
+        print(
+            f"  step {step}: loss pipeline {got.total_loss:.6f} single-process {single:.6f} "
+            f"max |diff| {diff:.3e}  grad norm {got.grad_norm:.6f} vs {want['grad_norm']:.6f}  {status}",
+            file=out,
+        )
+    return max_loss
+
+
+def _compare_parameters(live: dict, ref: dict, o, failures: list[str]) -> tuple[float, str]:
+    """Every parameter of the live stages against the reference's; returns the worst and its name."""
+    missing = sorted(set(ref) ^ set(live))
+    if missing:
+        failures.append(f"parameter names differ: {missing[:5]}")
+    worst, worst_name = 0.0, ""
+    for name in sorted(set(ref) & set(live)):
+        d = float((live[name] - ref[name]).abs().max()) if ref[name].numel() else 0.0
+        if d > worst:
+            worst, worst_name = d, name
+        try:
+            torch.testing.assert_close(live[name], ref[name], rtol=o.verify_rtol, atol=o.verify_atol)
+        except AssertionError:
+            failures.append(f"parameter {name} differs by up to {d:.3e}")
+    return worst, worst_name
