@@ -32,6 +32,7 @@ from typing import Any
 
 from orchestrator.launcher import LaunchError, LocalLauncher
 from orchestrator.pipeline import StepFailed
+from orchestrator.service_set import RunError
 from orchestrator.stage_client import StageClient
 from orchestrator.stages import STAGE_NAMES
 from redheart.config import HybridConfig
@@ -66,8 +67,6 @@ class RecoveryStopped(RuntimeError):
 
 
 def _run_error(message: str, failure: PhaseFailed) -> Exception:
-    from orchestrator.trainer import RunError  # the trainer imports this module
-
     error = RunError(message)
     error.__cause__ = failure
     return error
