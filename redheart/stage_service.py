@@ -65,17 +65,9 @@ _STATUS = {
     "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "internal": grpc.StatusCode.INTERNAL,
 }
-STAGE_METHODS = (
-    "Describe",
-    "StartRun",
-    "RunStep",
-    "ApplyStep",
-    "AbortStep",
-    "PushTensor",
-    "SaveState",
-    "LoadState",
-    "GetParameters",
-)
+# Every method of the PipelineStage contract (protos/redheart/v1/stage.proto), read from the
+# compiled descriptor so a new RPC gets its metrics and tests without another list to keep in step.
+STAGE_METHODS = tuple(m.name for m in stage_pb2.DESCRIPTOR.services_by_name["PipelineStage"].methods)
 VERSION = "0.1.0"
 MAX_RUN_ID = 256
 """Longest run id a stage accepts (the orchestrator's are far shorter)."""

@@ -19,6 +19,7 @@ from test_stage_service import Pipeline, rounds, tiny_config
 from orchestrator.stage_client import micro_batch_message
 from redheart import codec
 from redheart.config import HybridConfig
+from redheart.stage_service import STAGE_METHODS
 from redheart.v1 import regret_pb2, regret_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
 from regret_service.server import create_server as regret_server
 
@@ -398,20 +399,7 @@ def test_the_regret_cache_is_bounded_in_bytes():
 # ----------------------------------------------------------------------------- unparsable requests
 
 
-@pytest.mark.parametrize(
-    "method",
-    [
-        "Describe",
-        "StartRun",
-        "RunStep",
-        "ApplyStep",
-        "AbortStep",
-        "PushTensor",
-        "SaveState",
-        "LoadState",
-        "GetParameters",
-    ],
-)
+@pytest.mark.parametrize("method", STAGE_METHODS)
 def test_bytes_that_do_not_parse_are_invalid_argument(pipeline, method):
     payload = b"\xff\xff\xff\xff\x0f\x01"  # field 0 / truncated varint: not any protobuf message
     with grpc.insecure_channel(pipeline.gpu_addr) as ch:
