@@ -52,11 +52,3 @@ def stage_specs(config=None) -> tuple[StageSpec, ...]:
     """The stage list of a run. Taking the config is where a config-driven split (more than two
     stages) will plug in; today every config has the same two."""
     return STAGES
-
-
-def first_stage() -> StageSpec:
-    return STAGES[0]
-
-
-def last_stage() -> StageSpec:
-    return STAGES[-1]
