@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from inference.predictor import Prediction
+from redheart.calculus import TRANSFORM_DESCRIPTIONS
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
@@ -47,6 +48,8 @@ def predictions_table(predictions: Sequence[Prediction]) -> str:
                 f"vs actual {e['actual_utility']:+.4f})",
             )
         )
+        # What the counterfactual means, so a reader need not look the name up in docs/regret.md.
+        rows.append(("  meaning", TRANSFORM_DESCRIPTIONS[e["best_counterfactual"]]))
         for view, actual in e["actual_perspective_utilities"].items():
             rows.append(
                 (f"  {view}", f"actual {actual:+.4f}, best {e['best_perspective_utilities'][view]:+.4f}")

@@ -96,11 +96,14 @@ def open_tensorboard(config, output_dir: Path, stack: ExitStack):
     return writer
 
 
-def start_metrics(config, registry):
-    """The orchestrator's /metrics endpoint: (server, port), or (None, 0) when it is off."""
+def start_metrics(config, registry, stack: ExitStack) -> int:
+    """Serve the orchestrator's /metrics until `stack` closes; the bound port, or 0 when it is off.
+
+    Closed with the run: a Python caller that trains twice in one process must not keep the first
+    run's port (and its thread) for the life of the interpreter."""
     cfg = config
     if not (cfg.metrics.enabled and cfg.orchestrator.metrics_port):
-        return None, 0
+        return 0
     auto = cfg.launch.mode == "local" and cfg.launch.ports == "auto"
     port = 0 if auto else cfg.orchestrator.metrics_port
     try:
@@ -110,8 +113,10 @@ def start_metrics(config, registry):
             f"cannot serve orchestrator metrics on {cfg.metrics.host}:{port}: {exc} "
             f"(fix: another orchestrator.metrics_port, or 0 to disable)"
         ) from None
+    stack.callback(server.server_close)
+    stack.callback(server.shutdown)  # runs first: stop serve_forever, then release the socket
     log.info("orchestrator metrics on http://%s:%d/metrics", cfg.metrics.host, bound)
-    return server, bound
+    return bound
 
 
 def sample_memory(launcher, peak_rss: dict[str, int]) -> dict[str, int]:

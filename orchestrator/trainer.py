@@ -122,7 +122,7 @@ class HybridDistributedTrainer:
             resume_info = self._set_up(stack)
             data = self._prepare_data(resume_info)
             batches = StepBatches(self.config, data.train)
-            self._metrics_server, self.metrics_port = run_dir.start_metrics(self.config, self.registry)
+            self.metrics_port = run_dir.start_metrics(self.config, self.registry, stack)
             self.open_services(stack)
             run = self._build_run(stack, resume_info, data, batches)
             loop = _Loop(last_checkpoint=resume_info.path if resume_info is not None else None)

@@ -8,6 +8,8 @@ import pytest
 from conftest import run_cli
 from model_fixtures import make_checkpoint
 
+from redheart.calculus import TRANSFORM_DESCRIPTIONS
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, corpus):
@@ -80,6 +82,10 @@ def test_predict_prints_a_table_when_asked(exported):
         and "나는 거짓말을 했다." in result.stdout
         and "society" in result.stdout
     )
+    best = json.loads(
+        run_cli(["inference.cli", "predict", "--model", str(exported), "나는 거짓말을 했다."]).stdout
+    )["explanation"]["best_counterfactual"]
+    assert TRANSFORM_DESCRIPTIONS[best] in result.stdout  # the table says what the counterfactual means
 
 
 def test_an_input_line_without_text_names_file_and_line_and_writes_nothing(exported, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 from conftest import run_cli
@@ -52,6 +53,24 @@ def test_mixed_precision_bf16_on_cpu_trains_without_nan(tmp_path, corpus):
     losses = [h["loss"] for h in report["loss_history"]]
     assert len(losses) == 6 and all(loss == loss and loss < 100 for loss in losses)  # finite (NaN != NaN)
     assert report["skipped_steps"] == 0
+
+
+def test_the_orchestrator_metrics_endpoint_closes_with_the_run(tmp_path, corpus):
+    config = HybridConfig(
+        model={"preset": "tiny"},
+        batch_size=4,
+        micro_batch_size=2,
+        max_steps=1,
+        data={"path": str(corpus), "max_scenarios": 100},
+        regret={"address": "inprocess"},
+        orchestrator={"output_dir": str(tmp_path / "m"), "progress": "log"},
+    )
+    trainer = HybridDistributedTrainer(config)
+    trainer.train()
+    assert trainer.metrics_port > 0  # it was served during the run
+    # An in-process caller that trains again must not find the first run's port still taken.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", trainer.metrics_port), timeout=2).close()
 
 
 USER_JSONL = [
