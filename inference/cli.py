@@ -82,6 +82,18 @@ def read_inputs(path: Path) -> tuple[list[str], list[str | None]]:
     return texts, ids
 
 
+def _format_option(machine: str, help: str):
+    """--format auto|table|<machine>: a table for a person at a terminal, `machine` for a program."""
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["auto", "table", machine]),
+        default="auto",
+        show_default=True,
+        help=help,
+    )
+
+
 def _wants_table(fmt: str, stream) -> bool:
     return fmt == "table" or (fmt == "auto" and stream.isatty())
 
@@ -138,14 +150,7 @@ def export_main(checkpoint: Path, out: Path, tokenizer: Path | None) -> None:
     "--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N."
 )
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["auto", "table", "jsonl"]),
-    default="auto",
-    show_default=True,
-    help="stdout: a table on a terminal, JSONL otherwise.",
-)
+@_format_option("jsonl", "stdout: a table on a terminal, JSONL otherwise.")
 def predict_main(
     model_dir: Path,
     texts: tuple[str, ...],
@@ -205,14 +210,7 @@ def predict_main(
     "--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON result here."
 )
 @click.option("--device", default="auto", show_default=True)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["auto", "table", "json"]),
-    default="auto",
-    show_default=True,
-    help="stdout: a table on a terminal (or with --output), JSON otherwise.",
-)
+@_format_option("json", "stdout: a table on a terminal (or with --output), JSON otherwise.")
 def evaluate_main(
     model_dir: Path, data_path: Path, split: str, output: Path | None, device: str, fmt: str
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -79,17 +80,20 @@ class StageClient:
         self, method: str, request, *, timeout: float | None = None, idempotent: bool = True, retry_until=None
     ):
         timeout = timeout or self.rpc_timeout
+        once = functools.partial(
+            call,
+            getattr(self.stub, method),
+            request,
+            service=self.name,
+            address=self.address,
+            timeout=timeout,
+            metadata=self.metadata,
+            method_name=method,
+        )
         if self.alive is None:
-            return call(
-                getattr(self.stub, method),
-                request,
-                service=self.name,
-                address=self.address,
-                timeout=timeout,
+            return once(
                 idempotent=idempotent,
                 retry_until=retry_until,
-                metadata=self.metadata,
-                method_name=method,
                 channel_retries=self.retry is not None and self.retry.max_attempts > 1,
             )
         # A process we watch: retry a refused connection only while the process lives. Retrying a
@@ -99,16 +103,7 @@ class StageClient:
         delay = 0.05
         while True:
             try:
-                return call(
-                    getattr(self.stub, method),
-                    request,
-                    service=self.name,
-                    address=self.address,
-                    timeout=timeout,
-                    idempotent=False,
-                    metadata=self.metadata,
-                    method_name=method,
-                )
+                return once(idempotent=False)
             except ServiceError as exc:
                 unavailable = exc.code == grpc.StatusCode.UNAVAILABLE
                 if not (idempotent and unavailable and self.alive() and time.monotonic() + delay < give_up):
