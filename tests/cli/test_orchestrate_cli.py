@@ -132,26 +132,23 @@ def _start(module, config, *extra):
     return proc, port
 
 
+def _remote_run(toml, cpu_port: int, gpu_port: int, regret: str, *more: str) -> list[str]:
+    """The orchestrator command for services started by hand on these ports (`regret`: a TOML value)."""
+    overrides = [
+        'launch.mode="remote"',
+        f'cpu_stage.address="127.0.0.1:{cpu_port}"',
+        f'gpu_stage.address="127.0.0.1:{gpu_port}"',
+        f"regret.address={regret}",
+        *more,
+    ]
+    return ["orchestrator.cli", "--config", str(toml)] + [a for o in overrides for a in ("--set", o)]
+
+
 def test_remote_stages_with_different_model_settings_are_refused_naming_the_keys(tiny_toml):
     cpu, cpu_port = _start("cpu_stage.cli", tiny_toml)
     gpu, gpu_port = _start("gpu_stage.cli", tiny_toml, "--set", "model.num_layers=6")
     try:
-        result = run_cli(
-            [
-                "orchestrator.cli",
-                "--config",
-                str(tiny_toml),
-                "--set",
-                'launch.mode="remote"',
-                "--set",
-                f'cpu_stage.address="127.0.0.1:{cpu_port}"',
-                "--set",
-                f'gpu_stage.address="127.0.0.1:{gpu_port}"',
-                "--set",
-                'regret.address="inprocess"',
-            ],
-            timeout=120,
-        )
+        result = run_cli(_remote_run(tiny_toml, cpu_port, gpu_port, '"inprocess"'), timeout=120)
         assert result.returncode == 1
         assert "different model settings" in result.stderr and "num_layers: 4 here, 6 there" in result.stderr
     finally:
@@ -194,21 +191,7 @@ def test_services_started_separately_train_with_a_remote_orchestrator(tmp_path, 
     regret, regret_port = _start("regret_service.cli", tiny_toml, "--metrics-port", "0")
     try:
         result = run_cli(
-            [
-                "orchestrator.cli",
-                "--config",
-                str(tiny_toml),
-                "--set",
-                'launch.mode="remote"',
-                "--set",
-                f'cpu_stage.address="127.0.0.1:{cpu_port}"',
-                "--set",
-                f'gpu_stage.address="127.0.0.1:{gpu_port}"',
-                "--set",
-                f'regret.address="127.0.0.1:{regret_port}"',
-                "--set",
-                "train.max_steps=4",
-            ],
+            _remote_run(tiny_toml, cpu_port, gpu_port, f'"127.0.0.1:{regret_port}"', "train.max_steps=4"),
             timeout=180,
         )
         assert result.returncode == 0, result.stderr[-3000:]
