@@ -42,23 +42,14 @@ import psutil
 import pytest
 import yaml
 from conftest import required_tool
+from dashboard import dashboard_expressions
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_PROMETHEUS = REPO / "deploy" / "prometheus" / "prometheus.yml"
-DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "redheart.json"
 
-# Grafana's built-in variables, replaced as Grafana would for a 1 h range at our resolution.
-GRAFANA_VARIABLES = {
-    "$__rate_interval": "1m",
-    "${__rate_interval}": "1m",
-    "$__interval": "15s",
-    "${__interval}": "15s",
-    "$__range": "1h",
-    "${__range}": "1h",
-}
 
 # Which config keys give each Prometheus job's /metrics port.
 JOB_PORT_KEYS = {
@@ -99,24 +90,6 @@ def _free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
-
-
-def _dashboard_expressions() -> list[tuple[str, str]]:
-    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
-    found = []
-
-    def walk(panels):
-        for panel in panels:
-            walk(panel.get("panels", []))
-            for target in panel.get("targets", []):
-                expr = target["expr"]
-                for var, value in GRAFANA_VARIABLES.items():
-                    expr = expr.replace(var, value)
-                assert "$" not in expr, f"unsubstituted Grafana variable in {panel['title']!r}: {expr}"
-                found.append((f"{panel['title']} [{target.get('refId')}]", expr))
-
-    walk(dashboard["panels"])
-    return found
 
 
 def _http_get(url: str, timeout: float = 5.0) -> bytes:
@@ -298,7 +271,7 @@ def test_every_dashboard_query_returns_data_from_a_live_run(prometheus_binary: s
     prom_config = tmp_path / "prometheus.yml"
     _write_prometheus_config(prom_config, ports)
     api = PrometheusAPI(ports["prometheus"])
-    expressions = _dashboard_expressions()
+    expressions = dashboard_expressions()
     assert len(expressions) >= 20
 
     orchestrator = prometheus = None

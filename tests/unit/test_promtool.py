@@ -16,7 +16,6 @@ not running them.
 from __future__ import annotations
 
 import copy
-import json
 import re
 import subprocess
 from pathlib import Path
@@ -24,23 +23,13 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import required_tool
+from dashboard import dashboard_expressions
 from process_metrics import BUILDERS, registry_of
 from prometheus_client import generate_latest
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
-DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "redheart.json"
-
-# Grafana's built-in interval variables, as the live test substitutes them.
-GRAFANA_VARIABLES = {
-    "$__rate_interval": "1m",
-    "${__rate_interval}": "1m",
-    "$__interval": "15s",
-    "${__interval}": "15s",
-    "$__range": "1h",
-    "${__range}": "1h",
-}
 
 
 @pytest.fixture(scope="module")
@@ -72,25 +61,8 @@ def test_check_rules(promtool: str) -> None:
     assert proc.returncode == 0, _out(proc)
 
 
-def _dashboard_expressions() -> list[tuple[str, str]]:
-    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
-    found = []
-
-    def walk(panels):
-        for panel in panels:
-            walk(panel.get("panels", []))
-            for target in panel.get("targets", []):
-                expr = target.get("expr", "")
-                for var, value in GRAFANA_VARIABLES.items():
-                    expr = expr.replace(var, value)
-                found.append((f"{panel['title']} / {target.get('refId')}", expr))
-
-    walk(dashboard["panels"])
-    return found
-
-
 def test_dashboard_expressions_compile(promtool: str, tmp_path: Path) -> None:
-    exprs = _dashboard_expressions()
+    exprs = dashboard_expressions()
     assert exprs, "the dashboard has no PromQL targets"
     rules = {
         "groups": [
