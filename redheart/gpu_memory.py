@@ -62,17 +62,20 @@ def stage_estimates(config, shape: ModelShape, gpu_on_cuda: bool) -> dict[str, d
     }
 
 
+# The parts of an estimate whose sum is its "total", in the order a person reads them.
+ESTIMATE_PARTS = (
+    "weights",
+    "gradients",
+    "optimizer",
+    "activations",
+    "autocast_cache",
+    "cuda_workspace",
+    "cuda_context",
+)
+
+
 def describe_estimate(est: dict[str, int]) -> str:
-    keys = (
-        "weights",
-        "gradients",
-        "optimizer",
-        "activations",
-        "autocast_cache",
-        "cuda_workspace",
-        "cuda_context",
-    )
-    parts = [f"{k} {est[k] / GiB:.2f}" for k in keys if est.get(k)]
+    parts = [f"{k} {est[k] / GiB:.2f}" for k in ESTIMATE_PARTS if est.get(k)]
     return f"{est['total'] / GiB:.2f} GiB ({', '.join(parts)})"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from redheart.config import HybridConfig
-from redheart.gpu_memory import GiB, allocator_fraction, check_device_budget, stage_estimates
+from redheart.gpu_memory import ESTIMATE_PARTS, GiB, allocator_fraction, check_device_budget, stage_estimates
 from redheart.model import CUDA_CONTEXT_BYTES, estimate_stage_memory_bytes, resolve_model_shape
 
 CARD = "cuda:1 (NVIDIA GeForce RTX 2070 SUPER)"
@@ -67,16 +67,7 @@ def test_estimate_counts_checkpointing_autocast_cache_and_context():
     amp = estimate_stage_memory_bytes(shape, "gpu", 4, 2, activation_bytes=2, autocast=True, cuda=True)
     assert ckpt["activations"] < plain["activations"] / 4
     assert amp["autocast_cache"] == 2 * amp["parameters"] and amp["cuda_context"] == CUDA_CONTEXT_BYTES
-    parts = (
-        "weights",
-        "gradients",
-        "optimizer",
-        "activations",
-        "autocast_cache",
-        "cuda_workspace",
-        "cuda_context",
-    )
-    assert amp["total"] == sum(amp[k] for k in parts) and amp["cuda_workspace"] > 0
+    assert amp["total"] == sum(amp[k] for k in ESTIMATE_PARTS) and amp["cuda_workspace"] > 0
 
 
 def test_the_fix_the_check_suggests_can_make_it_pass():
