@@ -93,7 +93,7 @@ def run_single(args) -> dict:
     from orchestrator.pipeline import LABEL_KEYS
     from redheart.losses import multitask_loss
     from redheart.model import CpuStageModule, GpuStageModule, resolve_model_shape
-    from redheart.stage_runtime import build_optimizer
+    from redheart.stage.optimizer import build_optimizer
 
     torch.set_num_threads(args.cores)
     cfg = model_config(args)
@@ -127,7 +127,7 @@ def _torch_pp_worker(rank: int, args, port: int, result_path: str) -> None:
 
     from redheart.losses import multitask_loss
     from redheart.model import CpuStageModule, GpuStageModule, resolve_model_shape
-    from redheart.stage_runtime import build_optimizer
+    from redheart.stage.optimizer import build_optimizer
 
     torch.set_num_threads(max(1, args.cores // 2))
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)

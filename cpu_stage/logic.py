@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 
 from redheart.model import CpuStageModule, ModelShape
-from redheart.stage_runtime import (
+from redheart.stage.contracts import (
     ACTIVATION,
     EVAL_ACTIVATION,
     GRADIENT,
     ForwardRecord,
     MicroBatchInputs,
     RoundContext,
-    StageError,
 )
+from redheart.stage.errors import StageError
 
 
 class CpuStagePart:

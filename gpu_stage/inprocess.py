@@ -20,7 +20,8 @@ import torch
 from redheart.config import HybridConfig
 from redheart.gpu_memory import stage_estimates
 from redheart.model import resolve_model_shape
-from redheart.stage_runtime import ACTIVATION, MicroBatchInputs, RoundPlan, StageRuntime
+from redheart.stage.contracts import ACTIVATION, MicroBatchInputs, RoundPlan
+from redheart.stage.runtime import StageRuntime
 
 
 class CollectingLink:

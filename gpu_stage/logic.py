@@ -20,16 +20,15 @@ import torch
 from gpu_stage.transfer import DeviceToHostSender, to_device
 from redheart.losses import IGNORE_INDEX, label_counts, multitask_loss
 from redheart.model import NUM_JUDGMENTS, GpuStageModule, ModelShape
-from redheart.stage_runtime import (
+from redheart.stage.contracts import (
     ACTIVATION,
     EVAL_ACTIVATION,
     GRADIENT,
     ForwardRecord,
     MicroBatchInputs,
     RoundContext,
-    StageError,
-    StepAborted,
 )
+from redheart.stage.errors import StageError, StepAborted
 
 LABEL_KEYS = (
     "labels.emotions",

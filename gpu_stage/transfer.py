@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from redheart.stage_runtime import StageError
+from redheart.stage.errors import StageError
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

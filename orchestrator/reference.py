@@ -18,7 +18,7 @@ from orchestrator.pipeline import LABEL_KEYS
 from redheart.config import HybridConfig
 from redheart.losses import multitask_loss
 from redheart.model import CpuStageModule, GpuStageModule, derive_seed, resolve_model_shape
-from redheart.stage_runtime import build_optimizer
+from redheart.stage.optimizer import build_optimizer
 
 
 def reference_placement(gpu_stage_device: str, cuda_available: bool) -> tuple[torch.device, str]:

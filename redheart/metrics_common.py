@@ -297,7 +297,7 @@ class StageMetrics:
         self.grpc = GrpcServerMetrics(r, f"{stage}_stage", methods)
 
     def observe_round(self, result) -> None:
-        """Record one accumulation round (a stage_runtime.RoundResult)."""
+        """Record one accumulation round (a redheart.stage.contracts.RoundResult)."""
         s = self.stage
         for action, _mb, start, end in result.spans:
             if action == "F":

@@ -14,7 +14,7 @@ from orchestrator import checkpoint as ckpt
 from redheart.config import HybridConfig
 from redheart.data import load_jsonl, train_tokenizer
 from redheart.model import resolve_model_shape
-from redheart.stage_runtime import StageRuntime
+from redheart.stage.runtime import StageRuntime
 
 MODEL = {
     "preset": "custom",

@@ -21,7 +21,7 @@ from gpu_stage.logic import GpuStagePart
 from inference import RedHeartModel, export_checkpoint
 from orchestrator import HybridConfig, HybridDistributedTrainer
 from redheart.model import resolve_model_shape
-from redheart.stage_runtime import StageRuntime
+from redheart.stage.runtime import StageRuntime
 
 pytestmark = pytest.mark.slow
 

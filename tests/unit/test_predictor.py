@@ -93,7 +93,8 @@ def test_a_stage_loads_its_own_part_of_a_folder_at_any_split(folder):
     from cpu_stage.logic import CpuStagePart
     from gpu_stage.logic import GpuStagePart
     from redheart.model import ModelShape
-    from redheart.stage_runtime import StageError, StageRuntime
+    from redheart.stage.errors import StageError
+    from redheart.stage.runtime import StageRuntime
 
     config = model_folder.read_config(folder)
     spec = {"path": str(folder), "sha256": config["files"]["model.safetensors"]["sha256"]}
