@@ -13,7 +13,7 @@ from redheart.stage.contracts import (
     MicroBatchInputs,
     RoundContext,
 )
-from redheart.stage.errors import StageError
+from redheart.stage.errors import ErrorKind, StageError
 
 
 class CpuStagePart:
@@ -31,27 +31,27 @@ class CpuStagePart:
             ids, mask = mb.tensors["input_ids"], mb.tensors["attention_mask"]
         except KeyError as exc:
             raise StageError(
-                "invalid", f"micro-batch {mb.index}: the cpu stage needs input {exc.args[0]!r}"
+                ErrorKind.INVALID, f"micro-batch {mb.index}: the cpu stage needs input {exc.args[0]!r}"
             ) from None
         if ids.dtype != torch.int64 or ids.ndim != 2:
             raise StageError(
-                "invalid",
+                ErrorKind.INVALID,
                 f"micro-batch {mb.index}: input_ids must be int64 [batch, seq], got {ids.dtype} {list(ids.shape)}",
             )
         if mask.shape != ids.shape:
             raise StageError(
-                "invalid",
+                ErrorKind.INVALID,
                 f"micro-batch {mb.index}: attention_mask shape {list(mask.shape)} != input_ids shape {list(ids.shape)}",
             )
         vocab = self.module.token.num_embeddings
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise StageError(
-                "invalid",
+                ErrorKind.INVALID,
                 f"micro-batch {mb.index}: input_ids outside [0, {vocab}) (min {int(ids.min())}, max {int(ids.max())})",
             )
         if ids.shape[1] > self.module.shape.max_seq_len:
             raise StageError(
-                "invalid",
+                ErrorKind.INVALID,
                 f"micro-batch {mb.index}: {ids.shape[1]} positions exceed max_seq_len {self.module.shape.max_seq_len}",
             )
         return ids, mask
@@ -72,7 +72,7 @@ class CpuStagePart:
         assert record.output is not None
         if grad.shape != record.output.shape:
             raise StageError(
-                "invalid",
+                ErrorKind.INVALID,
                 f"step {ctx.plan.step} micro-batch {mb.index}: gradient shape {list(grad.shape)} does not match "
                 f"the activation shape {list(record.output.shape)}",
             )
@@ -90,7 +90,7 @@ class CpuStagePart:
         h = self.module.shape.hidden_size
         if tensor.ndim != 3 or tensor.shape[-1] != h or not tensor.is_floating_point():
             raise StageError(
-                "invalid",
+                ErrorKind.INVALID,
                 f"{kind} must be a float tensor [batch, seq, {h}], got {tensor.dtype} {list(tensor.shape)}",
             )
 

@@ -28,7 +28,7 @@ from redheart.stage.contracts import (
     MicroBatchInputs,
     RoundContext,
 )
-from redheart.stage.errors import StageError, StepAborted
+from redheart.stage.errors import ErrorKind, StageError, StepAborted
 
 LABEL_KEYS = (
     "labels.emotions",
@@ -145,7 +145,7 @@ class GpuStagePart:
                 missing = [k for k in ROUND_KEYS if k not in m.tensors]
                 if missing:
                     raise StageError(
-                        "invalid", f"micro-batch {m.index}: the gpu stage needs input {missing[0]!r}"
+                        ErrorKind.INVALID, f"micro-batch {m.index}: the gpu stage needs input {missing[0]!r}"
                     )
             self._round_counts = {m.index: label_counts(m.tensors) for m in mbs}
             if self.device.type != "cuda":
@@ -203,7 +203,7 @@ class GpuStagePart:
             return mb.tensors["attention_mask"]
         except KeyError:
             raise StageError(
-                "invalid", f"micro-batch {mb.index}: the gpu stage needs input 'attention_mask'"
+                ErrorKind.INVALID, f"micro-batch {mb.index}: the gpu stage needs input 'attention_mask'"
             ) from None
 
     def check_labels(self, mb: MicroBatchInputs) -> None:
@@ -211,7 +211,9 @@ class GpuStagePart:
         t = mb.tensors
         for key in LABEL_KEYS:
             if key not in t:
-                raise StageError("invalid", f"micro-batch {mb.index}: the gpu stage needs input {key!r}")
+                raise StageError(
+                    ErrorKind.INVALID, f"micro-batch {mb.index}: the gpu stage needs input {key!r}"
+                )
         n = t["attention_mask"].shape[0] if "attention_mask" in t else None
         expected = {
             "labels.emotions": (n, 6),
@@ -223,18 +225,18 @@ class GpuStagePart:
         for key, shape in expected.items():
             if tuple(t[key].shape) != shape:
                 raise StageError(
-                    "invalid",
+                    ErrorKind.INVALID,
                     f"micro-batch {mb.index}: {key} has shape {list(t[key].shape)}, expected {list(shape)}",
                 )
         for key in ("labels.emotions", "labels.bentham"):
             if not t[key].is_floating_point() or not bool(torch.isfinite(t[key]).all()):
-                raise StageError("invalid", f"micro-batch {mb.index}: {key} must be finite floats")
+                raise StageError(ErrorKind.INVALID, f"micro-batch {mb.index}: {key} must be finite floats")
         judgment = t["labels.judgment"]
         if judgment.dtype not in (torch.int64, torch.int32) or bool(
             ((judgment != IGNORE_INDEX) & ((judgment < 0) | (judgment >= NUM_JUDGMENTS))).any()
         ):
             raise StageError(
-                "invalid",
+                ErrorKind.INVALID,
                 f"micro-batch {mb.index}: labels.judgment must be integers in [0, {NUM_JUDGMENTS}) or {IGNORE_INDEX} (missing)",
             )
 
@@ -246,7 +248,7 @@ class GpuStagePart:
         host_mask = self._mask(mb)
         if act.shape[:2] != host_mask.shape:
             raise StageError(
-                "invalid",
+                ErrorKind.INVALID,
                 f"step {ctx.plan.step} micro-batch {mb.index}: activation shape "
                 f"{list(act.shape)} does not match attention_mask {list(host_mask.shape)}",
             )
@@ -287,7 +289,9 @@ class GpuStagePart:
     def backward(self, ctx: RoundContext, mb: MicroBatchInputs, record: ForwardRecord) -> dict:
         for key in LABEL_KEYS:
             if key not in mb.tensors:
-                raise StageError("invalid", f"micro-batch {mb.index}: the gpu stage needs input {key!r}")
+                raise StageError(
+                    ErrorKind.INVALID, f"micro-batch {mb.index}: the gpu stage needs input {key!r}"
+                )
         inputs = self._inputs(ctx, mb)
         labels = {key: inputs[key] for key in LABEL_KEYS}
         regret_target = None
@@ -386,6 +390,6 @@ class GpuStagePart:
         h = self.module.shape.hidden_size
         if tensor.ndim != 3 or tensor.shape[-1] != h or not tensor.is_floating_point():
             raise StageError(
-                "invalid",
+                ErrorKind.INVALID,
                 f"{kind} must be a float tensor [batch, seq, {h}], got {tensor.dtype} {list(tensor.shape)}",
             )

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from redheart.stage.errors import StageError
+from redheart.stage.errors import ErrorKind, StageError
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -83,7 +83,7 @@ class DeviceToHostSender:
         tensor.record_stream(self.stream)
         with self._cond:
             if self._error is not None:
-                raise StageError("unavailable", f"sending to the peer stage failed: {self._error}")
+                raise StageError(ErrorKind.UNAVAILABLE, f"sending to the peer stage failed: {self._error}")
             self._pending += 1
         self._queue.put((done, host, link, (direction, run_id, step, micro_batch, kind)))
 
@@ -111,14 +111,15 @@ class DeviceToHostSender:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise StageError(
-                        "deadline", f"{self._pending} gradient(s) still copying to host after {timeout:.0f}s"
+                        ErrorKind.DEADLINE,
+                        f"{self._pending} gradient(s) still copying to host after {timeout:.0f}s",
                     )
                 self._cond.wait(remaining)
             if self._error is not None:
                 err, self._error = self._error, None
                 if isinstance(err, StageError):
                     raise err
-                raise StageError("unavailable", f"sending to the peer stage failed: {err}")
+                raise StageError(ErrorKind.UNAVAILABLE, f"sending to the peer stage failed: {err}")
 
     def discard(self, timeout: float = 30.0) -> None:
         """After an aborted step: let what is queued reach the link (so it cannot land in the next

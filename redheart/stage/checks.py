@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from redheart.stage.contracts import RoundPlan
-from redheart.stage.errors import StageError
+from redheart.stage.errors import ErrorKind, StageError
 
 MAX_STEP = 1 << 62
 """Steps are int64 on the wire: a run starting near 2**63 would apply a step and then fail to report
@@ -27,20 +27,21 @@ def check_settings(settings: Mapping[str, Any]) -> None:
         value = settings.get(section, {})
         if not isinstance(value, Mapping):
             raise StageError(
-                "invalid", f"StartRun settings: {section!r} must be a JSON object, got {type(value).__name__}"
+                ErrorKind.INVALID,
+                f"StartRun settings: {section!r} must be a JSON object, got {type(value).__name__}",
             )
     weights = settings.get("train", {}).get("loss_weights", {})
     if not isinstance(weights, Mapping) or not all(
         isinstance(k, str) and is_real(v) for k, v in weights.items()
     ):
         raise StageError(
-            "invalid",
+            ErrorKind.INVALID,
             f"StartRun settings: train.loss_weights must map head names to finite numbers, got {weights!r:.200}",
         )
     every = settings.get("empty_cache_every", 0)
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise StageError(
-            "invalid", f"StartRun settings: empty_cache_every = {every!r:.50} must be an integer >= 0"
+            ErrorKind.INVALID, f"StartRun settings: empty_cache_every = {every!r:.50} must be an integer >= 0"
         )
     regret = settings.get("regret", {})
     if regret.get("enabled", True):
@@ -49,11 +50,12 @@ def check_settings(settings: Mapping[str, Any]) -> None:
         try:
             check_counts(regret.get("regrets_per_step", 7), regret.get("bentham_per_regret", 3))
         except ValueError as exc:
-            raise StageError("invalid", f"StartRun settings: regret: {exc}") from None
+            raise StageError(ErrorKind.INVALID, f"StartRun settings: regret: {exc}") from None
         timeout = regret.get("timeout_seconds", 30.0)
         if not (is_real(timeout) and timeout > 0):
             raise StageError(
-                "invalid", f"StartRun settings: regret.timeout_seconds = {timeout!r:.50} must be a number > 0"
+                ErrorKind.INVALID,
+                f"StartRun settings: regret.timeout_seconds = {timeout!r:.50} must be a number > 0",
             )
 
 
@@ -63,7 +65,9 @@ def check_plan_numbers(plan: RoundPlan) -> None:
     for name in ("deadline_seconds", "loss_multiplier", "loss_scale"):
         value = getattr(plan, name)
         if not (math.isfinite(value) and value > 0):
-            raise StageError("invalid", f"step {plan.step}: {name} = {value} must be a finite number > 0")
+            raise StageError(
+                ErrorKind.INVALID, f"step {plan.step}: {name} = {value} must be a finite number > 0"
+            )
 
 
 def is_real(value: Any) -> bool:

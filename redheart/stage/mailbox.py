@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from redheart.stage.errors import StageError, StepAborted
+from redheart.stage.errors import ErrorKind, StageError, StepAborted
 
 
 class Mailbox:
@@ -101,7 +101,7 @@ class Mailbox:
                 remaining = since + timeout - time.monotonic()
                 if remaining <= 0:
                     raise StageError(
-                        "deadline",
+                        ErrorKind.DEADLINE,
                         f"nothing arrived for {timeout:.1f}s while waiting for {describe} "
                         f"(step {key[1]}, micro-batch {key[2]}); is the peer stage alive?",
                     )

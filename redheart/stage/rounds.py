@@ -29,7 +29,7 @@ from redheart.stage.contracts import (
     RoundResult,
     StagePart,
 )
-from redheart.stage.errors import StageError, StepAborted
+from redheart.stage.errors import ErrorKind, StageError, StepAborted
 from redheart.stage.mailbox import Mailbox
 
 
@@ -58,7 +58,7 @@ class Rounds:
         # A retried RunStep waits for the round it repeats (then gets its cached result), bounded.
         if not self.lock.acquire(timeout=plan.deadline_seconds):
             raise StageError(
-                "precondition",
+                ErrorKind.PRECONDITION,
                 f"RunStep for step {plan.step}: another call held the stage for {plan.deadline_seconds:.0f}s",
             )
         try:
@@ -77,19 +77,19 @@ class Rounds:
             return self.results[key]  # a retried RunStep: same answer, no recompute
         if plan.step != self.next_step:
             raise StageError(
-                "precondition",
+                ErrorKind.PRECONDITION,
                 f"RunStep for step {plan.step} round {plan.accumulation_round}, but this stage expects step {self.next_step}",
             )
         if plan.accumulation_round != self.rounds_done:
             raise StageError(
-                "precondition",
+                ErrorKind.PRECONDITION,
                 f"RunStep for step {plan.step} accumulation round {plan.accumulation_round}, but {self.rounds_done} round(s) of it are done",
             )
         mark = self.aborted_attempts.get((plan.run_id, plan.step))
         if plan.attempt > 0 and mark is not None and plan.attempt <= mark[0]:
             raise StepAborted(f"step {plan.step} attempt {plan.attempt} was aborted: {mark[1]}")
         if not plan.micro_batches:
-            raise StageError("invalid", f"step {plan.step}: the plan has no micro-batches")
+            raise StageError(ErrorKind.INVALID, f"step {plan.step}: the plan has no micro-batches")
         step_key = (plan.run_id, plan.step)
         self.seen_attempts[step_key] = max(plan.attempt, self.seen_attempts.get(step_key, 0))
         self.mailbox.set_floor(plan.run_id, plan.step, self.seen_attempts[step_key])

@@ -36,7 +36,7 @@ from redheart.model import ModelShape
 from redheart.precision import Precision, PrecisionError, apply_tf32, choose_precision, device_capability
 from redheart.stage.checks import MAX_LEARNING_RATE, MAX_STEP, check_settings, short
 from redheart.stage.contracts import EVAL_ACTIVATION, RoundPlan, RoundResult, StagePart
-from redheart.stage.errors import StageError
+from redheart.stage.errors import ErrorKind, ErrorReason, StageError
 from redheart.stage.mailbox import Mailbox
 from redheart.stage.optimizer import build_optimizer
 from redheart.stage.rounds import Rounds
@@ -116,10 +116,14 @@ class StageRuntime(Rounds, StateIO):
         """The lock for a control call that cannot run during a round: FAILED_PRECONDITION at
         once while one runs (instead of blocking a server thread behind it for the whole round)."""
         if self.running.is_set():
-            raise StageError("precondition", f"{what}: a step is running on this stage (abort it first)")
+            raise StageError(
+                ErrorKind.PRECONDITION,
+                f"{what}: a step is running on this stage (abort it first)",
+                reason=ErrorReason.ROUND_RUNNING,
+            )
         if not self.lock.acquire(timeout=CONTROL_WAIT_SECONDS):
             raise StageError(
-                "precondition",
+                ErrorKind.PRECONDITION,
                 f"{what}: the stage is busy with another call (a step is starting or "
                 f"running); retry or abort it",
             )
@@ -141,7 +145,7 @@ class StageRuntime(Rounds, StateIO):
             check_settings(settings)  # before anything changes: a refused StartRun leaves the stage as it was
             if not 0 <= first_step <= MAX_STEP:
                 raise StageError(
-                    "invalid",
+                    ErrorKind.INVALID,
                     f"cannot start run {run_id!r} at step {first_step}: steps go from 0 to {MAX_STEP}",
                 )
             train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -158,7 +162,9 @@ class StageRuntime(Rounds, StateIO):
                     device_capability(device),
                 )
             except PrecisionError as exc:
-                raise StageError("precondition", f"cannot start run {run_id!r} on {device}: {exc}") from None
+                raise StageError(
+                    ErrorKind.PRECONDITION, f"cannot start run {run_id!r} on {device}: {exc}"
+                ) from None
             if reinitialize or self.optimizer is None:
                 part = self._part_factory()
                 if settings.get("init_from"):
@@ -208,12 +214,15 @@ class StageRuntime(Rounds, StateIO):
     def _check_run(self, run_id: str) -> None:
         if not self.run_id:
             raise StageError(
-                "precondition", "no run started on this stage (the orchestrator must call StartRun first)"
+                ErrorKind.PRECONDITION,
+                "no run started on this stage (the orchestrator must call StartRun first)",
+                reason=ErrorReason.NO_RUN,
             )
         if run_id != self.run_id:
             raise StageError(
-                "precondition",
+                ErrorKind.PRECONDITION,
                 f"run {short(run_id)} is not the current run {short(self.run_id)} of this stage",
+                reason=ErrorReason.OTHER_RUN,
             )
 
     def check_push(self, run_id: str, step: int, micro_batch: int, kind: str) -> None:
@@ -222,11 +231,11 @@ class StageRuntime(Rounds, StateIO):
         expected = self.part.receives
         if kind not in expected:
             raise StageError(
-                "invalid",
+                ErrorKind.INVALID,
                 f"the {self.name} stage does not accept {kind} tensors (it receives {', '.join(sorted(expected))})",
             )
         if micro_batch < 0:
-            raise StageError("invalid", f"micro-batch {micro_batch} is negative")
+            raise StageError(ErrorKind.INVALID, f"micro-batch {micro_batch} is negative")
         plan = self.current_plan
         if kind == EVAL_ACTIVATION:
             # Only for the evaluation pass running now (its micro-batches), or a few ahead of its
@@ -235,19 +244,19 @@ class StageRuntime(Rounds, StateIO):
             if plan is not None and plan.forward_only and plan.step == step and self.running.is_set():
                 if micro_batch not in {mb.index for mb in plan.micro_batches}:
                     raise StageError(
-                        "precondition", f"evaluation pass {step} has no micro-batch {micro_batch}"
+                        ErrorKind.PRECONDITION, f"evaluation pass {step} has no micro-batch {micro_batch}"
                     )
                 return
             self._check_early(step, micro_batch, kind, "evaluation pass")
             return
         if step < self.next_step:
             raise StageError(
-                "precondition",
+                ErrorKind.PRECONDITION,
                 f"step {step} micro-batch {micro_batch}: step {step} is already applied on this stage (next step is {self.next_step})",
             )
         if step > self.next_step:
             raise StageError(
-                "precondition",
+                ErrorKind.PRECONDITION,
                 f"step {step} micro-batch {micro_batch}: this stage is at step {self.next_step}; step {step} is unknown",
             )
         if plan is None or plan.forward_only or plan.step != step:
@@ -256,7 +265,7 @@ class StageRuntime(Rounds, StateIO):
         limit = plan.accumulation_steps * len(plan.micro_batches)
         if micro_batch >= limit:
             raise StageError(
-                "precondition",
+                ErrorKind.PRECONDITION,
                 f"step {step} micro-batch {micro_batch}: unknown micro-batch (the step has {limit})",
             )
 
@@ -265,7 +274,7 @@ class StageRuntime(Rounds, StateIO):
         held = self.mailbox.count(self.run_id, step, (kind,))
         if held >= self.max_early_pushes:
             raise StageError(
-                "exhausted",
+                ErrorKind.EXHAUSTED,
                 f"{what} {step} micro-batch {micro_batch}: {held} {kind} tensors already wait "
                 f"for a RunStep of it (wire.max_early_pushes); retry once it started",
             )
@@ -285,28 +294,29 @@ class StageRuntime(Rounds, StateIO):
                 return self.applied[(run_id, step)]  # retried ApplyStep: already done
             if step != self.next_step:
                 raise StageError(
-                    "precondition", f"ApplyStep for step {step}, but this stage is at step {self.next_step}"
+                    ErrorKind.PRECONDITION,
+                    f"ApplyStep for step {step}, but this stage is at step {self.next_step}",
                 )
             plan = self.current_plan
             needed = plan.accumulation_steps if plan is not None and plan.step == step else None
             if needed is None or self.rounds_done != needed:
                 raise StageError(
-                    "precondition",
+                    ErrorKind.PRECONDITION,
                     f"ApplyStep for step {step}: {self.rounds_done} of {needed or '?'} accumulation round(s) ran on this stage",
                 )
             if not (math.isfinite(clip_coefficient) and clip_coefficient >= 0):
                 raise StageError(
-                    "invalid",
+                    ErrorKind.INVALID,
                     f"ApplyStep for step {step}: clip coefficient {clip_coefficient} is not a finite number >= 0",
                 )
             if not (math.isfinite(learning_rate) and 0 <= learning_rate <= MAX_LEARNING_RATE):
                 raise StageError(
-                    "invalid",
+                    ErrorKind.INVALID,
                     f"ApplyStep for step {step}: learning rate {learning_rate} is not a number in [0, {MAX_LEARNING_RATE:g}]",
                 )
             if not skip and not (loss_scale > 0 and math.isfinite(clip_coefficient / loss_scale)):
                 raise StageError(
-                    "invalid",
+                    ErrorKind.INVALID,
                     f"ApplyStep for step {step}: clip coefficient {clip_coefficient} / loss scale {loss_scale} is not finite",
                 )
             start, started_unix = time.perf_counter(), time.time()

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from redheart.stage.checks import MAX_STEP, is_real, short
-from redheart.stage.errors import StageError
+from redheart.stage.errors import ErrorKind, StageError
 
 SHARD_FILES = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors")
 
@@ -65,7 +65,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _bad(src: Path, what: str) -> StageError:
-    return StageError("precondition", f"checkpoint {short(src)}: {what}")
+    return StageError(ErrorKind.PRECONDITION, f"checkpoint {short(src)}: {what}")
 
 
 def read_meta(
@@ -75,7 +75,7 @@ def read_meta(
     file it lists checked against its sha256 (each read up to ``max_bytes``)."""
     meta_path = src / "stage.json"
     if not meta_path.is_file():
-        raise StageError("precondition", f"no stage shard at {short(src)} (missing stage.json)")
+        raise StageError(ErrorKind.PRECONDITION, f"no stage shard at {short(src)} (missing stage.json)")
     meta = json.loads(read_capped(meta_path, 16 << 20))
     if not isinstance(meta, dict):
         raise _bad(src, "stage.json is not a JSON object")
@@ -85,12 +85,14 @@ def read_meta(
         theirs = meta.get("model_settings")
         diffs = diff_settings(model_settings, theirs) if isinstance(theirs, dict) else ["no model_settings"]
         raise StageError(
-            "precondition",
+            ErrorKind.PRECONDITION,
             f"checkpoint {short(src)} was written by a different model: {'; '.join(diffs)}",
         )
     saved_step = meta.get("step")
     if type(saved_step) is not int or saved_step != step or not 0 <= step <= MAX_STEP:
-        raise StageError("precondition", f"checkpoint {short(src)} holds step {saved_step!r}, not {step}")
+        raise StageError(
+            ErrorKind.PRECONDITION, f"checkpoint {short(src)} holds step {saved_step!r}, not {step}"
+        )
     if not isinstance(meta.get("run_id", ""), str):
         raise _bad(src, "run_id is not a string")
     files = meta.get("files")
@@ -104,7 +106,9 @@ def read_meta(
         if not path.is_file():  # follows links; devices, FIFOs and directories are refused
             raise _bad(src, f"{f} is missing or not a regular file")
         if sha256_capped(path, max_bytes) != info["sha256"]:
-            raise StageError("precondition", f"checkpoint file {short(path)} is corrupt (sha256 mismatch)")
+            raise StageError(
+                ErrorKind.PRECONDITION, f"checkpoint file {short(path)} is corrupt (sha256 mismatch)"
+            )
     return meta
 
 
@@ -207,7 +211,7 @@ def sha256_capped(path: Path, max_bytes: int) -> str:
             total += len(chunk)
             if total > max_bytes:
                 raise StageError(
-                    "precondition",
+                    ErrorKind.PRECONDITION,
                     f"{short(path)} is above the load cap of {max_bytes} bytes (checkpoint.max_load_mb)",
                 )
             digest.update(chunk)
@@ -220,7 +224,7 @@ def read_capped(path: Path, max_bytes: int) -> bytes:
         data = fh.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise StageError(
-            "precondition",
+            ErrorKind.PRECONDITION,
             f"{short(path)} is above the load cap of {max_bytes} bytes (checkpoint.max_load_mb)",
         )
     return data

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from redheart.config import TrainConfig
 from redheart.stage.checks import short
 from redheart.stage.contracts import StagePart
-from redheart.stage.errors import StageError
+from redheart.stage.errors import ErrorKind, StageError
 from redheart.stage.optimizer import build_optimizer
 from redheart.stage.shards import (
     atomic_save_tensors,
@@ -49,7 +49,7 @@ class StateIO:
             self._check_run(run_id)
             if step != self.next_step:
                 raise StageError(
-                    "precondition",
+                    ErrorKind.PRECONDITION,
                     f"SaveState for step {step}, but this stage has completed {self.next_step} steps",
                 )
             start = time.perf_counter()
@@ -59,7 +59,7 @@ class StateIO:
                 # An unwritable, missing or malformed directory (or a full disk) is a problem of the
                 # request or the machine, not a bug: FAILED_PRECONDITION naming the directory.
                 raise StageError(
-                    "precondition",
+                    ErrorKind.PRECONDITION,
                     f"SaveState for step {step}: cannot write the shard to "
                     f"{short(directory)}: {type(exc).__name__}: {exc}",
                 ) from None
@@ -131,7 +131,7 @@ class StateIO:
                 SafetensorError,
             ) as exc:
                 raise StageError(
-                    "precondition",
+                    ErrorKind.PRECONDITION,
                     f"checkpoint {short(directory)} cannot be loaded: {type(exc).__name__}: {exc}",
                 ) from None
             meta, weights, opt_state, groups, rng = shard
@@ -176,5 +176,5 @@ def load_init_weights(part: StagePart, spec: Any) -> None:
     try:
         tensors = model_folder.read_init_weights(spec, part.module)
     except (model_folder.ModelFolderError, OSError) as exc:
-        raise StageError("precondition", f"StartRun settings: init_from: {exc}") from None
+        raise StageError(ErrorKind.PRECONDITION, f"StartRun settings: init_from: {exc}") from None
     model_folder.load_into(part.module.global_named_parameters(), tensors)
