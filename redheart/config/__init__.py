@@ -30,7 +30,7 @@ The package, one job per module (everything is importable from ``redheart.config
 
 from __future__ import annotations
 
-from redheart.config.endpoints import SERVICE_SECTIONS, Endpoint, client_host, port_problem
+from redheart.config.endpoints import SERVICE_SECTIONS, Endpoint, client_host, port_problem, split_address
 from redheart.config.endpoints import client_host as _client_host
 from redheart.config.errors import ConfigAttributeError, ConfigError, _did_you_mean
 from redheart.config.hybrid import (

@@ -4,7 +4,7 @@ The gRPC services' sections (cpu_stage, gpu_stage, regret) describe their endpoi
 four fields: ``host``, ``port``, ``address`` and ``metrics_port``. The TOML keys and attributes stay
 where they are (``cfg.gpu_stage.port``); the rules about them live here once: the port range, the
 address clients use when ``address`` is empty, and whether a remote service can be found without
-being started by the orchestrator.
+being started by the orchestrator; and how a client splits an address into host and port.
 """
 
 from __future__ import annotations
@@ -29,6 +29,12 @@ def port_problem(dotted: str, port: int) -> str | None:
     if not 0 <= port <= 65535:
         return f"{dotted} = {port} must be in 0..65535"
     return None
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """ "host:port" or "[v6 address]:port" -> (host without brackets, port); ValueError for a bad port."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 @dataclass(frozen=True)
