@@ -7,7 +7,7 @@ values involved and the fix.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from redheart.config.endpoints import SERVICE_SECTIONS, Endpoint
 from redheart.config.errors import ConfigError, Fail, _did_you_mean
@@ -18,10 +18,14 @@ if TYPE_CHECKING:
 
 
 def _validate(cfg: HybridConfig, origin: _Origin) -> None:
-    def fail(section: str, key: str, message: str) -> None:
+    def fail(section: str, key: str, message: str) -> NoReturn:
         raise ConfigError(f"{origin.where(section, key)}: {message}")
 
+    # Each section's own checks, and the cross-section rules right after the sections they read, in
+    # the order the single validator ran them before the split (the first broken rule is reported).
+
     cfg.train.check(fail)
+    # Kept here rather than in TrainConfig.check: the head names are to come from the head registry.
     t = cfg.train
     for head in t.loss_weights:
         if head not in ("emotion", "bentham", "judgment", "regret"):
