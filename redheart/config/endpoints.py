@@ -3,8 +3,8 @@
 The gRPC services' sections (cpu_stage, gpu_stage, regret) describe their endpoint with the same
 four fields: ``host``, ``port``, ``address`` and ``metrics_port``. The TOML keys and attributes stay
 where they are (``cfg.gpu_stage.port``); the rules about them live here once: the port range, the
-address clients use when ``address`` is empty, and whether a remote service can be found without
-being started by the orchestrator; and how a client splits an address into host and port.
+address clients use when ``address`` is empty, whether a remote service can be found without
+being started by the orchestrator, and how an address splits into host and port.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def port_problem(dotted: str, port: int) -> str | None:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """ "host:port" or "[v6 address]:port" -> (host without brackets, port); ValueError for a bad port."""
+    """Split "host:port" or "[v6 address]:port" into (host without brackets, port); ValueError for a bad port."""
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
 
