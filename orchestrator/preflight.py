@@ -26,6 +26,7 @@ import torch
 
 from orchestrator.stages import stage_specs
 from redheart.config import HybridConfig
+from redheart.config.endpoints import split_address
 from redheart.gpu_memory import check_device_budget, describe_estimate, stage_estimates
 from redheart.model import count_parameters, resolve_model_shape
 
@@ -75,9 +76,8 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def _reachable(address: str, timeout: float = 2.0) -> bool:
-    host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+        with socket.create_connection(split_address(address), timeout=timeout):
             return True
     except (OSError, ValueError):
         return False

@@ -1,4 +1,4 @@
-"""Write the configuration reference (docs/config.md) from redheart/config.py itself.
+"""Write the configuration reference (docs/config.md) from the redheart.config package itself.
 
     python -m redheart.tools.config_doc > docs/config.md
 

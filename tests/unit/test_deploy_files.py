@@ -3,7 +3,7 @@
 * every YAML file (compose, Kubernetes multi-document files, Prometheus, Grafana provisioning) and
   the dashboard JSON parse;
 * ports in compose, the Kubernetes Services/containers/probes and the Prometheus targets equal the
-  defaults of redheart/config.py, and deploy/config/hybrid.toml loads with load_config;
+  defaults of redheart/config/, and deploy/config/hybrid.toml loads with load_config;
 * the config is mounted at the same path in every compose service and every Kubernetes container,
   and the ConfigMap carries exactly deploy/config/hybrid.toml;
 * every metric name in the dashboard and the alert rules is one the processes really export
@@ -631,7 +631,7 @@ def test_every_deployed_command_is_a_project_script() -> None:
 
 def test_dataclass_defaults_are_what_the_deploy_files_assume() -> None:
     # The comments and docs quote these numbers (docs/deploy.md, docs/metrics.md, the Dockerfile's
-    # EXPOSE): if a default port changes in redheart/config.py, this names what to update.
+    # EXPOSE): if a default port changes in redheart/config/services.py, this names what to update.
     assert DEFAULTS == {
         "cpu-stage": (50051, 9101),
         "gpu-stage": (50052, 9102),
