@@ -35,7 +35,7 @@ def render() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `redheart/config.py` by `python -m redheart.tools.config_doc`; a test keeps it current.",
+        "Generated from the section dataclasses of `redheart/config/` by `python -m redheart.tools.config_doc`; a test keeps it current.",
         "",
         "One TOML file, one `[section]` per component. Precedence, highest first: command line",
         "(`--set section.key=value`, `--output-dir`) > environment (`REDHEART_SECTION__KEY=value`, e.g.",
