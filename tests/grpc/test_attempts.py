@@ -18,8 +18,8 @@ from test_stage_service import tiny_config
 from gpu_stage.server import create_server as gpu_server
 from orchestrator.stage_client import StageClient
 from redheart import codec
+from redheart.stage.peer_link import GrpcPeerLink
 from redheart.stage_runtime import GRADIENT, Mailbox, StageError
-from redheart.stage_service import GrpcPeerLink
 from redheart.v1 import stage_pb2, tensor_pb2
 
 
