@@ -249,6 +249,11 @@ class WorkerPool:
     def _run(
         self, rows: np.ndarray, chunks: list[tuple[int, int]], explain: bool, deadline: float | None
     ) -> list[dict]:
+        """Score ``chunks`` of ``rows`` on the workers this request takes; their payloads in order.
+
+        Over 80 lines on purpose: one request's dispatch loop, whose state (pending chunks, slots
+        held, chunks in flight, attempts) the nested helpers and the cleanup on failure share;
+        split up, that state would have to become an object of its own."""
         results: list[dict | None] = [None] * len(chunks)
         pending = list(range(len(chunks)))[::-1]  # pop() takes the next chunk in order
         owned: set[int] = set()  # slots this request holds (released exactly once)
@@ -304,26 +309,7 @@ class WorkerPool:
                     del held[index]
                     lo, hi = chunks[flight.chunk]
                     if reply is _DEAD:
-                        exitcode = slot.process.exitcode
-                        if flight.attempt >= 2:
-                            # Leave the slot with a live process so the pool stays whole.
-                            self._replace(
-                                slot, reason=f"died (exit code {exitcode}) re-running rows {lo}..{hi - 1}"
-                            )
-                            raise WorkerCrashed(
-                                f"regret worker {index} died twice while scoring rows {lo}..{hi - 1} "
-                                f"(last exit code {exitcode}); the request was not scored"
-                            )
-                        log.warning(
-                            "regret worker %d (pid %d) died with exit code %s while scoring rows %d..%d; "
-                            "re-running them on a replacement",
-                            index,
-                            slot.pid,
-                            exitcode,
-                            lo,
-                            hi - 1,
-                        )
-                        self._replace(slot, reason=f"died (exit code {exitcode})")
+                        self._replace_dead(slot, flight, lo, hi)
                         dispatch(slot, flight.chunk)
                         continue
                     _job, ok, payload, busy = reply
@@ -347,6 +333,28 @@ class WorkerPool:
                     release(index)
             raise
         return results  # type: ignore[return-value]
+
+    def _replace_dead(self, slot: Slot, flight: _InFlight, lo: int, hi: int) -> None:
+        """The worker of ``slot`` died scoring rows lo..hi-1: replace it, so the chunk can be re-run
+        on the replacement; WorkerCrashed when that was already the re-run (a chunk runs twice at most)."""
+        exitcode = slot.process.exitcode
+        if flight.attempt >= 2:
+            # Leave the slot with a live process so the pool stays whole.
+            self._replace(slot, reason=f"died (exit code {exitcode}) re-running rows {lo}..{hi - 1}")
+            raise WorkerCrashed(
+                f"regret worker {slot.index} died twice while scoring rows {lo}..{hi - 1} "
+                f"(last exit code {exitcode}); the request was not scored"
+            )
+        log.warning(
+            "regret worker %d (pid %d) died with exit code %s while scoring rows %d..%d; "
+            "re-running them on a replacement",
+            slot.index,
+            slot.pid,
+            exitcode,
+            lo,
+            hi - 1,
+        )
+        self._replace(slot, reason=f"died (exit code {exitcode})")
 
     def _try_receive(self, slot: Slot, job: int):
         """The reply to ``job`` if it is there, _DEAD if the worker died without one, else _NOTHING."""
