@@ -67,23 +67,25 @@ Exit codes: 0 stopped by SIGTERM/SIGINT, 1 the service failed, 2 bad configurati
     "where 0 disables; metrics.enabled = false disables both)",
 )
 def cli(config_path, overrides, log_level, host, port, metrics_port) -> int:
+    return serve(config_path, list(overrides), host, port, metrics_port, log_level=log_level)
+
+
+def serve(
+    config_path: str,
+    overrides: list[str],
+    host: str | None,
+    port: int | None,
+    metrics_port_flag: int | None,
+    log_level: str = "INFO",
+) -> int:
+    """The service main (redheart/service_main.py) with the flags as arguments."""
     args = ServiceArgs(
         config=config_path,
         overrides=list(overrides),
         host=host,
         port=port,
-        metrics_port=metrics_port,
+        metrics_port=metrics_port_flag,
         log_level=log_level,
-    )
-    return run_service(_spec(), _start, args)
-
-
-def serve(
-    config_path: str, overrides: list[str], host: str | None, port: int | None, metrics_port_flag: int | None
-) -> int:
-    """The service main with the flags as arguments (what :func:`cli` does once click parsed them)."""
-    args = ServiceArgs(
-        config=config_path, overrides=list(overrides), host=host, port=port, metrics_port=metrics_port_flag
     )
     return run_service(_spec(), _start, args)
 
@@ -97,17 +99,15 @@ def _spec() -> ServiceSpec:
         log_format=LOG_FORMAT,
         log=log,
         error_prefix="redheart-regret",
+        # A configuration the server refuses is the file's fault (2); a port taken or workers that
+        # cannot start are the service's (1).
         start_errors=(
             ((ConfigError,), 2, "redheart-regret: {exc}"),
-            (
-                (OSError, RuntimeError),
-                1,
-                "redheart-regret: cannot start: {exc}",
-            ),  # port taken, workers that cannot start
+            ((OSError, RuntimeError), 1, "redheart-regret: cannot start: {exc}"),
         ),
         drain_note=f"health NOT_SERVING, in-flight calls get {GRACE_SECONDS:.0f} s",
         signals_before_start=True,  # starting the workers takes a while: a signal meanwhile stops it once up
-        watch_parent=False,
+        watch_parent=False,  # as it always was: only the stages watch the orchestrator
         grace=GRACE_SECONDS,
     )
 
