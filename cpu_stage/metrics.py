@@ -3,8 +3,8 @@
 from prometheus_client import CollectorRegistry
 
 from redheart.metrics_common import StageMetrics
-from redheart.stage_service import STAGE_METHODS
+from redheart.stage.metrics import create_stage_metrics
 
 
 def create_metrics(registry: CollectorRegistry) -> StageMetrics:
-    return StageMetrics(registry, stage="cpu", methods=STAGE_METHODS)
+    return create_stage_metrics(registry, "cpu")

@@ -8,7 +8,7 @@ from cpu_stage.logic import CpuStagePart
 from cpu_stage.metrics import create_metrics
 from redheart.config import HybridConfig
 from redheart.model import resolve_model_shape
-from redheart.stage_service import StageServer, create_stage_server
+from redheart.stage.server import StageServer, create_stage_server
 
 
 def create_server(

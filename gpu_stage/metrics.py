@@ -3,10 +3,8 @@
 from prometheus_client import CollectorRegistry
 
 from redheart.metrics_common import StageMetrics
-from redheart.stage_service import STAGE_METHODS
+from redheart.stage.metrics import create_stage_metrics
 
 
 def create_metrics(registry: CollectorRegistry, device: str = "cpu") -> StageMetrics:
-    metrics = StageMetrics(registry, stage="gpu", methods=STAGE_METHODS)
-    metrics.bind_device(device)  # the gauges read this stage's own cuda:N, not device 0
-    return metrics
+    return create_stage_metrics(registry, "gpu", device=device)

@@ -112,8 +112,9 @@ def invoke(command: click.Command, argv: Sequence[str] | None, prog_name: str) -
 
 
 @dataclass
-class StageArgs:
-    """The parsed command line of ``redheart-cpu-stage`` / ``redheart-gpu-stage``."""
+class ServiceArgs:
+    """The parsed command line of a service (``redheart-cpu-stage``, ``redheart-gpu-stage``,
+    ``redheart-regret``), as redheart/service_main.py takes it."""
 
     config: str
     overrides: list[str] = field(default_factory=list)
@@ -121,6 +122,10 @@ class StageArgs:
     port: int | None = None
     metrics_port: int | None = None
     log_level: str = "INFO"
+
+
+StageArgs = ServiceArgs
+"""The stages' name for it (older code)."""
 
 
 def stage_command(stage: str, create_server: Callable) -> click.Command:
@@ -156,9 +161,9 @@ Exit codes: 0 stopped by SIGTERM/SIGINT, 1 the service failed, 2 bad configurati
         help=f"/metrics port, 0 for any (default: {stage}_stage.metrics_port)",
     )
     def stage_main(config_path, overrides, log_level, host, port, metrics_port) -> int:
-        from redheart.stage_service import run_stage_cli
+        from redheart.stage.main import run_stage_cli
 
-        args = StageArgs(
+        args = ServiceArgs(
             config=config_path,
             overrides=list(overrides),
             host=host,

@@ -13,7 +13,8 @@ Prints exactly one line on stdout once the service is SERVING (everything else g
 SIGTERM / SIGINT: health NOT_SERVING, in-flight calls get 10 s to finish, workers stop, exit 0.
 Exit code 2: a configuration error (the message names the file and line); 1: the service failed.
 
-Only the standard library, click and the small redheart.cli_common are imported at module level:
+Only the standard library, click and the small redheart.cli_common and redheart.service_main
+(the main it shares with the stages) are imported at module level:
 the worker processes are started with the spawn method, which re-imports the main module in every
 worker.
 """
@@ -21,16 +22,16 @@ worker.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 
 import click
 
-from redheart.cli_common import command, config_options, invoke, port_type, setup_logging
+from redheart.cli_common import ServiceArgs, command, config_options, invoke, port_type
+from redheart.service_main import ServiceSpec, Started, run_service
 
 GRACE_SECONDS = 10.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 log = logging.getLogger("regret_service")
 
@@ -66,76 +67,61 @@ Exit codes: 0 stopped by SIGTERM/SIGINT, 1 the service failed, 2 bad configurati
     "where 0 disables; metrics.enabled = false disables both)",
 )
 def cli(config_path, overrides, log_level, host, port, metrics_port) -> int:
-    setup_logging(log_level, "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    return serve(config_path, list(overrides), host, port, metrics_port)
+    return serve(config_path, list(overrides), host, port, metrics_port, log_level=log_level)
 
 
 def serve(
-    config_path: str, overrides: list[str], host: str | None, port: int | None, metrics_port_flag: int | None
+    config_path: str,
+    overrides: list[str],
+    host: str | None,
+    port: int | None,
+    metrics_port_flag: int | None,
+    log_level: str = "INFO",
 ) -> int:
-    from redheart.config import ConfigError, load_config
+    """The service main (redheart/service_main.py) with the flags as arguments."""
+    args = ServiceArgs(
+        config=config_path,
+        overrides=list(overrides),
+        host=host,
+        port=port,
+        metrics_port=metrics_port_flag,
+        log_level=log_level,
+    )
+    return run_service(_spec(), _start, args)
 
-    try:
-        config = load_config(config_path, overrides=overrides)
-    except ConfigError as exc:
-        print(f"redheart-regret: {exc}", file=sys.stderr)
-        return 2
 
-    from redheart.metrics_common import start_metrics_endpoint
+def _spec() -> ServiceSpec:
+    from redheart.config import ConfigError
+
+    return ServiceSpec(
+        name="regret",
+        label="regret service",
+        log_format=LOG_FORMAT,
+        log=log,
+        error_prefix="redheart-regret",
+        # A configuration the server refuses is the file's fault (2); a port taken or workers that
+        # cannot start are the service's (1).
+        start_errors=(
+            ((ConfigError,), 2, "redheart-regret: {exc}"),
+            ((OSError, RuntimeError), 1, "redheart-regret: cannot start: {exc}"),
+        ),
+        drain_note=f"health NOT_SERVING, in-flight calls get {GRACE_SECONDS:.0f} s",
+        signals_before_start=True,  # starting the workers takes a while: a signal meanwhile stops it once up
+        watch_parent=False,  # as it always was: only the stages watch the orchestrator
+        grace=GRACE_SECONDS,
+    )
+
+
+def _start(config, args: ServiceArgs) -> Started:
     from regret_service.server import create_server
 
-    stop = threading.Event()
-    received: list[int] = []
+    server, port = create_server(config, host=args.host, port=args.port)
 
-    def on_signal(signum, _frame) -> None:
-        received.append(signum)  # no logging here: the handler may interrupt a thread holding its lock
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    try:
-        server, port = create_server(config, host=host, port=port)
-    except ConfigError as exc:
-        print(f"redheart-regret: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, RuntimeError) as exc:  # port taken, workers that cannot start
-        print(f"redheart-regret: cannot start: {exc}", file=sys.stderr)
-        return 1
-
-    # Same convention as the stages: the flag's 0 asks for any free port (the orchestrator reads the
-    # bound one from the READY line); the config key's 0 disables the endpoint.
-    metrics_port = config.regret.metrics_port if metrics_port_flag is None else metrics_port_flag
-    serve_metrics = config.metrics.enabled and (metrics_port != 0 or metrics_port_flag == 0)
-    bound_metrics = 0
-    http_server = None
-    try:
-        if serve_metrics:
-            http_server, bound_metrics = start_metrics_endpoint(
-                server.registry, config.metrics.host, metrics_port
-            )
+    def announce(bound_metrics: int) -> None:
+        if bound_metrics:
             log.info("metrics on http://%s:%d/metrics", config.metrics.host, bound_metrics)
-    except OSError as exc:
-        print(
-            f"redheart-regret: cannot serve metrics on {config.metrics.host}:{metrics_port}: {exc}",
-            file=sys.stderr,
-        )
-        server.stop(0)
-        return 1
 
-    print(f"REDHEART_READY service=regret port={port} metrics_port={bound_metrics}", flush=True)
-    try:
-        while not stop.wait(0.5):
-            pass
-        name = signal.Signals(received[0]).name if received else "stop"
-        log.info("received %s: health NOT_SERVING, in-flight calls get %.0f s", name, GRACE_SECONDS)
-    finally:
-        server.stop(GRACE_SECONDS)
-        if http_server is not None:
-            http_server.shutdown()
-    from redheart.process import exit_after_shutdown
-
-    exit_after_shutdown(0, "regret service")  # why not a plain return: see its docstring
+    return Started(server, port, server.registry, config.regret.metrics_port, announce)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

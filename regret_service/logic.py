@@ -1,8 +1,10 @@
 """The regret worker pool: ``num_workers`` processes running :func:`redheart.calculus.score`.
 
-No torch and no grpc here: this module is the logic of the service and is what each worker
-process imports (with the spawn start method, a worker starts a fresh interpreter and imports only
-this module, numpy and :mod:`redheart.calculus`).
+No torch and no grpc here: this module is the logic of the service. The worker process itself
+(its body, its start and ready handshake) is regret_service/worker.py, which is what each worker
+imports (with the spawn start method, a worker starts a fresh interpreter and imports only that
+module, numpy and :mod:`redheart.calculus`); the answers, errors and chunk planning are
+regret_service/pool_types.py, re-exported here.
 
 Why processes: scoring is numpy work in Python; threads of one process would be serialised by the
 GIL around every numpy call. The parent splits a batch into contiguous chunks, one per worker, sends
@@ -29,20 +31,27 @@ per-row independent, so the concatenation is bit-identical to scoring the batch 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
-import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import connection as mp_connection
-from typing import Any, Protocol
 
 import numpy as np
 
 from redheart import calculus
+from regret_service.pool_types import (
+    SMALL_BATCH,
+    PoolClosed,
+    PoolListener,
+    PoolResult,
+    PoolStats,
+    PoolTimeout,
+    WorkerCrashed,
+    plan_chunks,
+    usable_cpus,
+)
+from regret_service.worker import Slot, await_ready, spawn, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -57,143 +66,8 @@ __all__ = [
     "plan_chunks",
     "usable_cpus",
     "SMALL_BATCH",
+    "worker_main",
 ]
-
-SMALL_BATCH = 64
-"""Minimum rows per chunk; a batch below 2 x this runs in one worker (see the module docstring)."""
-
-_SPAWN = multiprocessing.get_context("spawn")
-
-
-class WorkerCrashed(RuntimeError):
-    """A chunk could not be scored: its worker died twice, or the pool is shutting down."""
-
-
-class PoolTimeout(TimeoutError):
-    """The request's deadline passed before every chunk was scored."""
-
-
-class PoolClosed(RuntimeError):
-    """The pool was shut down."""
-
-
-class PoolListener(Protocol):
-    """What the pool reports as it runs (the metrics module implements it)."""
-
-    def on_busy(self, worker: int, seconds: float) -> None: ...
-
-    def on_restart(self, worker: int) -> None: ...
-
-    def on_alive(self, count: int) -> None: ...
-
-
-@dataclass
-class PoolResult:
-    """The pool's answer for one batch of B scenarios."""
-
-    regret: np.ndarray
-    """float32 [B]."""
-    best_index: np.ndarray
-    """int64 [B]: index into calculus.COUNTERFACTUALS."""
-    detail: calculus.RegretResult | None
-    """The full breakdown (only when explain=True was asked)."""
-    regret_computations: int
-    bentham_evaluations: int
-    seconds: float
-    """Wall time of the whole batch in the pool."""
-    chunks: int
-    """How many chunks the batch was cut into."""
-
-
-@dataclass
-class PoolStats:
-    busy_seconds: list[float]
-    restarts: list[int]
-    alive: int
-    pids: list[int]
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def plan_chunks(rows: int, parts: int, small_batch: int = SMALL_BATCH) -> list[tuple[int, int]]:
-    """Contiguous [start, stop) row ranges: at most ``parts``, each at least ``small_batch`` rows."""
-    if rows <= 0:
-        return []
-    n = max(1, min(parts, rows // max(1, small_batch)))
-    bounds = [rows * i // n for i in range(n + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(n)]
-
-
-# ----------------------------------------------------------------------------- the worker process
-
-
-def worker_main(conn: mp_connection.Connection, regrets_per_step: int, bentham_per_regret: int) -> None:
-    """Body of a worker process: answer (job, rows, explain) messages until told to stop.
-
-    Replies are (job, ok, payload, busy_seconds); payload is a dict of arrays (or the error text).
-    """
-    # Ctrl-C goes to the whole process group: the parent decides when workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):  # the parent is gone: nothing left to do
-            return
-        if message is None:
-            return
-        job, rows, explain = message
-        start = time.perf_counter()
-        try:
-            result = calculus.score(rows, regrets_per_step, bentham_per_regret)
-            payload: Any = {"regret": result.regret, "best_index": result.best_index}
-            if explain:
-                payload.update(
-                    actual_utility=result.actual_utility,
-                    counterfactual_utilities=result.counterfactual_utilities,
-                    actual_perspectives=result.actual_perspectives,
-                    best_perspectives=result.best_perspectives,
-                )
-            ok = True
-        except Exception as exc:  # a bad chunk must not kill the worker
-            payload, ok = f"{type(exc).__name__}: {exc}", False
-        conn.send((job, ok, payload, time.perf_counter() - start))
-
-
-def crashing_worker_main(
-    conn: mp_connection.Connection, regrets_per_step: int, bentham_per_regret: int
-) -> None:
-    """A worker that starts normally and kills itself (SIGKILL) on its first job.
-
-    For drills and tests of the crash path: ``WorkerPool(n, worker_target=crashing_worker_main)``
-    must fail a request cleanly (WorkerCrashed) after re-running the chunk once, never hang.
-    """
-    conn.send(("ready", os.getpid()))
-    try:
-        conn.recv()
-    except (EOFError, OSError):
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ----------------------------------------------------------------------------- the pool
-
-
-@dataclass
-class _Slot:
-    index: int
-    process: Any = None
-    conn: mp_connection.Connection | None = None
-    pid: int = 0
-    job_seq: int = 0
-    busy_seconds: float = 0.0
-    restarts: int = 0
 
 
 @dataclass
@@ -233,7 +107,7 @@ class WorkerPool:
         self.listener = listener
         self.monitor_interval = monitor_interval
         self.worker_target = worker_target
-        self._slots = [_Slot(i) for i in range(num_workers)]
+        self._slots = [Slot(i) for i in range(num_workers)]
         self._idle: list[int] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -375,6 +249,11 @@ class WorkerPool:
     def _run(
         self, rows: np.ndarray, chunks: list[tuple[int, int]], explain: bool, deadline: float | None
     ) -> list[dict]:
+        """Score ``chunks`` of ``rows`` on the workers this request takes; their payloads in order.
+
+        Over 80 lines on purpose: one request's dispatch loop, whose state (pending chunks, slots
+        held, chunks in flight, attempts) the nested helpers and the cleanup on failure share;
+        split up, that state would have to become an object of its own."""
         results: list[dict | None] = [None] * len(chunks)
         pending = list(range(len(chunks)))[::-1]  # pop() takes the next chunk in order
         owned: set[int] = set()  # slots this request holds (released exactly once)
@@ -385,7 +264,7 @@ class WorkerPool:
             owned.discard(index)
             self._release(index)
 
-        def dispatch(slot: _Slot, chunk: int) -> None:
+        def dispatch(slot: Slot, chunk: int) -> None:
             attempts[chunk] += 1
             lo, hi = chunks[chunk]
             while True:
@@ -430,26 +309,7 @@ class WorkerPool:
                     del held[index]
                     lo, hi = chunks[flight.chunk]
                     if reply is _DEAD:
-                        exitcode = slot.process.exitcode
-                        if flight.attempt >= 2:
-                            # Leave the slot with a live process so the pool stays whole.
-                            self._replace(
-                                slot, reason=f"died (exit code {exitcode}) re-running rows {lo}..{hi - 1}"
-                            )
-                            raise WorkerCrashed(
-                                f"regret worker {index} died twice while scoring rows {lo}..{hi - 1} "
-                                f"(last exit code {exitcode}); the request was not scored"
-                            )
-                        log.warning(
-                            "regret worker %d (pid %d) died with exit code %s while scoring rows %d..%d; "
-                            "re-running them on a replacement",
-                            index,
-                            slot.pid,
-                            exitcode,
-                            lo,
-                            hi - 1,
-                        )
-                        self._replace(slot, reason=f"died (exit code {exitcode})")
+                        self._replace_dead(slot, flight, lo, hi)
                         dispatch(slot, flight.chunk)
                         continue
                     _job, ok, payload, busy = reply
@@ -474,7 +334,29 @@ class WorkerPool:
             raise
         return results  # type: ignore[return-value]
 
-    def _try_receive(self, slot: _Slot, job: int):
+    def _replace_dead(self, slot: Slot, flight: _InFlight, lo: int, hi: int) -> None:
+        """The worker of ``slot`` died scoring rows lo..hi-1: replace it, so the chunk can be re-run
+        on the replacement; WorkerCrashed when that was already the re-run (a chunk runs twice at most)."""
+        exitcode = slot.process.exitcode
+        if flight.attempt >= 2:
+            # Leave the slot with a live process so the pool stays whole.
+            self._replace(slot, reason=f"died (exit code {exitcode}) re-running rows {lo}..{hi - 1}")
+            raise WorkerCrashed(
+                f"regret worker {slot.index} died twice while scoring rows {lo}..{hi - 1} "
+                f"(last exit code {exitcode}); the request was not scored"
+            )
+        log.warning(
+            "regret worker %d (pid %d) died with exit code %s while scoring rows %d..%d; "
+            "re-running them on a replacement",
+            slot.index,
+            slot.pid,
+            exitcode,
+            lo,
+            hi - 1,
+        )
+        self._replace(slot, reason=f"died (exit code {exitcode})")
+
+    def _try_receive(self, slot: Slot, job: int):
         """The reply to ``job`` if it is there, _DEAD if the worker died without one, else _NOTHING."""
         conn = slot.conn
         while True:
@@ -513,7 +395,7 @@ class WorkerPool:
             finally:
                 self._release(index)
 
-    def _add_busy(self, slot: _Slot, seconds: float) -> None:
+    def _add_busy(self, slot: Slot, seconds: float) -> None:
         slot.busy_seconds += seconds
         if self.listener is not None:
             self.listener.on_busy(slot.index, seconds)
@@ -549,43 +431,14 @@ class WorkerPool:
 
     # ---- processes
 
-    def _spawn(self, slot: _Slot):
-        parent_conn, child_conn = _SPAWN.Pipe(duplex=True)
-        for conn in (parent_conn, child_conn):
-            _enlarge_buffers(conn)
-        process = _SPAWN.Process(
-            target=self.worker_target,
-            args=(child_conn, self.regrets_per_step, self.bentham_per_regret),
-            name=f"redheart-regret-worker-{slot.index}",
-            daemon=True,  # never outlive the service process
-        )
-        process.start()
-        child_conn.close()  # the child holds its own copy; closing ours makes EOF visible
-        return process, parent_conn
+    def _spawn(self, slot: Slot):
+        return spawn(slot, self.worker_target, self.regrets_per_step, self.bentham_per_regret)
 
-    def _await_ready(self, slot: _Slot, process, conn, deadline: float | None) -> None:
+    def _await_ready(self, slot: Slot, process, conn, deadline: float | None) -> None:
         limit = self.start_timeout if deadline is None else max(0.0, deadline - time.monotonic())
-        ready = mp_connection.wait([conn, process.sentinel], timeout=limit)
-        message = None
-        if conn in ready or conn.poll():
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                message = None
-        if not (isinstance(message, tuple) and message and message[0] == "ready"):
-            if process.is_alive():
-                process.kill()
-            process.join(timeout=2.0)
-            conn.close()
-            why = (
-                "did not start in time"
-                if not ready
-                else f"exited with code {process.exitcode} while starting"
-            )
-            raise WorkerCrashed(f"regret worker {slot.index} {why}")
-        slot.process, slot.conn, slot.pid = process, conn, int(message[1])
+        await_ready(slot, process, conn, limit)
 
-    def _replace(self, slot: _Slot, *, reason: str) -> None:
+    def _replace(self, slot: Slot, *, reason: str) -> None:
         """Replace the (dead) process of a slot this thread holds. Raises WorkerCrashed if closed."""
         if self._closed:
             raise WorkerCrashed(f"regret worker {slot.index} {reason}, and the pool is shutting down")
@@ -630,19 +483,3 @@ class WorkerPool:
 
 _NOTHING = object()
 _DEAD = object()
-_SOCKET_BUFFER = 4 << 20
-
-
-def _enlarge_buffers(conn: mp_connection.Connection) -> None:
-    """Let a whole chunk sit in the socket buffer (the kernel caps it at net.core.wmem_max).
-
-    With the default ~200 KB the parent's send of a 10k-row chunk blocks until that worker has read
-    most of it, so the next worker starts late; with room for the chunk the sends return at once.
-    """
-    try:
-        # A dup of the descriptor shares the socket, so the options stick after closing the dup.
-        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
-    except OSError:  # not a socket (another platform's Pipe): keep the defaults
-        pass

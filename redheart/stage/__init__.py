@@ -1,6 +1,8 @@
-"""One pipeline stage, split by job (issue 13). Torch side, no gRPC:
+"""One pipeline stage, split by job; shared by the CPU and GPU stage processes (cpu_stage/, gpu_stage/).
 
-* ``errors.py`` -- StageError / StepAborted (the kind maps to a gRPC status in the servicer);
+Torch side, no gRPC:
+
+* ``errors.py`` -- ErrorKind / ErrorReason / StageError / StepAborted (typed: one kind per gRPC status);
 * ``mailbox.py`` -- tensors pushed by the peer, waiting for the round that takes them;
 * ``contracts.py`` -- tensor kinds, the PeerLink and StagePart protocols, AttemptLink, and the plan,
   context and result of a round;
@@ -10,6 +12,15 @@
 * ``rounds.py`` -- running a round's schedule actions and evaluation passes (mixin of StageRuntime);
 * ``state_io.py`` -- SaveState / LoadState and init_from weights (mixin of StageRuntime);
 * ``shards.py`` -- the checkpoint shard format: files, sha256, atomic writes, checked reads.
+
+gRPC side:
+
+* ``wire.py`` -- messages in and out, the gRPC status of each failure;
+* ``peer_link.py`` -- the sender to the neighbouring stage;
+* ``servicer.py`` -- PipelineStage: decode, delegate, answer;
+* ``server.py`` -- the server factory;
+* ``metrics.py`` -- the stage metrics factory;
+* ``main.py`` -- the stage process main, on redheart/service_main.py.
 
 No imports here: import from the module that holds the name.
 """

@@ -20,7 +20,7 @@ ACTIVATION, GRADIENT, EVAL_ACTIVATION = "activation", "gradient", "eval_activati
 
 
 class PeerLink(Protocol):
-    """Sends tensors to the neighbouring stages. Implemented over gRPC in redheart/stage_service.py.
+    """Sends tensors to the neighbouring stages. Implemented over gRPC in redheart/stage/peer_link.py.
 
     Optional members, probed by the runtime with hasattr/getattr (absent: the default below):
 

@@ -2,7 +2,7 @@
 backward actions, then the gradient norm after the last round) or one evaluation pass. A mixin of
 :class:`redheart.stage.runtime.StageRuntime`, which owns the state these methods read and advance.
 
-Invariants kept here (design.md section 3): each micro-batch loss is multiplied by
+Invariants kept here (docs/architecture.md, "One optimizer step"): each micro-batch loss is multiplied by
 ``loss_multiplier`` before backward (``.grad`` is never rescaled afterwards), and the stage's
 gradient-norm² is reported after the last accumulation round of the step."""
 

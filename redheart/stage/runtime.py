@@ -8,7 +8,7 @@ The same class runs the CPU stage (first) and the GPU stage (last); what differs
 how to run a forward and a backward of its modules. Running rounds is in redheart/stage/rounds.py,
 saving and loading in redheart/stage/state_io.py (mixins of :class:`StageRuntime`).
 
-Invariants kept here (design.md section 3):
+Invariants kept here (docs/architecture.md, "One optimizer step"):
 
 * each micro-batch loss is multiplied by ``loss_multiplier = 1 / (micro-batches x accumulation
   steps)`` before backward; ``.grad`` is never rescaled afterwards;

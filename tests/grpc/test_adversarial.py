@@ -19,7 +19,7 @@ from test_stage_service import Pipeline, rounds, tiny_config
 from orchestrator.stage_client import micro_batch_message
 from redheart import codec
 from redheart.config import HybridConfig
-from redheart.stage_service import STAGE_METHODS
+from redheart.stage.wire import STAGE_METHODS
 from redheart.v1 import regret_pb2, regret_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
 from regret_service.server import create_server as regret_server
 

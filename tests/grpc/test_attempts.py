@@ -21,7 +21,7 @@ from redheart import codec
 from redheart.stage.contracts import GRADIENT
 from redheart.stage.errors import StageError
 from redheart.stage.mailbox import Mailbox
-from redheart.stage_service import GrpcPeerLink
+from redheart.stage.peer_link import GrpcPeerLink
 from redheart.v1 import stage_pb2, tensor_pb2
 
 

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from faulty_workers import crashing_worker_main
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from redheart import calculus
@@ -20,7 +21,7 @@ from redheart.config import HybridConfig
 from redheart.regret_client import RegretClient, RegretReply
 from redheart.rpc import ServiceError, make_channel
 from redheart.v1 import regret_pb2, regret_pb2_grpc, tensor_pb2
-from regret_service.logic import WorkerCrashed, WorkerPool, crashing_worker_main, plan_chunks
+from regret_service.logic import WorkerCrashed, WorkerPool, plan_chunks
 from regret_service.server import SERVICE_FULL_NAME, create_server
 
 MAX_BATCH = 256

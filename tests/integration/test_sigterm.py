@@ -43,7 +43,7 @@ from redheart.config import load_config
 from redheart.rpc import ServiceError
 from redheart.v1 import regret_pb2, regret_pb2_grpc, stage_pb2, tensor_pb2
 
-GRACE = 10.0  # the services' drain period (stage_service.run_stage_cli, regret_service.cli.GRACE_SECONDS)
+GRACE = 10.0  # the services' drain period (redheart.service_main.ServiceSpec.grace, regret_service.cli.GRACE_SECONDS)
 SLACK = 5.0  # process start-up of the interpreter's exit, a loaded 2-core CI machine
 PEER_WAIT = 20.0  # deadline_seconds of the RunSteps in flight: longer than the grace period
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

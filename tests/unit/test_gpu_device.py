@@ -16,7 +16,7 @@ from orchestrator.stage_client import StageClient
 from redheart.config import HybridConfig
 from redheart.losses import label_counts, multitask_loss
 from redheart.metrics_common import StageMetrics, nvml_handle
-from redheart.stage_service import STAGE_METHODS
+from redheart.stage.wire import STAGE_METHODS
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a host without CUDA")
 
