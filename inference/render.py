@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from inference.predictor import Prediction
+from redheart.heads import validation_metrics
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
@@ -58,12 +59,7 @@ def predictions_table(predictions: Sequence[Prediction]) -> str:
 def evaluation_table(result: dict[str, Any]) -> str:
     m, b = result["metrics"], result["baseline"]
     rows = [("metric", "model", "bag-of-words", "trivial", "better")]
-    for key, higher in (
-        ("judgment_accuracy", True),
-        ("emotion_macro_f1", True),
-        ("bentham_mae", False),
-        ("regret_mae", False),
-    ):
+    for key, higher in ((m.name, m.higher) for m in validation_metrics()):
         if key not in m:
             continue
         bow, trivial = b.get("baseline_bow_" + key), b.get("baseline_" + key)

@@ -981,12 +981,14 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
         fail(
             "train", "max_grad_norm", f"train.max_grad_norm = {t.max_grad_norm} must be >= 0 (0: no clipping)"
         )
+    from redheart.heads import head_names  # the head registry: built-in and registered heads
+
     for head in t.loss_weights:
-        if head not in ("emotion", "bentham", "judgment", "regret"):
+        if head not in head_names():
             fail(
                 "train",
                 "loss_weights",
-                f"train.loss_weights has unknown head `{head}`{_did_you_mean(head, ('emotion', 'bentham', 'judgment', 'regret'))}",
+                f"train.loss_weights has unknown head `{head}`{_did_you_mean(head, head_names())}",
             )
 
     m = cfg.model

@@ -46,6 +46,7 @@ __all__ = [
     "register_head",
     "unregister_head",
     "registered_head",
+    "probe_labels",
 ]
 
 IGNORE_INDEX = -100
@@ -260,6 +261,19 @@ def unregister_head(name: str) -> HeadSpec:
 def registered_head(spec: HeadSpec):
     """Context manager: the head is registered inside the ``with`` block only."""
     return HEADS.registered(spec)
+
+
+def probe_labels(rows: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every head's label tensors for ``rows`` rows, all labeled with zeros (masks True): inputs of
+    the right shapes and dtypes for timing probes."""
+    out = {}
+    for spec in HEADS:
+        for label in spec.labels:
+            if label.is_mask:
+                out[label.key] = torch.ones(rows, dtype=torch.bool, device=device)
+            else:
+                out[label.key] = torch.zeros(rows, *label.shape, dtype=label.dtype, device=device)
+    return out
 
 
 def class_label(key: str, classes: int) -> LabelSpec:
