@@ -90,7 +90,7 @@ class MetricSpec:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """Everything about one head. See the module docstring; the built-in four are at the end.
+    """Everything about one head (see the module docstring; the built-in four: redheart/builtin_heads.py).
 
     Attributes:
         name: module / parameter name (``heads.<name>.weight``) and key of its loss and weight.
@@ -143,7 +143,8 @@ class HeadSpec:
         return (self.target_key,) if self.target == REGRET_SERVICE else tuple(s.key for s in self.labels)
 
 
-_RESERVED = frozenset({"stack", "norm", "pooler", "shape", "forward", "total", "training"})
+# Attributes of the GPU stage module a head's layer would shadow, and the loss gauge's "total".
+_RESERVED = frozenset({"stack", "norm", "pooler", "shape", "head_specs", "forward", "training", "total"})
 
 
 class HeadRegistry:
@@ -157,9 +158,7 @@ class HeadRegistry:
     def heads(self) -> tuple[HeadSpec, ...]:
         with self._lock:
             if self._specs is None:
-                built = list(self._builtin())
-                if self._specs is None:  # building read the schema, which may have asked already
-                    self._specs = built
+                self._specs = list(self._builtin())
             return tuple(self._specs)
 
     def __iter__(self) -> Iterator[HeadSpec]:
