@@ -174,7 +174,7 @@ class GpuStagePart:
             self.regret = None
         if not regret.get("enabled", True):
             return
-        if not any(spec.target == head_registry.REGRET_SERVICE for spec in head_registry.heads()):
+        if not head_registry.regret_service_targets():
             return  # no head learns from the regret service: nothing to ask it
         per_step, per_regret = (
             int(regret.get("regrets_per_step", 7)),

@@ -72,7 +72,7 @@ class SingleProcessTrainer:
             torch.manual_seed(derive_seed(t.seed, step, index, 1))  # seeds the CUDA generators too
             outputs = self.gpu(hidden.to(dev), mask.to(dev))
             regret_target = None
-            if self.config.regret.enabled and _learns_from_regret():
+            if self.config.regret.enabled and head_registry.regret_service_targets():
                 from redheart import calculus
 
                 regret_target = calculus.score_tensor(
@@ -101,8 +101,3 @@ class SingleProcessTrainer:
             "losses": {h: sum(v) / len(v) for h, v in heads.items()},
             "grad_norm": total,
         }
-
-
-def _learns_from_regret() -> bool:
-    """Whether a head's target comes from the regret service (as the GPU stage decides to ask it)."""
-    return any(spec.target == head_registry.REGRET_SERVICE for spec in head_registry.heads())

@@ -47,6 +47,7 @@ __all__ = [
     "unregister_head",
     "registered_head",
     "probe_labels",
+    "regret_service_targets",
 ]
 
 IGNORE_INDEX = -100
@@ -260,6 +261,11 @@ def unregister_head(name: str) -> HeadSpec:
 def registered_head(spec: HeadSpec):
     """Context manager: the head is registered inside the ``with`` block only."""
     return HEADS.registered(spec)
+
+
+def regret_service_targets() -> bool:
+    """Whether some head's target comes from the regret service (else nobody needs to ask it)."""
+    return any(spec.target == REGRET_SERVICE for spec in HEADS)
 
 
 def probe_labels(rows: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
