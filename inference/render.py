@@ -59,7 +59,7 @@ def predictions_table(predictions: Sequence[Prediction]) -> str:
 def evaluation_table(result: dict[str, Any]) -> str:
     m, b = result["metrics"], result["baseline"]
     rows = [("metric", "model", "bag-of-words", "trivial", "better")]
-    for key, higher in ((m.name, m.higher) for m in validation_metrics()):
+    for key, higher in ((metric.name, metric.higher) for metric in validation_metrics()):
         if key not in m:
             continue
         bow, trivial = b.get("baseline_bow_" + key), b.get("baseline_" + key)

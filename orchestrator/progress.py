@@ -155,7 +155,7 @@ def validation_table(entry: dict[str, Any]):
         ("vs baseline", "left"),
     ):
         table.add_column(column, justify=justify)
-    for key, higher_better in ((m.name, m.higher) for m in validation_metrics()):
+    for key, higher_better in ((metric.name, metric.higher) for metric in validation_metrics()):
         if key not in metrics:
             continue
         value, base = metrics[key], baseline.get(f"baseline_{key}")
