@@ -123,6 +123,7 @@ def tiny(tiny_toml):
 
 def test_toy_head_trains_one_step_through_the_registry_alone(tiny) -> None:
     cfg, scenarios, tokenizer, max_len, path = tiny
+    four_heads = SingleProcessTrainer(cfg).named_parameters()
     with registry.registered_head(TOY):
         assert registry.head_names() == (*FOUR_HEADS, "long_text")
         assert registry.label_keys() == (*FOUR_LABEL_KEYS, "labels.long_text")
@@ -136,6 +137,10 @@ def test_toy_head_trains_one_step_through_the_registry_alone(tiny) -> None:
         assert "labels.long_text" in batch.tensors
 
         trainer = SingleProcessTrainer(cfg)
+        # Weights are initialised by name: the toy head changes none of the four-head model's.
+        initial = trainer.named_parameters()
+        assert list(initial) == [*four_heads, "heads.long_text.weight", "heads.long_text.bias"]
+        assert all(torch.equal(initial[n], p) for n, p in four_heads.items())
         toy_weight = trainer.gpu.long_text.weight
         before = toy_weight.detach().clone()
         grads: list[torch.Tensor] = []
@@ -170,10 +175,9 @@ def test_toy_head_trains_one_step_through_the_registry_alone(tiny) -> None:
     # Unregistered: the four-head model, labels and config check are back.
     assert registry.head_names() == FOUR_HEADS
     assert registry.label_keys() == FOUR_LABEL_KEYS
-    after = SingleProcessTrainer(cfg)
-    assert [n for n in after.named_parameters() if n.startswith("heads.")] == FOUR_HEAD_PARAMETERS
-    fresh = SingleProcessTrainer(cfg)
-    assert all(torch.equal(a, b) for a, b in zip(after.parameters(), fresh.parameters()))
+    after = SingleProcessTrainer(cfg).named_parameters()
+    assert [n for n in after if n.startswith("heads.")] == FOUR_HEAD_PARAMETERS
+    assert list(after) == list(four_heads) and all(torch.equal(after[n], p) for n, p in four_heads.items())
     with pytest.raises(ConfigError, match="unknown head `long_text`"):
         load_config(path, overrides=["train.loss_weights={long_text=2.0}"], env={})
 
