@@ -291,9 +291,9 @@ def section_single(args) -> dict:
     from gpu_stage.logic import resolve_device
     from orchestrator.batching import step_micro_batches
     from orchestrator.data import StepBatches, prepare_data
-    from orchestrator.pipeline import LABEL_KEYS
     from redheart import calculus
     from redheart.config import load_config
+    from redheart.heads import label_keys
     from redheart.losses import multitask_loss
     from redheart.model import CpuStageModule, GpuStageModule, resolve_model_shape
     from redheart.precision import choose_precision, device_capability
@@ -337,7 +337,7 @@ def section_single(args) -> dict:
                 target = calculus.score_tensor(
                     outputs["bentham"], cfg.regret.regrets_per_step, cfg.regret.bentham_per_regret
                 )
-                labels = {k: part.tensors[k].to(device, non_blocking=True) for k in LABEL_KEYS}
+                labels = {k: part.tensors[k].to(device, non_blocking=True) for k in label_keys()}
                 loss, _ = multitask_loss(outputs, labels, target, t.loss_weights, lazy=True)
                 scaler.scale(loss / len(parts)).backward()
             scaler.unscale_(opt)

@@ -90,7 +90,7 @@ def batch(args, seed: int = 0):
 def run_single(args) -> dict:
     import torch
 
-    from orchestrator.pipeline import LABEL_KEYS
+    from redheart.heads import label_keys
     from redheart.losses import multitask_loss
     from redheart.model import CpuStageModule, GpuStageModule, resolve_model_shape
     from redheart.stage.optimizer import build_optimizer
@@ -106,7 +106,7 @@ def run_single(args) -> dict:
         start = time.perf_counter()
         ids, mask = data.tensors["input_ids"], data.tensors["attention_mask"]
         out = gpu(cpu(ids, mask), mask)
-        loss, _ = multitask_loss(out, {k: data.tensors[k] for k in LABEL_KEYS}, None)
+        loss, _ = multitask_loss(out, {k: data.tensors[k] for k in label_keys()}, None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(cpu.parameters()) + list(gpu.parameters()), 1.0)
         for o in opts:

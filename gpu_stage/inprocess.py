@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from redheart import heads as head_registry
 from redheart.config import HybridConfig
 from redheart.gpu_memory import stage_estimates
 from redheart.model import resolve_model_shape
@@ -46,18 +47,21 @@ class CollectingLink:
 
 def synthetic_micro_batch(index: int, size: int, seq: int, generator: torch.Generator) -> MicroBatchInputs:
     """Inputs of the last stage as they arrive off the wire: host tensors, every label present."""
-    return MicroBatchInputs(
-        index=index,
-        tensors={
-            "attention_mask": torch.ones(size, seq, dtype=torch.long),
-            "labels.emotions": torch.randint(0, 2, (size, 6), generator=generator).float(),
-            "labels.emotions_mask": torch.ones(size, dtype=torch.bool),
-            "labels.bentham": torch.rand(size, 8, generator=generator),
-            "labels.bentham_mask": torch.ones(size, dtype=torch.bool),
-            "labels.judgment": torch.randint(0, 5, (size,), generator=generator),
-        },
-        sample_ids=[f"s{index}-{i}" for i in range(size)],
-    )
+    tensors = {"attention_mask": torch.ones(size, seq, dtype=torch.long)}
+    # Every registered head's labels, drawn in registry order (emotions 0/1, Bentham uniform,
+    # judgment a class): for the built-in heads the same draws as ever from `generator`.
+    for spec in head_registry.heads():
+        for label in spec.labels:
+            rows = (size, *label.shape)
+            if label.is_mask:
+                tensors[label.key] = torch.ones(size, dtype=torch.bool)
+            elif label.classes is not None:
+                tensors[label.key] = torch.randint(0, label.classes, rows, generator=generator)
+            elif spec.kind == "multi-label":
+                tensors[label.key] = torch.randint(0, 2, rows, generator=generator).to(label.dtype)
+            else:
+                tensors[label.key] = torch.rand(rows, generator=generator).to(label.dtype)
+    return MicroBatchInputs(index=index, tensors=tensors, sample_ids=[f"s{index}-{i}" for i in range(size)])
 
 
 def _sync(device: torch.device) -> None:

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from gpu_stage.transfer import DeviceToHostSender, to_device
-from redheart.losses import IGNORE_INDEX, label_counts, multitask_loss
-from redheart.model import NUM_JUDGMENTS, GpuStageModule, ModelShape
+from redheart import heads as head_registry
+from redheart.losses import label_counts, multitask_loss
+from redheart.model import GpuStageModule, ModelShape
 from redheart.stage.contracts import (
     ACTIVATION,
     EVAL_ACTIVATION,
@@ -30,14 +31,14 @@ from redheart.stage.contracts import (
 )
 from redheart.stage.errors import ErrorKind, StageError, StepAborted
 
-LABEL_KEYS = (
-    "labels.emotions",
-    "labels.emotions_mask",
-    "labels.bentham",
-    "labels.bentham_mask",
-    "labels.judgment",
-)
+# The built-in heads' keys at import, kept for old imports; the stage reads the registry at use.
+LABEL_KEYS = head_registry.label_keys()
 ROUND_KEYS = ("attention_mask",) + LABEL_KEYS
+
+
+def round_keys() -> tuple[str, ...]:
+    """Inputs of the GPU stage's micro-batches: the attention mask and every head's labels."""
+    return ("attention_mask",) + head_registry.label_keys()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -141,29 +142,26 @@ class GpuStagePart:
         if self._round_key != key:
             self._round_key = key
             mbs = ctx.plan.micro_batches
+            keys = round_keys()
             for m in mbs:
-                missing = [k for k in ROUND_KEYS if k not in m.tensors]
+                missing = [k for k in keys if k not in m.tensors]
                 if missing:
                     raise StageError(
                         ErrorKind.INVALID, f"micro-batch {m.index}: the gpu stage needs input {missing[0]!r}"
                     )
             self._round_counts = {m.index: label_counts(m.tensors) for m in mbs}
             if self.device.type != "cuda":
-                self._round_inputs = {
-                    m.index: {k: m.tensors[k].to(self.device) for k in ROUND_KEYS} for m in mbs
-                }
+                self._round_inputs = {m.index: {k: m.tensors[k].to(self.device) for k in keys} for m in mbs}
             else:
                 moved: dict[str, list[torch.Tensor]] = {}
-                for k in ROUND_KEYS:
+                for k in keys:
                     # Micro-batches padded to their own longest text differ in width: flattened,
                     # [sum of numels] goes over in one copy and is split back into views of each shape.
                     parts = [m.tensors[k] for m in mbs]
                     flat = to_device(torch.cat([p.reshape(-1) for p in parts]), self.device)
                     pieces = flat.split([p.numel() for p in parts])
                     moved[k] = [piece.view(p.shape) for piece, p in zip(pieces, parts)]
-                self._round_inputs = {
-                    m.index: {k: moved[k][i] for k in ROUND_KEYS} for i, m in enumerate(mbs)
-                }
+                self._round_inputs = {m.index: {k: moved[k][i] for k in keys} for i, m in enumerate(mbs)}
         return self._round_inputs[mb.index]
 
     def configure(self, settings: Mapping[str, Any], regret_address: str) -> None:
@@ -175,6 +173,8 @@ class GpuStagePart:
             self.regret = None
         if not regret.get("enabled", True):
             return
+        if not head_registry.regret_service_targets():
+            return  # no head learns from the regret service: nothing to ask it
         per_step, per_regret = (
             int(regret.get("regrets_per_step", 7)),
             int(regret.get("bentham_per_regret", 3)),
@@ -207,38 +207,41 @@ class GpuStagePart:
             ) from None
 
     def check_labels(self, mb: MicroBatchInputs) -> None:
-        """Labels come over the network: shapes, dtypes and ranges are checked before any compute."""
+        """Labels come over the network: shapes, dtypes and ranges are checked before any compute,
+        each against its head's label spec in the registry."""
         t = mb.tensors
-        for key in LABEL_KEYS:
-            if key not in t:
+        specs = [label for spec in head_registry.heads() for label in spec.labels]
+        for label in specs:
+            if label.key not in t:
                 raise StageError(
-                    ErrorKind.INVALID, f"micro-batch {mb.index}: the gpu stage needs input {key!r}"
+                    ErrorKind.INVALID, f"micro-batch {mb.index}: the gpu stage needs input {label.key!r}"
                 )
         n = t["attention_mask"].shape[0] if "attention_mask" in t else None
-        expected = {
-            "labels.emotions": (n, 6),
-            "labels.emotions_mask": (n,),
-            "labels.bentham": (n, 8),
-            "labels.bentham_mask": (n,),
-            "labels.judgment": (n,),
-        }
-        for key, shape in expected.items():
-            if tuple(t[key].shape) != shape:
+        for label in specs:
+            shape = (n, *label.shape)
+            if tuple(t[label.key].shape) != shape:
                 raise StageError(
                     ErrorKind.INVALID,
-                    f"micro-batch {mb.index}: {key} has shape {list(t[key].shape)}, expected {list(shape)}",
+                    f"micro-batch {mb.index}: {label.key} has shape {list(t[label.key].shape)}, expected {list(shape)}",
                 )
-        for key in ("labels.emotions", "labels.bentham"):
-            if not t[key].is_floating_point() or not bool(torch.isfinite(t[key]).all()):
-                raise StageError(ErrorKind.INVALID, f"micro-batch {mb.index}: {key} must be finite floats")
-        judgment = t["labels.judgment"]
-        if judgment.dtype not in (torch.int64, torch.int32) or bool(
-            ((judgment != IGNORE_INDEX) & ((judgment < 0) | (judgment >= NUM_JUDGMENTS))).any()
-        ):
-            raise StageError(
-                ErrorKind.INVALID,
-                f"micro-batch {mb.index}: labels.judgment must be integers in [0, {NUM_JUDGMENTS}) or {IGNORE_INDEX} (missing)",
-            )
+        for label in specs:
+            if label.dtype.is_floating_point and (
+                not t[label.key].is_floating_point() or not bool(torch.isfinite(t[label.key]).all())
+            ):
+                raise StageError(
+                    ErrorKind.INVALID, f"micro-batch {mb.index}: {label.key} must be finite floats"
+                )
+        for label in specs:
+            if label.classes is None:
+                continue
+            value, k = t[label.key], label.classes
+            if value.dtype not in (torch.int64, torch.int32) or bool(
+                ((value != label.fill) & ((value < 0) | (value >= k))).any()
+            ):
+                raise StageError(
+                    ErrorKind.INVALID,
+                    f"micro-batch {mb.index}: {label.key} must be integers in [0, {k}) or {label.fill} (missing)",
+                )
 
     def forward(self, ctx: RoundContext, mb: MicroBatchInputs) -> ForwardRecord:
         self.check_labels(mb)
@@ -287,13 +290,14 @@ class GpuStagePart:
         )
 
     def backward(self, ctx: RoundContext, mb: MicroBatchInputs, record: ForwardRecord) -> dict:
-        for key in LABEL_KEYS:
+        keys = head_registry.label_keys()
+        for key in keys:
             if key not in mb.tensors:
                 raise StageError(
                     ErrorKind.INVALID, f"micro-batch {mb.index}: the gpu stage needs input {key!r}"
                 )
         inputs = self._inputs(ctx, mb)
-        labels = {key: inputs[key] for key in LABEL_KEYS}
+        labels = {key: inputs[key] for key in keys}
         regret_target = None
         stats: dict[str, Any] = {"regret_computations": 0, "bentham_evaluations": 0}
         if record.pending is not None:

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from redheart import calculus, model_folder
-from redheart.data.schema import BENTHAM_KEYS, EMOTIONS, JUDGMENTS
+from redheart.heads import heads
 from redheart.model import CpuStageModule, GpuStageModule, ModelShape, count_parameters
 from redheart.model_folder import ModelFolderError, sha256_file
 
@@ -170,12 +170,7 @@ def export_checkpoint(
         "model": {k: getattr(shape, k) for k in model_folder.SHAPE_KEYS + ("dropout", "init_seed")},
         "trained_split": {"cpu_layers": shape.cpu_layers},
         "parameters": count_parameters(shape)["total"],
-        "heads": {
-            "emotion": {"kind": "multi-label", "labels": list(EMOTIONS)},
-            "bentham": {"kind": "regression", "labels": list(BENTHAM_KEYS)},
-            "judgment": {"kind": "class", "labels": list(JUDGMENTS)},
-            "regret": {"kind": "scalar", "labels": ["regret"]},
-        },
+        "heads": {spec.name: {"kind": spec.kind, "labels": list(spec.vocabulary)} for spec in heads()},
         "regret": {
             "regrets_per_step": int(regret.get("regrets_per_step", 7)),
             "bentham_per_regret": int(regret.get("bentham_per_regret", 3)),

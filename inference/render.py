@@ -7,6 +7,7 @@ from typing import Any
 
 from inference.predictor import Prediction
 from redheart.calculus import TRANSFORM_DESCRIPTIONS
+from redheart.heads import validation_metrics
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
@@ -61,12 +62,7 @@ def predictions_table(predictions: Sequence[Prediction]) -> str:
 def evaluation_table(result: dict[str, Any]) -> str:
     m, b = result["metrics"], result["baseline"]
     rows = [("metric", "model", "bag-of-words", "trivial", "better")]
-    for key, higher in (
-        ("judgment_accuracy", True),
-        ("emotion_macro_f1", True),
-        ("bentham_mae", False),
-        ("regret_mae", False),
-    ):
+    for key, higher in ((metric.name, metric.higher) for metric in validation_metrics()):
         if key not in m:
             continue
         bow, trivial = b.get("baseline_bow_" + key), b.get("baseline_" + key)

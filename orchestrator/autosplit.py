@@ -38,6 +38,7 @@ import torch
 from redheart import codec
 from redheart.config import HybridConfig
 from redheart.gpu_memory import stage_estimates
+from redheart.heads import probe_labels
 from redheart.losses import multitask_loss
 from redheart.model import (
     CpuStageModule,
@@ -145,13 +146,7 @@ def profile_device(
             opt_params = list(embed.parameters())
         else:
             heads = GpuStageModule(tiny).to(device)
-            labels = {
-                "labels.emotions": torch.zeros(micro_batch, 6, device=device),
-                "labels.emotions_mask": torch.ones(micro_batch, dtype=torch.bool, device=device),
-                "labels.bentham": torch.zeros(micro_batch, 8, device=device),
-                "labels.bentham_mask": torch.ones(micro_batch, dtype=torch.bool, device=device),
-                "labels.judgment": torch.zeros(micro_batch, dtype=torch.long, device=device),
-            }
+            labels = probe_labels(micro_batch, device)
 
             def fixed():
                 with autocast():

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from orchestrator.data import PreparedData, to_batch
-from orchestrator.metrics import VALIDATION_METRICS
 from orchestrator.report import write_explanations
+from redheart.heads import validation_metric_names
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,11 @@ def evaluate(
 
 
 def _set_gauges(metrics, values: dict[str, float], baseline: dict[str, float]) -> None:
+    names = validation_metric_names()
     for key, value in values.items():
-        if key in VALIDATION_METRICS:
+        if key in names:
             metrics.validation.labels(key).set(value)
     for key, value in baseline.items():
         name = key.removeprefix("baseline_")
-        if name in VALIDATION_METRICS:
+        if name in names:
             metrics.validation_baseline.labels(name).set(value)

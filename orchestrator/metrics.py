@@ -6,10 +6,12 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from orchestrator.stages import STAGE_NAMES, STAGE_SHORT_NAMES, short_name
+from redheart import heads as head_registry
 from redheart.metrics_common import TRAINING_BUCKETS, add_process_metrics
 
-HEADS = ("emotion", "bentham", "judgment", "regret", "total")
-VALIDATION_METRICS = ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae")
+# The built-in heads' names at import, kept for old imports; the metrics read the registry.
+HEADS = (*head_registry.head_names(), "total")
+VALIDATION_METRICS = head_registry.validation_metric_names()
 STAGES = STAGE_SHORT_NAMES
 SERVICES = (*STAGE_NAMES, "regret")
 
@@ -122,9 +124,9 @@ class OrchestratorMetrics:
             "Peak GPU memory of the GPU stage in the last step.",
             registry=r,
         )
-        for head in HEADS:
+        for head in (*head_registry.head_names(), "total"):
             self.loss.labels(head)
-        for metric in VALIDATION_METRICS:
+        for metric in head_registry.validation_metric_names():
             self.validation.labels(metric)
             self.validation_baseline.labels(metric)
         for stage in STAGES:

@@ -24,18 +24,14 @@ import torch
 from orchestrator.batching import Batch, computed_tokens, split_micro_batches, step_micro_batches
 from orchestrator.stage_client import StageClient, micro_batch_message
 from redheart import codec
+from redheart import heads as head_registry
 from redheart.config import HybridConfig
 from redheart.rpc import ServiceError
 from redheart.v1 import stage_pb2, tensor_pb2
 
 CPU_KEYS = ("input_ids", "attention_mask")
-LABEL_KEYS = (
-    "labels.emotions",
-    "labels.emotions_mask",
-    "labels.bentham",
-    "labels.bentham_mask",
-    "labels.judgment",
-)
+# The built-in heads' label keys at import, kept for old imports; plans read the registry at use.
+LABEL_KEYS = head_registry.label_keys()
 GPU_KEYS = ("attention_mask",) + LABEL_KEYS
 ABORT_GRACE_SECONDS = 30.0
 
@@ -203,7 +199,7 @@ class PipelineDriver:
         )
         plans = []
         # Same header for both stages; each gets only the inputs it uses (ids for the first, labels for the last).
-        for keys in (CPU_KEYS, GPU_KEYS):
+        for keys in (CPU_KEYS, ("attention_mask",) + head_registry.label_keys()):
             plan = stage_pb2.StepPlan()
             plan.CopyFrom(header)
             for i, part in enumerate(parts):

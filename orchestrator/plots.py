@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-VALIDATION_METRICS = ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae")
+from redheart.heads import validation_metric_names
+
+VALIDATION_METRICS = validation_metric_names()  # the built-in heads' at import, for old imports
 
 # forward / backward / waiting / wire / regret / optimizer: the same colour wherever they appear
 COLOURS = {
@@ -59,7 +61,7 @@ def plot_losses(history: list[dict], path: Path, validation: Sequence[dict[str, 
     if evaluations:
         ax = axes[0][1]
         at = [v["step"] for v in evaluations]
-        for i, key in enumerate(VALIDATION_METRICS):
+        for i, key in enumerate(validation_metric_names()):
             if not any(key in v["metrics"] for v in evaluations):
                 continue
             colour = f"C{i}"

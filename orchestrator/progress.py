@@ -15,12 +15,9 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-METRICS = (  # name, True when higher is better
-    ("judgment_accuracy", True),
-    ("emotion_macro_f1", True),
-    ("bentham_mae", False),
-    ("regret_mae", False),
-)
+from redheart.heads import validation_metrics
+
+METRICS = tuple((m.name, m.higher) for m in validation_metrics())  # name, True when higher is better
 SMOOTHING = 0.3  # weight of the newest step in the samples/s average
 
 
@@ -158,7 +155,7 @@ def validation_table(entry: dict[str, Any]):
         ("vs baseline", "left"),
     ):
         table.add_column(column, justify=justify)
-    for key, higher_better in METRICS:
+    for key, higher_better in ((metric.name, metric.higher) for metric in validation_metrics()):
         if key not in metrics:
             continue
         value, base = metrics[key], baseline.get(f"baseline_{key}")

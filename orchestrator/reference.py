@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from orchestrator.batching import Batch, step_micro_batches
-from orchestrator.pipeline import LABEL_KEYS
+from redheart import heads as head_registry
 from redheart.config import HybridConfig
 from redheart.losses import multitask_loss
 from redheart.model import CpuStageModule, GpuStageModule, derive_seed, resolve_model_shape
@@ -72,7 +72,7 @@ class SingleProcessTrainer:
             torch.manual_seed(derive_seed(t.seed, step, index, 1))  # seeds the CUDA generators too
             outputs = self.gpu(hidden.to(dev), mask.to(dev))
             regret_target = None
-            if self.config.regret.enabled:
+            if self.config.regret.enabled and head_registry.regret_service_targets():
                 from redheart import calculus
 
                 regret_target = calculus.score_tensor(
@@ -80,7 +80,7 @@ class SingleProcessTrainer:
                     self.config.regret.regrets_per_step,
                     self.config.regret.bentham_per_regret,
                 )
-            labels = {k: part.tensors[k].to(dev) for k in LABEL_KEYS}
+            labels = {k: part.tensors[k].to(dev) for k in head_registry.label_keys()}
             loss, head_losses = multitask_loss(outputs, labels, regret_target, t.loss_weights)
             (loss * multiplier * 1.0).backward()
             mb_losses.append(float(loss.detach()))

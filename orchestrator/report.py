@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.metrics import VALIDATION_METRICS
 from orchestrator.plots import plot_losses, plot_trace_step
 from orchestrator.stages import short_name
+from redheart.heads import validation_metric_names
 from redheart.model import resolve_model_shape
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ def fmt_metrics(entry: dict) -> str:
     """A validation entry as one line: each metric with its baselines."""
     m, b = entry["metrics"], entry["baseline"]
     parts = []
-    for key in VALIDATION_METRICS:
+    for key in validation_metric_names():
         if key in m:
             bow = f", bag-of-words {b['baseline_bow_' + key]:.4f}" if "baseline_bow_" + key in b else ""
             parts.append(f"{key} {m[key]:.4f} (baseline {b.get('baseline_' + key, float('nan')):.4f}{bow})")

@@ -21,9 +21,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from redheart.heads import validation_metric_names
+
 log = logging.getLogger(__name__)
 
-VALIDATION_METRICS = ("judgment_accuracy", "emotion_macro_f1", "bentham_mae", "regret_mae")
+VALIDATION_METRICS = validation_metric_names()  # the built-in heads' at import, for old imports
 
 
 class TensorBoardUnavailable(RuntimeError):
@@ -65,7 +67,7 @@ class TensorBoardWriter:
     def validation(self, entry: dict[str, Any]) -> None:
         """One evaluation entry of the trainer: {"step", "metrics", "baseline", ...}."""
         step = int(entry.get("step", 0))
-        for key in VALIDATION_METRICS:
+        for key in validation_metric_names():
             if key in entry["metrics"]:
                 self._writer.add_scalar(f"validation/{key}", entry["metrics"][key], step)
             if f"baseline_{key}" in entry["baseline"]:

@@ -3,7 +3,7 @@
 * CPU stage (:class:`CpuStageModule`): token + position embeddings and transformer layers
   ``[0, cpu_layers)``.
 * GPU stage (:class:`GpuStageModule`): layers ``[cpu_layers, num_layers)``, the final norm, masked
-  mean pooling and the heads (emotion, Bentham, judgment, regret).
+  mean pooling and the heads (emotion, Bentham, judgment, regret: the registry in redheart/heads.py).
 
 Composing the two is the whole model; the single-process reference does exactly that, so a
 pipelined step and a single-process step run the same modules on the same numbers.
@@ -23,13 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from redheart import heads as head_registry
+from redheart.data.schema import BENTHAM_KEYS, EMOTIONS, JUDGMENTS
+
 if TYPE_CHECKING:  # avoid an import cycle: config imports this module lazily
     from redheart.config import ModelConfig
 
-NUM_EMOTIONS = 6
-NUM_BENTHAM = 8  # 7 circumstances in [0, 1] + valence in [-1, 1]
-NUM_JUDGMENTS = 5
-HEADS = ("emotion", "bentham", "judgment", "regret")
+# The head facts live in the registry (redheart/heads.py); these names are kept for old imports.
+NUM_EMOTIONS = len(EMOTIONS)
+NUM_BENTHAM = len(BENTHAM_KEYS)  # 7 circumstances in [0, 1] + valence in [-1, 1]
+NUM_JUDGMENTS = len(JUDGMENTS)
+HEADS = head_registry.head_names()
+"""The built-in heads' names (a snapshot at import; :func:`redheart.heads.head_names` sees registered ones)."""
 
 
 @dataclass(frozen=True)
@@ -74,8 +79,8 @@ def count_parameters(shape: ModelShape) -> dict[str, int]:
         + (f * h + h)  # ffn out
     )
     embeddings = v * h + shape.max_seq_len * h
-    heads = (h * h + h) + (h * NUM_EMOTIONS + NUM_EMOTIONS) + (h * NUM_BENTHAM + NUM_BENTHAM)
-    heads += (h * NUM_JUDGMENTS + NUM_JUDGMENTS) + (h + 1) + 2 * h  # regret head + final norm
+    heads = (h * h + h) + sum(h * spec.size + spec.size for spec in head_registry.heads())
+    heads += 2 * h  # final norm
     cpu = embeddings + shape.cpu_layers * per_layer
     gpu = shape.gpu_layers * per_layer + heads
     return {"cpu_stage": cpu, "gpu_stage": gpu, "total": cpu + gpu, "per_layer": per_layer}
@@ -328,11 +333,13 @@ class GpuStageModule(nn.Module):
         self.stack = _LayerStack(shape, range(shape.cpu_layers, shape.num_layers), checkpointing)
         self.norm = nn.LayerNorm(h)
         self.pooler = nn.Linear(h, h)
-        self.emotion = nn.Linear(h, NUM_EMOTIONS)
-        self.bentham = nn.Linear(h, NUM_BENTHAM)
-        self.judgment = nn.Linear(h, NUM_JUDGMENTS)
-        self.regret = nn.Linear(h, 1)
-        for name in ("norm", "pooler", "emotion", "bentham", "judgment", "regret"):
+        # One linear layer per registered head, created in registry order (emotion, bentham,
+        # judgment, regret, ...): parameter names heads.<name>.*, their order, and the global RNG
+        # that nn.Linear's own init draws from all stay those of the four-head model.
+        self.head_specs = head_registry.heads()
+        for spec in self.head_specs:
+            self.add_module(spec.name, nn.Linear(h, spec.size))
+        for name in ("norm", "pooler", *(spec.name for spec in self.head_specs)):
             init_weights(getattr(self, name), shape.init_seed, f"heads.{name}")
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -341,15 +348,13 @@ class GpuStageModule(nn.Module):
         weights = mask.to(x.dtype)[..., None]  # [B, T, 1]
         pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # [B, H]
         pooled = torch.tanh(self.pooler(pooled))  # [B, H]
-        raw_bentham = self.bentham(pooled)  # [B, 8]
-        # 7 circumstances live in [0, 1], valence in [-1, 1].
-        bentham = torch.cat([torch.sigmoid(raw_bentham[:, :7]), torch.tanh(raw_bentham[:, 7:])], dim=1)
-        return {
-            "emotion_logits": self.emotion(pooled),  # [B, 6]
-            "bentham": bentham,  # [B, 8]
-            "judgment_logits": self.judgment(pooled),  # [B, 5]
-            "regret": F.softplus(self.regret(pooled)).squeeze(-1),  # [B], regret >= 0
-        }
+        # emotion_logits [B, 6], bentham [B, 8] (activated), judgment_logits [B, 5], regret [B] >= 0
+        computed: dict[str, torch.Tensor] = {}
+        # In forward_order (Bentham first): see HeadSpec.forward_order; returned in model order.
+        for spec in sorted(self.head_specs, key=lambda s: s.forward_order):
+            raw = getattr(self, spec.name)(pooled)  # [B, size]
+            computed[spec.output] = raw if spec.activation is None else spec.activation(raw)
+        return {spec.output: computed[spec.output] for spec in self.head_specs}
 
     def global_named_parameters(self):
         for name, p in self.named_parameters():

@@ -25,14 +25,16 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
     # the order the single validator ran them before the split (the first broken rule is reported).
 
     cfg.train.check(fail)
-    # Kept here rather than in TrainConfig.check: the head names are to come from the head registry.
-    t = cfg.train
-    for head in t.loss_weights:
-        if head not in ("emotion", "bentham", "judgment", "regret"):
+    # Kept here rather than in TrainConfig.check: the head names come from the head registry (built-in
+    # and registered heads), which imports the data schema; imported here to keep config import-light.
+    from redheart.heads import head_names
+
+    for head in cfg.train.loss_weights:
+        if head not in head_names():
             fail(
                 "train",
                 "loss_weights",
-                f"train.loss_weights has unknown head `{head}`{_did_you_mean(head, ('emotion', 'bentham', 'judgment', 'regret'))}",
+                f"train.loss_weights has unknown head `{head}`{_did_you_mean(head, head_names())}",
             )
     cfg.model.check(fail)
     cfg.data.check(fail)

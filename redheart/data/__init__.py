@@ -16,7 +16,6 @@ See ``docs/data.md`` for the file format.
 
 from redheart.data.dataset import (
     IGNORE_INDEX,
-    LABEL_KEYS,
     EncodedDataset,
     batches_per_epoch,
     bucket_by_length,
@@ -55,6 +54,10 @@ _LAZY = {"DEFAULT_COUNT", "generate_scenarios", "write_jsonl"}
 
 
 def __getattr__(name: str) -> object:
+    if name == "LABEL_KEYS":  # the head registry's, read when asked (see redheart.data.dataset)
+        from redheart.data import dataset
+
+        return dataset.LABEL_KEYS
     if name in _LAZY:
         from redheart.data import generate
 

@@ -10,17 +10,18 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from tokenizers import Tokenizer
 
-from redheart.data.schema import BENTHAM_KEYS, EMOTIONS, DataError, Scenario
+from redheart import heads as head_registry
+from redheart.data.schema import DataError, Scenario
 from redheart.data.tokenizer import encode_texts
 
 __all__ = [
     "IGNORE_INDEX",
-    "LABEL_KEYS",
+    "LABEL_KEYS",  # noqa: F822  (module __getattr__ below)
     "EncodedDataset",
     "encode_dataset",
     "split_train_validation",
@@ -30,17 +31,18 @@ __all__ = [
     "trimmed_length",
 ]
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = head_registry.IGNORE_INDEX
 """Judgment target for unlabeled rows; ``torch.nn.functional.cross_entropy``'s default ignore_index."""
 
-LABEL_KEYS: tuple[str, ...] = (
-    "labels.emotions",
-    "labels.emotions_mask",
-    "labels.bentham",
-    "labels.bentham_mask",
-    "labels.judgment",
-)
-"""Keys of :meth:`EncodedDataset.labels` (and of the label tensors sent with a micro-batch)."""
+
+def __getattr__(name: str) -> object:
+    """``LABEL_KEYS``: keys of :meth:`EncodedDataset.labels` (and of the label tensors sent with a
+    micro-batch), i.e. :func:`redheart.heads.label_keys`. Read when asked, not at import: the
+    registry's built-in heads import the schema, whose package imports this module."""
+    if name == "LABEL_KEYS":
+        return head_registry.label_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 Indices = Sequence[int] | torch.Tensor
 
@@ -50,7 +52,9 @@ class EncodedDataset:
     """A tokenized corpus with dense label tensors and masks (N rows, sequence length L).
 
     Missing labels are zero-filled (emotions, bentham) or ``IGNORE_INDEX`` (judgment) and flagged
-    by the masks, so every row has the same tensor layout and losses can mask per head.
+    by the masks, so every row has the same tensor layout and losses can mask per head. The label
+    tensors are those the head registry (redheart/heads.py) describes: the built-in heads' have
+    their own fields below, those of heads registered beyond them are in ``extra_labels``.
 
     Attributes:
         ids: scenario ids, length N.
@@ -65,6 +69,8 @@ class EncodedDataset:
         truncated: how many texts were cut to fit L (informational).
         truncated_mask: optional BoolTensor [N], True for rows that were cut (keeps ``truncated``
             exact through :meth:`subset`).
+        extra_labels: label tensors of registered heads other than the built-in ones, by label key
+            (``labels.<name>``), each [N, *per-row shape].
     """
 
     ids: list[str]
@@ -78,6 +84,7 @@ class EncodedDataset:
     judgment: torch.Tensor
     truncated: int = 0
     truncated_mask: torch.Tensor | None = None
+    extra_labels: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -85,22 +92,14 @@ class EncodedDataset:
             "sources": (len(self.sources),),
             "input_ids": tuple(self.input_ids.shape[:1]),
             "attention_mask": tuple(self.attention_mask.shape[:1]),
-            "emotions": tuple(self.emotions.shape),
-            "emotions_mask": tuple(self.emotions_mask.shape),
-            "bentham": tuple(self.bentham.shape),
-            "bentham_mask": tuple(self.bentham_mask.shape),
-            "judgment": tuple(self.judgment.shape),
         }
-        wanted = {
-            "sources": (n,),
-            "input_ids": (n,),
-            "attention_mask": (n,),
-            "emotions": (n, len(EMOTIONS)),
-            "emotions_mask": (n,),
-            "bentham": (n, len(BENTHAM_KEYS)),
-            "bentham_mask": (n,),
-            "judgment": (n,),
-        }
+        wanted = {"sources": (n,), "input_ids": (n,), "attention_mask": (n,)}
+        for spec in head_registry.heads():
+            for label in spec.labels:
+                tensor = self._label_or_none(label.key)
+                if tensor is not None:
+                    expected[_label_name(label.key)] = tuple(tensor.shape)
+                    wanted[_label_name(label.key)] = (n, *label.shape)
         for name, shape in expected.items():
             if shape != wanted[name]:
                 raise ValueError(
@@ -115,6 +114,13 @@ class EncodedDataset:
                 f"input_ids {tuple(self.input_ids.shape)} and attention_mask "
                 f"{tuple(self.attention_mask.shape)} must have the same shape"
             )
+
+    def _label_or_none(self, key: str) -> torch.Tensor | None:
+        """The tensor of label ``key``: a built-in field, else ``extra_labels`` (None: not built)."""
+        name = key.removeprefix("labels.")
+        if name in _BUILTIN_LABEL_FIELDS:
+            return getattr(self, name)
+        return self.extra_labels.get(key)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -133,31 +139,38 @@ class EncodedDataset:
             sources=[self.sources[i] for i in rows],
             input_ids=self.input_ids[index],
             attention_mask=self.attention_mask[index],
-            emotions=self.emotions[index],
-            emotions_mask=self.emotions_mask[index],
-            bentham=self.bentham[index],
-            bentham_mask=self.bentham_mask[index],
-            judgment=self.judgment[index],
+            **{name: getattr(self, name)[index] for name in _BUILTIN_LABEL_FIELDS},
             truncated=int(self.truncated_mask[index].sum()) if self.truncated_mask is not None else 0,
             truncated_mask=None if self.truncated_mask is None else self.truncated_mask[index],
+            extra_labels={key: tensor[index] for key, tensor in self.extra_labels.items()},
         )
 
     def labels(self, indices: Indices) -> dict[str, torch.Tensor]:
-        """Label tensors for rows ``indices``, keyed by :data:`LABEL_KEYS`.
+        """Label tensors for rows ``indices``, keyed by :func:`redheart.heads.label_keys`.
 
         Returns:
             ``labels.emotions`` [B, 6] float, ``labels.emotions_mask`` [B] bool,
             ``labels.bentham`` [B, 8] float, ``labels.bentham_mask`` [B] bool,
-            ``labels.judgment`` [B] long (-100 = unlabeled).
+            ``labels.judgment`` [B] long (-100 = unlabeled), then registered heads' labels.
         """
         index = _as_index(indices, len(self))
-        return {
-            "labels.emotions": self.emotions[index],
-            "labels.emotions_mask": self.emotions_mask[index],
-            "labels.bentham": self.bentham[index],
-            "labels.bentham_mask": self.bentham_mask[index],
-            "labels.judgment": self.judgment[index],
-        }
+        out = {}
+        for key in head_registry.label_keys():
+            tensor = self._label_or_none(key)
+            if tensor is None:
+                raise KeyError(f"this dataset was encoded before head label {key!r} was registered")
+            out[key] = tensor[index]
+        return out
+
+
+_NOT_LABELS = ("ids", "sources", "input_ids", "attention_mask", "truncated", "truncated_mask", "extra_labels")
+_BUILTIN_LABEL_FIELDS = tuple(f.name for f in fields(EncodedDataset) if f.name not in _NOT_LABELS)
+"""The label fields of :class:`EncodedDataset` (emotions ... judgment), holding ``labels.<field>``."""
+
+
+def _label_name(key: str) -> str:
+    name = key.removeprefix("labels.")
+    return name if name in _BUILTIN_LABEL_FIELDS else f"extra_labels[{key!r}]"
 
 
 def _as_index(indices: Indices, n: int) -> torch.Tensor:
@@ -179,28 +192,38 @@ def encode_dataset(scenarios: Sequence[Scenario], tokenizer: Tokenizer, max_leng
         max_length: sequence length L including ``[CLS]``.
     """
     encoded = encode_texts(tokenizer, [s.text for s in scenarios], max_length)
-    n = len(scenarios)
-    zeros_e = (0.0,) * len(EMOTIONS)
-    zeros_b = (0.0,) * len(BENTHAM_KEYS)
+    tensors = label_tensors(scenarios)
+    builtin = {name: tensors.pop("labels." + name) for name in _BUILTIN_LABEL_FIELDS}
     return EncodedDataset(
         ids=[s.id for s in scenarios],
         sources=[s.source for s in scenarios],
         input_ids=encoded.input_ids,
         attention_mask=encoded.attention_mask,
-        emotions=torch.tensor([s.emotions or zeros_e for s in scenarios], dtype=torch.float32).reshape(
-            n, len(EMOTIONS)
-        ),
-        emotions_mask=torch.tensor([s.emotions is not None for s in scenarios], dtype=torch.bool),
-        bentham=torch.tensor([s.bentham or zeros_b for s in scenarios], dtype=torch.float32).reshape(
-            n, len(BENTHAM_KEYS)
-        ),
-        bentham_mask=torch.tensor([s.bentham is not None for s in scenarios], dtype=torch.bool),
-        judgment=torch.tensor(
-            [IGNORE_INDEX if s.judgment is None else s.judgment for s in scenarios], dtype=torch.long
-        ),
+        **builtin,
         truncated=encoded.truncated,
         truncated_mask=encoded.truncated_mask,
+        extra_labels=tensors,
     )
+
+
+def label_tensors(scenarios: Sequence[Scenario]) -> dict[str, torch.Tensor]:
+    """Every registered head's label tensors for ``scenarios``, from its label spec: the value
+    ``[N, *shape]`` (``fill`` where the scenario has no label) and, if it has one, its mask [N]."""
+    n = len(scenarios)
+    out: dict[str, torch.Tensor] = {}
+    for spec in head_registry.heads():
+        if not spec.labels or spec.read is None:
+            continue
+        values = [spec.read(s) for s in scenarios]
+        for label in spec.labels:
+            if label.is_mask:
+                out[label.key] = torch.tensor([v is not None for v in values], dtype=torch.bool)
+                continue
+            size = math.prod(label.shape)
+            missing = label.fill if not label.shape else (label.fill,) * size
+            rows = [missing if v is None else v for v in values]
+            out[label.key] = torch.tensor(rows, dtype=label.dtype).reshape(n, *label.shape)
+    return out
 
 
 def _unit_hash(*parts: object) -> float:
