@@ -2,7 +2,8 @@
 
 The tests are in test_fuzz_stage.py, test_fuzz_regret.py, test_fuzz_regressions.py and
 test_fuzz_zz_count.py (the count, last by name); the request strategies in fuzz_values.py,
-fuzz_stage_requests.py and fuzz_requests.py; the servers' fixtures in this folder's conftest.py.
+fuzz_stage_requests.py and fuzz_requests.py; the servers' fixtures at the end of this module
+(test modules load them with ``pytest_plugins``).
 This module holds the constants, the bookkeeping shared by every batch and the stage servers.
 
 Fuzzing runs over real gRPC on loopback (no mocks).
@@ -71,6 +72,7 @@ from orchestrator.reference import SingleProcessTrainer
 from orchestrator.stage_client import StageClient
 from redheart.config import HybridConfig
 from redheart.v1 import regret_pb2, stage_pb2
+from regret_service.server import create_server as regret_server
 
 RUN_ID = "fuzz-run"
 CALL_TIMEOUT = 5.0  # every call's deadline
@@ -336,3 +338,39 @@ class Stages:
             ch.close()
         self.cpu_srv.stop(0)
         self.gpu_srv.stop(0)
+
+
+# ----------------------------------------------------------------------------- fixtures
+# Test modules load them with `pytest_plugins = ["fuzz_support"]`.
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    """The servers' working directory, deep enough that relative traversal ("../../..") stays inside."""
+    root = tmp_path_factory.mktemp("fuzz-sandbox")
+    cwd = root.joinpath(*"abcdefgh", "cwd")
+    cwd.mkdir(parents=True)
+    previous = os.getcwd()
+    os.chdir(cwd)
+    yield root
+    os.chdir(previous)
+
+
+@pytest.fixture(scope="module")
+def stages(sandbox):
+    s = Stages(tiny_config(), sandbox)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def regret():
+    config = HybridConfig(**{"regret.num_workers": 2, "regret.max_batch": MAX_BATCH})
+    server, port = regret_server(config, host="127.0.0.1", port=0)
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
+    )
+    yield server, channel
+    channel.close()
+    server.stop(grace=1.0)

@@ -1,4 +1,4 @@
-"""Configs, servers and one-call helpers shared by the [security] and [wire] tests (test_security*.py)."""
+"""Configs, servers, one-call helpers and fixtures shared by the [security] and [wire] tests (test_security*.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pki import OPENSSL
+from pki import OPENSSL, make_pki
 
 from cpu_stage.server import create_server as cpu_server
 from redheart.config import HybridConfig, SecurityConfig
 from redheart.rpc import make_channel
 from redheart.v1 import stage_pb2, stage_pb2_grpc
+from regret_service.server import create_server as regret_server
 
 needs_openssl = pytest.mark.skipif(  # each test_security*.py: pytestmark = needs_openssl
     OPENSSL is None and not os.environ.get("CI"), reason="needs the openssl command line (required under CI)"
@@ -85,3 +86,24 @@ def write(tmp_path, text):
     p = tmp_path / "hybrid.toml"
     p.write_text(textwrap.dedent(text))
     return p
+
+
+# ----------------------------------------------------------------------------- fixtures
+# Test modules load them with `pytest_plugins = ["security_support"]`.
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def secure_regret(pki):
+    config = HybridConfig(
+        security=mtls(pki, token=pki.token),
+        regret={"num_workers": 1, "max_batch": 256},
+        wire={"max_message_mb": 1},
+    )
+    server, port = regret_server(config, host="127.0.0.1", port=0)
+    yield f"127.0.0.1:{port}", config
+    server.stop(grace=1.0)

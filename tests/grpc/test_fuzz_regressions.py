@@ -22,6 +22,8 @@ from synthetic import synthetic_batch
 
 from redheart.v1 import stage_pb2, tensor_pb2
 
+pytest_plugins = ["fuzz_support"]  # its fixtures: sandbox, stages, regret
+
 # ----------------------------------------------------------------------------- targeted regressions
 
 

@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 from redheart import calculus, codec
 from redheart.v1 import regret_pb2, tensor_pb2
 
+pytest_plugins = ["fuzz_support"]  # its fixtures: sandbox, stages, regret
+
 # ----------------------------------------------------------------------------- the regret fuzz tests
 
 

@@ -17,6 +17,8 @@ from fuzz_support import (
 from fuzz_values import mutate, mutations, random_payloads
 from hypothesis import given, settings
 
+pytest_plugins = ["fuzz_support"]  # its fixtures: sandbox, stages, regret
+
 # ----------------------------------------------------------------------------- the stage fuzz tests
 
 

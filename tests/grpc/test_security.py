@@ -1,7 +1,7 @@
 """[security]: TLS, mutual TLS and the shared token on real servers (port 0).
 
 The [wire] caps are in test_security_wire_caps.py, the [security] config checks in
-test_security_config.py, the helpers in security_support.py and the fixtures in conftest.py.
+test_security_config.py, the helpers and fixtures in security_support.py.
 
 Certificates are made once per session with the openssl command line (tests/pki.py, the same
 commands as docs/security.md): a CA, a service certificate for localhost / 127.0.0.1, a client
@@ -39,6 +39,8 @@ from redheart.config import HybridConfig
 from redheart.regret_client import RegretClient
 from redheart.rpc import ServiceError, TokenAuthInterceptor, make_channel, wait_for_serving
 from redheart.v1 import regret_pb2, regret_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
+
+pytest_plugins = ["security_support"]  # its fixtures: pki, secure_regret
 
 pytestmark = needs_openssl
 

@@ -15,6 +15,8 @@ from security_support import (
 from cpu_stage.server import create_server as cpu_server
 from redheart.config import REDACTED, ConfigError, HybridConfig, load_config
 
+pytest_plugins = ["security_support"]  # its fixtures: pki, secure_regret
+
 pytestmark = needs_openssl
 
 

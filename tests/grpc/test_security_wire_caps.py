@@ -25,6 +25,8 @@ from redheart import codec
 from redheart.rpc import ServiceError, make_channel
 from redheart.v1 import regret_pb2, regret_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
 
+pytest_plugins = ["security_support"]  # its fixtures: pki, secure_regret
+
 pytestmark = needs_openssl
 
 
