@@ -92,6 +92,7 @@ def write_allowed(stages: Stages, stage: str, payload: bytes) -> bool:
     return resolved.is_relative_to(stages.sandbox.resolve())
 
 
+# long: one branch per way a checkpoint directory can be corrupt, read together with the loader
 @st.composite
 def garbage_shards(draw, stage: str, stages: Stages, counter=[0]) -> str:  # noqa: B006 - a shared counter on purpose
     """A checkpoint directory in the sandbox whose stage.json and files are corrupt in one way."""

@@ -130,6 +130,7 @@ PLAN_ASPECTS = [
 ]
 
 
+# long: one branch per entry of PLAN_ASPECTS, a menu easier to audit against the list in one place
 @st.composite
 def hostile_plans(draw, stage: str) -> stage_pb2.StepPlan:
     """A valid plan for the stage's current step (2 samples x 16 positions x 4 micro-batches) with
