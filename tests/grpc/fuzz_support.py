@@ -41,7 +41,7 @@ writes one line per request (target, method, strategy, status, seconds, details)
 
 SaveState writes where it is told (the orchestrator owns the layout) and the tests run as whatever
 user CI uses, possibly root: a request that would actually write is only sent when its directory
-lies inside this module's sandbox (or is one of the device paths where every write fails), and the
+lies inside the fuzz tests' sandbox (or is one of the device paths where every write fails), and the
 servers run with the sandbox as working directory, so relative traversal ("../../etc") stays inside.
 """
 
@@ -124,9 +124,9 @@ LABEL_KEYS = (
 )
 GPU_KEYS = ("attention_mask",) + LABEL_KEYS
 
-# Bugs in files this test does not own, each reproduced by a strict-xfail test at the end of this
-# module: INTERNAL/UNKNOWN answers matching an entry are counted as known instead of failing every
-# fuzz batch that meets them.
+# Bugs in files these tests do not own, each reproduced by a strict-xfail test in
+# test_fuzz_regressions.py: INTERNAL/UNKNOWN answers matching an entry are counted as known instead of
+# failing every fuzz batch that meets them.
 KNOWN_BUGS: list[tuple[str, str, str, str]] = [
     # (name, stage or "*", method, regex on the details), e.g. the label checks of the GPU stage before
     # commit b5c691a: ("gpu-labels", "gpu", "RunStep", r"^RunStep: IndexError: Target -?\d+ is out of bounds")
