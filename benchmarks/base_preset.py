@@ -24,6 +24,7 @@ ORIGINAL_SCENARIOS = 28_882
 ORIGINAL_EPOCHS = 3
 
 
+# long: the command line (one --set per line) and the result record, written out in full
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -99,6 +99,8 @@ def _busy_seconds(metrics_port: int) -> float:
     )
 
 
+# long: the services, the alternating timed blocks and their clean-up share state; kept together so the
+# timed loop reads whole
 def run(workers_list: list[int], batch: int, calls: int, warmup: int, rounds: int = 2) -> dict:
     import numpy as np
     import torch

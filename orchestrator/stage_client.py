@@ -44,8 +44,6 @@ class StageClient:
         *,
         max_message_mb: int,
         rpc_timeout: float,
-        credentials: grpc.ChannelCredentials | None = None,
-        metadata=None,
         security=None,
         retry: RetryPolicy | None = None,
         alive: Callable[[], bool] | None = None,
@@ -54,12 +52,11 @@ class StageClient:
         self.alive = alive  # local launch: whether the service's process is running
         self.address = address
         self.rpc_timeout = rpc_timeout
-        self.metadata = metadata
         # security ([security]): TLS / mTLS and the bearer token, applied by make_channel.
         # retry ([wire] retry_*): gRPC retries the idempotent calls itself (redheart.rpc.RetryPolicy).
         self.retry = retry
-        self._channel_args = (max_message_mb, security, credentials)
-        self.channel = make_channel(address, max_message_mb, security, credentials=credentials, retry=retry)
+        self._channel_args = (max_message_mb, security)
+        self.channel = make_channel(address, max_message_mb, security, retry=retry)
         self.stub = stage_pb2_grpc.PipelineStageStub(self.channel)
         self.trace = None  # an orchestrator.trace.TraceRecorder while --trace is on
         self.precision = ""  # what the stage said it trains in, at the last StartRun
@@ -68,11 +65,9 @@ class StageClient:
     def reconnect(self) -> None:
         """A fresh channel: one whose server died waits out a reconnect backoff that grows with
         every failure, long after a restarted server is back."""
-        max_message_mb, security, credentials = self._channel_args
+        max_message_mb, security = self._channel_args
         old = self.channel
-        self.channel = make_channel(
-            self.address, max_message_mb, security, credentials=credentials, retry=self.retry
-        )
+        self.channel = make_channel(self.address, max_message_mb, security, retry=self.retry)
         self.stub = stage_pb2_grpc.PipelineStageStub(self.channel)
         old.close()
 
@@ -87,7 +82,6 @@ class StageClient:
             service=self.name,
             address=self.address,
             timeout=timeout,
-            metadata=self.metadata,
             method_name=method,
         )
         if self.alive is None:
@@ -221,7 +215,7 @@ class StageClient:
         out = {}
         try:
             for item in self.stub.GetParameters(
-                stage_pb2.GetParametersRequest(), timeout=self.rpc_timeout * 10, metadata=self.metadata
+                stage_pb2.GetParametersRequest(), timeout=self.rpc_timeout * 10
             ):
                 out[item.name] = codec.decode(item.tensor)
         except grpc.RpcError as exc:

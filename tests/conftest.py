@@ -14,6 +14,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+# Helper modules that hold asserts moved out of test modules: pytest rewrites them as it did there.
+pytest.register_assert_rewrite(
+    "deploy_support", "fuzz_requests", "fuzz_stage_requests", "fuzz_support", "fuzz_values",
+    "security_support", "sigterm_support",
+)  # fmt: skip
 
 # Two stage processes share 2 cores in the tests: one torch thread each keeps them from
 # oversubscribing the machine (and keeps timings of the suite predictable).

@@ -14,17 +14,23 @@ head then contributes no loss for that row). See ``docs/data.md`` for the full r
 The loader is strict on purpose: a typo in a label key would otherwise silently turn a labeled
 row into an unlabeled one and the run would train on less data than the user thinks. Every error
 names ``file:line``, the field, the problem and, where there is an obvious one, the fix.
+
+The vocabularies live in :mod:`redheart.data.vocabularies`, :class:`DataError` and its message helpers
+in :mod:`redheart.data.errors`, the label checks in :mod:`redheart.data.label_checks`; every name is
+importable from here as before.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from redheart.data.errors import DataError, _did_you_mean, _fmt, _json_type, _Where
+from redheart.data.label_checks import _parse_bentham, _parse_emotions, _parse_judgment, _parse_options
+from redheart.data.vocabularies import BENTHAM_KEYS, EMOTIONS, JUDGMENTS, TOP_LEVEL_KEYS
 
 __all__ = [
     "EMOTIONS",
@@ -37,67 +43,6 @@ __all__ = [
     "load_jsonl",
     "scenario_from_dict",
 ]
-
-EMOTIONS: tuple[str, ...] = ("joy", "sadness", "anger", "fear", "disgust", "surprise")
-"""The six basic emotions, in the column order of the emotion head and of ``Scenario.emotions``."""
-
-BENTHAM_KEYS: tuple[str, ...] = (
-    "intensity",
-    "duration",
-    "certainty",
-    "propinquity",
-    "fecundity",
-    "purity",
-    "extent",
-    "valence",
-)
-"""Bentham's circumstances (first 7, each in [0, 1]) plus valence in [-1, 1], in head column order."""
-
-JUDGMENTS: tuple[str, ...] = ("author", "other", "everybody", "nobody", "unclear")
-"""Ethical verdict classes (who is in the wrong); ``Scenario.judgment`` is an index into this."""
-
-TOP_LEVEL_KEYS: tuple[str, ...] = (
-    "id",
-    "text",
-    "source",
-    "emotions",
-    "bentham",
-    "judgment",
-    "options",
-    "meta",
-)
-"""Keys allowed at the top level of a scenario object. ``meta`` holds free-form data and is ignored."""
-
-# Validity ranges per Bentham key: valence is signed (pain vs pleasure), the rest are magnitudes.
-_BENTHAM_RANGES: dict[str, tuple[float, float]] = {k: (0.0, 1.0) for k in BENTHAM_KEYS}
-_BENTHAM_RANGES["valence"] = (-1.0, 1.0)
-
-
-class DataError(ValueError):
-    """A problem with input data, with a message meant for the person who owns the data.
-
-    The message always says where (``file:line`` when a line is involved), which field, what is
-    wrong and, where obvious, how to fix it. The same facts are kept as attributes so callers can
-    act on them without parsing the message.
-
-    Attributes:
-        path: the file involved, as the caller spelled it (or ``None``).
-        line: 1-based line number (or ``None`` for whole-file problems).
-        field: dotted field name such as ``"bentham.intensity"`` (or ``None``).
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | None = None,
-        line: int | None = None,
-        field: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.path = path
-        self.line = line
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -167,179 +112,6 @@ class LoadResult:
 # --------------------------------------------------------------------------------------------
 # Validation of one decoded object
 # --------------------------------------------------------------------------------------------
-
-
-def _fmt(value: Any) -> str:
-    """Render an offending value compactly for an error message (JSON spelling, truncated)."""
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _json_type(value: Any) -> str:
-    """The JSON name of a decoded value's type, for 'must be X, got Y' messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
-def _did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
-    """' (did you mean "x"?)' when a close match exists, else ''."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f' (did you mean "{close[0]}"?)' if close else ""
-
-
-class _Where:
-    """Formats messages for one location (``file:line``) and raises :class:`DataError`."""
-
-    def __init__(self, path: str, line: int | None) -> None:
-        self.path = path
-        self.line = line
-
-    @property
-    def loc(self) -> str:
-        return f"{self.path}:{self.line}" if self.line is not None else self.path
-
-    def error(self, field_name: str | None, problem: str) -> DataError:
-        # Callers spell the separator: `field = value, problem` or `field: problem`.
-        text = f"{self.loc}: {problem}" if field_name is None else f"{self.loc}: {field_name}{problem}"
-        return DataError(text, path=self.path, line=self.line, field=field_name)
-
-
-def _number(where: _Where, name: str, value: Any, lo: float, hi: float, *, allow_bool: bool) -> float:
-    """Validate one numeric label value and return it as float."""
-    if isinstance(value, bool):
-        if allow_bool:
-            return 1.0 if value else 0.0
-        raise where.error(name, f" = {_fmt(value)}, must be a number in [{lo:g}, {hi:g}], not a boolean")
-    if not isinstance(value, (int, float)):
-        raise where.error(
-            name, f" = {_fmt(value)}, must be a number in [{lo:g}, {hi:g}], got {_json_type(value)}"
-        )
-    number = float(value)
-    if not math.isfinite(number):
-        raise where.error(name, f" = {value}, must be a finite number in [{lo:g}, {hi:g}]")
-    if not lo <= number <= hi:
-        raise where.error(name, f" = {_fmt(value)}, must be in [{lo:g}, {hi:g}]")
-    return number
-
-
-def _parse_emotions(where: _Where, value: Any) -> tuple[float, ...] | None:
-    """Emotions: ``null``, an object with all six keys, or a list of the present emotion names."""
-    if value is None:
-        return None
-    if isinstance(value, list):
-        present: set[str] = set()
-        for i, name in enumerate(value):
-            item = f"emotions[{i}]"
-            if not isinstance(name, str):
-                raise where.error(
-                    item, f" = {_fmt(name)}, must be an emotion name (string), got {_json_type(name)}"
-                )
-            if name not in EMOTIONS:
-                raise where.error(
-                    item,
-                    f' = "{name}": unknown emotion{_did_you_mean(name, EMOTIONS)}; valid emotions: {", ".join(EMOTIONS)}',
-                )
-            if name in present:
-                raise where.error(item, f' = "{name}": listed twice; list each present emotion once')
-            present.add(name)
-        return tuple(1.0 if e in present else 0.0 for e in EMOTIONS)
-    if isinstance(value, dict):
-        unknown = [k for k in value if k not in EMOTIONS]
-        if unknown:
-            k = unknown[0]
-            raise where.error(
-                f"emotions.{k}",
-                f": unknown emotion key{_did_you_mean(k, EMOTIONS)}; valid keys: {', '.join(EMOTIONS)}",
-            )
-        missing = [k for k in EMOTIONS if k not in value]
-        if missing:
-            raise where.error(
-                "emotions",
-                f": missing key(s) {', '.join(missing)}; the object form needs all six emotions "
-                "(use 0 for absent ones), or use the list form with only the present emotions",
-            )
-        return tuple(_number(where, f"emotions.{k}", value[k], 0.0, 1.0, allow_bool=True) for k in EMOTIONS)
-    raise where.error(
-        "emotions",
-        f" = {_fmt(value)}, must be an object with all six emotions, a list of present emotion names, "
-        f"or null; got {_json_type(value)}",
-    )
-
-
-def _parse_bentham(where: _Where, value: Any) -> tuple[float, ...] | None:
-    """Bentham: ``null`` or an object with exactly the eight :data:`BENTHAM_KEYS`."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise where.error(
-            "bentham",
-            f" = {_fmt(value)}, must be an object with keys {', '.join(BENTHAM_KEYS)}, got {_json_type(value)}",
-        )
-    unknown = [k for k in value if k not in BENTHAM_KEYS]
-    if unknown:
-        k = unknown[0]
-        raise where.error(
-            f"bentham.{k}",
-            f": unknown key{_did_you_mean(k, BENTHAM_KEYS)}; valid keys: {', '.join(BENTHAM_KEYS)}",
-        )
-    missing = [k for k in BENTHAM_KEYS if k not in value]
-    if missing:
-        raise where.error(
-            "bentham",
-            f": missing key(s) {', '.join(missing)}; all eight are required "
-            '(or set "bentham": null to leave the row unlabeled)',
-        )
-    return tuple(
-        _number(where, f"bentham.{k}", value[k], *_BENTHAM_RANGES[k], allow_bool=False) for k in BENTHAM_KEYS
-    )
-
-
-def _parse_judgment(where: _Where, value: Any) -> int | None:
-    """Judgment: ``null`` or a class name (case-insensitive) from :data:`JUDGMENTS`."""
-    if value is None:
-        return None
-    valid = ", ".join(JUDGMENTS)
-    if not isinstance(value, str):
-        raise where.error(
-            "judgment",
-            f" = {_fmt(value)}, must be a class name (string), one of: {valid}; got {_json_type(value)}",
-        )
-    name = value.strip().lower()
-    if name not in JUDGMENTS:
-        raise where.error(
-            "judgment", f' = "{value}": unknown class{_did_you_mean(name, JUDGMENTS)}; valid classes: {valid}'
-        )
-    return JUDGMENTS.index(name)
-
-
-def _parse_options(where: _Where, value: Any) -> tuple[str, ...] | None:
-    """Options: ``null`` or a list of non-empty strings."""
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise where.error(
-            "options", f" = {_fmt(value)}, must be a list of strings or null, got {_json_type(value)}"
-        )
-    out = []
-    for i, item in enumerate(value):
-        if not isinstance(item, str) or not item.strip():
-            raise where.error(f"options[{i}]", f" = {_fmt(item)}, must be a non-empty string")
-        out.append(item)
-    return tuple(out)
 
 
 def _parse_object(where: _Where, obj: Any, default_source: str) -> Scenario:

@@ -12,7 +12,7 @@ import textwrap
 import time
 
 from conftest import ROOT, cli_env
-from test_sigterm import Service
+from sigterm_support import Service
 
 from orchestrator.stage_client import StageClient
 from redheart.config import load_config

@@ -33,6 +33,7 @@ def names(samples):
     return {k[0] for k in samples}
 
 
+# long: one live run of every process, checked in one test: a test per series would start it again
 def test_every_process_exports_the_required_series_and_they_move(tmp_path, tiny_toml):
     ports = {k: free_port() for k in ("cpu", "gpu", "regret", "cpu_m", "gpu_m", "regret_m", "orch_m")}
     text = tiny_toml.read_text().replace("[metrics]\nenabled = false", "[metrics]\nenabled = true")

@@ -264,6 +264,7 @@ def _stop_descendants(tracked: dict[int, psutil.Process]) -> None:
     psutil.wait_procs(still, timeout=5)
 
 
+# long: one live run scraped by a real Prometheus, checked in one test: splitting would start both again
 def test_every_dashboard_query_returns_data_from_a_live_run(prometheus_binary: str, tmp_path: Path) -> None:
     ports = dict(zip([*JOB_PORT_KEYS.values(), *GRPC_PORT_KEYS, "prometheus"], _free_ports(8)))
     run_config = tmp_path / "hybrid.toml"
