@@ -69,6 +69,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _synthetic_round(
+    runtime: StageRuntime, config: HybridConfig, shape, step: int, seq: int, scale: float, gen
+):
+    """The plan of one synthetic round, its activations already in the mailbox (as if pushed)."""
+    t, m = config.train, config.micro_batches
+    # Every other micro-batch a quarter narrower: batches padded to their longest text differ in width.
+    widths = [max(1, seq - (i % 2) * (seq // 4)) for i in range(m)]
+    mbs = [synthetic_micro_batch(step * m + i, t.micro_batch_size, widths[i], gen) for i in range(m)]
+    for mb, width in zip(mbs, widths):
+        act = torch.randn(t.micro_batch_size, width, shape.hidden_size, generator=gen)  # [B, T_i, H]
+        runtime.mailbox.put(("inprocess", step, mb.index, ACTIVATION), act)
+    return RoundPlan(
+        "inprocess",
+        step,
+        0,
+        1,
+        t.schedule,
+        mbs,
+        loss_multiplier=1.0 / m,
+        loss_scale=scale,
+        deadline_seconds=120.0,
+    )
+
+
+def _run_round_counting_syncs(runtime: StageRuntime, plan: RoundPlan, link, measuring: bool):
+    """(result, host syncs of the round): syncs are counted by CUDA's sync debug mode when measuring."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if measuring:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = runtime.run_round(plan, link)
+        finally:
+            if measuring:
+                torch.cuda.set_sync_debug_mode("default")
+    return result, sum("synchroniz" in str(w.message) for w in caught) if measuring else 0
+
+
 def run_stage(
     config: HybridConfig,
     *,
@@ -105,37 +143,13 @@ def run_stage(
     times, fwd, bwd, syncs, skipped, peak = [], [], [], [], 0, 0
     losses: list[float] = []
     for step in range(warmup + steps):
-        # Every other micro-batch a quarter narrower: batches padded to their longest text differ in width.
-        widths = [max(1, seq - (i % 2) * (seq // 4)) for i in range(m)]
-        mbs = [synthetic_micro_batch(step * m + i, t.micro_batch_size, widths[i], gen) for i in range(m)]
-        for mb, width in zip(mbs, widths):
-            act = torch.randn(t.micro_batch_size, width, shape.hidden_size, generator=gen)
-            runtime.mailbox.put(("inprocess", step, mb.index, ACTIVATION), act)
-        plan = RoundPlan(
-            "inprocess",
-            step,
-            0,
-            1,
-            t.schedule,
-            mbs,
-            loss_multiplier=1.0 / m,
-            loss_scale=scale,
-            deadline_seconds=120.0,
-        )
+        plan = _synthetic_round(runtime, config, shape, step, seq, scale, gen)
         _sync(device)
         start = time.perf_counter()
         measuring = count_syncs and device.type == "cuda" and step >= warmup
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if measuring:
-                torch.cuda.set_sync_debug_mode("warn")
-            try:
-                result = runtime.run_round(plan, link)
-            finally:
-                if measuring:
-                    torch.cuda.set_sync_debug_mode("default")
+        result, sync_count = _run_round_counting_syncs(runtime, plan, link, measuring)
         if measuring:
-            syncs.append(sum("synchroniz" in str(w.message) for w in caught) / m)
+            syncs.append(sync_count / m)
         skip = bool(result.found_inf)
         peak = max(peak, result.peak_memory_bytes)  # the step's rounds plus the previous ApplyStep
         runtime.apply("inprocess", step, 1.0, t.learning_rate, skip, loss_scale=scale)

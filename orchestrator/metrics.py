@@ -18,7 +18,7 @@ SERVICES = (*STAGE_NAMES, "regret")
 
 class OrchestratorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        # Over 80 lines on purpose: one flat declaration per metric reads (and greps) best.
+        # long: one flat declaration per metric reads (and greps) best.
         r = registry
         self.steps = Counter(
             "redheart_train_steps_total",

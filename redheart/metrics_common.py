@@ -157,6 +157,7 @@ def _code_of(context, default: str) -> str:
 class StageMetrics:
     """Series of a pipeline stage process (the same names in the CPU and GPU stage; label `stage`)."""
 
+    # long: one flat declaration per metric reads (and greps) best, as in OrchestratorMetrics.
     def __init__(self, registry: CollectorRegistry, *, stage: str, methods: Iterable[str]) -> None:
         from prometheus_client import Gauge
 

@@ -246,6 +246,7 @@ class WorkerPool:
             regret, best, detail, batch * r, batch * r * p, time.perf_counter() - start, len(chunks)
         )
 
+    # long: one request's dispatch loop; the docstring says why it stays whole.
     def _run(
         self, rows: np.ndarray, chunks: list[tuple[int, int]], explain: bool, deadline: float | None
     ) -> list[dict]:
