@@ -23,6 +23,7 @@ import torch
 
 from orchestrator.batching import Batch, computed_tokens, split_micro_batches, step_micro_batches
 from orchestrator.stage_client import StageClient, micro_batch_message
+from orchestrator.stages import plan_inputs
 from redheart import codec
 from redheart import heads as head_registry
 from redheart.config import HybridConfig
@@ -169,14 +170,14 @@ class PipelineDriver:
 
     # ---- plans
 
-    def step_plans(self, step: int, rounds: Sequence[Batch]) -> tuple[stage_pb2.StepPlan, stage_pb2.StepPlan]:
+    def step_plans(self, step: int, rounds: Sequence[Batch]) -> tuple[stage_pb2.StepPlan, ...]:
         """The two stages' plans of a training step over its accumulation rounds."""
         t = self.config.train
         return self._plans(step, step_micro_batches(rounds, t.micro_batch_size, t.pad_to_multiple_of))
 
     def _plans(
         self, step: int, parts: Sequence[Batch], *, forward_only: bool = False, eval_id: int = 0
-    ) -> tuple[stage_pb2.StepPlan, stage_pb2.StepPlan]:
+    ) -> tuple[stage_pb2.StepPlan, ...]:
         """One plan per stage for the whole optimizer step (or evaluation pass).
 
         All ``accumulation x micro-batches`` micro-batches go into one 1F1B order, so the pipe
@@ -198,14 +199,15 @@ class PipelineDriver:
             attempt=0 if forward_only else self.attempts.get(step, 1),
         )
         plans = []
-        # Same header for both stages; each gets only the inputs it uses (ids for the first, labels for the last).
-        for keys in (CPU_KEYS, ("attention_mask",) + head_registry.label_keys()):
+        # Same header for every stage; each gets only the inputs it uses (ids for the first, labels for the last).
+        for rank in range(len(self.stages)):
+            keys = plan_inputs(rank, len(self.stages))
             plan = stage_pb2.StepPlan()
             plan.CopyFrom(header)
             for i, part in enumerate(parts):
                 plan.micro_batches.append(micro_batch_message(i, part.tensors, keys, part.ids))
             plans.append(plan)
-        return plans[0], plans[1]
+        return tuple(plans)
 
     def _run_on_stages(self, step: int, plans: Sequence[stage_pb2.StepPlan]) -> list[stage_pb2.StepResult]:
         # A stage fails its round when nothing arrived for step_deadline_seconds, however long the

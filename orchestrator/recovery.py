@@ -36,17 +36,15 @@ from orchestrator.service_set import RunError
 from orchestrator.stage_client import StageClient
 from orchestrator.stages import STAGE_NAMES
 from redheart.config import HybridConfig
+from redheart.regret_client import SERVICE as REGRET_SERVICE
 from redheart.rpc import ServiceError, wait_for_serving
+from redheart.stage.errors import TRANSIENT_REASONS
 
 log = logging.getLogger(__name__)
 
 # Statuses a restart or a retry from the last checkpoint can cure: the service went away,
 # timed out, or the step was aborted because another one did.
 FAULT_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED", "UNKNOWN"}
-# FAILED_PRECONDITION answers that mean "this stage lost or is still finishing our run", not
-# "your request is wrong": a stage restarted on its own (remote mode: a pod rescheduled) knows no
-# run; one still inside a round that was aborted refuses control calls until it leaves it.
-_TRANSIENT_PRECONDITIONS = ("no run started", "is not the current run", "is running")
 
 
 class PhaseFailed(RuntimeError):
@@ -88,7 +86,11 @@ def service_fault(error: ServiceError) -> bool:
     if error.code is None:
         return True
     if error.code.name == "FAILED_PRECONDITION":
-        return any(text in error.details for text in _TRANSIENT_PRECONDITIONS)
+        # "This stage lost or is still finishing our run", not "your request is wrong": a stage
+        # restarted on its own (remote mode: a pod rescheduled) knows no run; one still inside a
+        # round that was aborted refuses control calls until it leaves it. Told by the stage's
+        # typed reason (trailing metadata), never by its message.
+        return error.reason in TRANSIENT_REASONS
     return error.code.name in FAULT_CODES
 
 
@@ -178,9 +180,13 @@ class Recovery:
                 client.reconnect()
 
     def _blame(self, failure: PhaseFailed) -> str:
+        """The service a recovery in which nothing died is counted against: the one that failed,
+        or the one its answer names as the culprit (a stage whose regret service went away)."""
         cause = failure.cause
+        inner = cause.cause if isinstance(cause, StepFailed) else cause
         where = cause.stage if isinstance(cause, StepFailed) else getattr(cause, "service", "")
-        if "regret" in str(cause).lower() and "regret" in self.addresses:
+        culprit = getattr(inner, "culprit", None) or getattr(inner, "service", None)
+        if culprit == REGRET_SERVICE and "regret" in self.addresses:
             return "regret"
         return "gpu_stage" if "gpu" in where else "cpu_stage"
 

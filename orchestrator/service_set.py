@@ -24,6 +24,7 @@ from orchestrator.stage_client import StageClient
 from orchestrator.stages import StageSpec, stage_specs
 from redheart.config import HybridConfig, diff_settings
 from redheart.rpc import RetryPolicy, ServiceError, wait_for_serving
+from redheart.stage.errors import ErrorReason
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class ServiceSet:
 
     def _retry_while_running(self, call):
         """A stage still inside a round (its orchestrator died mid-step, or the round is being
-        aborted) refuses control calls with FAILED_PRECONDITION "... is running" until it leaves
+        aborted) refuses control calls with FAILED_PRECONDITION, reason ROUND_RUNNING, until it leaves
         the round: its lease ends it. Retry for at most orchestrator.connect_timeout_seconds."""
         give_up = time.monotonic() + self.config.orchestrator.connect_timeout_seconds
         delay = 0.2
@@ -198,11 +199,7 @@ class ServiceSet:
             try:
                 return call()
             except ServiceError as exc:
-                running = (
-                    exc.code is not None
-                    and exc.code.name == "FAILED_PRECONDITION"
-                    and "is running" in exc.details
-                )
+                running = exc.reason == ErrorReason.ROUND_RUNNING  # a typed trailer, not the message
                 if not running or time.monotonic() + delay > give_up or self.stop_requested.is_set():
                     raise
                 time.sleep(delay)

@@ -48,6 +48,16 @@ def short_name(label: str) -> str:
     return _SHORT_BY_LABEL.get(label, label.split()[0])
 
 
+def plan_inputs(rank: int, num_stages: int) -> tuple[str, ...]:
+    """The batch tensors the plan of stage `rank` carries: token ids for the first (it embeds them),
+    every head's labels for the last (it holds the heads), the attention mask for all."""
+    from redheart.heads import label_keys  # read at use: a registered head's labels travel too
+
+    first = ("input_ids",) if rank == 0 else ()
+    last = label_keys() if rank == num_stages - 1 else ()
+    return (*first, "attention_mask", *last)
+
+
 def stage_specs(config=None) -> tuple[StageSpec, ...]:
     """The stage list of a run. Taking the config is where a config-driven split (more than two
     stages) will plug in; today every config has the same two."""

@@ -35,7 +35,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from redheart import fault_injection
-from redheart.rpc_errors import MAX_STATUS_CHARS, RpcFailure, ServiceError, rpc_method
+from redheart.rpc_errors import (
+    ERROR_CULPRIT_KEY,
+    ERROR_REASON_KEY,
+    MAX_STATUS_CHARS,
+    RpcFailure,
+    ServiceError,
+    rpc_method,
+)
 from redheart.rpc_retry import IDEMPOTENT_METHODS, RetryPolicy, parse_status_codes
 from redheart.rpc_security import (
     HEALTH_METHOD_PREFIX,
@@ -55,6 +62,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "HEALTH_METHOD_PREFIX",
     "IDEMPOTENT_METHODS",
+    "ERROR_CULPRIT_KEY",
+    "ERROR_REASON_KEY",
     "MAX_STATUS_CHARS",
     "RetryPolicy",
     "RpcFailure",
@@ -93,12 +102,10 @@ def make_channel(
     max_message_mb: int,
     security: SecurityConfig | None = None,
     *,
-    credentials: grpc.ChannelCredentials | None = None,
     retry: RetryPolicy | None = None,
 ) -> grpc.Channel:
     """A channel with the message limits and, from ``security`` ([security]), TLS / mTLS
-    credentials and the bearer token on every call. ``credentials`` overrides the TLS part (kept
-    while the stage's peer link still forwards it). ``retry``: gRPC retries the idempotent
+    credentials and the bearer token on every call. ``retry``: gRPC retries the idempotent
     methods (IDEMPOTENT_METHODS) by that policy, within each call's deadline."""
     options = channel_options(max_message_mb)
     service_config = retry.service_config() if retry is not None else None
@@ -110,8 +117,7 @@ def make_channel(
             ("grpc.initial_reconnect_backoff_ms", max(1, int(retry.initial_backoff * 1000))),
             ("grpc.max_reconnect_backoff_ms", max(1, int(retry.max_backoff * 1000))),
         ]
-    if credentials is None:
-        credentials = channel_credentials(security)
+    credentials = channel_credentials(security)
     if security is not None and security.tls_server_name:
         options.append(("grpc.ssl_target_name_override", security.tls_server_name))
     if credentials is not None:
@@ -244,7 +250,16 @@ def call(
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            raise ServiceError(service, address, name, code, details or "") from None
+            trailers = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+            raise ServiceError(
+                service,
+                address,
+                name,
+                code,
+                details or "",
+                reason=trailers.get(ERROR_REASON_KEY),
+                culprit=trailers.get(ERROR_CULPRIT_KEY),
+            ) from None
 
 
 def wait_for_serving(

@@ -40,8 +40,6 @@ class GrpcPeerLink:
         codec_name: str,
         max_message_mb: int,
         metrics: StageMetrics | None,
-        credentials: grpc.ChannelCredentials | None = None,
-        metadata=None,
         security=None,
     ) -> None:
         self.stage_name = stage_name
@@ -49,8 +47,6 @@ class GrpcPeerLink:
         self.max_message_mb = max_message_mb
         self.metrics = metrics
         self.security = security  # [security]: TLS / mTLS and the token on the pushes to the peer
-        self.credentials = credentials
-        self.metadata = metadata
         self.addresses: dict[str, str] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, stage_pb2_grpc.PipelineStageStub] = {}
@@ -72,7 +68,7 @@ class GrpcPeerLink:
         self._stubs.clear()
         self.addresses = {k: v for k, v in addresses.items() if v}
         for direction, address in self.addresses.items():
-            channel = make_channel(address, self.max_message_mb, self.security, credentials=self.credentials)
+            channel = make_channel(address, self.max_message_mb, self.security)
             self._channels[direction] = channel
             self._stubs[direction] = stage_pb2_grpc.PipelineStageStub(channel)
         with self._cond:
@@ -186,7 +182,7 @@ class GrpcPeerLink:
                 return False
             remaining = deadline - time.monotonic()
             try:
-                stub.PushTensor(request, timeout=max(0.05, min(remaining, 300.0)), metadata=self.metadata)
+                stub.PushTensor(request, timeout=max(0.05, min(remaining, 300.0)))
                 return True
             except grpc.RpcError as exc:
                 # Pushes are idempotent (the receiver drops duplicates), so retrying is safe. A

@@ -153,7 +153,9 @@ class StageServicer(stage_pb2_grpc.PipelineStageServicer):
         except StageError as exc:
             raise to_failure(exc) from None
         except ServiceError as exc:  # the regret service failed past its retries
-            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"step {env.step}: {exc}") from None
+            raise RpcFailure(
+                grpc.StatusCode.UNAVAILABLE, f"step {env.step}: {exc}", culprit=exc.service
+            ) from None
         after = self.link.stats()
         with self._recv_lock:
             received = self._received_bytes - recv_before

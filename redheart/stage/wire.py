@@ -24,7 +24,7 @@ from redheart.stage.contracts import (
     RoundPlan,
     RoundResult,
 )
-from redheart.stage.errors import StageError
+from redheart.stage.errors import ErrorKind, StageError
 from redheart.v1 import stage_pb2, tensor_pb2
 
 KIND_TO_WIRE = {
@@ -33,23 +33,25 @@ KIND_TO_WIRE = {
     EVAL_ACTIVATION: tensor_pb2.EVAL_ACTIVATION,
 }
 WIRE_TO_KIND = {v: k for k, v in KIND_TO_WIRE.items()}
-STATUS = {
-    "precondition": grpc.StatusCode.FAILED_PRECONDITION,
-    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
-    "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
-    "aborted": grpc.StatusCode.ABORTED,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "internal": grpc.StatusCode.INTERNAL,
+STATUS: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
-"""The gRPC status of each :class:`StageError` kind."""
+"""The gRPC status of each :class:`ErrorKind`: one-to-one, so a client reads the kind from the code."""
+KIND_OF_STATUS = {code: kind for kind, code in STATUS.items()}
+assert len(KIND_OF_STATUS) == len(STATUS) == len(ErrorKind), "ErrorKind <-> gRPC status must be one-to-one"
 # Every method of the PipelineStage contract (protos/redheart/v1/stage.proto), read from the
 # compiled descriptor so a new RPC gets its metrics and tests without another list to keep in step.
 STAGE_METHODS = tuple(m.name for m in stage_pb2.DESCRIPTOR.services_by_name["PipelineStage"].methods)
 
 
 def to_failure(exc: StageError) -> RpcFailure:
-    return RpcFailure(STATUS.get(exc.kind, grpc.StatusCode.INTERNAL), str(exc))
+    return RpcFailure(STATUS[exc.kind], str(exc), reason=exc.reason, culprit=exc.culprit)
 
 
 def decode_plan(

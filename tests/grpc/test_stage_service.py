@@ -370,3 +370,41 @@ def test_mixed_precision_sends_the_compute_dtype_on_the_wire():
     # bf16 activations forward and bf16 gradients back: about half the bytes of fp32 each way.
     for direction in (0, 1):
         assert sent[True][direction] < 0.6 * sent[False][direction], sent
+
+
+def test_refusals_a_retry_can_cure_carry_a_typed_reason_beside_the_code(pipeline, tmp_path):
+    # Recovery decides on the code and this reason (trailing metadata), never on the message.
+    from orchestrator.recovery import service_fault
+
+    fresh_srv, port = cpu_server(pipeline.cfg, host="127.0.0.1", port=0)
+    fresh = StageClient("cpu stage", f"127.0.0.1:{port}", max_message_mb=64, rpc_timeout=20)
+    try:
+        refusals = {}
+        for name, call in {
+            "no run": lambda: fresh.save(pipeline.run_id, 0, str(tmp_path / "a")),
+            "other run": lambda: pipeline.cpu.save("another-run", 0, str(tmp_path / "b")),
+            "bad checkpoint": lambda: pipeline.cpu.load(pipeline.run_id, 0, str(tmp_path / "missing")),
+        }.items():
+            with pytest.raises(ServiceError) as info:
+                call()
+            refusals[name] = info.value
+        assert {k: (e.code, e.reason) for k, e in refusals.items()} == {
+            "no run": (grpc.StatusCode.FAILED_PRECONDITION, "no_run"),
+            "other run": (grpc.StatusCode.FAILED_PRECONDITION, "other_run"),
+            "bad checkpoint": (grpc.StatusCode.FAILED_PRECONDITION, None),
+        }
+        assert [service_fault(e) for e in refusals.values()] == [True, True, False]
+    finally:
+        fresh.close()
+        fresh_srv.stop(0)
+
+
+def test_every_stage_error_kind_is_exactly_one_grpc_status():
+    from redheart.stage.errors import ErrorKind, StageError
+    from redheart.stage.wire import STATUS, to_failure
+
+    assert set(STATUS) == set(ErrorKind) and len(set(STATUS.values())) == len(ErrorKind)
+    for kind, code in STATUS.items():
+        assert to_failure(StageError(kind, "x")).code == code
+    with pytest.raises(ValueError):
+        StageError("no such kind", "x")  # a kind is one of the enum's, or the error is a bug here

@@ -68,7 +68,9 @@ def test_an_orchestrator_killed_mid_step_frees_the_stages_for_a_new_one(tmp_path
             tmp_path / "orchestrator.log"
         ).read_text()[-2000:]
         time.sleep(0.5)  # the RunStep is now waiting on the peer
-        assert "is running" in _start_run_refusal(client, settings, cpu.address)
+        refusal = _start_run_refusal(client, settings, cpu.address)
+        # Typed, so the orchestrator retries it without reading the text (ErrorReason.ROUND_RUNNING).
+        assert refusal is not None and refusal.reason == "round_running" and "is running" in refusal.details
         orchestrator.kill()
         orchestrator.wait(10)
         killed = time.monotonic()
@@ -91,7 +93,7 @@ def test_an_orchestrator_killed_mid_step_frees_the_stages_for_a_new_one(tmp_path
         gpu.kill()
 
 
-def _start_run_refusal(client: StageClient, settings, cpu_address: str) -> str | None:
+def _start_run_refusal(client: StageClient, settings, cpu_address: str) -> ServiceError | None:
     try:
         client.start_run(
             "second",
@@ -104,4 +106,4 @@ def _start_run_refusal(client: StageClient, settings, cpu_address: str) -> str |
         )
         return None
     except ServiceError as exc:
-        return exc.details
+        return exc

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from orchestrator.data import to_batch
 from orchestrator.reference import SingleProcessTrainer
+from orchestrator.stages import plan_inputs
 from redheart import heads as registry
 from redheart.config import ConfigError, ModelConfig, load_config
 from redheart.data import baseline_metrics, compute_metrics, encode_dataset, load_jsonl, train_tokenizer
@@ -39,7 +40,10 @@ def test_registry_derives_todays_literals() -> None:
     assert registry.head_names() == FOUR_HEADS == model.HEADS
     assert registry.label_keys() == FOUR_LABEL_KEYS == LABEL_KEYS == dataset.LABEL_KEYS
     assert pipeline.LABEL_KEYS == logic.LABEL_KEYS == FOUR_LABEL_KEYS
-    assert pipeline.GPU_KEYS == logic.ROUND_KEYS == ("attention_mask", *FOUR_LABEL_KEYS)
+    assert pipeline.GPU_KEYS == logic.ROUND_KEYS == ("attention_mask", *FOUR_LABEL_KEYS) == plan_inputs(1, 2)
+    assert pipeline.CPU_KEYS == plan_inputs(0, 2) and plan_inputs(1, 3) == (
+        "attention_mask",
+    )  # a middle stage
     assert registry.validation_metric_names() == FOUR_METRICS == evaluation.METRIC_KEYS
     assert metrics.VALIDATION_METRICS == plots.VALIDATION_METRICS == tensorboard.VALIDATION_METRICS
     assert metrics.HEADS == (*FOUR_HEADS, "total")
@@ -128,6 +132,9 @@ def test_toy_head_trains_one_step_through_the_registry_alone(tiny) -> None:
         assert registry.head_names() == (*FOUR_HEADS, "long_text")
         assert registry.label_keys() == (*FOUR_LABEL_KEYS, "labels.long_text")
         assert registry.validation_metric_names() == (*FOUR_METRICS, "long_text_accuracy")
+        # The last stage's plan carries the new head's labels; the first stage's does not.
+        assert plan_inputs(1, 2) == ("attention_mask", *FOUR_LABEL_KEYS, "labels.long_text")
+        assert plan_inputs(0, 2) == ("input_ids", "attention_mask")
 
         data = encode_dataset(scenarios, tokenizer, max_len)
         want = torch.tensor([int(len(s.text.split()) > LONG_WORDS) for s in scenarios])

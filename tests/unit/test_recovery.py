@@ -15,6 +15,7 @@ from orchestrator.recovery import PhaseFailed, Recovery, RecoveryStopped, phase
 from orchestrator.trainer import RunError
 from redheart.config import HybridConfig
 from redheart.rpc import ServiceError
+from redheart.stage.errors import ErrorReason
 
 
 def _error(code, details="boom", method="RunStep", service="gpu stage"):
@@ -49,22 +50,60 @@ def _failed(name, cause, step=3):
 
 
 @pytest.mark.parametrize(
-    "code, details, fault",
+    "code, details, reason, fault",
     [
-        (grpc.StatusCode.UNAVAILABLE, "connection refused", True),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, "", True),
-        (grpc.StatusCode.ABORTED, "step 3 was aborted", True),
-        (grpc.StatusCode.FAILED_PRECONDITION, "no run started on this stage", True),
-        (grpc.StatusCode.FAILED_PRECONDITION, "cannot start run 'r': a step of run 'q' is running", True),
-        (grpc.StatusCode.FAILED_PRECONDITION, "checkpoint x was written by a different model", False),
-        (grpc.StatusCode.INVALID_ARGUMENT, "unknown schedule", False),
-        (grpc.StatusCode.INTERNAL, "a bug", False),
+        (grpc.StatusCode.UNAVAILABLE, "connection refused", None, True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "", None, True),
+        (grpc.StatusCode.ABORTED, "step 3 was aborted", None, True),
+        (grpc.StatusCode.FAILED_PRECONDITION, "no run started on this stage", ErrorReason.NO_RUN, True),
+        (grpc.StatusCode.FAILED_PRECONDITION, "run 'q' is not the current run", ErrorReason.OTHER_RUN, True),
+        (grpc.StatusCode.FAILED_PRECONDITION, "a step is running", ErrorReason.ROUND_RUNNING, True),
+        # Recovery reads the typed reason, never the text: the same words without it are not a fault.
+        (grpc.StatusCode.FAILED_PRECONDITION, "no run started on this stage", None, False),
+        (grpc.StatusCode.FAILED_PRECONDITION, "checkpoint x was written by a different model", None, False),
+        (grpc.StatusCode.INVALID_ARGUMENT, "unknown schedule", None, False),
+        (grpc.StatusCode.INTERNAL, "a bug", None, False),
     ],
 )
-def test_what_counts_as_a_fault(code, details, fault):
+def test_what_counts_as_a_fault(code, details, reason, fault):
     recovery = _recovery(lambda: 0)
-    assert recovery.is_fault(_failed("SaveState", _error(code, details, method="SaveState"))) is fault
-    assert recovery.is_fault(_failed("RunStep", StepFailed(3, "gpu stage", _error(code, details)))) is fault
+    save = ServiceError("gpu stage", "127.0.0.1:1", "SaveState", code, details, reason=reason)
+    step = ServiceError("gpu stage", "127.0.0.1:1", "RunStep", code, details, reason=reason)
+    assert recovery.is_fault(_failed("SaveState", save)) is fault
+    assert recovery.is_fault(_failed("RunStep", StepFailed(3, "gpu stage", step))) is fault
+
+
+@pytest.mark.parametrize(
+    "cause, blamed",
+    [
+        # The GPU stage answered, but names its regret service as what failed (a trailer, not text).
+        (
+            StepFailed(
+                3,
+                "gpu stage",
+                ServiceError(
+                    "gpu stage", "a:1", "RunStep", grpc.StatusCode.UNAVAILABLE, "x", culprit="regret service"
+                ),
+            ),
+            "regret",
+        ),
+        # The message mentions the regret service, the culprit does not: the stage is blamed.
+        (
+            StepFailed(
+                3,
+                "gpu stage",
+                ServiceError("gpu stage", "a:1", "RunStep", grpc.StatusCode.UNAVAILABLE, "regret x"),
+            ),
+            "gpu_stage",
+        ),
+        (ServiceError("regret service", "a:1", "Score", grpc.StatusCode.UNAVAILABLE, "gone"), "regret"),
+        (ServiceError("cpu stage", "a:1", "SaveState", grpc.StatusCode.UNAVAILABLE, "gone"), "cpu_stage"),
+    ],
+)
+def test_a_recovery_in_which_nothing_died_is_counted_against_the_culprit(cause, blamed):
+    recovery = _recovery(lambda: 0, addresses={"regret": "inprocess"})
+    recovery.recover(_failed("RunStep", cause))
+    assert recovery.restarts == {**{"cpu_stage": 0, "gpu_stage": 0, "regret": 0}, blamed: 1}
 
 
 def test_any_apply_failure_is_a_fault_so_no_stage_stays_a_step_ahead():
