@@ -1,7 +1,8 @@
 """The user's workload: the `base` preset (~200M parameters) at batch 8 on the bundled corpus.
 
     .venv/bin/python benchmarks/workload.py [--steps 6] [--batch 8] [--bucketing both|on|off]
-                                            [--split auto|N] [--out benchmarks/results/workload.json]
+                                            [--micro-batch N] [--split auto|N]
+                                            [--out benchmarks/results/workload.json]
 
 Side by side in one run, on the same batches (same corpus, tokenizer, seed, micro-batches):
 
@@ -46,7 +47,7 @@ def _overrides(args, bucketing: bool, tokenizer: Path) -> list[str]:
     sets = [
         'model.preset="base"',
         f"train.batch_size={args.batch}",
-        "train.micro_batch_size=0",
+        f"train.micro_batch_size={args.micro_batch}",
         f"train.max_steps={args.steps}",
         "train.log_every_n_steps=1",
         "train.warmup_steps=0",
@@ -159,6 +160,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--bucketing", choices=("both", "on", "off"), default="both")
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        default=0,
+        help="texts per micro-batch (0: the config's automatic choice, 4 micro-batches per stage)",
+    )
     parser.add_argument("--split", default="auto", help='"auto" (measured) or the number of CPU-stage layers')
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "workload.json"))
     args = parser.parse_args(argv)
