@@ -107,16 +107,18 @@ def test_more_concurrent_rpcs_than_the_cap_get_resource_exhausted():
 
         thread = threading.Thread(target=hold, daemon=True)
         thread.start()
-        # Until the RunStep is in flight on the server (a loaded machine may take a while).
+        # Until the RunStep runs on the server (a loaded machine may take a while). Watched in
+        # this process, not probed by RPC: a probe that reached the server first would take the
+        # one slot and refuse the RunStep instead.
         deadline = time.monotonic() + 60
-        code = None
-        while time.monotonic() < deadline and thread.is_alive():
-            try:
-                describe(address, timeout=5)
-            except grpc.RpcError as exc:
-                code = exc.code()
-                break
+        while time.monotonic() < deadline and thread.is_alive() and not srv.servicer.runtime.running.is_set():
             time.sleep(0.05)
+        assert srv.servicer.runtime.running.is_set(), f"the held RunStep never ran: {held}"
+        code = None
+        try:
+            describe(address, timeout=5)
+        except grpc.RpcError as exc:
+            code = exc.code()
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, f"the held RunStep ended: {held}"
         with pytest.raises(ServiceError) as err:
             gpu.describe()
