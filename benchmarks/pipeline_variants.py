@@ -236,7 +236,7 @@ def run_ours(args, cpu_layers: int, codec: str = "raw") -> dict:
 
     from orchestrator.launcher import LocalLauncher
     from orchestrator.pipeline import PipelineDriver
-    from orchestrator.stage_client import StageClient
+    from orchestrator.stage_client import StageClient, start_stages
 
     torch.set_num_threads(1)
     cfg = model_config(args, cpu_layers=cpu_layers, codec=codec)
@@ -260,24 +260,7 @@ def run_ours(args, cpu_layers: int, codec: str = "raw") -> dict:
         try:
             settings = {"train": dataclasses.asdict(cfg.train), "regret": dataclasses.asdict(cfg.regret)}
             cpu, gpu = clients["cpu_stage"], clients["gpu_stage"]
-            cpu.start_run(
-                "bench",
-                settings,
-                next_address=gpu.address,
-                prev_address="",
-                regret_address="",
-                first_step=0,
-                reinitialize=True,
-            )
-            gpu.start_run(
-                "bench",
-                settings,
-                next_address="",
-                prev_address=cpu.address,
-                regret_address="",
-                first_step=0,
-                reinitialize=True,
-            )
+            start_stages([cpu, gpu], "bench", settings, regret_address="")
             driver = PipelineDriver(cpu, gpu, cfg, "bench")
             data = batch(args)
             outcomes = []

@@ -21,7 +21,7 @@ from typing import Any
 from orchestrator import checkpoint as ckpt
 from orchestrator.launcher import LaunchError, LocalLauncher
 from orchestrator.stage_client import StageClient
-from orchestrator.stages import StageSpec, stage_specs
+from orchestrator.stages import StageSpec, stage_links, stage_specs
 from redheart.config import HybridConfig, diff_settings
 from redheart.rpc import RetryPolicy, ServiceError, wait_for_serving
 from redheart.stage.errors import ErrorReason
@@ -164,15 +164,8 @@ class ServiceSet:
 
     def _links(self) -> dict[str, dict[str, str]]:
         """Each stage's peers: the next stage's address, the previous one's; the last talks to regret."""
-        links = {}
-        for i, spec in enumerate(self.stages):
-            last = i == len(self.stages) - 1
-            links[spec.name] = dict(
-                next_address="" if last else self.addresses[self.stages[i + 1].name],
-                prev_address="" if i == 0 else self.addresses[self.stages[i - 1].name],
-                regret_address=self.regret_address if last else "",
-            )
-        return links
+        addresses = [self.addresses[s.name] for s in self.stages]
+        return dict(zip((s.name for s in self.stages), stage_links(addresses, self.regret_address)))
 
     def start_run(self, run_id: str, first_step: int, init_spec: dict[str, str] | None = None) -> None:
         settings = settings_for_stages(self.config)

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import torch
 
+from orchestrator.stages import stage_links
 from redheart import codec, fault_injection
 from redheart.rpc import RetryPolicy, ServiceError, call, make_channel
 from redheart.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
@@ -235,3 +236,17 @@ def micro_batch_message(
     for key in keys:
         mb.inputs[key].CopyFrom(codec.encode(tensors[key], name=f"micro-batch {index} {key}"))
     return mb
+
+
+def start_stages(
+    clients: Sequence[StageClient],
+    run_id: str,
+    settings: Mapping[str, Any],
+    *,
+    regret_address: str,
+    first_step: int = 0,
+    reinitialize: bool = True,
+) -> None:
+    """StartRun on every stage of a pipeline (clients in pipeline order), each told its peers."""
+    for client, link in zip(clients, stage_links([c.address for c in clients], regret_address)):
+        client.start_run(run_id, settings, first_step=first_step, reinitialize=reinitialize, **link)

@@ -58,6 +58,20 @@ def plan_inputs(rank: int, num_stages: int) -> tuple[str, ...]:
     return (*first, "attention_mask", *last)
 
 
+def stage_links(addresses: list[str], regret_address: str) -> list[dict[str, str]]:
+    """StartRun's peer addresses of each stage, in pipeline order: the next stage's, the previous
+    one's; only the last stage talks to the regret service."""
+    last = len(addresses) - 1
+    return [
+        dict(
+            next_address="" if i == last else addresses[i + 1],
+            prev_address="" if i == 0 else addresses[i - 1],
+            regret_address=regret_address if i == last else "",
+        )
+        for i in range(len(addresses))
+    ]
+
+
 def stage_specs(config=None) -> tuple[StageSpec, ...]:
     """The stage list of a run. Taking the config is where a config-driven split (more than two
     stages) will plug in; today every config has the same two."""

@@ -70,6 +70,7 @@ from gpu_stage.server import create_server as gpu_server
 from orchestrator.pipeline import PipelineDriver
 from orchestrator.reference import SingleProcessTrainer
 from orchestrator.stage_client import StageClient
+from orchestrator.stages import plan_inputs
 from redheart.config import HybridConfig
 from redheart.v1 import regret_pb2, stage_pb2
 from regret_service.server import create_server as regret_server
@@ -114,15 +115,8 @@ REQUEST_TYPES = {
     "Score": regret_pb2.ScoreRequest,
 }
 STAGE_METHODS = [m for m in REQUEST_TYPES if m != "Score"]
-CPU_KEYS = ("input_ids", "attention_mask")
-LABEL_KEYS = (
-    "labels.emotions",
-    "labels.emotions_mask",
-    "labels.bentham",
-    "labels.bentham_mask",
-    "labels.judgment",
-)
-GPU_KEYS = ("attention_mask",) + LABEL_KEYS
+CPU_KEYS, GPU_KEYS = plan_inputs(0, 2), plan_inputs(1, 2)  # what each stage's plan carries
+LABEL_KEYS = GPU_KEYS[1:]
 
 # Bugs in files these tests do not own, each reproduced by a strict-xfail test in
 # test_fuzz_regressions.py: INTERNAL/UNKNOWN answers matching an entry are counted as known instead of

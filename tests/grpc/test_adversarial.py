@@ -17,21 +17,14 @@ from synthetic import synthetic_batch
 from test_stage_service import Pipeline, rounds, tiny_config
 
 from orchestrator.stage_client import micro_batch_message
+from orchestrator.stages import plan_inputs
 from redheart import codec
 from redheart.config import HybridConfig
 from redheart.stage.wire import STAGE_METHODS
 from redheart.v1 import regret_pb2, regret_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
 from regret_service.server import create_server as regret_server
 
-GPU_KEYS = (
-    "attention_mask",
-    "labels.emotions",
-    "labels.emotions_mask",
-    "labels.bentham",
-    "labels.bentham_mask",
-    "labels.judgment",
-)
-CPU_KEYS = ("input_ids", "attention_mask")
+CPU_KEYS, GPU_KEYS = plan_inputs(0, 2), plan_inputs(1, 2)  # what each stage's plan carries
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from cpu_stage.server import create_server as cpu_server
 from gpu_stage.server import create_server as gpu_server
 from orchestrator.pipeline import PipelineDriver
 from orchestrator.reference import SingleProcessTrainer
-from orchestrator.stage_client import StageClient, micro_batch_message
+from orchestrator.stage_client import StageClient, micro_batch_message, start_stages
 from redheart import codec
 from redheart.config import HybridConfig
 from redheart.rpc import ServiceError
@@ -39,24 +39,7 @@ class Pipeline:
         self.gpu = StageClient("gpu stage", self.gpu_addr, max_message_mb=64, rpc_timeout=20)
         self.run_id = "test-run"
         settings = {"train": dataclasses.asdict(cfg.train), "regret": dataclasses.asdict(cfg.regret)}
-        self.cpu.start_run(
-            self.run_id,
-            settings,
-            next_address=self.gpu_addr,
-            prev_address="",
-            regret_address="",
-            first_step=0,
-            reinitialize=True,
-        )
-        self.gpu.start_run(
-            self.run_id,
-            settings,
-            next_address="",
-            prev_address=self.cpu_addr,
-            regret_address="inprocess",
-            first_step=0,
-            reinitialize=True,
-        )
+        start_stages([self.cpu, self.gpu], self.run_id, settings, regret_address="inprocess")
         self.driver = PipelineDriver(self.cpu, self.gpu, cfg, self.run_id)
 
     def close(self):

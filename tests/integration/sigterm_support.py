@@ -16,21 +16,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from synthetic import synthetic_batch
 
 from orchestrator.stage_client import micro_batch_message
+from orchestrator.stages import plan_inputs
 from redheart.v1 import stage_pb2, tensor_pb2
 
 GRACE = 10.0  # the services' drain period (redheart.service_main.ServiceSpec.grace, regret_service.cli.GRACE_SECONDS)
 SLACK = 5.0  # process start-up of the interpreter's exit, a loaded 2-core CI machine
 PEER_WAIT = 20.0  # deadline_seconds of the RunSteps in flight: longer than the grace period
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-GPU_KEYS = (
-    "attention_mask",
-    "labels.emotions",
-    "labels.emotions_mask",
-    "labels.bentham",
-    "labels.bentham_mask",
-    "labels.judgment",
-)
-CPU_KEYS = ("input_ids", "attention_mask")
+CPU_KEYS, GPU_KEYS = plan_inputs(0, 2), plan_inputs(1, 2)  # what each stage's plan carries
 STOPPED = {"UNAVAILABLE", "ABORTED", "CANCELLED"}
 
 

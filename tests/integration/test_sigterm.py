@@ -38,7 +38,7 @@ from sigterm_support import (
     wait_exit,
 )
 
-from orchestrator.stage_client import StageClient
+from orchestrator.stage_client import StageClient, start_stages
 from redheart import calculus, codec
 from redheart.config import load_config
 from redheart.v1 import regret_pb2, regret_pb2_grpc
@@ -73,24 +73,7 @@ def stages_sigterm(tmp_path_factory, corpus):
     }
     watches: dict[str, HealthWatch] = {}
     try:
-        clients["cpu"].start_run(
-            "run",
-            settings,
-            next_address=gpu.address,
-            prev_address="",
-            regret_address="",
-            first_step=0,
-            reinitialize=True,
-        )
-        clients["gpu"].start_run(
-            "run",
-            settings,
-            next_address="",
-            prev_address=cpu.address,
-            regret_address=silent_address,
-            first_step=0,
-            reinitialize=True,
-        )
+        start_stages([clients["cpu"], clients["gpu"]], "run", settings, regret_address=silent_address)
         watches = {n: HealthWatch(s.address) for n, s in services.items()}
         calls = {
             "cpu": InFlight(

@@ -18,7 +18,7 @@ import grpc
 from conftest import ROOT, cli_env
 from sigterm_support import CPU_KEYS, GPU_KEYS, GRACE, PEER_WAIT, SLACK, _plan
 
-from orchestrator.stage_client import StageClient
+from orchestrator.stage_client import StageClient, start_stages
 from redheart.config import load_config
 from redheart.rpc import ServiceError
 from redheart.v1 import stage_pb2, tensor_pb2
@@ -120,24 +120,7 @@ def _stop_three_while_busy(
 
     def train() -> None:
         try:
-            clients["cpu"].start_run(
-                "run",
-                settings,
-                next_address=addr["gpu"],
-                prev_address="",
-                regret_address="",
-                first_step=0,
-                reinitialize=True,
-            )
-            clients["gpu"].start_run(
-                "run",
-                settings,
-                next_address="",
-                prev_address=addr["cpu"],
-                regret_address=addr["regret"],
-                first_step=0,
-                reinitialize=True,
-            )
+            start_stages([clients["cpu"], clients["gpu"]], "run", settings, regret_address=addr["regret"])
             step = 0
             while not stop.is_set():
                 calls = [clients[n].stub.RunStep.future(plans[n](step), timeout=30) for n in ("cpu", "gpu")]

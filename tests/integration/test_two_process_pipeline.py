@@ -11,7 +11,7 @@ from synthetic import synthetic_batch
 from orchestrator.launcher import LocalLauncher
 from orchestrator.pipeline import PipelineDriver
 from orchestrator.reference import SingleProcessTrainer
-from orchestrator.stage_client import StageClient
+from orchestrator.stage_client import StageClient, start_stages
 from redheart.config import load_config
 
 
@@ -45,24 +45,7 @@ def test_pipelined_training_equals_single_process(stage_processes, steps):
     settings = {"train": dataclasses.asdict(cfg.train), "regret": dataclasses.asdict(cfg.regret)}
     cpu, gpu = clients["cpu_stage"], clients["gpu_stage"]
     run = f"equivalence-{steps}"
-    cpu.start_run(
-        run,
-        settings,
-        next_address=gpu.address,
-        prev_address="",
-        regret_address="",
-        first_step=0,
-        reinitialize=True,
-    )
-    gpu.start_run(
-        run,
-        settings,
-        next_address="",
-        prev_address=cpu.address,
-        regret_address="inprocess",
-        first_step=0,
-        reinitialize=True,
-    )
+    start_stages([cpu, gpu], run, settings, regret_address="inprocess")
     driver = PipelineDriver(cpu, gpu, cfg, run, dead_services=launcher.dead)
     reference = SingleProcessTrainer(cfg)
     try:
