@@ -31,10 +31,6 @@ from redheart.stage.contracts import (
 )
 from redheart.stage.errors import ErrorKind, StageError, StepAborted
 
-# The built-in heads' keys at import, kept for old imports; the stage reads the registry at use.
-LABEL_KEYS = head_registry.label_keys()
-ROUND_KEYS = ("attention_mask",) + LABEL_KEYS
-
 
 def round_keys() -> tuple[str, ...]:
     """Inputs of the GPU stage's micro-batches: the attention mask and every head's labels."""

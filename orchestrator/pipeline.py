@@ -25,15 +25,10 @@ from orchestrator.batching import Batch, computed_tokens, split_micro_batches, s
 from orchestrator.stage_client import StageClient, micro_batch_message
 from orchestrator.stages import plan_inputs
 from redheart import codec
-from redheart import heads as head_registry
 from redheart.config import HybridConfig
 from redheart.rpc import ServiceError
 from redheart.v1 import stage_pb2, tensor_pb2
 
-CPU_KEYS = ("input_ids", "attention_mask")
-# The built-in heads' label keys at import, kept for old imports; plans read the registry at use.
-LABEL_KEYS = head_registry.label_keys()
-GPU_KEYS = ("attention_mask",) + LABEL_KEYS
 ABORT_GRACE_SECONDS = 30.0
 
 

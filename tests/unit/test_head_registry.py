@@ -33,17 +33,15 @@ FOUR_HEAD_PARAMETERS = [f"heads.{m}.{p}" for m in ("norm", "pooler", *FOUR_HEADS
 
 def test_registry_derives_todays_literals() -> None:
     from gpu_stage import logic
-    from orchestrator import metrics, pipeline, plots, progress, tensorboard
+    from orchestrator import metrics, plots, progress, tensorboard
     from redheart import model
     from redheart.data import LABEL_KEYS, dataset, evaluation
 
     assert registry.head_names() == FOUR_HEADS == model.HEADS
     assert registry.label_keys() == FOUR_LABEL_KEYS == LABEL_KEYS == dataset.LABEL_KEYS
-    assert pipeline.LABEL_KEYS == logic.LABEL_KEYS == FOUR_LABEL_KEYS
-    assert pipeline.GPU_KEYS == logic.ROUND_KEYS == ("attention_mask", *FOUR_LABEL_KEYS) == plan_inputs(1, 2)
-    assert pipeline.CPU_KEYS == plan_inputs(0, 2) and plan_inputs(1, 3) == (
-        "attention_mask",
-    )  # a middle stage
+    assert logic.round_keys() == ("attention_mask", *FOUR_LABEL_KEYS) == plan_inputs(1, 2)
+    assert plan_inputs(0, 2) == ("input_ids", "attention_mask")
+    assert plan_inputs(1, 3) == ("attention_mask",)  # a middle stage
     assert registry.validation_metric_names() == FOUR_METRICS == evaluation.METRIC_KEYS
     assert metrics.VALIDATION_METRICS == plots.VALIDATION_METRICS == tensorboard.VALIDATION_METRICS
     assert metrics.HEADS == (*FOUR_HEADS, "total")
