@@ -1,6 +1,7 @@
 """The user's workload: the `base` preset (~200M parameters) at batch 8 on the bundled corpus.
 
     .venv/bin/python benchmarks/workload.py [--steps 6] [--batch 8] [--bucketing both|on|off]
+                                            [--mixed-precision both|on|off]
                                             [--micro-batch N] [--split auto|N]
                                             [--out benchmarks/results/workload.json]
 
@@ -16,7 +17,9 @@ For each it prints s/step (median after the first step), real (non-pad) tokens/s
 fraction, and for the pipeline each stage's busy fraction and the bubble; then the ratio
 pipeline / single process and the projected hours of the original workload (3 epochs x 28,882
 scenarios at batch 8 = 10,830 optimizer steps) at the measured step time. ``--bucketing both``
-repeats both variants with ``data.length_bucketing`` on.
+repeats both variants with ``data.length_bucketing`` on; ``--mixed-precision both`` repeats them in
+bf16 autocast (``train.use_mixed_precision``: the stages and the single process both autocast,
+activations and gradients cross the wire in bf16; on CPUs with AMX this is where the speed is).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +47,19 @@ MAX_SCENARIOS = 1200
 BASE_LAYERS = 13  # redheart.model.PRESETS["base"]["num_layers"]
 
 
-def _overrides(args, bucketing: bool, tokenizer: Path) -> list[str]:
+@dataclass(frozen=True)
+class Variant:
+    bucketing: bool
+    mixed: bool
+
+    @property
+    def name(self) -> str:
+        return ("length_bucketing" if self.bucketing else "length_aware") + (
+            "_bf16" if self.mixed else "_fp32"
+        )
+
+
+def _overrides(args, variant: Variant, tokenizer: Path) -> list[str]:
     sets = [
         'model.preset="base"',
         f"train.batch_size={args.batch}",
@@ -52,7 +68,8 @@ def _overrides(args, bucketing: bool, tokenizer: Path) -> list[str]:
         "train.log_every_n_steps=1",
         "train.warmup_steps=0",
         f"data.max_scenarios={MAX_SCENARIOS}",
-        f"data.length_bucketing={'true' if bucketing else 'false'}",
+        f"data.length_bucketing={'true' if variant.bucketing else 'false'}",
+        f"train.use_mixed_precision={'true' if variant.mixed else 'false'}",
         f'data.path="{CORPUS}"',
         f'data.tokenizer_path="{tokenizer}"',
         "checkpoint.save_checkpoint_every=0",
@@ -65,17 +82,17 @@ def _overrides(args, bucketing: bool, tokenizer: Path) -> list[str]:
     return sets
 
 
-def _config(args, bucketing: bool, tokenizer: Path, out_dir: Path):
+def _config(args, variant: Variant, tokenizer: Path, out_dir: Path):
     from redheart.config import load_config
 
-    sets = _overrides(args, bucketing, tokenizer) + [f'orchestrator.output_dir="{out_dir}"']
+    sets = _overrides(args, variant, tokenizer) + [f'orchestrator.output_dir="{out_dir}"']
     return load_config(ROOT / "examples" / "hybrid.toml", overrides=sets, env={})
 
 
-def run_pipeline(args, bucketing: bool, tokenizer: Path, tmp: Path) -> dict:
-    out_dir = tmp / f"pipeline-{'bucketed' if bucketing else 'plain'}"
+def run_pipeline(args, variant: Variant, tokenizer: Path, tmp: Path) -> dict:
+    out_dir = tmp / f"pipeline-{variant.name}"
     cmd = [sys.executable, "-m", "orchestrator.cli", "--config", str(ROOT / "examples" / "hybrid.toml")]
-    for s in _overrides(args, bucketing, tokenizer) + [
+    for s in _overrides(args, variant, tokenizer) + [
         'orchestrator.progress="log"',
         "metrics.enabled=false",
     ]:
@@ -102,16 +119,18 @@ def run_pipeline(args, bucketing: bool, tokenizer: Path, tmp: Path) -> dict:
     }
 
 
-def run_single_process(args, bucketing: bool, tokenizer: Path, tmp: Path, cpu_layers: int) -> dict:
+def run_single_process(args, variant: Variant, tokenizer: Path, tmp: Path, cpu_layers: int) -> dict:
     import torch
 
     from orchestrator.batching import computed_tokens, step_micro_batches
     from orchestrator.data import StepBatches, prepare_data
     from orchestrator.reference import SingleProcessTrainer
 
-    cfg = _config(args, bucketing, tokenizer, tmp / "single").replace(**{"model.cpu_layers": cpu_layers})
+    cfg = _config(args, variant, tokenizer, tmp / f"single-{variant.name}").replace(
+        **{"model.cpu_layers": cpu_layers}
+    )
     torch.set_num_threads(os.cpu_count() or 1)
-    data = prepare_data(cfg, tmp / "single", tokenizer_path=tokenizer)
+    data = prepare_data(cfg, tmp / f"single-{variant.name}", tokenizer_path=tokenizer)
     batches = StepBatches(cfg, data.train)
     trainer = SingleProcessTrainer(cfg)
     times, real, computed = [], 0, 0
@@ -160,6 +179,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--bucketing", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--mixed-precision", choices=("both", "on", "off"), default="both")
     parser.add_argument(
         "--micro-batch",
         type=int,
@@ -171,7 +191,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is warm-up)")
-    variants = {"both": (False, True), "on": (True,), "off": (False,)}[args.bucketing]
+    choice = {"both": (False, True), "on": (True,), "off": (False,)}
+    variants = [Variant(b, m) for m in choice[args.mixed_precision] for b in choice[args.bucketing]]
     total_steps = ORIGINAL_EPOCHS * (ORIGINAL_SCENARIOS // args.batch)
     results = {
         "batch": args.batch,
@@ -184,10 +205,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         tokenizer = _ensure_inputs(tmp)
-        for bucketing in variants:
-            name = "length_bucketing" if bucketing else "length_aware"
-            pipe = run_pipeline(args, bucketing, tokenizer, tmp)
-            single = run_single_process(args, bucketing, tokenizer, tmp, pipe["cpu_layers"])
+        for variant in variants:
+            name = variant.name
+            pipe = run_pipeline(args, variant, tokenizer, tmp)
+            single = run_single_process(args, variant, tokenizer, tmp, pipe["cpu_layers"])
             tokens = single["real_tokens_per_step"]
             pipe["real_tokens_per_second"] = tokens / pipe["step_seconds"]
             single["real_tokens_per_second"] = tokens / single["step_seconds"]

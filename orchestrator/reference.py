@@ -4,10 +4,15 @@ It builds both stage modules in this process from the same seed, runs the micro-
 with the same dropout seeds, loss scaling and regret calculus as the pipeline, clips with
 ``torch.nn.utils.clip_grad_norm_`` over all parameters and steps AdamW. A pipelined step must give
 the same losses and parameters (fp32 on CPU: rtol 1e-5, atol 4e-5).
+
+With ``train.use_mixed_precision`` it autocasts as the stages do on their devices (bf16 on the
+CPU), so the workload benchmark compares the pipeline with a single process in the same arithmetic;
+precisions that need a loss scale (fp16 on older GPUs) are refused: the reference has no scaler.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -18,6 +23,7 @@ from redheart import heads as head_registry
 from redheart.config import HybridConfig
 from redheart.losses import multitask_loss
 from redheart.model import CpuStageModule, GpuStageModule, derive_seed, resolve_model_shape
+from redheart.precision import Precision, choose_precision, device_capability, held_weight_casts
 from redheart.stage.optimizer import build_optimizer
 
 
@@ -48,6 +54,30 @@ class SingleProcessTrainer:
         self.cpu = CpuStageModule(shape)
         self.gpu = GpuStageModule(shape).to(self.device)
         self.optimizers = [build_optimizer(self.cpu, config.train), build_optimizer(self.gpu, config.train)]
+        # What each stage would compute in on its device (the CPU stage's part always on the CPU).
+        self.precisions = [self._precision(torch.device("cpu")), self._precision(self.device)]
+
+    def _precision(self, device: torch.device) -> Precision:
+        t = self.config.train
+        precision = choose_precision(
+            t.use_mixed_precision,
+            t.mixed_precision_dtype,
+            t.allow_tf32,
+            device.type,
+            device_capability(device),
+        )
+        if precision.loss_scaling:
+            raise ValueError(
+                f"the single-process reference cannot train in {precision.name} on {device} (it needs a "
+                f'loss scale); set train.use_mixed_precision = false or train.mixed_precision_dtype = "bf16"'
+            )
+        return precision
+
+    def _autocast(self, part: int, device: torch.device):
+        dtype = self.precisions[part].autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.cpu.parameters()) + list(self.gpu.parameters())
@@ -63,29 +93,11 @@ class SingleProcessTrainer:
         multiplier = 1.0 / len(parts)  # 1 / (micro-batches x accumulation steps), as the pipeline
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        mb_losses, heads = [], {}
-        dev = self.device
-        for index, part in enumerate(parts):
-            ids, mask = part.tensors["input_ids"], part.tensors["attention_mask"]
-            torch.manual_seed(derive_seed(t.seed, step, index, 0))
-            hidden = self.cpu(ids, mask)
-            torch.manual_seed(derive_seed(t.seed, step, index, 1))  # seeds the CUDA generators too
-            outputs = self.gpu(hidden.to(dev), mask.to(dev))
-            regret_target = None
-            if self.config.regret.enabled and head_registry.regret_service_targets():
-                from redheart import calculus
-
-                regret_target = calculus.score_tensor(
-                    outputs["bentham"].detach(),
-                    self.config.regret.regrets_per_step,
-                    self.config.regret.bentham_per_regret,
-                )
-            labels = {k: part.tensors[k].to(dev) for k in head_registry.label_keys()}
-            loss, head_losses = multitask_loss(outputs, labels, regret_target, t.loss_weights)
-            (loss * multiplier * 1.0).backward()
-            mb_losses.append(float(loss.detach()))
-            for head, value in head_losses.items():
-                heads.setdefault(head, []).append(value)
+        # The stages hold their 16-bit weight copies for a whole round: so does the reference.
+        with contextlib.ExitStack() as held:
+            held.enter_context(held_weight_casts(self.precisions[0], "cpu"))
+            held.enter_context(held_weight_casts(self.precisions[1], self.device.type))
+            mb_losses, heads = self._micro_batches(step, parts, multiplier)
         params = self.parameters()
         if t.max_grad_norm > 0:
             total = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
@@ -101,3 +113,33 @@ class SingleProcessTrainer:
             "losses": {h: sum(v) / len(v) for h, v in heads.items()},
             "grad_norm": total,
         }
+
+    def _micro_batches(self, step: int, parts: Sequence[Batch], multiplier: float):
+        """Forward and backward of each micro-batch in order; returns (losses, per-head losses)."""
+        t = self.config.train
+        mb_losses, heads = [], {}
+        dev = self.device
+        for index, part in enumerate(parts):
+            ids, mask = part.tensors["input_ids"], part.tensors["attention_mask"]
+            torch.manual_seed(derive_seed(t.seed, step, index, 0))
+            with self._autocast(0, torch.device("cpu")):
+                hidden = self.cpu(ids, mask)
+            torch.manual_seed(derive_seed(t.seed, step, index, 1))  # seeds the CUDA generators too
+            with self._autocast(1, dev):
+                outputs = self.gpu(hidden.to(dev), mask.to(dev))
+            regret_target = None
+            if self.config.regret.enabled and head_registry.regret_service_targets():
+                from redheart import calculus
+
+                regret_target = calculus.score_tensor(
+                    outputs["bentham"].detach(),
+                    self.config.regret.regrets_per_step,
+                    self.config.regret.bentham_per_regret,
+                )
+            labels = {k: part.tensors[k].to(dev) for k in head_registry.label_keys()}
+            loss, head_losses = multitask_loss(outputs, labels, regret_target, t.loss_weights)
+            (loss * multiplier * 1.0).backward()
+            mb_losses.append(float(loss.detach()))
+            for head, value in head_losses.items():
+                heads.setdefault(head, []).append(value)
+        return mb_losses, heads

@@ -51,6 +51,7 @@ class Rounds:
     seen_attempts: dict[tuple[str, int], int]
     running: threading.Event
     _apply_peak: int
+    held_weight_casts: Any  # () -> context manager (StageRuntime.held_weight_casts)
 
     def run_round(self, plan: RoundPlan, link: PeerLink) -> RoundResult:
         """Run this stage's actions for one accumulation round (or an evaluation pass)."""
@@ -136,22 +137,23 @@ class Rounds:
         if self.part.device.type == "cuda" and plan.accumulation_round == 0:
             # The step's peak starts here; the previous ApplyStep's peak is kept in _apply_peak.
             torch.cuda.reset_peak_memory_stats(self.part.device)
-        for action in order:
-            mb = plan.micro_batches[action.micro_batch]
-            t0 = time.perf_counter()
-            if action.op == "F":
-                # Dropout is seeded by (seed, step, micro-batch, stage): the single-process
-                # reference seeds the same way, so both draw the same masks.
-                torch.manual_seed(derive_seed(self.train.seed, plan.step, mb.index, self.part.rank))
-                records[action.micro_batch] = self.part.forward(ctx, mb)
-                t1 = time.perf_counter()
-                ctx.timings["forward"] += t1 - t0
-            else:
-                record = records.pop(action.micro_batch)
-                per_mb[action.micro_batch] = self.part.backward(ctx, mb, record)
-                t1 = time.perf_counter()
-                ctx.timings["backward"] += t1 - t0
-            ctx.spans.append((action.op, mb.index, t0 - started, t1 - started))
+        with self.held_weight_casts():  # weights cast to 16 bits once per round, not per micro-batch
+            for action in order:
+                mb = plan.micro_batches[action.micro_batch]
+                t0 = time.perf_counter()
+                if action.op == "F":
+                    # Dropout is seeded by (seed, step, micro-batch, stage): the single-process
+                    # reference seeds the same way, so both draw the same masks.
+                    torch.manual_seed(derive_seed(self.train.seed, plan.step, mb.index, self.part.rank))
+                    records[action.micro_batch] = self.part.forward(ctx, mb)
+                    t1 = time.perf_counter()
+                    ctx.timings["forward"] += t1 - t0
+                else:
+                    record = records.pop(action.micro_batch)
+                    per_mb[action.micro_batch] = self.part.backward(ctx, mb, record)
+                    t1 = time.perf_counter()
+                    ctx.timings["backward"] += t1 - t0
+                ctx.spans.append((action.op, mb.index, t0 - started, t1 - started))
         if hasattr(self.part, "finish_round"):
             # Device parts queue their sends and keep per-micro-batch results on the device:
             # drained and read back once per round instead of once per micro-batch.
@@ -205,7 +207,7 @@ class Rounds:
         self.part.module.eval()
         outputs = []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.held_weight_casts():
                 for mb in plan.micro_batches:
                     t0 = time.perf_counter()
                     outputs.append(dict(self.part.evaluate(ctx, mb), index=mb.index))

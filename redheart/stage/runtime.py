@@ -33,7 +33,14 @@ import torch
 
 from redheart.config import TrainConfig, fingerprint
 from redheart.model import ModelShape
-from redheart.precision import Precision, PrecisionError, apply_tf32, choose_precision, device_capability
+from redheart.precision import (
+    Precision,
+    PrecisionError,
+    apply_tf32,
+    choose_precision,
+    device_capability,
+    held_weight_casts,
+)
 from redheart.stage.checks import MAX_LEARNING_RATE, MAX_STEP, check_settings, short
 from redheart.stage.contracts import EVAL_ACTIVATION, RoundPlan, RoundResult, StagePart
 from redheart.stage.errors import ErrorKind, ErrorReason, StageError
@@ -99,6 +106,10 @@ class StageRuntime(Rounds, StateIO):
         if dtype is None:
             return torch.autocast(device_type=self.part.device.type, enabled=False)
         return torch.autocast(device_type=self.part.device.type, dtype=dtype)
+
+    def held_weight_casts(self):
+        """Around a round's forwards: one 16-bit copy of the weights per round, not per micro-batch."""
+        return held_weight_casts(self.precision, self.part.device.type)
 
     def wire_dtype(self) -> torch.dtype | None:
         """The dtype activations and gradients leave this stage in: the compute dtype under mixed
