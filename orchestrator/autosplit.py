@@ -49,6 +49,7 @@ from redheart.model import (
     resolve_model_shape,
 )
 from redheart.precision import Precision, apply_tf32, choose_precision, device_capability
+from redheart.precision import autocast as precision_autocast
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +115,9 @@ def profile_device(
     """Measure one layer, the stage's fixed part and the optimizer cost on `device`, in `precision`
     (the autocast the stage will train under; fp32 when None)."""
     h = shape.hidden_size
-    dtype = precision.autocast_dtype if precision is not None else None
 
     def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+        return precision_autocast(precision, device.type)
 
     with _threads(threads), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         layer = EncoderLayer(h, shape.num_heads, shape.ffn_size, 0.0).to(device)

@@ -23,7 +23,7 @@ from redheart import heads as head_registry
 from redheart.config import HybridConfig
 from redheart.losses import multitask_loss
 from redheart.model import CpuStageModule, GpuStageModule, derive_seed, resolve_model_shape
-from redheart.precision import Precision, choose_precision, device_capability, held_weight_casts
+from redheart.precision import Precision, autocast, choose_precision, device_capability, held_weight_casts
 from redheart.stage.optimizer import build_optimizer
 
 
@@ -73,12 +73,6 @@ class SingleProcessTrainer:
             )
         return precision
 
-    def _autocast(self, part: int, device: torch.device):
-        dtype = self.precisions[part].autocast_dtype
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=dtype)
-
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.cpu.parameters()) + list(self.gpu.parameters())
 
@@ -122,10 +116,10 @@ class SingleProcessTrainer:
         for index, part in enumerate(parts):
             ids, mask = part.tensors["input_ids"], part.tensors["attention_mask"]
             torch.manual_seed(derive_seed(t.seed, step, index, 0))
-            with self._autocast(0, torch.device("cpu")):
+            with autocast(self.precisions[0], "cpu"):
                 hidden = self.cpu(ids, mask)
             torch.manual_seed(derive_seed(t.seed, step, index, 1))  # seeds the CUDA generators too
-            with self._autocast(1, dev):
+            with autocast(self.precisions[1], dev.type):
                 outputs = self.gpu(hidden.to(dev), mask.to(dev))
             regret_target = None
             if self.config.regret.enabled and head_registry.regret_service_targets():

@@ -111,6 +111,14 @@ def apply_tf32(precision: Precision, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = precision.tf32
 
 
+def autocast(precision: Precision | None, device_type: str):
+    """The autocast region a forward of a stage in ``precision`` runs in (off for fp32 or None)."""
+    dtype = precision.autocast_dtype if precision is not None else None
+    if dtype is None:
+        return torch.autocast(device_type=device_type, enabled=False)
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
 def held_weight_casts(precision: Precision, device_type: str):
     """A context that keeps autocast's 16-bit copies of the weights for all the forwards inside it.
 

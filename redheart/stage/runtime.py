@@ -37,6 +37,7 @@ from redheart.precision import (
     Precision,
     PrecisionError,
     apply_tf32,
+    autocast,
     choose_precision,
     device_capability,
     held_weight_casts,
@@ -102,10 +103,7 @@ class StageRuntime(Rounds, StateIO):
         return fingerprint(self.model_settings())
 
     def autocast(self):
-        dtype = self.precision.autocast_dtype
-        if dtype is None:
-            return torch.autocast(device_type=self.part.device.type, enabled=False)
-        return torch.autocast(device_type=self.part.device.type, dtype=dtype)
+        return autocast(self.precision, self.part.device.type)
 
     def held_weight_casts(self):
         """Around a round's forwards: one 16-bit copy of the weights per round, not per micro-batch."""
