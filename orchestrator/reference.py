@@ -89,8 +89,8 @@ class SingleProcessTrainer:
             opt.zero_grad(set_to_none=True)
         # The stages hold their 16-bit weight copies for a whole round: so does the reference.
         with contextlib.ExitStack() as held:
-            held.enter_context(held_weight_casts(self.precisions[0], "cpu"))
-            held.enter_context(held_weight_casts(self.precisions[1], self.device.type))
+            held.enter_context(held_weight_casts(self.precisions[0], "cpu", self.cpu))
+            held.enter_context(held_weight_casts(self.precisions[1], self.device.type, self.gpu))
             mb_losses, heads = self._micro_batches(step, parts, multiplier)
         params = self.parameters()
         if t.max_grad_norm > 0:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from redheart.weight_copies import linear_weight_copies
+
 DTYPES = ("auto", "bf16", "fp16")
 """Values of ``train.mixed_precision_dtype``."""
 
@@ -119,17 +121,31 @@ def autocast(precision: Precision | None, device_type: str):
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
-def held_weight_casts(precision: Precision, device_type: str):
-    """A context that keeps autocast's 16-bit copies of the weights for all the forwards inside it.
+@contextlib.contextmanager
+def held_weight_casts(precision: Precision, device_type: str, module: torch.nn.Module | None = None):
+    """A context that keeps 16-bit copies of the weights for all the forwards and backwards inside it.
 
     Each ``torch.autocast`` region casts every weight it uses and drops the copies when the
     outermost region exits. A stage runs one region per micro-batch, so the weights were cast once
     per micro-batch: for the `base` CPU stage (6 layers, bf16, 1 thread) 60 ms of every 120 ms
-    forward. Holding an outer, disabled region across a round keeps the copies (autocast's cache
-    lives until the nesting depth returns to 0) while the weights do not change; the round ends
-    before the optimizer steps. The copies are the same values, so results are unchanged; memory
-    falls, since the micro-batches in flight share one copy instead of saving one each. Backward
-    runs inside it with autocast off, as without it. fp32 (no autocast): nothing to hold."""
-    if precision.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, enabled=False)
+    forward. Two holds, for a round (the weights do not change until the optimizer steps after it):
+
+    * ``module``'s Linear weights are swapped for 16-bit leaf copies whose gradients go straight
+      into the fp32 ``.grad`` (redheart/weight_copies.py: one pass over the gradient per
+      micro-batch instead of three);
+    * an outer, disabled autocast region keeps autocast's cache for whatever else it casts
+      (the cache lives until the nesting depth returns to 0).
+
+    The copies hold the same values and the gradients sum the same numbers, so results are
+    unchanged, bit for bit; memory falls, since the micro-batches in flight share one copy instead
+    of saving one each. Backward runs inside it with autocast off, as without it. fp32 (no
+    autocast): nothing to hold."""
+    dtype = precision.autocast_dtype
+    if dtype is None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        if module is not None:
+            stack.enter_context(linear_weight_copies(module, dtype))
+        yield

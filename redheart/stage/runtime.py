@@ -106,8 +106,8 @@ class StageRuntime(Rounds, StateIO):
         return autocast(self.precision, self.part.device.type)
 
     def held_weight_casts(self):
-        """Around a round's forwards: one 16-bit copy of the weights per round, not per micro-batch."""
-        return held_weight_casts(self.precision, self.part.device.type)
+        """Around a round: one 16-bit copy of the weights per round, not per micro-batch."""
+        return held_weight_casts(self.precision, self.part.device.type, self.part.module)
 
     def wire_dtype(self) -> torch.dtype | None:
         """The dtype activations and gradients leave this stage in: the compute dtype under mixed

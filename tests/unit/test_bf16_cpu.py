@@ -10,16 +10,17 @@ FP32 = choose_precision(False, "auto", False, "cpu")
 
 
 def _round(layer, xs, mask, held):
-    """Forward+backward of each micro-batch; returns outputs and the accumulated weight gradient."""
+    """Forwards of all micro-batches, then their backwards (as 1F1B keeps several in flight);
+    returns the outputs and every accumulated gradient."""
     layer.zero_grad(set_to_none=True)
     outs = []
     with held:
         for x in xs:
             with autocast(BF16, "cpu"):
-                y = layer(x, mask)
+                outs.append(layer(x, mask))
+        for y in outs:
             y.float().sum().backward()
-            outs.append(y.detach())
-    return outs, layer.ffn_in.weight.grad.clone()
+    return [y.detach() for y in outs], {n: p.grad.clone() for n, p in layer.named_parameters()}
 
 
 def test_held_weight_casts_give_the_same_bits_as_casting_per_micro_batch():
@@ -28,10 +29,43 @@ def test_held_weight_casts_give_the_same_bits_as_casting_per_micro_batch():
     xs = [torch.randn(2, 16, 64) for _ in range(3)]
     mask = torch.ones(2, 16, dtype=torch.bool)
     plain = _round(layer, xs, mask, held_weight_casts(FP32, "cpu"))  # fp32 precision: nothing held
-    held = _round(layer, xs, mask, held_weight_casts(BF16, "cpu"))
-    for a, b in zip(plain[0], held[0]):
-        assert torch.equal(a, b)
-    assert torch.equal(plain[1], held[1])
+    for held in (held_weight_casts(BF16, "cpu"), held_weight_casts(BF16, "cpu", layer)):
+        ours = _round(layer, xs, mask, held)
+        for a, b in zip(plain[0], ours[0]):
+            assert torch.equal(a, b)
+        assert plain[1].keys() == ours[1].keys()
+        for name, grad in plain[1].items():
+            assert torch.equal(grad, ours[1][name]), name
+            assert grad.dtype == torch.float32
+
+
+def test_held_linear_copies_are_put_back_and_leave_no_hooks_behind():
+    torch.manual_seed(0)
+    layer = EncoderLayer(64, 4, 128, 0.0)
+    before = dict(layer.named_parameters())
+    x, mask = torch.randn(1, 8, 64), torch.ones(1, 8, dtype=torch.bool)
+    try:
+        with held_weight_casts(BF16, "cpu", layer):
+            assert layer.ffn_in.weight.dtype == torch.bfloat16
+            assert layer.norm1.weight.dtype == torch.float32  # not a Linear: autocast keeps it fp32
+            raise RuntimeError("a round that fails")
+    except RuntimeError:
+        pass
+    after = dict(layer.named_parameters())
+    assert before.keys() == after.keys() and all(before[n] is after[n] for n in before)
+    with autocast(BF16, "cpu"):
+        layer(x, mask).float().sum().backward()  # outside a hold: autocast's own casts, plain .grad
+    assert layer.ffn_in.weight.grad.dtype == torch.float32
+
+
+def test_a_weight_tied_to_another_kind_of_module_is_not_swapped():
+    lin = torch.nn.Linear(8, 8)
+    emb = torch.nn.Embedding(8, 8)
+    emb.weight = lin.weight
+    model = torch.nn.ModuleDict({"lin": lin, "emb": emb})
+    with held_weight_casts(BF16, "cpu", model):
+        assert lin.weight.dtype == torch.float32 and emb.weight is lin.weight
+        assert lin.bias.dtype == torch.bfloat16
 
 
 def test_weights_changed_after_the_held_region_are_cast_again():
