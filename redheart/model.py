@@ -147,6 +147,8 @@ def resolve_model_shape(cfg: ModelConfig, *, cpu_layers_override: int | None = N
     layers = base["num_layers"]
     if cpu_layers_override is not None:
         cpu_layers = cpu_layers_override
+    elif getattr(cfg, "stage_layers", None):
+        cpu_layers = cfg.stage_layers[0]  # the first stage is the CPU stage
     elif cfg.cpu_layers is not None:
         cpu_layers = cfg.cpu_layers
     elif isinstance(cfg.gpu_layers_ratio, str):
@@ -168,6 +170,17 @@ def resolve_model_shape(cfg: ModelConfig, *, cpu_layers_override: int | None = N
         dropout=float(cfg.dropout),
         init_seed=cfg.init_seed,
     )
+
+
+def stage_layer_ranges(cfg: ModelConfig) -> list[range]:
+    """The global layer indices [a, b) of each pipeline stage: from model.stage_layers when set,
+    else the two-stage split of :func:`resolve_model_shape`."""
+    shape = resolve_model_shape(cfg)
+    counts = list(cfg.stage_layers) or [shape.cpu_layers, shape.gpu_layers]
+    if sum(counts) != shape.num_layers:
+        raise ValueError(f"model.stage_layers = {counts} sums to {sum(counts)}, not {shape.num_layers}")
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [range(a, a + n) for a, n in zip(starts, counts)]
 
 
 # ----------------------------------------------------------------------------- modules

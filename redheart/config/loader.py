@@ -190,6 +190,11 @@ def _coerce(value: Any, tp: Any, where: str, dotted: str) -> Any:
             except ConfigError:
                 errors.append(_type_name(typing.get_origin(option) or option))
         raise ConfigError(f"{where}: {dotted} = {value!r} must be {' or '.join(errors)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {dotted} = {value!r} must be a list, e.g. [1, 2, 2]")
+        return [_coerce(v, item_tp, where, f"{dotted}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         _key_tp, val_tp = typing.get_args(tp)
         if not isinstance(value, Mapping):

@@ -37,6 +37,8 @@ class ModelConfig:
     """Share of transformer layers on the GPU stage (0.6: 40% on the CPU, as designed), or "auto"."""
     cpu_layers: int | None = None
     """Explicit number of transformer layers on the CPU stage (overrides gpu_layers_ratio)."""
+    stage_layers: list[int] = field(default_factory=list)
+    """Transformer layers of each pipeline stage in order, e.g. [1, 2, 2]: the first is the CPU stage (embeddings + its layers, may be 0), the rest GPU stage processes (at least 1 each, the last holds the heads); the sum must be num_layers. Empty: two stages split by cpu_layers / gpu_layers_ratio. Only two stages run today: a longer list is refused."""
     init_seed: int = 0
     """Seed of the weight initialisation; every stage initialises its own layers from it."""
     init_from: str = ""
@@ -57,6 +59,7 @@ class ModelConfig:
                 "gpu_layers_ratio",
                 f"model.gpu_layers_ratio = {self.gpu_layers_ratio} must be in (0, 1]",
             )
+        self._check_stage_layers(fail)
         if not 0 <= self.dropout < 1:
             fail("model", "dropout", f"model.dropout = {self.dropout} must be in [0, 1)")
         try:
@@ -66,6 +69,50 @@ class ModelConfig:
             resolve_model_shape(self)
         except ValueError as exc:
             fail("model", "preset", str(exc))
+
+    def _check_stage_layers(self, fail: Fail) -> None:
+        """stage_layers: at least two stages, a CPU stage of >= 0 layers, GPU stages of >= 1, the
+        model's depth in total, no contradicting cpu_layers."""
+        k = self.stage_layers
+        if not k:
+            return
+        if len(k) < 2:
+            fail("model", "stage_layers", f"model.stage_layers = {k} needs at least two stages (CPU + GPU)")
+        if k[0] < 0:
+            fail("model", "stage_layers", f"model.stage_layers[0] = {k[0]} (the CPU stage) must be >= 0")
+        for i, n in enumerate(k[1:], start=1):
+            if n < 1:
+                fail(
+                    "model",
+                    "stage_layers",
+                    f"model.stage_layers[{i}] = {n}: every GPU stage needs at least 1 layer",
+                )
+        if self.cpu_layers is not None and self.cpu_layers != k[0]:
+            fail(
+                "model",
+                "stage_layers",
+                f"model.stage_layers = {k} puts {k[0]} layers on the CPU stage but model.cpu_layers = "
+                f"{self.cpu_layers} (fix: drop model.cpu_layers)",
+            )
+        try:
+            from redheart.model import resolve_model_shape
+
+            layers = resolve_model_shape(self).num_layers
+        except ValueError:
+            return  # the shape's own error is reported below
+        if sum(k) != layers:
+            fail(
+                "model",
+                "stage_layers",
+                f"model.stage_layers = {k} sums to {sum(k)}, the model has {layers} layers (model.num_layers)",
+            )
+        if len(k) > 2:
+            fail(
+                "model",
+                "stage_layers",
+                f"model.stage_layers = {k} asks for {len(k)} stages; this version runs exactly two "
+                f"(fix: two entries, e.g. [{k[0]}, {layers - k[0]}])",
+            )
 
 
 @dataclass
