@@ -136,10 +136,14 @@ def held_weight_casts(precision: Precision, device_type: str, module: torch.nn.M
     * an outer, disabled autocast region keeps autocast's cache for whatever else it casts
       (the cache lives until the nesting depth returns to 0).
 
-    The copies hold the same values and the gradients sum the same numbers, so results are
-    unchanged, bit for bit; memory falls, since the micro-batches in flight share one copy instead
-    of saving one each. Backward runs inside it with autocast off, as without it. fp32 (no
-    autocast): nothing to hold."""
+    On CUDA (and fp16) the copies hold the same values and the gradients sum the same numbers, so
+    results are unchanged, bit for bit. bf16 on the CPU defers the Linear weight gradients: each
+    backward keeps its (input, output-gradient) rows and one matmul per flush turns them into the
+    fp32 ``.grad`` (an upcasting add per micro-batch cost ~0.9 s of a 3.4 s `base` step), so the
+    sum is rounded once per flush instead of once per micro-batch: within bf16 rounding of
+    autocast, independent of the 1F1B order. Memory falls, since the micro-batches in flight share
+    one copy instead of saving one each. Backward runs inside it with autocast off, as without it.
+    fp32 (no autocast): nothing to hold."""
     dtype = precision.autocast_dtype
     if dtype is None:
         yield
@@ -147,5 +151,7 @@ def held_weight_casts(precision: Precision, device_type: str, module: torch.nn.M
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
         if module is not None:
-            stack.enter_context(linear_weight_copies(module, dtype))
+            # Deferred weight gradients where the upcasting add is what costs: bf16 on the CPU.
+            defer = device_type == "cpu" and dtype == torch.bfloat16
+            stack.enter_context(linear_weight_copies(module, dtype, defer=defer))
         yield
