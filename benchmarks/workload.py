@@ -198,10 +198,12 @@ def main(argv=None) -> int:
         "batch": args.batch,
         "steps": args.steps,
         "cpu_count": os.cpu_count(),
+        "machine": _machine(),
         "original_steps": total_steps,
         "command": "benchmarks/workload.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "variants": {},
     }
+    print("machine:", ", ".join(f"{k} {v}" for k, v in results["machine"].items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         tokenizer = _ensure_inputs(tmp)
@@ -227,6 +229,26 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
     return 0
+
+
+def _machine() -> dict:
+    """What the figures depend on beyond the core count: bf16 runs several times faster with bf16
+    instructions (AMX, AVX512-BF16) than without, so hours measured on two machines compare only
+    when these match."""
+    import torch
+
+    from redheart.precision import cpu_native_bf16
+
+    model = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        model = names[0] if names else model
+    return {"cpu": model, "simd": torch.backends.cpu.get_cpu_capability(), "bf16_hardware": cpu_native_bf16()}
 
 
 def _print(name: str, e: dict, args, total_steps: int) -> None:

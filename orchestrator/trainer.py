@@ -45,6 +45,7 @@ from orchestrator.tally import RunTally
 from orchestrator.trace import TraceRecorder
 from redheart.config import HybridConfig
 from redheart.model import count_parameters, resolve_model_shape
+from redheart.precision import CPU_BF16_WARNING
 
 # Older import paths: `from orchestrator.trainer import RunError, OutputLock, learning_rate_at, _fmt_metrics`.
 _fmt_metrics = report.fmt_metrics
@@ -246,7 +247,10 @@ class HybridDistributedTrainer:
             step = self.services.restore(run_id, resume_info, self.init_spec)
         for s in self.services.stages:
             c = self.services.clients[s.name]
-            log.info("%s trains in %s: %s", s.name, c.precision, c.precision_reason)
+            emulated = CPU_BF16_WARNING in c.precision_reason  # slow here: say it where the user looks
+            (log.warning if emulated else log.info)(
+                "%s trains in %s: %s", s.name, c.precision, c.precision_reason
+            )
         self._set_loss_scaling(driver)
         if resume_info is not None:
             self._restore_orchestrator_state(resume_info.manifest, driver)

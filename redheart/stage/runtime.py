@@ -205,6 +205,8 @@ class StageRuntime(Rounds, StateIO):
                 precision.name,
                 precision.reason,
             )
+            if precision.warning:
+                log.warning("%s stage: %s", self.name, precision.warning)
             return self.num_parameters()
 
     def _restart_at(self, step: int) -> None:

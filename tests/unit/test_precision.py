@@ -7,7 +7,7 @@ import torch
 
 from orchestrator.pipeline import DynamicLossScale, NonFiniteError
 from redheart.config import ConfigError, HybridConfig, load_config
-from redheart.precision import PrecisionError, choose_precision
+from redheart.precision import CPU_BF16_WARNING, PrecisionError, choose_precision, cpu_native_bf16
 
 TURING, VOLTA, AMPERE, ADA, HOPPER = (7, 5), (7, 0), (8, 0), (8, 9), (9, 0)
 
@@ -118,3 +118,22 @@ def test_no_limit_and_disabled_scaler_never_stop():
         unlimited.update(True, step)
         off.update(True, step)
     assert unlimited.scale == 1.0 and off.scale == 1.0
+
+
+def test_cpu_bf16_without_the_hardware_still_runs_and_warns():
+    fast = choose_precision(True, "auto", True, "cpu", cpu_bf16=True)
+    slow = choose_precision(True, "auto", True, "cpu", cpu_bf16=False)
+    assert (fast.name, slow.name) == ("bf16", "bf16")
+    assert slow.autocast_dtype is torch.bfloat16 and not slow.loss_scaling
+    assert fast.warning == "" and CPU_BF16_WARNING not in fast.reason
+    assert slow.warning == CPU_BF16_WARNING and slow.reason.endswith(CPU_BF16_WARNING)
+    assert "AVX512-BF16" in slow.warning and "use_mixed_precision = false" in slow.warning
+    # fp32 needs no bf16 hardware: no warning either way.
+    assert choose_precision(False, "auto", True, "cpu", cpu_bf16=False).warning == ""
+
+
+def test_cpu_native_bf16_reads_torch_cpu_probes():
+    expected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cpu_native_bf16() is expected
+    default = choose_precision(True, "auto", True, "cpu")
+    assert (default.warning == "") is expected
