@@ -75,3 +75,46 @@ def test_resolve_measures_here_in_local_mode_and_refuses_remote():
                 **{"launch.mode": "remote", "cpu_stage.address": "a:1", "gpu_stage.address": "b:2"}
             )
         )
+
+
+def _on_this_cpu(cpu_threads: int, gpu_threads: int) -> HybridConfig:
+    return config(num_layers=4, hidden_size=64).replace(
+        **{"gpu_stage.device": "cpu", "cpu_stage.threads": cpu_threads, "gpu_stage.threads": gpu_threads}
+    )
+
+
+def test_one_layer_time_serves_both_stages_on_the_same_cpu():
+    choice = choose_split(_on_this_cpu(1, 1))
+    assert choice.gpu.layer_seconds == choice.cpu.layer_seconds
+    assert "measured once" in choice.reason
+
+
+def test_stages_with_different_threads_are_measured_apart(monkeypatch):
+    import orchestrator.autosplit as autosplit
+
+    measured = []
+    real = autosplit.profile_device
+
+    def spy(*args, **kwargs):
+        measured.append(kwargs.get("layer_seconds"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(autosplit, "profile_device", spy)
+    choice = choose_split(_on_this_cpu(2, 1))
+    assert measured == [None, None]
+    assert "measured once" not in choice.reason
+
+
+def test_a_timing_is_the_fastest_rep_after_a_warm_up(monkeypatch):
+    import torch
+
+    import orchestrator.autosplit as autosplit
+
+    clock = [0.0]
+    durations = iter([9.0, 0.5, 0.2, 0.7])  # the warm-up, then a neighbour's burst around the fastest rep
+    monkeypatch.setattr(autosplit.time, "perf_counter", lambda: clock[0])
+
+    def call():
+        clock[0] += next(durations)
+
+    assert autosplit._time(call, torch.device("cpu"), reps=3) == pytest.approx(0.2)
