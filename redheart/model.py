@@ -323,20 +323,50 @@ class _EmbeddingAccumulate(torch.autograd.Function):
         return None, None  # the weight's gradient is already in place
 
 
-class CpuStageModule(nn.Module):
-    """Embeddings + the first `cpu_layers` layers. forward(input_ids [B,T], mask [B,T]) -> [B,T,H]."""
+class StageModule(nn.Module):
+    """One pipeline stage: global layers ``layers`` (a range [a, b)), with the embeddings in front
+    when it is the first stage and the norm, pooler and heads behind when it is the last.
 
-    def __init__(self, shape: ModelShape, *, checkpointing: bool = False) -> None:
+    forward(inputs, mask [B,T]) -> the first stage takes input_ids [B,T], any other hidden [B,T,H];
+    the last returns the head outputs, any other hidden [B,T,H]. Sub-modules are created in the
+    order the two-stage model always created them (embeddings, layers, norm, pooler, heads), so
+    parameter names, their order and the global RNG draws of nn.Linear's own init are the same for
+    every split, every number of stages, and the whole model as one stage.
+    """
+
+    def __init__(
+        self, shape: ModelShape, layers: range, *, embeddings: bool, heads: bool, checkpointing: bool = False
+    ) -> None:
         super().__init__()
         self.shape = shape
-        self.token = nn.Embedding(shape.vocab_size, shape.hidden_size)
-        self.position = nn.Embedding(shape.max_seq_len, shape.hidden_size)
-        self.dropout = nn.Dropout(shape.dropout)
-        init_weights(self.token, shape.init_seed, "embeddings.token")
-        init_weights(self.position, shape.init_seed, "embeddings.position")
-        self.stack = _LayerStack(shape, range(0, shape.cpu_layers), checkpointing)
+        self.has_embeddings, self.has_heads = embeddings, heads
+        h = shape.hidden_size
+        if embeddings:
+            self.token = nn.Embedding(shape.vocab_size, h)
+            self.position = nn.Embedding(shape.max_seq_len, h)
+            self.dropout = nn.Dropout(shape.dropout)
+            init_weights(self.token, shape.init_seed, "embeddings.token")
+            init_weights(self.position, shape.init_seed, "embeddings.position")
+        self.stack = _LayerStack(shape, layers, checkpointing)
+        if heads:
+            self.norm = nn.LayerNorm(h)
+            self.pooler = nn.Linear(h, h)
+            # One linear layer per registered head, created in registry order (emotion, bentham,
+            # judgment, regret, ...): parameter names heads.<name>.*, their order, and the global RNG
+            # that nn.Linear's own init draws from all stay those of the four-head model.
+            self.head_specs = head_registry.heads()
+            for spec in self.head_specs:
+                self.add_module(spec.name, nn.Linear(h, spec.size))
+            for name in ("norm", "pooler", *(spec.name for spec in self.head_specs)):
+                init_weights(getattr(self, name), shape.init_seed, f"heads.{name}")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor):
+        mask = attention_mask.bool()
+        x = self._embed(inputs) if self.has_embeddings else inputs  # [B, T, H]
+        x = self.stack(x, mask)  # [B, T, H]
+        return self._heads(x, mask) if self.has_heads else x
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         b, t = input_ids.shape
         if t > self.shape.max_seq_len:
             raise ValueError(
@@ -348,36 +378,10 @@ class CpuStageModule(nn.Module):
         else:
             tokens = self.token(input_ids)  # [B, T, H]
         x = tokens + self.position(positions)[None]  # [B, T, H]
-        x = self.dropout(x)
-        return self.stack(x, attention_mask.bool())
+        return self.dropout(x)
 
-    def global_named_parameters(self):
-        for name, p in self.named_parameters():
-            yield _global_name(name), p
-
-
-class GpuStageModule(nn.Module):
-    """Remaining layers + norm + pooling + heads. forward(hidden [B,T,H], mask [B,T]) -> head outputs."""
-
-    def __init__(self, shape: ModelShape, *, checkpointing: bool = False) -> None:
-        super().__init__()
-        self.shape = shape
-        h = shape.hidden_size
-        self.stack = _LayerStack(shape, range(shape.cpu_layers, shape.num_layers), checkpointing)
-        self.norm = nn.LayerNorm(h)
-        self.pooler = nn.Linear(h, h)
-        # One linear layer per registered head, created in registry order (emotion, bentham,
-        # judgment, regret, ...): parameter names heads.<name>.*, their order, and the global RNG
-        # that nn.Linear's own init draws from all stay those of the four-head model.
-        self.head_specs = head_registry.heads()
-        for spec in self.head_specs:
-            self.add_module(spec.name, nn.Linear(h, spec.size))
-        for name in ("norm", "pooler", *(spec.name for spec in self.head_specs)):
-            init_weights(getattr(self, name), shape.init_seed, f"heads.{name}")
-
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        mask = attention_mask.bool()
-        x = self.norm(self.stack(hidden, mask))  # [B, T, H]
+    def _heads(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.norm(hidden)  # [B, T, H]
         weights = mask.to(x.dtype)[..., None]  # [B, T, 1]
         pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # [B, H]
         pooled = torch.tanh(self.pooler(pooled))  # [B, H]
@@ -392,6 +396,28 @@ class GpuStageModule(nn.Module):
     def global_named_parameters(self):
         for name, p in self.named_parameters():
             yield _global_name(name), p
+
+
+class CpuStageModule(StageModule):
+    """Embeddings + the first `cpu_layers` layers. forward(input_ids [B,T], mask [B,T]) -> [B,T,H]."""
+
+    def __init__(self, shape: ModelShape, *, checkpointing: bool = False) -> None:
+        super().__init__(
+            shape, range(0, shape.cpu_layers), embeddings=True, heads=False, checkpointing=checkpointing
+        )
+
+
+class GpuStageModule(StageModule):
+    """Remaining layers + norm + pooling + heads. forward(hidden [B,T,H], mask [B,T]) -> head outputs."""
+
+    def __init__(self, shape: ModelShape, *, checkpointing: bool = False) -> None:
+        super().__init__(
+            shape,
+            range(shape.cpu_layers, shape.num_layers),
+            embeddings=False,
+            heads=True,
+            checkpointing=checkpointing,
+        )
 
 
 def _global_name(local: str) -> str:
