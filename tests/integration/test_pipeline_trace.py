@@ -44,6 +44,54 @@ def _check_format(trace: dict) -> None:
     assert not begun
 
 
+def _check_one_clock(trace: dict, spans: list[dict], step: int) -> None:
+    """The stages' spans of `step` on the orchestrator's clock, and 1F1B overlapping them."""
+    rtt = trace["otherData"]["clock_round_trips_seconds"]
+    tolerance = max(2000.0, 1e6 * (rtt["cpu stage"] + rtt["gpu stage"]) / 2)  # microseconds
+    fwd = {
+        st: {
+            s["args"]["micro_batch"]: s
+            for s in spans
+            if s["process"] == st and s["args"]["step"] == step and s["args"].get("action") == "F"
+        }
+        for st in ("cpu stage", "gpu stage")
+    }
+    bwd = {
+        st: {
+            s["args"]["micro_batch"]: s
+            for s in spans
+            if s["process"] == st and s["args"]["step"] == step and s["args"].get("action") == "B"
+        }
+        for st in ("cpu stage", "gpu stage")
+    }
+    sent = {}  # micro-batch -> when the CPU stage's sender began pushing its activation
+    for s in spans:
+        if (
+            s["process"] == "cpu stage"
+            and s["args"]["step"] == step
+            and s["args"].get("action") == "send activation"
+        ):
+            mb = s["args"]["micro_batch"]
+            sent[mb] = min(sent.get(mb, s["start"]), s["start"])
+    assert len(fwd["cpu stage"]) == len(fwd["gpu stage"]) == len(sent) == 8
+    # One clock, checked only by causality (each stage's offset is off by at most half its round
+    # trip): the GPU stage's forward of a micro-batch ends after the CPU stage's sender began
+    # pushing that activation, and the CPU stage's backward ends after the GPU stage's backward
+    # began. Not against the end of the CPU stage's forward: under load its compute thread can be
+    # preempted after queueing the send, while the GPU stage already computes on the tensor.
+    for mb in range(8):
+        assert fwd["gpu stage"][mb]["end"] >= sent[mb] - tolerance, (step, mb)
+        assert bwd["cpu stage"][mb]["end"] >= bwd["gpu stage"][mb]["start"] - tolerance, (step, mb)
+    # 1F1B at work: the two stages compute forwards at the same time.
+    overlaps = [
+        (a, b)
+        for a in fwd["cpu stage"].values()
+        for b in fwd["gpu stage"].values()
+        if a["start"] < b["end"] and b["start"] < a["end"]
+    ]
+    assert overlaps, f"step {step}: no forward of the cpu stage overlaps one of the gpu stage"
+
+
 def test_trace_of_steps_1_to_2_has_every_process_on_one_clock(tmp_path, tiny_toml):
     out = tmp_path / "run"
     result = run_cli(
@@ -86,51 +134,8 @@ def test_trace_of_steps_1_to_2_has_every_process_on_one_clock(tmp_path, tiny_tom
     assert len(regret) == 2 * 8  # every micro-batch's regret request, both steps
     assert set(trace["otherData"]["clock_offsets_seconds"]) == {"orchestrator", "cpu stage", "gpu stage"}
 
-    rtt = trace["otherData"]["clock_round_trips_seconds"]
-    tolerance = max(2000.0, 1e6 * (rtt["cpu stage"] + rtt["gpu stage"]) / 2)  # microseconds
     for step in (1, 2):
-        fwd = {
-            st: {
-                s["args"]["micro_batch"]: s
-                for s in spans
-                if s["process"] == st and s["args"]["step"] == step and s["args"].get("action") == "F"
-            }
-            for st in ("cpu stage", "gpu stage")
-        }
-        bwd = {
-            st: {
-                s["args"]["micro_batch"]: s
-                for s in spans
-                if s["process"] == st and s["args"]["step"] == step and s["args"].get("action") == "B"
-            }
-            for st in ("cpu stage", "gpu stage")
-        }
-        sent = {}  # micro-batch -> when the CPU stage's sender began pushing its activation
-        for s in spans:
-            if (
-                s["process"] == "cpu stage"
-                and s["args"]["step"] == step
-                and s["args"].get("action") == "send activation"
-            ):
-                mb = s["args"]["micro_batch"]
-                sent[mb] = min(sent.get(mb, s["start"]), s["start"])
-        assert len(fwd["cpu stage"]) == len(fwd["gpu stage"]) == len(sent) == 8
-        # One clock, checked only by causality (each stage's offset is off by at most half its round
-        # trip): the GPU stage's forward of a micro-batch ends after the CPU stage's sender began
-        # pushing that activation, and the CPU stage's backward ends after the GPU stage's backward
-        # began. Not against the end of the CPU stage's forward: under load its compute thread can be
-        # preempted after queueing the send, while the GPU stage already computes on the tensor.
-        for mb in range(8):
-            assert fwd["gpu stage"][mb]["end"] >= sent[mb] - tolerance, (step, mb)
-            assert bwd["cpu stage"][mb]["end"] >= bwd["gpu stage"][mb]["start"] - tolerance, (step, mb)
-        # 1F1B at work: the two stages compute forwards at the same time.
-        overlaps = [
-            (a, b)
-            for a in fwd["cpu stage"].values()
-            for b in fwd["gpu stage"].values()
-            if a["start"] < b["end"] and b["start"] < a["end"]
-        ]
-        assert overlaps, f"step {step}: no forward of the cpu stage overlaps one of the gpu stage"
+        _check_one_clock(trace, spans, step)
     report = json.loads((out / "report.json").read_text())
     assert report["trace"]["json"] == str(out / "trace.json")
     assert (out / "trace-step-2.png").stat().st_size > 10_000
