@@ -273,6 +273,7 @@ def predict_step_seconds(
 
 def _measure(
     config: HybridConfig,
+    gpu_device: torch.device,
     shape: ModelShape,
     mb: int,
     seq: int,
@@ -282,12 +283,10 @@ def _measure(
     """Both stages' profiles (the given ones as they are), and whether one layer time serves both."""
     import os
 
-    from gpu_stage.logic import resolve_device
     from orchestrator.launcher import stage_threads
 
     cores = os.cpu_count() or 1
     cpu_threads = config.cpu_stage.threads or stage_threads(config, cores)[0]
-    gpu_device = resolve_device(config.gpu_stage.device)
     gpu_threads = config.gpu_stage.threads or stage_threads(config, cores)[1]
     cpu = cpu_profile or profile_device(
         shape,
@@ -333,10 +332,10 @@ def choose_split(
     # positions. Per-layer times scale alike on both devices; the embedding update does not.
     seq = shape.max_seq_len if t.pad_to_multiple_of == 0 else min(shape.max_seq_len, 64)
     mb = t.micro_batch_size
-    cpu, gpu, same = _measure(config, shape, mb, seq, cpu_profile, gpu_profile)
     from gpu_stage.logic import resolve_device
 
-    gpu_on_cuda = resolve_device(config.gpu_stage.device).type == "cuda"
+    gpu_device = resolve_device(config.gpu_stage.device)
+    cpu, gpu, same = _measure(config, gpu_device, shape, mb, seq, cpu_profile, gpu_profile)
     wire = wire_seconds(shape, mb, seq, config.wire.codec) * config.micro_batches
     choice = SplitChoice(
         cpu_layers=-1, predicted_step_seconds=float("inf"), cpu=cpu, gpu=gpu, wire_seconds=wire
@@ -345,7 +344,7 @@ def choose_split(
     for k in range(0, shape.num_layers + 1):
         candidate = ModelShape(**{**shape.__dict__, "cpu_layers": k})
         # The estimate pre-flight and the stage itself enforce (checkpointing, autocast cache, CUDA context).
-        need = stage_estimates(config, candidate, gpu_on_cuda=gpu_on_cuda)["gpu"]["total"]
+        need = stage_estimates(config, candidate, gpu_on_cuda=gpu_device.type == "cuda")["gpu"]["total"]
         if need > budget:
             choice.excluded[k] = (
                 f"GPU stage needs ~{need / 1024**3:.2f} GiB > gpu_memory_gb {config.gpu_stage.gpu_memory_gb}"

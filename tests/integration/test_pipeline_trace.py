@@ -44,26 +44,21 @@ def _check_format(trace: dict) -> None:
     assert not begun
 
 
+def _by_micro_batch(spans: list[dict], process: str, step: int, action: str) -> dict[int, dict]:
+    """The spans of one action of `process` in `step`, by micro-batch."""
+    return {
+        s["args"]["micro_batch"]: s
+        for s in spans
+        if s["process"] == process and s["args"]["step"] == step and s["args"].get("action") == action
+    }
+
+
 def _check_one_clock(trace: dict, spans: list[dict], step: int) -> None:
     """The stages' spans of `step` on the orchestrator's clock, and 1F1B overlapping them."""
     rtt = trace["otherData"]["clock_round_trips_seconds"]
     tolerance = max(2000.0, 1e6 * (rtt["cpu stage"] + rtt["gpu stage"]) / 2)  # microseconds
-    fwd = {
-        st: {
-            s["args"]["micro_batch"]: s
-            for s in spans
-            if s["process"] == st and s["args"]["step"] == step and s["args"].get("action") == "F"
-        }
-        for st in ("cpu stage", "gpu stage")
-    }
-    bwd = {
-        st: {
-            s["args"]["micro_batch"]: s
-            for s in spans
-            if s["process"] == st and s["args"]["step"] == step and s["args"].get("action") == "B"
-        }
-        for st in ("cpu stage", "gpu stage")
-    }
+    fwd = {st: _by_micro_batch(spans, st, step, "F") for st in ("cpu stage", "gpu stage")}
+    bwd = {st: _by_micro_batch(spans, st, step, "B") for st in ("cpu stage", "gpu stage")}
     sent = {}  # micro-batch -> when the CPU stage's sender began pushing its activation
     for s in spans:
         if (
