@@ -62,8 +62,9 @@ class ServiceSpec:
     take a while), instead of from just before the ready line (the stages)."""
     watch_parent: bool = True
     """Stop when the orchestrator that started the process is gone (redheart.process.watch_parent)."""
-    grace: float = 10.0
-    """Seconds the in-flight calls get to finish after a signal."""
+    grace: float | None = 10.0
+    """Seconds the in-flight calls get to finish after a signal (None: the server's own default,
+    the regret service's ``regret.drain_seconds``)."""
 
 
 @dataclass
@@ -71,7 +72,8 @@ class Started:
     """A started server, as a service's ``build`` callable returns it."""
 
     server: Any
-    """Has ``stop(grace)``: health NOT_SERVING, in-flight calls finish, threads joined."""
+    """Has ``stop(grace)``: health NOT_SERVING, in-flight calls finish, threads joined
+    (``stop(None)``: the server's own grace)."""
     port: int
     registry: Any
     """The prometheus CollectorRegistry /metrics serves."""

@@ -30,7 +30,6 @@ import click
 from redheart.cli_common import ServiceArgs, command, config_options, invoke, port_type
 from redheart.service_main import ServiceSpec, Started, run_service
 
-GRACE_SECONDS = 10.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 log = logging.getLogger("regret_service")
@@ -105,10 +104,10 @@ def _spec() -> ServiceSpec:
             ((ConfigError,), 2, "redheart-regret: {exc}"),
             ((OSError, RuntimeError), 1, "redheart-regret: cannot start: {exc}"),
         ),
-        drain_note=f"health NOT_SERVING, in-flight calls get {GRACE_SECONDS:.0f} s",
+        drain_note="health NOT_SERVING, draining the calls in flight (regret.drain_seconds)",
         signals_before_start=True,  # starting the workers takes a while: a signal meanwhile stops it once up
         watch_parent=False,  # as it always was: only the stages watch the orchestrator
-        grace=GRACE_SECONDS,
+        grace=None,  # regret.drain_seconds, which the server holds
     )
 
 

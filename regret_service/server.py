@@ -3,7 +3,7 @@
 Start-up order: bind the port (so port 0 is resolved and reported early) and start gRPC with health
 NOT_SERVING, then start the worker processes, then health SERVING. Shutdown is the reverse: health
 NOT_SERVING first (load balancers and the orchestrator stop sending), then gRPC stops accepting and
-lets in-flight calls finish within the grace period, then the workers are stopped.
+lets in-flight calls finish within ``regret.drain_seconds``, then the workers are stopped.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class RegretServer:
         servicer: RegretServicer,
         host: str,
         port: int,
+        drain_seconds: float = 10.0,
     ) -> None:
         self.grpc_server = grpc_server
         self.health = health
@@ -54,6 +55,7 @@ class RegretServer:
         self.registry = metrics.registry
         self.host = host
         self.port = port
+        self.drain_seconds = drain_seconds
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
 
@@ -62,13 +64,31 @@ class RegretServer:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::", "[::]") else self.host
         return f"[{host}]:{self.port}" if ":" in host and not host.startswith("[") else f"{host}:{self.port}"
 
-    def stop(self, grace: float = 10.0) -> None:
-        """Health NOT_SERVING, stop gRPC letting in-flight calls finish within ``grace``, stop the workers."""
+    def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, stop gRPC letting in-flight calls finish within ``grace`` seconds
+        (default: regret.drain_seconds), stop the workers. A call still running at the end of the
+        drain is cancelled (its client sees it fail and retries elsewhere or later), and said so."""
+        grace = self.drain_seconds if grace is None else grace
         with self._stop_lock:
             if self._stopped.is_set():
                 return
             set_serving(self.health, False, [SERVICE_FULL_NAME])
+            log.info(
+                "regret service stopping: %d Score call(s) in flight get up to %.1f s",
+                self.servicer.calls_in_flight,
+                grace,
+            )
             self.grpc_server.stop(grace).wait()
+            # The handlers of cancelled calls are still waiting on the workers here; answered ones
+            # have left Score before gRPC sent their reply.
+            unanswered = self.servicer.calls_in_flight
+            if unanswered:
+                log.warning(
+                    "regret service: the drain of %.1f s ran out with %d Score call(s) unanswered; "
+                    "they were cancelled (regret.drain_seconds gives them longer)",
+                    grace,
+                    unanswered,
+                )
             self.pool.shutdown()
             self._stopped.set()
             log.info("regret service on port %d stopped", self.port)
@@ -146,4 +166,5 @@ def create_server(
         r.max_batch,
         config.security.describe(),
     )
-    return RegretServer(grpc_server, health, pool, metrics, servicer, host, bound), bound
+    server = RegretServer(grpc_server, health, pool, metrics, servicer, host, bound, r.drain_seconds)
+    return server, bound

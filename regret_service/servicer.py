@@ -15,9 +15,11 @@ envelope (run_id, step, micro_batch) so a client's retry of a request that did f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -65,14 +67,31 @@ class RegretServicer(regret_pb2_grpc.RegretServiceServicer):
             tuple[str, int, int], tuple[regret_pb2.ScoreRequest, regret_pb2.ScoreResponse, int]
         ] = OrderedDict()
         self._cached_bytes = 0
+        self._active = 0
         self._lock = threading.Lock()
 
     @rpc_method
     def Score(
         self, request: regret_pb2.ScoreRequest, context: grpc.ServicerContext
     ) -> regret_pb2.ScoreResponse:
-        with self.metrics.in_flight.track_inprogress():
+        with self.metrics.in_flight.track_inprogress(), self._counted():
             return self._score(request, context)
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Score calls inside the handler now (a stopping server reports those it cancels)."""
+        with self._lock:
+            return self._active
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        with self._lock:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
 
     def _score(
         self, request: regret_pb2.ScoreRequest, context: grpc.ServicerContext

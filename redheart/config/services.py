@@ -40,6 +40,8 @@ class RegretConfig:
     """Deadline of one Score call; the GPU stage retries within the step deadline."""
     cache_mb: int = 64
     """Memory (MiB, requests and responses) the regret service keeps to answer retried calls."""
+    drain_seconds: float = 10.0
+    """Seconds a stopping regret service gives the calls in flight; those still running are cancelled."""
 
     def check(self, fail: Fail) -> None:
         """This section's own rules (its ports are checked with the other endpoints)."""
@@ -54,6 +56,8 @@ class RegretConfig:
             )
         if self.lookahead < 0:
             fail("regret", "lookahead", f"regret.lookahead = {self.lookahead} must be >= 0")
+        if not self.drain_seconds >= 0:  # also refuses nan
+            fail("regret", "drain_seconds", f"regret.drain_seconds = {self.drain_seconds} must be >= 0")
         if self.cache_mb < 0:
             fail("regret", "cache_mb", f"regret.cache_mb = {self.cache_mb} must be >= 0 (0: no cache)")
 

@@ -19,7 +19,7 @@ from orchestrator.stage_client import micro_batch_message
 from orchestrator.stages import plan_inputs
 from redheart.v1 import stage_pb2, tensor_pb2
 
-GRACE = 10.0  # the services' drain period (redheart.service_main.ServiceSpec.grace, regret_service.cli.GRACE_SECONDS)
+GRACE = 10.0  # the services' drain period (redheart.service_main.ServiceSpec.grace, regret.drain_seconds)
 SLACK = 5.0  # process start-up of the interpreter's exit, a loaded 2-core CI machine
 PEER_WAIT = 20.0  # deadline_seconds of the RunSteps in flight: longer than the grace period
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
