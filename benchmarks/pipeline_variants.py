@@ -261,7 +261,7 @@ def run_ours(args, cpu_layers: int, codec: str = "raw") -> dict:
             settings = {"train": dataclasses.asdict(cfg.train), "regret": dataclasses.asdict(cfg.regret)}
             cpu, gpu = clients["cpu_stage"], clients["gpu_stage"]
             start_stages([cpu, gpu], "bench", settings, regret_address="")
-            driver = PipelineDriver(cpu, gpu, cfg, "bench")
+            driver = PipelineDriver((cpu, gpu), cfg, "bench")
             data = batch(args)
             outcomes = []
             for i in range(args.warmup + args.steps):

@@ -1,10 +1,11 @@
-"""CPU stage logic (torch only): embeddings + layers [0, cpu_layers), first stage of the pipeline."""
+"""CPU stage logic (torch only): embeddings + layers [0, k0), first stage of the pipeline."""
 
 from __future__ import annotations
 
 import torch
 
-from redheart.model import CpuStageModule, ModelShape
+from redheart.model import ModelShape, StageModule
+from redheart.stage.checks import check_hidden
 from redheart.stage.contracts import (
     ACTIVATION,
     EVAL_ACTIVATION,
@@ -22,9 +23,19 @@ class CpuStagePart:
     num_stages = 2
     receives = frozenset({GRADIENT})
 
-    def __init__(self, shape: ModelShape, *, checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        shape: ModelShape,
+        *,
+        checkpointing: bool = False,
+        layers: range | None = None,
+        num_stages: int = 2,
+    ) -> None:
+        """``layers``: the global layer indices it holds (default: the two-stage split's)."""
         self.device = torch.device("cpu")
-        self.module = CpuStageModule(shape, checkpointing=checkpointing)
+        self.num_stages = num_stages
+        layers = range(0, shape.cpu_layers) if layers is None else layers
+        self.module = StageModule(shape, layers, embeddings=True, heads=False, checkpointing=checkpointing)
 
     def _inputs(self, mb: MicroBatchInputs) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -68,7 +79,7 @@ class CpuStagePart:
         return ForwardRecord(output=out)
 
     def backward(self, ctx: RoundContext, mb: MicroBatchInputs, record: ForwardRecord) -> dict:
-        grad = ctx.receive(GRADIENT, mb.index, f"the gradient of micro-batch {mb.index} from the gpu stage")
+        grad = ctx.receive(GRADIENT, mb.index, f"the gradient of micro-batch {mb.index} from the next stage")
         assert record.output is not None
         if grad.shape != record.output.shape:
             raise StageError(
@@ -87,12 +98,7 @@ class CpuStagePart:
         return {}
 
     def check_tensor(self, kind: str, tensor: torch.Tensor) -> None:
-        h = self.module.shape.hidden_size
-        if tensor.ndim != 3 or tensor.shape[-1] != h or not tensor.is_floating_point():
-            raise StageError(
-                ErrorKind.INVALID,
-                f"{kind} must be a float tensor [batch, seq, {h}], got {tensor.dtype} {list(tensor.shape)}",
-            )
+        check_hidden(kind, tensor, self.module.shape.hidden_size)
 
 
 def _for_wire(ctx: RoundContext, tensor: torch.Tensor) -> torch.Tensor:

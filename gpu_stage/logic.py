@@ -20,7 +20,8 @@ import torch
 from gpu_stage.transfer import DeviceToHostSender, to_device
 from redheart import heads as head_registry
 from redheart.losses import label_counts, multitask_loss
-from redheart.model import GpuStageModule, ModelShape
+from redheart.model import ModelShape, StageModule
+from redheart.stage.checks import check_hidden
 from redheart.stage.contracts import (
     ACTIVATION,
     EVAL_ACTIVATION,
@@ -99,9 +100,18 @@ class GpuStagePart:
         max_message_mb: int = 512,
         security: Any = None,
         budget_bytes: int = 0,
+        layers: range | None = None,
+        rank: int = 1,
+        num_stages: int = 2,
     ) -> None:
+        """``layers``: the global layer indices it holds (default: the two-stage split's); ``rank``
+        and ``num_stages``: its place in the pipeline (it is the last stage)."""
         self.device = resolve_device(device)
-        self.module = GpuStageModule(shape, checkpointing=checkpointing).to(self.device)
+        self.rank, self.num_stages = rank, num_stages
+        self.previous = "the cpu stage" if rank == 1 else f"stage {rank - 1}"
+        layers = range(shape.cpu_layers, shape.num_layers) if layers is None else layers
+        module = StageModule(shape, layers, embeddings=False, heads=True, checkpointing=checkpointing)
+        self.module = module.to(self.device)
         self.max_message_mb = max_message_mb
         self.security = (
             security  # [security] of this process: TLS / mTLS and the token toward the regret service
@@ -242,7 +252,7 @@ class GpuStagePart:
     def forward(self, ctx: RoundContext, mb: MicroBatchInputs) -> ForwardRecord:
         self.check_labels(mb)
         act = ctx.receive(
-            ACTIVATION, mb.index, f"the activation of micro-batch {mb.index} from the cpu stage"
+            ACTIVATION, mb.index, f"the activation of micro-batch {mb.index} from {self.previous}"
         )
         host_mask = self._mask(mb)
         if act.shape[:2] != host_mask.shape:
@@ -379,7 +389,7 @@ class GpuStagePart:
         act = ctx.receive(
             EVAL_ACTIVATION,
             mb.index,
-            f"the evaluation activation of micro-batch {mb.index} from the cpu stage",
+            f"the evaluation activation of micro-batch {mb.index} from {self.previous}",
         )
         mask = to_device(self._mask(mb), self.device)
         with ctx.autocast():
@@ -387,9 +397,4 @@ class GpuStagePart:
         return {"outputs": {k: v.detach().float().cpu() for k, v in outputs.items()}}
 
     def check_tensor(self, kind: str, tensor: torch.Tensor) -> None:
-        h = self.module.shape.hidden_size
-        if tensor.ndim != 3 or tensor.shape[-1] != h or not tensor.is_floating_point():
-            raise StageError(
-                ErrorKind.INVALID,
-                f"{kind} must be a float tensor [batch, seq, {h}], got {tensor.dtype} {list(tensor.shape)}",
-            )
+        check_hidden(kind, tensor, self.module.shape.hidden_size)

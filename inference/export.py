@@ -2,7 +2,7 @@
 
 Everything is checked before anything is written: the manifest (a step without one does not
 exist), each shard's stage.json, the sha256 of each weights file against both its stage.json and
-the manifest, that both shards belong to the manifest's run, step and model, that together they
+the manifest, that every shard belongs to the manifest's run, step and model, that together they
 hold every parameter of the unsplit model exactly once, and the tokenizer's sha256. The folder is
 then written next to its destination and renamed into place (redheart/model_folder.py).
 """
@@ -22,7 +22,7 @@ from redheart.model import CpuStageModule, GpuStageModule, ModelShape, count_par
 from redheart.model_folder import ModelFolderError, sha256_file
 
 MANIFEST = "manifest.json"
-STAGES = ("cpu", "gpu")
+STAGES = tuple(model_folder.shard_directory(n) for n in model_folder.TWO_STAGES)  # ("cpu", "gpu")
 MAX_JSON_BYTES = 64 << 20
 
 
@@ -69,10 +69,11 @@ def _shape_from(settings: Any, where: Path) -> ModelShape:
 
 
 def _read_shard(
-    directory: Path, stage: str, manifest: dict[str, Any]
+    directory: Path, name: str, manifest: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], ModelShape]:
-    shard = directory / stage
-    meta = _read_json(shard / "stage.json", f"the {stage} stage shard is incomplete")
+    """The weights and model shape of stage ``name``'s shard ("cpu_stage", "gpu_stage_1", ...)."""
+    shard = directory / model_folder.shard_directory(name)
+    meta = _read_json(shard / "stage.json", f"the {name.replace('_', ' ')} shard is incomplete")
     for key in ("run_id", "step", "model_fingerprint"):
         if meta.get(key) != manifest.get(key):
             raise ModelFolderError(
@@ -88,7 +89,7 @@ def _read_shard(
         raise ModelFolderError(
             f"{weights} is corrupt: sha256 {actual[:16]}... differs from {shard / 'stage.json'}"
         )
-    in_manifest = ((manifest.get("shards") or {}).get(f"{stage}_stage") or {}).get("sha256")
+    in_manifest = ((manifest.get("shards") or {}).get(name) or {}).get("sha256")
     if in_manifest is not None and in_manifest != actual:
         raise ModelFolderError(f"{weights} is not the file {directory / MANIFEST} recorded (sha256 differs)")
     try:
@@ -138,18 +139,19 @@ def export_checkpoint(
     manifest = _read_json(directory / MANIFEST, "not a complete checkpoint")
     weights: dict[str, torch.Tensor] = {}
     shapes = []
-    for stage in STAGES:
-        tensors, shape = _read_shard(directory, stage, manifest)
+    for name in model_folder.checkpoint_stages(manifest):
+        tensors, shape = _read_shard(directory, name, manifest)
         twice = sorted(set(tensors) & set(weights))
         if twice:
+            shard = model_folder.shard_directory(name)
             raise ModelFolderError(
-                f"{directory / stage / 'weights.safetensors'} repeats parameters of another shard: {twice[:5]}"
+                f"{directory / shard / 'weights.safetensors'} repeats parameters of another shard: {twice[:5]}"
             )
         weights.update(tensors)
         shapes.append(shape)
     shape = shapes[0]
-    if shapes[1] != shape:
-        raise ModelFolderError(f"{directory}: the cpu and gpu shards were written by different models")
+    if any(s != shape for s in shapes[1:]):
+        raise ModelFolderError(f"{directory}: the stage shards were written by different models")
     expected = full_model_parameters(shape)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:

@@ -381,8 +381,9 @@ def choose_split(
 
 def resolve_auto_split(config: HybridConfig) -> tuple[HybridConfig, SplitChoice | None]:
     """Replace gpu_layers_ratio = "auto" by a measured model.cpu_layers (local launch only)."""
-    if config.model.gpu_layers_ratio != "auto" or config.model.cpu_layers is not None:
-        return config, None
+    m = config.model
+    if m.gpu_layers_ratio != "auto" or m.cpu_layers is not None or m.stage_layers:
+        return config, None  # a split given explicitly (model.stage_layers names every stage's layers)
     if config.launch.mode != "local":
         raise ValueError(
             'model.gpu_layers_ratio = "auto" measures both devices on this host before starting the stages, so it needs '

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from redheart import model_folder
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -72,9 +74,10 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported checkpoint format {manifest.get('format_version')!r}")
-    for stage in ("cpu", "gpu"):
-        if not (directory / stage / "stage.json").is_file():
-            raise CheckpointError(f"{directory}: the {stage} stage shard is missing")
+    for name in model_folder.checkpoint_stages(manifest):
+        shard = model_folder.shard_directory(name)
+        if not (directory / shard / "stage.json").is_file():
+            raise CheckpointError(f"{directory}: the {name.replace('_', ' ')} shard ({shard}/) is missing")
     return manifest
 
 

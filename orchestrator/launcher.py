@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.stages import STAGE_NAMES
+from orchestrator.stages import StageSpec, stage_specs
 from redheart.config import HybridConfig
 
 log = logging.getLogger(__name__)
@@ -155,28 +155,32 @@ def gpu_stage_on_cuda(config: HybridConfig) -> bool:
     return device.startswith("cuda")
 
 
-def stage_threads(config: HybridConfig, cores: int) -> tuple[int, int]:
-    """torch intra-op threads of the (CPU stage, GPU stage) on a machine of `cores` cores.
+def stage_threads(config: HybridConfig, cores: int) -> tuple[int, ...]:
+    """torch intra-op threads of each stage, in pipeline order, on a machine of `cores` cores.
 
-    With the GPU stage on CUDA, its host thread only launches kernels and copies: one or two threads
-    do, and every other core goes to the CPU stage, which then sets the pace of the pipeline. With
-    both stages on the CPU, the cores are shared in proportion to each stage's layers (the embedding
-    lookup is cheap; its gradient and AdamW update count as about one layer), so neither stage waits
-    on the other for lack of threads.
+    With the GPU stages on CUDA, their host threads only launch kernels and copies: one or two
+    threads do, and every other core goes to the CPU stage, which then sets the pace of the
+    pipeline. With every stage on the CPU, the cores are shared in proportion to each stage's layers
+    (the embedding lookup is cheap; its gradient and AdamW update count as about one layer; the
+    heads and losses as half of one), so no stage waits on another for lack of threads.
     """
+    from redheart.model import stage_layer_ranges
+
+    ranges = stage_layer_ranges(config.model)
+    p = len(ranges)
     if cores <= 1:
-        return 1, 1
+        return (1,) * p
     if gpu_stage_on_cuda(config):
         gpu = 1 if cores < 8 else 2
-        return max(1, cores - gpu), gpu
-    from redheart.model import resolve_model_shape
-
-    shape = resolve_model_shape(config.model)
-    cpu_work = shape.cpu_layers + 1
-    gpu_work = shape.gpu_layers + 0.5  # the heads and losses: small next to a layer
-    cpu = round(cores * cpu_work / (cpu_work + gpu_work))
-    cpu = min(cores - 1, max(1, cpu))
-    return cpu, cores - cpu
+        return (max(1, cores - gpu * (p - 1)), *(gpu,) * (p - 1))
+    work = [len(r) + (1.0 if i == 0 else 0.0) + (0.5 if i == p - 1 else 0.0) for i, r in enumerate(ranges)]
+    threads: list[int] = []
+    for i, w in enumerate(work[:-1]):
+        left_for_rest = p - 1 - i  # each later stage keeps at least one core while cores last
+        share = round(cores * w / sum(work))
+        threads.append(min(max(1, cores - sum(threads) - left_for_rest), max(1, share)))
+    threads.append(max(1, cores - sum(threads)))
+    return tuple(threads)
 
 
 class LocalLauncher:
@@ -187,20 +191,27 @@ class LocalLauncher:
         self.config_path = config_path
         self.log_dir = log_dir
         self.services: dict[str, ServiceProcess] = {}
+        self.stages: dict[str, StageSpec] = {s.name: s for s in stage_specs(config)}
         self._closed = False
         atexit.register(self.stop_all)
 
     def _argv(self, name: str) -> list[str]:
         cfg = self.config
-        argv = [sys.executable, "-m", SERVICE_MODULES[name], "--config", str(self.config_path)]
-        section = cfg.regret if name == "regret" else getattr(cfg, name)
+        spec = self.stages.get(name)
+        section_name = spec.config_section if spec is not None else name
+        argv = [sys.executable, "-m", SERVICE_MODULES[section_name], "--config", str(self.config_path)]
+        section = getattr(cfg, section_name)
         auto = cfg.launch.ports == "auto"
         argv += ["--host", "127.0.0.1", "--port", "0" if auto else str(section.port)]
         if cfg.metrics.enabled:
             argv += ["--metrics-port", "0" if auto else str(section.metrics_port)]
-        if name in STAGE_NAMES and getattr(cfg, name).threads == 0:
-            threads = dict(zip(STAGE_NAMES, stage_threads(cfg, os.cpu_count() or 1)))
-            argv += ["--set", f"{name}.threads={threads[name]}"]
+        if spec is None:
+            return argv
+        for override in spec.overrides():
+            argv += ["--set", override]
+        if section.threads == 0:
+            threads = stage_threads(cfg, os.cpu_count() or 1)[spec.rank]
+            argv += ["--set", f"{section_name}.threads={threads}"]
         return argv
 
     def start(self, names: list[str]) -> None:
@@ -256,7 +267,7 @@ class LocalLauncher:
             return
         self._closed = True
         # Stages first (they hold the run's state), the regret service last.
-        for name in (*STAGE_NAMES, "regret"):
+        for name in (*self.stages, "regret"):
             svc = self.services.get(name)
             if svc is not None:
                 code = svc.stop()

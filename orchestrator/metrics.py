@@ -3,9 +3,12 @@ regret, checkpoints, restarts). Built on a registry the caller gives, so tests c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from orchestrator.stages import STAGE_NAMES, STAGE_SHORT_NAMES, short_name
+from orchestrator.stages import STAGE_NAMES, STAGE_SHORT_NAMES, StageSpec, short_name
+from orchestrator.stages import STAGES as STAGE_SPECS
 from redheart import heads as head_registry
 from redheart.metrics_common import TRAINING_BUCKETS, add_process_metrics
 
@@ -17,7 +20,9 @@ SERVICES = (*STAGE_NAMES, "regret")
 
 
 class OrchestratorMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, stages: Sequence[StageSpec] = STAGE_SPECS) -> None:
+        """``stages``: the run's stages (orchestrator.stages.stage_specs), whose series exist from the start."""
+        self.stage_labels = tuple(s.shard for s in stages)
         # long: one flat declaration per metric reads (and greps) best.
         r = registry
         self.steps = Counter(
@@ -129,12 +134,12 @@ class OrchestratorMetrics:
         for metric in head_registry.validation_metric_names():
             self.validation.labels(metric)
             self.validation_baseline.labels(metric)
-        for stage in STAGES:
+        for stage in self.stage_labels:
             self.bubble_ratio.labels(stage)
             self.wire_bytes.labels(stage)
             for phase in ("forward", "backward", "wait"):
                 self.stage_seconds.labels(stage, phase)
-        for service in SERVICES:
+        for service in (*(s.name for s in stages), "regret"):
             self.restarts.labels(service)
         add_process_metrics(r)
 
@@ -162,7 +167,7 @@ class OrchestratorMetrics:
         self.bentham_evaluations.inc(outcome.bentham_evaluations)
         for name, timing in outcome.stage_timings.items():
             stage = short_name(name)
-            if stage not in STAGES:
+            if stage not in self.stage_labels:
                 continue
             total = timing.get("total", 0.0)
             self.bubble_ratio.labels(stage).set(timing.get("wait", 0.0) / total if total > 0 else 0.0)

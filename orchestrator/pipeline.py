@@ -132,8 +132,7 @@ class DynamicLossScale:
 class PipelineDriver:
     def __init__(
         self,
-        cpu: StageClient,
-        gpu: StageClient,
+        stages: Sequence[StageClient],
         config: HybridConfig,
         run_id: str,
         *,
@@ -141,9 +140,9 @@ class PipelineDriver:
         lookahead: int = 0,
         dead_services: Callable[[], list[str]] | None = None,
     ) -> None:
-        self.cpu = cpu
-        self.gpu = gpu
-        self.stages = (cpu, gpu)
+        self.stages = tuple(stages)  # in pipeline order: the first embeds, the last holds the heads
+        if len(self.stages) < 2:
+            raise ValueError(f"a pipeline needs at least two stages, got {len(self.stages)}")
         self.config = config
         self.run_id = run_id
         self.scaler = DynamicLossScale(
@@ -166,7 +165,7 @@ class PipelineDriver:
     # ---- plans
 
     def step_plans(self, step: int, rounds: Sequence[Batch]) -> tuple[stage_pb2.StepPlan, ...]:
-        """The two stages' plans of a training step over its accumulation rounds."""
+        """Every stage's plan of a training step over its accumulation rounds."""
         t = self.config.train
         return self._plans(step, step_micro_batches(rounds, t.micro_batch_size, t.pad_to_multiple_of))
 
@@ -381,7 +380,7 @@ class PipelineDriver:
         self._abort_all(step, "non-finite loss or gradient")
         where = []
         if bad_mb:
-            where.append(f"loss of micro-batch(es) {bad_mb} on the gpu stage")
+            where.append(f"loss of micro-batch(es) {bad_mb} on the {self.stages[-1].name}")
         if bad_stage:
             where.append(f"gradient norm on the {', '.join(bad_stage)}")
         raise NonFiniteError(
@@ -407,7 +406,7 @@ class PipelineDriver:
     # ---- evaluation
 
     def evaluate(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Forward-only pass of one batch through both stages; returns the head outputs [B, ...]."""
+        """Forward-only pass of one batch through every stage; returns the head outputs [B, ...]."""
         self.eval_passes += 1
         eval_id = self.eval_passes
         parts = split_micro_batches(

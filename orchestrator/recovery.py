@@ -34,7 +34,7 @@ from orchestrator.launcher import LaunchError, LocalLauncher
 from orchestrator.pipeline import StepFailed
 from orchestrator.service_set import RunError
 from orchestrator.stage_client import StageClient
-from orchestrator.stages import STAGE_NAMES
+from orchestrator.stages import stage_specs
 from redheart.config import HybridConfig
 from redheart.regret_client import SERVICE as REGRET_SERVICE
 from redheart.rpc import ServiceError, wait_for_serving
@@ -188,10 +188,12 @@ class Recovery:
         culprit = getattr(inner, "culprit", None) or getattr(inner, "service", None)
         if culprit == REGRET_SERVICE and "regret" in self.addresses:
             return "regret"
-        return "gpu_stage" if "gpu" in where else "cpu_stage"
+        names = [s.name for s in stage_specs(self.config)]
+        named = where.replace(" ", "_")  # a StageClient's name: "gpu stage 1" -> "gpu_stage_1"
+        return named if named in names else ("gpu_stage" if "gpu" in where else "cpu_stage")
 
     def _wait_until_serving(self) -> None:
-        for name in (*STAGE_NAMES, "regret"):
+        for name in (*(s.name for s in stage_specs(self.config)), "regret"):
             address = self.addresses.get(name, "")
             if not address or address == "inprocess":
                 continue

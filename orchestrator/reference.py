@@ -1,7 +1,7 @@
 """Single-process training of the same model: the yardstick of ``--verify`` and the equivalence tests.
 
-It builds both stage modules in this process from the same seed, runs the micro-batches in order
-with the same dropout seeds, loss scaling and regret calculus as the pipeline, clips with
+It builds every stage's module in this process from the same seed (two, or one per entry of
+``model.stage_layers``), runs the micro-batches in order with the same dropout seeds, loss scaling and regret calculus as the pipeline, clips with
 ``torch.nn.utils.clip_grad_norm_`` over all parameters and steps AdamW. A pipelined step must give
 the same losses and parameters (fp32 on CPU: rtol 1e-5, atol 4e-5).
 
@@ -22,7 +22,7 @@ from orchestrator.batching import Batch, step_micro_batches
 from redheart import heads as head_registry
 from redheart.config import HybridConfig
 from redheart.losses import multitask_loss
-from redheart.model import CpuStageModule, GpuStageModule, derive_seed, resolve_model_shape
+from redheart.model import StageModule, derive_seed, resolve_model_shape, stage_layer_ranges
 from redheart.precision import Precision, autocast, choose_precision, device_capability, held_weight_casts
 from redheart.stage.optimizer import build_optimizer
 
@@ -48,14 +48,22 @@ class SingleProcessTrainer:
     def __init__(self, config: HybridConfig, gpu_device: str | torch.device = "cpu") -> None:
         self.config = config
         shape = resolve_model_shape(config.model)
-        self.device = torch.device(
-            gpu_device
-        )  # of the GPU stage's part; the CPU stage's part stays on the CPU
-        self.cpu = CpuStageModule(shape)
-        self.gpu = GpuStageModule(shape).to(self.device)
-        self.optimizers = [build_optimizer(self.cpu, config.train), build_optimizer(self.gpu, config.train)]
-        # What each stage would compute in on its device (the CPU stage's part always on the CPU).
-        self.precisions = [self._precision(torch.device("cpu")), self._precision(self.device)]
+        # Of the GPU stages' parts; the CPU stage's part stays on the CPU.
+        self.device = torch.device(gpu_device)
+        ranges = stage_layer_ranges(config.model)
+        last = len(ranges) - 1
+        # Built in pipeline order, as the stages are started: same names, same initial weights.
+        self.segments = [
+            StageModule(shape, layers, embeddings=rank == 0, heads=rank == last).to(self._device_of(rank))
+            for rank, layers in enumerate(ranges)
+        ]
+        self.cpu, self.gpu = self.segments[0], self.segments[-1]
+        self.optimizers = [build_optimizer(m, config.train) for m in self.segments]
+        # What each stage would compute in on its device.
+        self.precisions = [self._precision(self._device_of(rank)) for rank in range(len(ranges))]
+
+    def _device_of(self, rank: int) -> torch.device:
+        return torch.device("cpu") if rank == 0 else self.device
 
     def _precision(self, device: torch.device) -> Precision:
         t = self.config.train
@@ -74,12 +82,10 @@ class SingleProcessTrainer:
         return precision
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.cpu.parameters()) + list(self.gpu.parameters())
+        return [p for m in self.segments for p in m.parameters()]
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
-        out = {n: p.detach() for n, p in self.cpu.global_named_parameters()}
-        out.update({n: p.detach().cpu() for n, p in self.gpu.global_named_parameters()})
-        return out
+        return {n: p.detach().cpu() for m in self.segments for n, p in m.global_named_parameters()}
 
     def step(self, step: int, rounds: Sequence[Batch], learning_rate: float) -> dict:
         t = self.config.train
@@ -89,8 +95,9 @@ class SingleProcessTrainer:
             opt.zero_grad(set_to_none=True)
         # The stages hold their 16-bit weight copies for a whole round: so does the reference.
         with contextlib.ExitStack() as held:
-            held.enter_context(held_weight_casts(self.precisions[0], "cpu", self.cpu))
-            held.enter_context(held_weight_casts(self.precisions[1], self.device.type, self.gpu))
+            for rank, module in enumerate(self.segments):
+                device_type = self._device_of(rank).type
+                held.enter_context(held_weight_casts(self.precisions[rank], device_type, module))
             mb_losses, heads = self._micro_batches(step, parts, multiplier)
         params = self.parameters()
         if t.max_grad_norm > 0:
@@ -114,13 +121,7 @@ class SingleProcessTrainer:
         mb_losses, heads = [], {}
         dev = self.device
         for index, part in enumerate(parts):
-            ids, mask = part.tensors["input_ids"], part.tensors["attention_mask"]
-            torch.manual_seed(derive_seed(t.seed, step, index, 0))
-            with autocast(self.precisions[0], "cpu"):
-                hidden = self.cpu(ids, mask)
-            torch.manual_seed(derive_seed(t.seed, step, index, 1))  # seeds the CUDA generators too
-            with autocast(self.precisions[1], dev.type):
-                outputs = self.gpu(hidden.to(dev), mask.to(dev))
+            outputs = self._forward(step, index, part.tensors["input_ids"], part.tensors["attention_mask"])
             regret_target = None
             if self.config.regret.enabled and head_registry.regret_service_targets():
                 from redheart import calculus
@@ -137,3 +138,15 @@ class SingleProcessTrainer:
             for head, value in head_losses.items():
                 heads.setdefault(head, []).append(value)
         return mb_losses, heads
+
+    def _forward(
+        self, step: int, index: int, ids: torch.Tensor, mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Every segment in turn, each seeded as its stage seeds micro-batch ``index``."""
+        hidden = ids
+        for rank, module in enumerate(self.segments):
+            device = self._device_of(rank)
+            torch.manual_seed(derive_seed(self.config.train.seed, step, index, rank))  # CUDA's too
+            with autocast(self.precisions[rank], device.type):
+                hidden = module(hidden.to(device), mask.to(device))
+        return hidden

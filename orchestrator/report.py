@@ -33,7 +33,8 @@ def log_run(run_id: str, counts, data, batches, services, cfg) -> None:
     info = services.stage_info
     last = services.stages[-1]
     stages = "; ".join(
-        f"{s.label} {counts[s.name]}{f' on {info[s.name].device}' if s is last else ''}: "
+        # The stage's own count (Describe): a middle stage has no entry in count_parameters.
+        f"{s.label} {info[s.name].num_parameters}{f' on {info[s.name].device}' if s is last else ''}: "
         f"{info[s.name].layer_range}"
         for s in services.stages
     )
@@ -186,7 +187,10 @@ def build_report(trainer, run_id, step, batches, data, counts, wall_start, last_
     return {
         "run_id": run_id,
         "config": t.config.to_dict(),
-        "parameters": {**{s.name: counts[s.name] for s in services.stages}, "total": counts["total"]},
+        "parameters": {
+            **{s.name: services.stage_info[s.name].num_parameters for s in services.stages},
+            "total": counts["total"],
+        },
         "stages": {n: _stage_summary(services.addresses[n], i) for n, i in services.stage_info.items()},
         "steps": step,
         "total_steps": batches.total_steps,

@@ -1,42 +1,59 @@
 """The pipeline's stages as data: one ordered list that the trainer, checkpoints, launcher and
 metrics iterate over instead of writing ``("cpu_stage", "gpu_stage")`` out.
 
-Each stage is a process of its own with its own config section (``[cpu_stage]``, ``[gpu_stage]``)
-and its own shard directory in a checkpoint (``cpu/``, ``gpu/``); its position in the list is its
-pipeline rank, which the stage reports in Describe and the handshake checks.
+Each stage is a process of its own with its own shard directory in a checkpoint (``cpu/``,
+``gpu/``); its position in the list is its pipeline rank, which the stage reports in Describe and
+the handshake checks. Two stages by default; ``model.stage_layers`` with p entries gives p: the CPU
+stage, p - 2 middle GPU stage processes (``gpu_stage_1`` ..., shards ``gpu1/`` ...) and the last,
+which keeps the name ``gpu_stage`` and the shard ``gpu/`` (it holds the heads). Every GPU stage
+process reads ``[gpu_stage]``; ``gpu_stage.rank`` tells it which one it is.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    name: str  # the service name: config section, launcher key, report key
+    name: str  # the service name: launcher key, report key ("cpu_stage", "gpu_stage_1", "gpu_stage")
     shard: str  # its directory inside a checkpoint step directory, and its short name ("cpu")
     rank: int  # its pipeline position, 0 first
+    section_name: str = ""  # its config section (default: the name)
+    num_stages: int = 2  # the length of the pipeline it is part of
 
     @property
     def label(self) -> str:
-        """The name in messages and StageClient names: "cpu stage"."""
+        """The name in messages and StageClient names: "cpu stage", "gpu stage 1"."""
         return self.name.replace("_", " ")
 
+    @property
+    def config_section(self) -> str:
+        return self.section_name or self.name
+
     def section(self, config) -> Any:
-        return getattr(config, self.name)
+        return getattr(config, self.config_section)
 
     def address(self, config) -> str:
         """Its configured address (remote mode)."""
+        if self.config_section == "gpu_stage" and config.gpu_stage.addresses:
+            return config.gpu_stage.addresses[self.rank - 1]
         return getattr(config, f"{self.name}_address")()
+
+    def overrides(self) -> list[str]:
+        """The ``--set`` overrides that make a GPU stage process this stage (more than two stages)."""
+        if self.config_section != "gpu_stage" or self.num_stages == 2:
+            return []
+        return [f"gpu_stage.rank={self.rank}"]
 
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(name="cpu_stage", shard="cpu", rank=0),
     StageSpec(name="gpu_stage", shard="gpu", rank=1),
 )
-"""The stages in pipeline order. Two today: `build_schedule` and the stage runtime are general in
-the number of stages, the model split (`resolve_model_shape`) is not yet."""
+"""The two stages of the default pipeline, in order (see :func:`stage_specs` for more)."""
 
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 STAGE_SHORT_NAMES: tuple[str, ...] = tuple(s.shard for s in STAGES)  # metric labels, report keys
@@ -44,7 +61,11 @@ _SHORT_BY_LABEL = {s.label: s.shard for s in STAGES}
 
 
 def short_name(label: str) -> str:
-    """ "cpu stage" (a StageClient's name, a key of StepOutcome.stage_timings) -> "cpu"."""
+    """ "cpu stage" (a StageClient's name, a key of StepOutcome.stage_timings) -> "cpu";
+    "gpu stage 1" -> "gpu1"."""
+    middle = re.fullmatch(r"gpu stage (\d+)", label)
+    if middle:
+        return f"gpu{middle.group(1)}"
     return _SHORT_BY_LABEL.get(label, label.split()[0])
 
 
@@ -73,6 +94,14 @@ def stage_links(addresses: list[str], regret_address: str) -> list[dict[str, str
 
 
 def stage_specs(config=None) -> tuple[StageSpec, ...]:
-    """The stage list of a run. Taking the config is where a config-driven split (more than two
-    stages) will plug in; today every config has the same two."""
-    return STAGES
+    """The stage list of a run: two, or one per entry of ``model.stage_layers``."""
+    count = len(config.model.stage_layers) if config is not None else 0
+    if count <= 2:
+        return STAGES
+    middle = tuple(
+        StageSpec(name=f"gpu_stage_{r}", shard=f"gpu{r}", rank=r, section_name="gpu_stage", num_stages=count)
+        for r in range(1, count - 1)
+    )
+    first = StageSpec(name="cpu_stage", shard="cpu", rank=0, num_stages=count)
+    last = StageSpec(name="gpu_stage", shard="gpu", rank=count - 1, num_stages=count)
+    return (first, *middle, last)

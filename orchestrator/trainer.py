@@ -89,7 +89,7 @@ class HybridDistributedTrainer:
         # --trace FIRST-LAST: spans of those steps from every process, written to trace.json
         self.trace = TraceRecorder(trace_steps) if trace_steps else None
         self.registry = registry or CollectorRegistry()
-        self.metrics = OrchestratorMetrics(self.registry)
+        self.metrics = OrchestratorMetrics(self.registry, stage_specs(config))
         self.resume = resume
         self.config_path = config_path
         self.output_dir = config.output_dir()
@@ -173,7 +173,7 @@ class HybridDistributedTrainer:
         run_id = resume_info.manifest["run_id"] if resume_info is not None else f"run-{uuid.uuid4().hex[:12]}"
         # Loss scaling is switched on after StartRun, when the stages have said their precision.
         driver = PipelineDriver(
-            *(self.services.clients[s.name] for s in self.services.stages),
+            [self.services.clients[s.name] for s in self.services.stages],
             cfg,
             run_id,
             fp16_loss_scaling=False,

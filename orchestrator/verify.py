@@ -54,7 +54,7 @@ def verify(trainer: HybridDistributedTrainer, out=sys.stdout) -> VerifyResult:
         run_id = f"verify-{uuid.uuid4().hex[:8]}"
         regret = services.regret_address
         driver = PipelineDriver(
-            *(services.clients[s.name] for s in services.stages),
+            [services.clients[s.name] for s in services.stages],
             cfg,
             run_id,
             lookahead=services.regret_lookahead(),

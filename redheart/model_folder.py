@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -48,6 +49,28 @@ MAX_CONFIG_BYTES = 16 << 20
 
 class ModelFolderError(ValueError):
     """A model folder (or a checkpoint being exported) that cannot be used; the message names the file."""
+
+
+TWO_STAGES = ("cpu_stage", "gpu_stage")
+"""The stages of a checkpoint whose manifest does not list its shards (the default pipeline)."""
+
+
+def shard_directory(stage_name: str) -> str:
+    """Where a stage's shard lies inside a checkpoint step directory: "cpu_stage" -> "cpu",
+    "gpu_stage" -> "gpu" (the last stage, with the heads), "gpu_stage_1" -> "gpu1" (a middle one)."""
+    return stage_name.replace("_stage_", "").removesuffix("_stage")
+
+
+def checkpoint_stages(manifest: Mapping[str, Any]) -> list[str]:
+    """The stage names a checkpoint's manifest lists shards of, in pipeline order."""
+    shards = manifest.get("shards")
+    names = list(shards) if isinstance(shards, Mapping) and shards else list(TWO_STAGES)
+
+    def rank(name: str) -> int:  # the CPU stage first, the middles (gpu_stage_<rank>), the last
+        middle = re.fullmatch(r"gpu_stage_(\d{1,4})", name)
+        return int(middle.group(1)) if middle else {"cpu_stage": 0, "gpu_stage": 1 << 20}.get(name, -1)
+
+    return sorted(names, key=rank)
 
 
 def sha256_file(path: Path) -> str:

@@ -9,7 +9,7 @@ endpoints.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redheart.config.errors import Fail
 
@@ -111,9 +111,26 @@ class GpuStageConfig:
     """Free the CUDA caching allocator every N steps (0: never; freeing costs a device sync and re-allocation)."""
     activation_checkpointing: bool = False
     """Recompute layer activations in backward instead of storing them."""
+    rank: int = 0
+    """Pipeline stage this process runs when model.stage_layers gives more than two (1 .. p-1; 0: the last)."""
+    devices: list[str] = field(default_factory=list)
+    """Device of each GPU stage process in pipeline order, e.g. ["cuda:0", "cuda:1"] (empty: device for all)."""
+    addresses: list[str] = field(default_factory=list)
+    """Remote mode with more than two stages: where each GPU stage process is reached, in pipeline order."""
+
+    def device_for(self, rank: int) -> str:
+        """The device of the GPU stage process at pipeline position ``rank`` (1 .. p-1)."""
+        return self.devices[rank - 1] if self.devices else self.device
 
     def check(self, fail: Fail) -> None:
         """This section's own rules (its ports are checked with the other endpoints)."""
+        for i, name in enumerate(self.devices):
+            if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+                fail(
+                    "gpu_stage",
+                    "devices",
+                    f'gpu_stage.devices[{i}] = {name!r} must be "auto", "cpu", "cuda" or "cuda:N"',
+                )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             fail(
                 "gpu_stage",

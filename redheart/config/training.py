@@ -38,7 +38,7 @@ class ModelConfig:
     cpu_layers: int | None = None
     """Explicit number of transformer layers on the CPU stage (overrides gpu_layers_ratio)."""
     stage_layers: list[int] = field(default_factory=list)
-    """Transformer layers of each pipeline stage in order, e.g. [1, 2, 2]: the first is the CPU stage (embeddings + its layers, may be 0), the rest GPU stage processes (at least 1 each, the last holds the heads); the sum must be num_layers. Empty: two stages split by cpu_layers / gpu_layers_ratio. Only two stages run today: a longer list is refused."""
+    """Transformer layers of each pipeline stage in order, e.g. [1, 2, 2]: the first is the CPU stage (embeddings + its layers, may be 0), the rest GPU stage processes (at least 1 each, the last holds the heads); the sum must be num_layers. Empty: two stages split by cpu_layers / gpu_layers_ratio. More than two: the GPU stage processes take gpu_stage.rank 1, 2, ... (the local launcher sets it)."""
     init_seed: int = 0
     """Seed of the weight initialisation; every stage initialises its own layers from it."""
     init_from: str = ""
@@ -105,13 +105,6 @@ class ModelConfig:
                 "model",
                 "stage_layers",
                 f"model.stage_layers = {k} sums to {sum(k)}, the model has {layers} layers (model.num_layers)",
-            )
-        if len(k) > 2:
-            fail(
-                "model",
-                "stage_layers",
-                f"model.stage_layers = {k} asks for {len(k)} stages; this version runs exactly two "
-                f"(fix: two entries, e.g. [{k[0]}, {layers - k[0]}])",
             )
 
 

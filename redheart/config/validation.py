@@ -41,6 +41,7 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
     cfg.regret.check(fail)
     _check_regret_batch(cfg, fail)
     cfg.gpu_stage.check(fail)
+    _check_stage_count(cfg, fail)
     cfg.cpu_stage.check(fail)
     _check_endpoints(cfg, fail)
     cfg.wire.check(fail)
@@ -60,6 +61,42 @@ def _check_regret_batch(cfg: HybridConfig, fail: Fail) -> None:
             "regret",
             "max_batch",
             f"regret.max_batch = {r.max_batch} is below train.micro_batch_size = {t.micro_batch_size}",
+        )
+
+
+def _check_stage_count(cfg: HybridConfig, fail: Fail) -> None:
+    """The GPU stage lists (devices, addresses) and this process's rank against the stage count."""
+    g = cfg.gpu_stage
+    stages = max(2, len(cfg.model.stage_layers))
+    if not 0 <= g.rank < stages:
+        fail(
+            "gpu_stage",
+            "rank",
+            f"gpu_stage.rank = {g.rank} must be in 1..{stages - 1} (or 0: the last stage); "
+            f"model.stage_layers gives {stages} stages",
+        )
+    for key in ("devices", "addresses"):
+        values = getattr(g, key)
+        if values and len(values) != stages - 1:
+            fail(
+                "gpu_stage",
+                key,
+                f"gpu_stage.{key} has {len(values)} entries; the {stages} stages of model.stage_layers "
+                f"have {stages - 1} GPU stage processes",
+            )
+    if stages > 2 and cfg.launch.mode == "local" and cfg.launch.ports == "fixed":
+        fail(
+            "launch",
+            "ports",
+            f'launch.ports = "fixed" gives every GPU stage process gpu_stage.port; the {stages} stages of '
+            f'model.stage_layers need launch.ports = "auto" when started locally',
+        )
+    if stages > 2 and cfg.launch.mode == "remote" and len(g.addresses) != stages - 1:
+        fail(
+            "gpu_stage",
+            "addresses",
+            f'launch.mode = "remote" with {stages} stages needs gpu_stage.addresses: one address per '
+            f"GPU stage process, in pipeline order ({stages - 1})",
         )
 
 

@@ -8,6 +8,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from redheart.stage.contracts import RoundPlan
 from redheart.stage.errors import ErrorKind, StageError
 
@@ -68,6 +70,15 @@ def check_plan_numbers(plan: RoundPlan) -> None:
             raise StageError(
                 ErrorKind.INVALID, f"step {plan.step}: {name} = {value} must be a finite number > 0"
             )
+
+
+def check_hidden(kind: str, tensor: torch.Tensor, hidden_size: int) -> None:
+    """A pushed activation or gradient between stages: a float tensor [batch, seq, hidden]."""
+    if tensor.ndim != 3 or tensor.shape[-1] != hidden_size or not tensor.is_floating_point():
+        raise StageError(
+            ErrorKind.INVALID,
+            f"{kind} must be a float tensor [batch, seq, {hidden_size}], got {tensor.dtype} {list(tensor.shape)}",
+        )
 
 
 def is_real(value: Any) -> bool:

@@ -254,7 +254,7 @@ class Stages:
         options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
         self.channels = {s: grpc.insecure_channel(a, options=options) for s, a in self.address.items()}
         self.settings = {"train": dataclasses.asdict(cfg.train), "regret": dataclasses.asdict(cfg.regret)}
-        self.driver = PipelineDriver(self.clients["cpu"], self.clients["gpu"], cfg, RUN_ID)
+        self.driver = PipelineDriver((self.clients["cpu"], self.clients["gpu"]), cfg, RUN_ID)
         self.restore()
         batch = synthetic_batch(0)
         self.reference = SingleProcessTrainer(cfg).step(0, [batch], 1e-3)["micro_batch_losses"]

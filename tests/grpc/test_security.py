@@ -228,7 +228,7 @@ def test_secured_pipeline_step_pushes_and_regret_calls(pki, secure_regret):
             first_step=0,
             reinitialize=True,
         )
-        driver = PipelineDriver(cpu, gpu, cfg, "sec")
+        driver = PipelineDriver((cpu, gpu), cfg, "sec")
         result = driver.run_step(0, [synthetic_batch(1)], 1e-3)
         assert len(result.micro_batch_losses) == 4 and result.regret_computations == 8 * 7
     finally:

@@ -95,7 +95,7 @@ def test_more_concurrent_rpcs_than_the_cap_get_resource_exhausted():
             first_step=0,
             reinitialize=True,
         )
-        driver = PipelineDriver(gpu, gpu, cfg, "cap")
+        driver = PipelineDriver((gpu, gpu), cfg, "cap")
         _cpu_plan, gpu_plan = driver.step_plans(0, [synthetic_batch(3)])
         driver.close()
 

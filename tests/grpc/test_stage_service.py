@@ -40,7 +40,7 @@ class Pipeline:
         self.run_id = "test-run"
         settings = {"train": dataclasses.asdict(cfg.train), "regret": dataclasses.asdict(cfg.regret)}
         start_stages([self.cpu, self.gpu], self.run_id, settings, regret_address="inprocess")
-        self.driver = PipelineDriver(self.cpu, self.gpu, cfg, self.run_id)
+        self.driver = PipelineDriver((self.cpu, self.gpu), cfg, self.run_id)
 
     def close(self):
         self.driver.close()

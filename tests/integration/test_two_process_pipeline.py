@@ -46,7 +46,7 @@ def test_pipelined_training_equals_single_process(stage_processes, steps):
     cpu, gpu = clients["cpu_stage"], clients["gpu_stage"]
     run = f"equivalence-{steps}"
     start_stages([cpu, gpu], run, settings, regret_address="inprocess")
-    driver = PipelineDriver(cpu, gpu, cfg, run, dead_services=launcher.dead)
+    driver = PipelineDriver((cpu, gpu), cfg, run, dead_services=launcher.dead)
     reference = SingleProcessTrainer(cfg)
     try:
         for step in range(steps):

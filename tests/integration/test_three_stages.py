@@ -1,0 +1,98 @@
+"""A pipeline of three stages (model.stage_layers = [1, 1, 2]: the CPU stage, one middle GPU stage
+process, the last with the heads) as real processes: --verify against one process, a run whose
+middle stage is killed mid-step ends with the weights of an uninterrupted run, and its checkpoint
+exports to a model folder that predicts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY_TOML, cli_env, run_cli
+from safetensors.torch import load_file
+
+from orchestrator import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+
+THREE = ["--set", "model.stage_layers=[1, 1, 2]"]
+SHARDS = ("cpu", "gpu1", "gpu")
+
+
+def _config(tmp_path, corpus, name: str, extra: str = "") -> tuple:
+    path = tmp_path / f"{name}.toml"
+    out = tmp_path / name
+    text = TINY_TOML.format(data=corpus, out=out).replace("max_steps = 4", "max_steps = 6")
+    path.write_text(text + extra)
+    return path, out
+
+
+def _final_weights(run_dir, step: int) -> dict[str, torch.Tensor]:
+    d = ckpt.step_dir(run_dir / "checkpoints", step)
+    weights: dict[str, torch.Tensor] = {}
+    for shard in SHARDS:
+        part = load_file(str(d / shard / "weights.safetensors"))
+        assert not set(part) & set(weights), f"{shard} repeats parameters of another shard"
+        weights.update(part)
+    return weights
+
+
+def test_three_stages_verify_with_accumulation(tmp_path, corpus):
+    config, _ = _config(tmp_path, corpus, "verify")
+    result = run_cli(
+        [
+            "orchestrator.cli",
+            "--config",
+            str(config),
+            *THREE,
+            "--set",
+            "train.gradient_accumulation_steps=2",
+            "--verify",
+        ]
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "VERIFY OK" in result.stdout
+    assert result.stdout.count(" + 127.0.0.1:") == 2, "three stage addresses in the pipeline line"
+
+
+def test_middle_stage_killed_mid_step_the_run_matches_and_exports(tmp_path, corpus):
+    straight, straight_dir = _config(tmp_path, corpus, "straight")
+    result = run_cli(["orchestrator.cli", "--config", str(straight), *THREE])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    plan = tmp_path / "faults.json"
+    plan.write_text(json.dumps({"faults": [{"service": "gpu_stage_1", "phase": "RunStep", "step": 3}]}))
+    faulty, faulty_dir = _config(tmp_path, corpus, "faulty", "[launch]\nmax_restarts = 3\n")
+    env = dict(cli_env(), REDHEART_TEST_FAULTS=str(plan))
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "--config", str(faulty), *THREE],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (plan.parent / "faults.json.fired" / "0.json").exists(), "the middle stage was never killed"
+    report = json.loads((faulty_dir / "report.json").read_text())
+    assert report["steps"] == 6
+    assert report["restarts"] == {"cpu_stage": 0, "gpu_stage_1": 1, "gpu_stage": 0, "regret": 0}
+    a, b = _final_weights(straight_dir, 6), _final_weights(faulty_dir, 6)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+    # The exported folder holds exactly the three shards' parameters, and the model it loads predicts.
+    from inference import RedHeartModel, export_checkpoint
+
+    folder = export_checkpoint(ckpt.step_dir(faulty_dir / "checkpoints", 6), tmp_path / "model")
+    exported = load_file(str(folder / "model.safetensors"))
+    assert exported.keys() == b.keys()
+    for name in b:
+        assert torch.equal(exported[name], b[name]), name
+    model = RedHeartModel.from_pretrained(folder, device="cpu")
+    [prediction] = model.predict(["A neighbour asks to borrow money she may not return."])
+    assert sum(prediction.judgment_probabilities.values()) == pytest.approx(1.0, abs=1e-5)
