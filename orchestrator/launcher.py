@@ -210,7 +210,9 @@ class LocalLauncher:
         for override in spec.overrides():
             argv += ["--set", override]
         if section.threads == 0:
-            threads = stage_threads(cfg, os.cpu_count() or 1)[spec.rank]
+            # The replicas of the pipeline share this host's cores.
+            cores = max(1, (os.cpu_count() or 1) // cfg.parallel.data_parallel)
+            threads = stage_threads(cfg, cores)[spec.rank]
             argv += ["--set", f"{section_name}.threads={threads}"]
         return argv
 

@@ -22,7 +22,7 @@ SERVICES = (*STAGE_NAMES, "regret")
 class OrchestratorMetrics:
     def __init__(self, registry: CollectorRegistry, stages: Sequence[StageSpec] = STAGE_SPECS) -> None:
         """``stages``: the run's stages (orchestrator.stages.stage_specs), whose series exist from the start."""
-        self.stage_labels = tuple(s.shard for s in stages)
+        self.stage_labels = tuple(s.metric_label for s in stages)
         # long: one flat declaration per metric reads (and greps) best.
         r = registry
         self.steps = Counter(

@@ -140,9 +140,15 @@ class PipelineDriver:
         lookahead: int = 0,
         dead_services: Callable[[], list[str]] | None = None,
     ) -> None:
-        self.stages = tuple(stages)  # in pipeline order: the first embeds, the last holds the heads
-        if len(self.stages) < 2:
-            raise ValueError(f"a pipeline needs at least two stages, got {len(self.stages)}")
+        # Every stage process, replica by replica (orchestrator.stages.stage_specs), each replica's
+        # in pipeline order: the first embeds, the last holds the heads.
+        self.stages = tuple(stages)
+        self.replicas = config.parallel.data_parallel
+        self.depth = len(self.stages) // self.replicas  # stages per replica
+        if self.depth < 2 or len(self.stages) % self.replicas:
+            raise ValueError(
+                f"{len(self.stages)} stage processes do not make {self.replicas} pipeline(s) of at least two stages"
+            )
         self.config = config
         self.run_id = run_id
         self.scaler = DynamicLossScale(
@@ -170,7 +176,13 @@ class PipelineDriver:
         return self._plans(step, step_micro_batches(rounds, t.micro_batch_size, t.pad_to_multiple_of))
 
     def _plans(
-        self, step: int, parts: Sequence[Batch], *, forward_only: bool = False, eval_id: int = 0
+        self,
+        step: int,
+        parts: Sequence[Batch],
+        *,
+        forward_only: bool = False,
+        eval_id: int = 0,
+        replicas: int | None = None,
     ) -> tuple[stage_pb2.StepPlan, ...]:
         """One plan per stage for the whole optimizer step (or evaluation pass).
 
@@ -193,23 +205,31 @@ class PipelineDriver:
             attempt=0 if forward_only else self.attempts.get(step, 1),
         )
         plans = []
-        # Same header for every stage; each gets only the inputs it uses (ids for the first, labels for the last).
-        for rank in range(len(self.stages)):
-            keys = plan_inputs(rank, len(self.stages))
-            plan = stage_pb2.StepPlan()
-            plan.CopyFrom(header)
-            for i, part in enumerate(parts):
-                plan.micro_batches.append(micro_batch_message(i, part.tensors, keys, part.ids))
-            plans.append(plan)
+        # Same header for every stage; each gets only the inputs it uses (ids for the first, labels
+        # for the last), and each replica every R-th micro-batch under its global index (dropout
+        # seeds and the regret cache are keyed by it, so nothing depends on R).
+        replicas = self.replicas if replicas is None else replicas
+        for replica in range(replicas):
+            mine = list(enumerate(parts))[replica::replicas]
+            for rank in range(self.depth):
+                keys = plan_inputs(rank, self.depth)
+                plan = stage_pb2.StepPlan()
+                plan.CopyFrom(header)
+                plan.lookahead = min(plan.lookahead, len(mine))
+                for i, part in mine:
+                    plan.micro_batches.append(micro_batch_message(i, part.tensors, keys, part.ids))
+                plans.append(plan)
         return tuple(plans)
 
     def _run_on_stages(self, step: int, plans: Sequence[stage_pb2.StepPlan]) -> list[stage_pb2.StepResult]:
+        """RunStep on the first ``len(plans)`` stage processes side by side (every one for a step,
+        replica 0's for an evaluation pass); the first failure aborts the step on all."""
         # A stage fails its round when nothing arrived for step_deadline_seconds, however long the
         # round is; this call timeout only catches a stage that stopped answering altogether.
         waits = 2 * max(len(p.micro_batches) for p in plans) + 2
         timeout = self.config.orchestrator.step_deadline_seconds * waits + 30.0
         futures = [self.pool.submit(stage.run_step, plan, timeout) for stage, plan in zip(self.stages, plans)]
-        results: list[Any] = [None] * len(self.stages)
+        results: list[Any] = [None] * len(plans)
         errors: list[tuple[str, BaseException]] = []
         aborted = False
         pending = list(enumerate(futures))
@@ -288,8 +308,9 @@ class PipelineDriver:
         parts = step_micro_batches(rounds, t.micro_batch_size, t.pad_to_multiple_of)
         results = self._run_on_stages(step, self._plans(step, parts))
         gathered = self._gather(results)
-        # The last stage holds the heads: its micro-batch results carry the losses.
-        per_mb = sorted(results[-1].micro_batches, key=lambda m: m.index)
+        # The last stage of each replica holds the heads: its micro-batch results carry the losses.
+        last = [results[k * self.depth + self.depth - 1] for k in range(self.replicas)]
+        per_mb = sorted((m for r in last for m in r.micro_batches), key=lambda m: m.index)
         total_norm = self._total_norm(step, gathered.norms)
         skip = False
         if self.scaler.enabled:
@@ -358,7 +379,8 @@ class PipelineDriver:
         return g
 
     def _total_norm(self, step: int, norms: dict[str, float]) -> float:
-        """The global gradient norm from every stage's squared norm; inf when any is not finite."""
+        """The global gradient norm from every stage's squared norm; inf when any is not finite.
+        Replicas hold the summed gradients: each stage counts once, and all its replicas must agree."""
         if set(norms) != {s.name for s in self.stages}:
             raise StepFailed(
                 step,
@@ -367,6 +389,16 @@ class PipelineDriver:
                     f"gradient norms missing from {sorted({s.name for s in self.stages} - set(norms))}"
                 ),
             )
+        names = [s.name for s in self.stages]
+        for i, name in enumerate(names[self.depth :], start=self.depth):
+            first = names[i % self.depth]
+            if norms[name] != norms[first] and math.isfinite(norms[first]):
+                raise StepFailed(
+                    step,
+                    name.replace("_", " "),
+                    RuntimeError(f"gradient norm² {norms[name]!r} differs from {first}'s {norms[first]!r}"),
+                )
+        norms = {n: norms[n] for n in names[: self.depth]}
         return (
             math.sqrt(sum(norms.values())) if all(math.isfinite(v) for v in norms.values()) else float("inf")
         )
@@ -406,13 +438,14 @@ class PipelineDriver:
     # ---- evaluation
 
     def evaluate(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Forward-only pass of one batch through every stage; returns the head outputs [B, ...]."""
+        """Forward-only pass of one batch through replica 0's stages; the head outputs [B, ...]."""
         self.eval_passes += 1
         eval_id = self.eval_passes
         parts = split_micro_batches(
             batch, self.config.train.micro_batch_size, self.config.train.pad_to_multiple_of
         )
-        plans = self._plans(0, parts, forward_only=True, eval_id=eval_id)
+        # Replica 0 alone evaluates: the other replicas' processes have nothing to do meanwhile.
+        plans = self._plans(0, parts, forward_only=True, eval_id=eval_id, replicas=1)
         results = self._run_on_stages(eval_id, plans)
         outputs: dict[str, list[torch.Tensor]] = {}
         for mb in sorted(results[-1].micro_batches, key=lambda m: m.index):  # the last stage's heads

@@ -55,6 +55,8 @@ class ServiceSet:
         self.addresses: dict[str, str] = {}
         self.stage_info: dict[str, Any] = {}
         self.trace = None  # the TraceRecorder under --trace; the clients get it at every StartRun
+        self.rendezvous = None  # parallel.data_parallel > 1: the TCPStore the replicas' groups meet at
+        self.generation = 0  # StartRuns so far: each gives the replica groups a fresh store prefix
 
     @property
     def regret_needed(self) -> bool:
@@ -80,6 +82,7 @@ class ServiceSet:
 
     def open(self, stack: ExitStack) -> None:
         """Launch (local) or locate (remote) the services, wait until they serve, connect the stages."""
+        self._host_rendezvous()
         self._locate(stack)
         timeout = self.config.orchestrator.connect_timeout_seconds
         names = [s.name for s in self.stages] + (["regret"] if self.regret_needed else [])
@@ -88,6 +91,45 @@ class ServiceSet:
         for spec in self.stages:
             self.clients[spec.name] = self._client(spec)
             stack.callback(self.clients[spec.name].close)
+
+    def _host_rendezvous(self) -> None:
+        """The store the replicas of each stage meet at to form their group (the orchestrator hosts it)."""
+        p = self.config.parallel
+        if p.data_parallel == 1:
+            return
+        import datetime
+
+        import torch.distributed as dist
+
+        try:
+            self.rendezvous = dist.TCPStore(
+                p.rendezvous_host,
+                p.rendezvous_port,
+                is_master=True,
+                wait_for_workers=False,
+                timeout=datetime.timedelta(seconds=p.collective_timeout_seconds),
+            )
+        except (RuntimeError, OSError) as exc:
+            raise RunError(
+                f"cannot host the replicas' rendezvous store on {p.rendezvous_host}:{p.rendezvous_port}: {exc} "
+                f"(fix: parallel.rendezvous_port = 0 for any free port)"
+            ) from None
+        log.info("replica rendezvous on %s:%d", p.rendezvous_host, self.rendezvous.port)
+
+    def _replica_settings(self, spec: StageSpec, run_id: str) -> dict[str, Any]:
+        """StartRun's ``data_parallel`` settings of one stage process (empty without replicas)."""
+        p = self.config.parallel
+        if self.rendezvous is None:
+            return {}
+        return {
+            "rank": spec.replica,
+            "size": p.data_parallel,
+            "store": f"{p.rendezvous_host}:{self.rendezvous.port}",
+            "prefix": f"{run_id}/{spec.base_name}/{self.generation}",
+            "backend": p.dp_backend,
+            "bucket_mb": p.bucket_mb,
+            "timeout_seconds": p.collective_timeout_seconds,
+        }
 
     def _locate(self, stack: ExitStack) -> None:
         cfg = self.config
@@ -163,18 +205,31 @@ class ServiceSet:
     # ------------------------------------------------------------------ run control
 
     def _links(self) -> dict[str, dict[str, str]]:
-        """Each stage's peers: the next stage's address, the previous one's; the last talks to regret."""
-        addresses = [self.addresses[s.name] for s in self.stages]
-        return dict(zip((s.name for s in self.stages), stage_links(addresses, self.regret_address)))
+        """Each stage's peers in its own replica: the next stage's address, the previous one's; the
+        last talks to regret."""
+        links: dict[str, dict[str, str]] = {}
+        for replica in sorted({s.replica for s in self.stages}):
+            chain = [s for s in self.stages if s.replica == replica]
+            addresses = [self.addresses[s.name] for s in chain]
+            links.update(zip((s.name for s in chain), stage_links(addresses, self.regret_address)))
+        return links
+
+    @property
+    def first_replica(self) -> tuple[StageSpec, ...]:
+        """Replica 0's stages: they write the checkpoint shards and answer for the parameters."""
+        return tuple(s for s in self.stages if s.replica == 0)
 
     def start_run(self, run_id: str, first_step: int, init_spec: dict[str, str] | None = None) -> None:
         settings = settings_for_stages(self.config)
         if init_spec is not None:
             settings["init_from"] = init_spec  # each stage loads its own part when it (re)builds
-        for name, link in self._links().items():
+        self.generation += 1
+        links = self._links()
+        for spec in self.stages:
+            own = dict(settings, data_parallel=self._replica_settings(spec, run_id))
             self._retry_while_running(
-                lambda name=name, link=link: self.clients[name].start_run(
-                    run_id, settings, first_step=first_step, reinitialize=True, **link
+                lambda name=spec.name, own=own: self.clients[name].start_run(
+                    run_id, own, first_step=first_step, reinitialize=True, **links[name]
                 )
             )
         if self.trace is not None:  # measured at every StartRun: a restarted stage has a new clock
@@ -230,10 +285,10 @@ class ServiceSet:
 
     def save(self, run_id: str, step: int, directory: Path) -> dict[str, Any]:
         """Every stage writes its shard into `directory`; returns the shards by stage name."""
-        with ThreadPoolExecutor(len(self.stages)) as pool:
+        with ThreadPoolExecutor(len(self.first_replica)) as pool:  # the replicas hold the same state
             futures = {
                 s.name: pool.submit(self.clients[s.name].save, run_id, step, str(directory / s.shard))
-                for s in self.stages
+                for s in self.first_replica
             }
             return {n: f.result() for n, f in futures.items()}
 
@@ -244,6 +299,19 @@ class ServiceSet:
     def parameters(self) -> dict[str, Any]:
         """Every stage's parameters by their single-process names (for --verify)."""
         out: dict[str, Any] = {}
-        for spec in self.stages:
+        for spec in self.first_replica:
             out.update(self.clients[spec.name].parameters())
         return out
+
+    def replica_differences(self) -> list[str]:
+        """The parameters of replicas 1.. that are not bit-identical to replica 0's (for --verify)."""
+        reference = {s.rank: self.clients[s.name].parameters() for s in self.first_replica}
+        differ = []
+        for spec in self.stages:
+            if spec.replica:
+                theirs = self.clients[spec.name].parameters()
+                ours = reference[spec.rank]
+                differ += [
+                    f"{spec.name}: {n}" for n in ours if n not in theirs or not theirs[n].equal(ours[n])
+                ]
+        return differ

@@ -11,6 +11,7 @@ process reads ``[gpu_stage]``; ``gpu_stage.rank`` tells it which one it is.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,17 @@ class StageSpec:
     rank: int  # its pipeline position, 0 first
     section_name: str = ""  # its config section (default: the name)
     num_stages: int = 2  # the length of the pipeline it is part of
+    replica: int = 0  # which copy of the pipeline (parallel.data_parallel), 0 first
+
+    @property
+    def base_name(self) -> str:
+        """The stage's name in replica 0: what the replicas of one stage share ("gpu_stage")."""
+        return self.name.rsplit("_r", 1)[0] if self.replica else self.name
+
+    @property
+    def metric_label(self) -> str:
+        """The ``stage`` label of its series: the shard name, with the replica after it ("cpu_r1")."""
+        return f"{self.shard}_r{self.replica}" if self.replica else self.shard
 
     @property
     def label(self) -> str:
@@ -31,7 +43,7 @@ class StageSpec:
 
     @property
     def config_section(self) -> str:
-        return self.section_name or self.name
+        return self.section_name or self.base_name
 
     def section(self, config) -> Any:
         return getattr(config, self.config_section)
@@ -40,7 +52,7 @@ class StageSpec:
         """Its configured address (remote mode)."""
         if self.config_section == "gpu_stage" and config.gpu_stage.addresses:
             return config.gpu_stage.addresses[self.rank - 1]
-        return getattr(config, f"{self.name}_address")()
+        return getattr(config, f"{self.base_name}_address")()
 
     def overrides(self) -> list[str]:
         """The ``--set`` overrides that make a GPU stage process this stage (more than two stages)."""
@@ -62,7 +74,10 @@ _SHORT_BY_LABEL = {s.label: s.shard for s in STAGES}
 
 def short_name(label: str) -> str:
     """ "cpu stage" (a StageClient's name, a key of StepOutcome.stage_timings) -> "cpu";
-    "gpu stage 1" -> "gpu1"."""
+    "gpu stage 1" -> "gpu1"; a replica's "cpu stage r1" -> "cpu_r1"."""
+    replica = re.fullmatch(r"(.+) r(\d+)", label)
+    if replica:
+        return f"{short_name(replica.group(1))}_r{replica.group(2)}"
     middle = re.fullmatch(r"gpu stage (\d+)", label)
     if middle:
         return f"gpu{middle.group(1)}"
@@ -94,7 +109,22 @@ def stage_links(addresses: list[str], regret_address: str) -> list[dict[str, str
 
 
 def stage_specs(config=None) -> tuple[StageSpec, ...]:
-    """The stage list of a run: two, or one per entry of ``model.stage_layers``."""
+    """Every stage process of a run: the pipeline (two stages, or one per entry of
+    ``model.stage_layers``) once per replica (``parallel.data_parallel``), replica by replica.
+    Replica 0 keeps the plain names; replica k's are suffixed ``_r<k>`` ("cpu_stage_r1")."""
+    chain = _pipeline(config)
+    replicas = config.parallel.data_parallel if config is not None else 1
+    if replicas == 1:
+        return chain
+    return tuple(
+        dataclasses.replace(s, name=f"{s.name}_r{k}" if k else s.name, replica=k)
+        for k in range(replicas)
+        for s in chain
+    )
+
+
+def _pipeline(config) -> tuple[StageSpec, ...]:
+    """One replica's stages, in pipeline order."""
     count = len(config.model.stage_layers) if config is not None else 0
     if count <= 2:
         return STAGES

@@ -73,6 +73,18 @@ def verify(trainer: HybridDistributedTrainer, out=sys.stdout) -> VerifyResult:
         max_loss = _compare_steps(driver, reference, batches, steps, cfg, o, failures, out)
         ref = reference.named_parameters()
         worst, worst_name = _compare_parameters(services.parameters(), ref, o, failures)
+        if cfg.parallel.data_parallel > 1:
+            differ = services.replica_differences()
+            failures += [f"not the bits of replica 0: {d}" for d in differ[:10]]
+            print(
+                f"{cfg.parallel.data_parallel} replicas: "
+                + (
+                    f"{len(differ)} parameter(s) differ from replica 0's"
+                    if differ
+                    else "every parameter equals replica 0's bit for bit"
+                ),
+                file=out,
+            )
         ok = not failures
         print(
             f"largest loss difference {max_loss:.3e}; largest parameter difference {worst:.3e}"

@@ -27,6 +27,7 @@ from redheart.config.sections import (
     MetricsConfig,
     ModelConfig,
     OrchestratorConfig,
+    ParallelConfig,
     RegretConfig,
     SecurityConfig,
     TrainConfig,
@@ -61,6 +62,7 @@ class HybridConfig:
     checkpoint: CheckpointConfig
     metrics: MetricsConfig
     launch: LaunchConfig
+    parallel: ParallelConfig
 
     def __init__(self, **kwargs: Any) -> None:
         raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}

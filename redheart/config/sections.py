@@ -6,6 +6,7 @@ the stages, wire, orchestrator, metrics, launch) and security.py.
 
 from __future__ import annotations
 
+from redheart.config.parallel import ParallelConfig
 from redheart.config.security import SecurityConfig
 from redheart.config.services import (
     CpuStageConfig,
@@ -31,6 +32,7 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "metrics": MetricsConfig,
     "launch": LaunchConfig,
+    "parallel": ParallelConfig,
 }
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -42,4 +44,5 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("orchestrator", "progress"): ("auto", "bar", "log"),
     ("launch", "mode"): ("local", "remote"),
     ("launch", "ports"): ("auto", "fixed"),
+    ("parallel", "dp_backend"): ("auto", "gloo", "nccl"),
 }

@@ -51,6 +51,8 @@ def _validate(cfg: HybridConfig, origin: _Origin) -> None:
     cfg.launch.check(fail)
     cfg.orchestrator.check(fail)
     _check_step_limits(cfg, fail)
+    cfg.parallel.check(fail)
+    _check_replica_shares(cfg, fail)
 
 
 def _check_regret_batch(cfg: HybridConfig, fail: Fail) -> None:
@@ -97,6 +99,26 @@ def _check_stage_count(cfg: HybridConfig, fail: Fail) -> None:
             "addresses",
             f'launch.mode = "remote" with {stages} stages needs gpu_stage.addresses: one address per '
             f"GPU stage process, in pipeline order ({stages - 1})",
+        )
+
+
+def _check_replica_shares(cfg: HybridConfig, fail: Fail) -> None:
+    """Every replica needs at least one micro-batch of every accumulation round."""
+    replicas = cfg.parallel.data_parallel
+    if replicas > 1 and cfg.launch.mode == "remote":
+        fail(
+            "parallel",
+            "data_parallel",
+            f'parallel.data_parallel = {replicas} runs its replicas with launch.mode = "local" only in this '
+            f"version (remote replicas need an address per replica of each stage)",
+        )
+    if replicas > 1 and cfg.micro_batches < replicas:
+        fail(
+            "parallel",
+            "data_parallel",
+            f"parallel.data_parallel = {replicas} replicas share {cfg.micro_batches} micro-batch(es) per round "
+            f"(train.batch_size {cfg.train.batch_size} / micro_batch_size {cfg.train.micro_batch_size}); "
+            f"every replica needs at least one (fix: a larger batch_size or a smaller micro_batch_size)",
         )
 
 

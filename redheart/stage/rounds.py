@@ -103,6 +103,8 @@ class Rounds:
         try:
             result = self._run_train_round(plan, link)
         except BaseException:
+            if self.replicas is not None:  # the replicas waiting in the gradient sum need not time out
+                self.replicas.release()
             self._discard_step_state(plan.step)
             if hasattr(link, "supersede"):  # what this try still had queued must not reach the next one
                 link.supersede(plan.run_id, plan.step)
@@ -126,6 +128,8 @@ class Rounds:
         assert self.optimizer is not None
         if plan.accumulation_round == 0:
             self.optimizer.zero_grad(set_to_none=True)
+        if self.replicas is not None:
+            self.replicas.begin_step()
         m = len(plan.micro_batches)
         order = build_schedule(plan.schedule, self.part.num_stages, m, extra_warmup=plan.lookahead)[
             self.part.rank
@@ -173,6 +177,10 @@ class Rounds:
             thread_spans=ctx.thread_spans + (link.take_spans(started) if hasattr(link, "take_spans") else []),
         )
         if plan.accumulation_round == plan.accumulation_steps - 1:
+            if self.replicas is not None:  # the whole batch's gradient, on every replica
+                seconds, sent = self.replicas.sum_gradients(self.part.module)
+                ctx.timings["allreduce"] = seconds
+                ctx.timings["allreduce_bytes"] = float(sent)
             norm_sq, found_inf = self._grad_norm_sq(plan.loss_scale)
             result.grad_norm_sq = norm_sq
             result.found_inf = found_inf

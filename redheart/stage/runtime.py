@@ -47,6 +47,7 @@ from redheart.stage.contracts import EVAL_ACTIVATION, RoundPlan, RoundResult, St
 from redheart.stage.errors import ErrorKind, ErrorReason, StageError
 from redheart.stage.mailbox import Mailbox
 from redheart.stage.optimizer import build_optimizer
+from redheart.stage.replicas import ReplicaGroup, ReplicaSettings
 from redheart.stage.rounds import Rounds
 from redheart.stage.state_io import StateIO, load_init_weights
 
@@ -86,6 +87,7 @@ class StageRuntime(Rounds, StateIO):
         self._apply_peak = (
             0  # CUDA peak of the last ApplyStep (AdamW state), folded into the next step's peak
         )
+        self.replicas: ReplicaGroup | None = None  # parallel.data_parallel > 1: this stage's copies
 
     # ---- description
 
@@ -152,6 +154,7 @@ class StageRuntime(Rounds, StateIO):
     ) -> int:
         with self._control(f"cannot start run {short(run_id)}"):
             check_settings(settings)  # before anything changes: a refused StartRun leaves the stage as it was
+            replicas = ReplicaSettings.parse(settings.get("data_parallel"))
             if not 0 <= first_step <= MAX_STEP:
                 raise StageError(
                     ErrorKind.INVALID,
@@ -193,6 +196,8 @@ class StageRuntime(Rounds, StateIO):
             )
             self.run_id = run_id
             self._restart_at(first_step)
+            self.close_replicas()
+            self.replicas = ReplicaGroup(replicas, self.part.device) if replicas is not None else None
             self.part.module.train()
             if hasattr(self.part, "configure"):
                 self.part.configure(settings, regret_address)
@@ -208,6 +213,12 @@ class StageRuntime(Rounds, StateIO):
             if precision.warning:
                 log.warning("%s stage: %s", self.name, precision.warning)
             return self.num_parameters()
+
+    def close_replicas(self) -> None:
+        """Leave the replica group of the last StartRun (a new one, or the process's end)."""
+        if self.replicas is not None:
+            self.replicas.close()
+            self.replicas = None
 
     def _restart_at(self, step: int) -> None:
         """The stage's state for a run (re)started at ``step``, by StartRun or LoadState: nothing of
@@ -273,11 +284,13 @@ class StageRuntime(Rounds, StateIO):
         if plan is None or plan.forward_only or plan.step != step:
             self._check_early(step, micro_batch, kind, "step")
             return
-        limit = plan.accumulation_steps * len(plan.micro_batches)
-        if micro_batch >= limit:
+        # A replica's plan holds every R-th micro-batch under its global index.
+        if micro_batch not in {mb.index for mb in plan.micro_batches}:
             raise StageError(
                 ErrorKind.PRECONDITION,
-                f"step {step} micro-batch {micro_batch}: unknown micro-batch (the step has {limit})",
+                f"step {step} micro-batch {micro_batch}: unknown micro-batch (this stage's plan has "
+                f"{len(plan.micro_batches)}: {', '.join(str(mb.index) for mb in plan.micro_batches[:8])}"
+                f"{', ...' if len(plan.micro_batches) > 8 else ''})",
             )
 
     def _check_early(self, step: int, micro_batch: int, kind: str, what: str) -> None:

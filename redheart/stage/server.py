@@ -56,6 +56,7 @@ class StageServer:
         regret = getattr(self.servicer.runtime.part, "regret", None)
         if regret is not None:
             regret.close()
+        self.servicer.runtime.close_replicas()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self.server.wait_for_termination(timeout)

@@ -184,6 +184,8 @@ def encode_result(
             bytes_received=received,
             total_seconds=t.get("total", 0.0),
             regret_wait_seconds=t.get("regret_wait", 0.0),
+            allreduce_seconds=t.get("allreduce", 0.0),
+            allreduce_bytes=int(t.get("allreduce_bytes", 0)),
         )
     )
     for action, mb_index, start, end in result.spans:

@@ -159,7 +159,7 @@ class MicroBatchResult(_message.Message):
     def __init__(self, index: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., total_loss: _Optional[float] = ..., regret_mean: _Optional[float] = ..., regret_computations: _Optional[int] = ..., bentham_evaluations: _Optional[int] = ..., samples: _Optional[int] = ..., outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., regret_max: _Optional[float] = ...) -> None: ...
 
 class StepTimings(_message.Message):
-    __slots__ = ("forward_seconds", "backward_seconds", "wait_seconds", "serialize_seconds", "send_seconds", "bytes_sent", "bytes_received", "total_seconds", "regret_wait_seconds")
+    __slots__ = ("forward_seconds", "backward_seconds", "wait_seconds", "serialize_seconds", "send_seconds", "bytes_sent", "bytes_received", "total_seconds", "regret_wait_seconds", "allreduce_seconds", "allreduce_bytes")
     FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,8 @@ class StepTimings(_message.Message):
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REGRET_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ALLREDUCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ALLREDUCE_BYTES_FIELD_NUMBER: _ClassVar[int]
     forward_seconds: float
     backward_seconds: float
     wait_seconds: float
@@ -178,7 +180,9 @@ class StepTimings(_message.Message):
     bytes_received: int
     total_seconds: float
     regret_wait_seconds: float
-    def __init__(self, forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., serialize_seconds: _Optional[float] = ..., send_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., total_seconds: _Optional[float] = ..., regret_wait_seconds: _Optional[float] = ...) -> None: ...
+    allreduce_seconds: float
+    allreduce_bytes: int
+    def __init__(self, forward_seconds: _Optional[float] = ..., backward_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ..., serialize_seconds: _Optional[float] = ..., send_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., total_seconds: _Optional[float] = ..., regret_wait_seconds: _Optional[float] = ..., allreduce_seconds: _Optional[float] = ..., allreduce_bytes: _Optional[int] = ...) -> None: ...
 
 class Span(_message.Message):
     __slots__ = ("action", "micro_batch", "start", "end", "thread")
