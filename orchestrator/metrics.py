@@ -104,6 +104,18 @@ class OrchestratorMetrics:
             ["stage"],
             registry=r,
         )
+        self.allreduce_seconds = Counter(
+            "redheart_pipeline_allreduce_seconds_total",
+            "Seconds each stage process spent summing gradients with its data-parallel replicas.",
+            ["stage"],
+            registry=r,
+        )
+        self.allreduce_bytes = Counter(
+            "redheart_pipeline_allreduce_bytes_total",
+            "Bytes each stage process's gradient sums with its replicas moved (its buckets' sizes).",
+            ["stage"],
+            registry=r,
+        )
         self.checkpoint_seconds = Histogram(
             "redheart_checkpoint_seconds",
             "Wall time of a coordinated checkpoint.",
@@ -137,6 +149,8 @@ class OrchestratorMetrics:
         for stage in self.stage_labels:
             self.bubble_ratio.labels(stage)
             self.wire_bytes.labels(stage)
+            self.allreduce_seconds.labels(stage)
+            self.allreduce_bytes.labels(stage)
             for phase in ("forward", "backward", "wait"):
                 self.stage_seconds.labels(stage, phase)
         for service in (*(s.name for s in stages), "regret"):
@@ -174,5 +188,7 @@ class OrchestratorMetrics:
             for phase in ("forward", "backward", "wait"):
                 self.stage_seconds.labels(stage, phase).inc(timing.get(phase, 0.0))
             self.wire_bytes.labels(stage).inc(timing.get("bytes_sent", 0.0))
+            self.allreduce_seconds.labels(stage).inc(timing.get("allreduce", 0.0))
+            self.allreduce_bytes.labels(stage).inc(timing.get("allreduce_bytes", 0.0))
         self.peak_gpu_memory.set(outcome.peak_gpu_memory_bytes)
         self.last_step_timestamp.set(time.time())

@@ -371,6 +371,8 @@ class PipelineDriver:
             acc["bytes_received"] += tm.bytes_received
             acc["total"] += tm.total_seconds
             acc["regret_wait"] += tm.regret_wait_seconds
+            acc["allreduce"] += tm.allreduce_seconds
+            acc["allreduce_bytes"] += tm.allreduce_bytes
             g.spans[stage.name].extend((s.action, s.micro_batch, s.start, s.end) for s in res.spans)
             if res.has_grad_norm:
                 g.norms[stage.name] = res.grad_norm_sq
@@ -464,6 +466,8 @@ _TIMING_KEYS = (
     "bytes_received",
     "total",
     "regret_wait",
+    "allreduce",
+    "allreduce_bytes",
 )
 
 
