@@ -15,7 +15,8 @@ others; `--skip NAME` leaves one out):
             peak memory against the estimate
   pipeline  the preset through the real pipeline (3 processes) in bf16 and in fp16: precision used,
             loss scale, wire bytes per element, per-stage times, peak GPU memory vs the budget
-  verify    `redheart-orchestrate --verify` on the tiny preset with the GPU stage on the device
+  verify    `redheart-orchestrate --verify` on the tiny preset with the GPU stage on the device:
+            two stages, three (a middle stage on the device), two replicas (NCCL)
   single    the same workload (corpus, batches, padding, precision) all on the device in one
             process: the pipeline's yardstick (s/step ratio in the summary)
 
@@ -252,34 +253,48 @@ def section_pipeline(args) -> dict:
     return out
 
 
+VERIFY_VARIANTS = {
+    "two stages": [],
+    "three stages": ["--set", "model.stage_layers=[1, 1, 2]"],  # a middle stage on the device
+    "two replicas": ["--set", "parallel.data_parallel=2"],  # NCCL between the GPU stages
+}
+
+
 def section_verify(args) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "orchestrator.cli",
-        "--config",
-        str(ROOT / "examples" / "hybrid.toml"),
-        "--verify",
-        "--output-dir",
-        str(Path(args.workdir) / "verify"),
-        "--set",
-        'model.preset="tiny"',
-        "--set",
-        f'gpu_stage.device="{args.device}"',
-        "--set",
-        f"orchestrator.verify_steps={1 if args.dry_run else 2}",
-        "--set",
-        f"data.max_scenarios={args.scenarios}",
-        "--set",
-        "metrics.enabled=false",
-        *_tokenizer_args(args),
-    ]
-    if args.dry_run:
-        cmd += ["--set", 'regret.address="inprocess"']
-    proc = _run(cmd, timeout=args.verify_timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    tail = lines[-6:] or proc.stderr[-1500:].splitlines()
-    return {"returncode": proc.returncode, "ok": proc.returncode == 0, "tail": tail}
+    """`--verify` of the tiny preset with the GPU stages on the device: two stages, three (a middle
+    stage on the device too), two data-parallel replicas (NCCL on CUDA)."""
+    variants = {}
+    for name, extra in VERIFY_VARIANTS.items():
+        cmd = [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "--config",
+            str(ROOT / "examples" / "hybrid.toml"),
+            "--verify",
+            "--output-dir",
+            str(Path(args.workdir) / "verify" / name.replace(" ", "-")),
+            "--set",
+            'model.preset="tiny"',
+            "--set",
+            f'gpu_stage.device="{args.device}"',
+            "--set",
+            f"orchestrator.verify_steps={1 if args.dry_run else 2}",
+            "--set",
+            f"data.max_scenarios={args.scenarios}",
+            "--set",
+            "metrics.enabled=false",
+            *_tokenizer_args(args),
+            *extra,
+        ]
+        if args.dry_run:
+            cmd += ["--set", 'regret.address="inprocess"']
+        proc = _run(cmd, timeout=args.verify_timeout)
+        lines = [line for line in proc.stdout.splitlines() if line.strip()]
+        tail = lines[-6:] or proc.stderr[-1500:].splitlines()
+        variants[name] = {"returncode": proc.returncode, "ok": proc.returncode == 0, "tail": tail}
+    first = variants["two stages"]
+    return {**first, "ok": all(v["ok"] for v in variants.values()), "variants": variants}
 
 
 def section_single(args) -> dict:
@@ -414,7 +429,10 @@ def summarize(results: dict) -> list[str]:
         )
     if "verify" in results:
         v = results["verify"]
-        lines.append(f"verify tiny: {'OK' if v.get('ok') else 'FAILED'}: {(v.get('tail') or [''])[-2:]}")
+        for name, one in (v.get("variants") or {"two stages": v}).items():
+            lines.append(
+                f"verify tiny, {name}: {'OK' if one.get('ok') else 'FAILED'}: {(one.get('tail') or [''])[-2:]}"
+            )
     for name, err in results.get("errors", {}).items():
         lines.append(f"section {name} FAILED: {err.splitlines()[-1] if err else ''}")
     return lines

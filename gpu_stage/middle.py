@@ -51,11 +51,19 @@ class MiddleStagePart:
         self.module = module.to(self.device)
         self.sender = DeviceToHostSender.for_device(self.device) if self.device.type == "cuda" else None
 
-    def _send(self, ctx: RoundContext, to: str, index: int, kind: str, tensor: torch.Tensor) -> None:
+    def _send(
+        self,
+        ctx: RoundContext,
+        to: str,
+        index: int,
+        kind: str,
+        tensor: torch.Tensor,
+        side_stream: bool = True,
+    ) -> None:
         # Detached, in the wire's dtype under mixed precision (the next matmul would round it anyway).
         wire = ctx.runtime.wire_dtype()
         tensor = tensor.detach() if wire is None else tensor.detach().to(wire)
-        if self.sender is not None:
+        if self.sender is not None and side_stream:
             self.sender.send(ctx.link, to, ctx.plan.run_id, ctx.plan.step, index, kind, tensor)
         else:
             ctx.link.send(to, ctx.plan.run_id, ctx.plan.step, index, kind, tensor)
@@ -115,7 +123,9 @@ class MiddleStagePart:
         mask = to_device(mb.tensors["attention_mask"], self.device)
         with ctx.autocast():
             out = self.module(to_device(act, self.device), mask)  # [B, T, H]
-        self._send(ctx, "next", mb.index, EVAL_ACTIVATION, out)
+        # Not through the side-stream sender: an evaluation pass has no finish_round to drain it,
+        # and nothing to overlap the copy with.
+        self._send(ctx, "next", mb.index, EVAL_ACTIVATION, out.cpu(), side_stream=False)
         return {}
 
     def check_tensor(self, kind: str, tensor: torch.Tensor) -> None:

@@ -126,7 +126,10 @@ class ServiceSet:
             "size": p.data_parallel,
             "store": f"{p.rendezvous_host}:{self.rendezvous.port}",
             "prefix": f"{run_id}/{spec.base_name}/{self.generation}",
-            "backend": p.dp_backend,
+            # Local replicas share this host's devices, and NCCL refuses two ranks on one GPU.
+            "backend": "gloo"
+            if p.dp_backend == "auto" and self.config.launch.mode == "local"
+            else p.dp_backend,
             "bucket_mb": p.bucket_mb,
             "timeout_seconds": p.collective_timeout_seconds,
         }

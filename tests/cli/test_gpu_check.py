@@ -41,4 +41,5 @@ def test_the_device_check_dry_run_reports_every_section(tmp_path):
     assert r["verify"]["ok"], r["verify"]
     assert r["single"]["bf16"]["step_seconds"] > 0
     assert "pipeline (bf16):" in proc.stdout and "the speed of all-on-device" in proc.stdout
-    assert "verify tiny: OK" in proc.stdout
+    for variant in ("two stages", "three stages", "two replicas"):
+        assert f"verify tiny, {variant}: OK" in proc.stdout
