@@ -126,13 +126,21 @@ class ServiceSet:
             "size": p.data_parallel,
             "store": f"{p.rendezvous_host}:{self.rendezvous.port}",
             "prefix": f"{run_id}/{spec.base_name}/{self.generation}",
-            # Local replicas share this host's devices, and NCCL refuses two ranks on one GPU.
-            "backend": "gloo"
-            if p.dp_backend == "auto" and self.config.launch.mode == "local"
-            else p.dp_backend,
+            "backend": self._backend(spec),
             "bucket_mb": p.bucket_mb,
             "timeout_seconds": p.collective_timeout_seconds,
         }
+
+    def _backend(self, spec: StageSpec) -> str:
+        """The collective backend of a stage's replicas: parallel.dp_backend, or for "auto" NCCL for
+        remote stages on CUDA and gloo otherwise (local replicas share this host's GPUs, and NCCL
+        refuses two ranks on one)."""
+        backend = self.config.parallel.dp_backend
+        if backend != "auto":
+            return backend
+        info = self.stage_info.get(spec.name)
+        on_cuda = info is not None and info.device.startswith("cuda")
+        return "nccl" if on_cuda and self.config.launch.mode == "remote" else "gloo"
 
     def _locate(self, stack: ExitStack) -> None:
         cfg = self.config

@@ -49,9 +49,12 @@ class StageSpec:
         return getattr(config, self.config_section)
 
     def address(self, config) -> str:
-        """Its configured address (remote mode)."""
+        """Its configured address (remote mode): from the section's ``addresses`` list when it has
+        one (the GPU stages replica by replica, each replica's in pipeline order), else its address."""
         if self.config_section == "gpu_stage" and config.gpu_stage.addresses:
-            return config.gpu_stage.addresses[self.rank - 1]
+            return config.gpu_stage.addresses[self.replica * (self.num_stages - 1) + self.rank - 1]
+        if self.config_section == "cpu_stage" and config.cpu_stage.addresses:
+            return config.cpu_stage.addresses[self.replica]
         return getattr(config, f"{self.base_name}_address")()
 
     def overrides(self) -> list[str]:

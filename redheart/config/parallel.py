@@ -12,7 +12,7 @@ class ParallelConfig:
     data_parallel: int = 1
     """Replicas of the whole pipeline; each trains on its share of every step's micro-batches and the replicas of a stage sum their gradients (torch.distributed)."""
     dp_backend: str = "auto"
-    """Collective backend of the replicas of a stage: gloo, nccl (CUDA stages on distinct GPUs), or auto: gloo for local replicas (they share this host's GPUs, and NCCL refuses two ranks on one), else nccl for a stage on CUDA."""
+    """Collective backend of the replicas of a stage: gloo, nccl (CUDA stages on distinct GPUs), or auto: nccl for remote replicas of a stage on CUDA, gloo otherwise (local replicas share this host's GPUs, and NCCL refuses two ranks on one)."""
     rendezvous_host: str = "127.0.0.1"
     """Where the orchestrator's rendezvous store listens; the stages connect to it (another host's address in remote mode)."""
     rendezvous_port: int = 0

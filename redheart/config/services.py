@@ -76,6 +76,8 @@ class CpuStageConfig:
     """torch intra-op threads (0: torch's default)."""
     cpu_memory_gb: float = 128.0
     """Host memory budget of this stage; the pre-flight check refuses a model that cannot fit."""
+    addresses: list[str] = field(default_factory=list)
+    """Remote mode with parallel.data_parallel > 1: where each replica's CPU stage is reached, replica by replica."""
     activation_checkpointing: bool = False
     """Recompute layer activations in backward instead of storing them."""
 
@@ -116,7 +118,7 @@ class GpuStageConfig:
     devices: list[str] = field(default_factory=list)
     """Device of each GPU stage process in pipeline order, e.g. ["cuda:0", "cuda:1"] (empty: device for all)."""
     addresses: list[str] = field(default_factory=list)
-    """Remote mode with more than two stages: where each GPU stage process is reached, in pipeline order."""
+    """Remote mode with more than two stages or with replicas: where each GPU stage process is reached, replica by replica, each replica's in pipeline order (data_parallel x (stages - 1) entries)."""
 
     def device_for(self, rank: int) -> str:
         """The device of the GPU stage process at pipeline position ``rank`` (1 .. p-1)."""

@@ -77,15 +77,31 @@ def _check_stage_count(cfg: HybridConfig, fail: Fail) -> None:
             f"gpu_stage.rank = {g.rank} must be in 1..{stages - 1} (or 0: the last stage); "
             f"model.stage_layers gives {stages} stages",
         )
-    for key in ("devices", "addresses"):
-        values = getattr(g, key)
-        if values and len(values) != stages - 1:
-            fail(
-                "gpu_stage",
-                key,
-                f"gpu_stage.{key} has {len(values)} entries; the {stages} stages of model.stage_layers "
-                f"have {stages - 1} GPU stage processes",
-            )
+    replicas = cfg.parallel.data_parallel
+    if g.devices and len(g.devices) != stages - 1:
+        fail(
+            "gpu_stage",
+            "devices",
+            f"gpu_stage.devices has {len(g.devices)} entries; the {stages} stages of model.stage_layers "
+            f"have {stages - 1} GPU stage processes",
+        )
+    if g.addresses and len(g.addresses) != replicas * (stages - 1):
+        fail(
+            "gpu_stage",
+            "addresses",
+            f"gpu_stage.addresses has {len(g.addresses)} entries; {replicas} replica(s) of {stages} stages "
+            f"have {replicas * (stages - 1)} GPU stage processes",
+        )
+    c = cfg.cpu_stage.addresses
+    if c and len(c) != replicas:
+        fail("cpu_stage", "addresses", f"cpu_stage.addresses has {len(c)} entries for {replicas} replica(s)")
+    if replicas > 1 and cfg.launch.mode == "remote" and not c:
+        fail(
+            "cpu_stage",
+            "addresses",
+            f'launch.mode = "remote" with parallel.data_parallel = {replicas} needs cpu_stage.addresses '
+            f"(one per replica) and gpu_stage.addresses",
+        )
     if stages > 2 and cfg.launch.mode == "local" and cfg.launch.ports == "fixed":
         fail(
             "launch",
@@ -93,25 +109,18 @@ def _check_stage_count(cfg: HybridConfig, fail: Fail) -> None:
             f'launch.ports = "fixed" gives every GPU stage process gpu_stage.port; the {stages} stages of '
             f'model.stage_layers need launch.ports = "auto" when started locally',
         )
-    if stages > 2 and cfg.launch.mode == "remote" and len(g.addresses) != stages - 1:
+    if (stages > 2 or replicas > 1) and cfg.launch.mode == "remote" and not g.addresses:
         fail(
             "gpu_stage",
             "addresses",
-            f'launch.mode = "remote" with {stages} stages needs gpu_stage.addresses: one address per '
-            f"GPU stage process, in pipeline order ({stages - 1})",
+            f'launch.mode = "remote" with {stages} stages and {replicas} replica(s) needs gpu_stage.addresses: '
+            f"one address per GPU stage process, replica by replica ({replicas * (stages - 1)})",
         )
 
 
 def _check_replica_shares(cfg: HybridConfig, fail: Fail) -> None:
     """Every replica needs at least one micro-batch of every accumulation round."""
     replicas = cfg.parallel.data_parallel
-    if replicas > 1 and cfg.launch.mode == "remote":
-        fail(
-            "parallel",
-            "data_parallel",
-            f'parallel.data_parallel = {replicas} runs its replicas with launch.mode = "local" only in this '
-            f"version (remote replicas need an address per replica of each stage)",
-        )
     if replicas > 1 and cfg.micro_batches < replicas:
         fail(
             "parallel",

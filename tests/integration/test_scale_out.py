@@ -132,3 +132,49 @@ def test_second_replica_killed_mid_step_the_run_matches(tmp_path, corpus):
             torch.testing.assert_close(
                 b[name], a[name], rtol=1e-5, atol=4e-5, msg=lambda m, n=name: f"{n}: {m}"
             )
+
+
+def _stage_service(module: str, config) -> tuple[subprocess.Popen, int]:
+    """A stage service started by hand on a free port, as on another host: (process, port)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--config", str(config), "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=cli_env(),
+        cwd=ROOT,
+    )
+    line = proc.stdout.readline()
+    assert "REDHEART_READY" in line, f"{module} exited with {proc.poll()}"
+    return proc, int(line.split("port=")[1].split()[0])
+
+
+def test_two_remote_replicas_verify(tmp_path, corpus):
+    """Replicas started by hand (remote mode): the orchestrator finds each replica's stages in
+    cpu_stage.addresses / gpu_stage.addresses and hosts the rendezvous store they meet at."""
+    inprocess = ("[regret]\nnum_workers = 2", '[regret]\naddress = "inprocess"')
+    services_config, _ = _config(tmp_path, corpus, "services")
+    services_config.write_text(services_config.read_text().replace(*inprocess))
+    procs = []
+    try:
+        ports = {}
+        for replica in range(2):
+            for module in ("cpu_stage", "gpu_stage"):
+                proc, ports[module, replica] = _stage_service(f"{module}.cli", services_config)
+                procs.append(proc)
+        cpu, gpu = (
+            ", ".join(f'"127.0.0.1:{ports[m, r]}"' for r in range(2)) for m in ("cpu_stage", "gpu_stage")
+        )
+        remote = (
+            f'[launch]\nmode = "remote"\n[cpu_stage]\naddresses = [{cpu}]\n[gpu_stage]\naddresses = [{gpu}]\n'
+        )
+        config, _ = _config(tmp_path, corpus, "remote", remote)
+        config.write_text(config.read_text().replace(*inprocess))
+        result = run_cli(["orchestrator.cli", "--config", str(config), *TWO_REPLICAS, "--verify"])
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert "VERIFY OK" in result.stdout
+        assert "2 replicas: every parameter equals replica 0's bit for bit" in result.stdout
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

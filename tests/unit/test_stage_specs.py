@@ -59,6 +59,21 @@ def test_remote_addresses_come_from_the_gpu_stage_list(tmp_path):
     assert [s.address(cfg) for s in stage_specs(cfg)] == ["h0:1", "h1:2", "h2:3"]
 
 
+def test_remote_replicas_addresses_replica_by_replica(tmp_path):
+    cfg = _config(
+        tmp_path,
+        "parallel.data_parallel=2",
+        'launch.mode="remote"',
+        'cpu_stage.addresses=["a:1", "b:1"]',
+        'gpu_stage.addresses=["a:2", "b:2"]',
+    )
+    specs = stage_specs(cfg)
+    assert [s.name for s in specs] == ["cpu_stage", "gpu_stage", "cpu_stage_r1", "gpu_stage_r1"]
+    assert [s.address(cfg) for s in specs] == ["a:1", "a:2", "b:1", "b:2"]
+    assert [s.metric_label for s in specs] == ["cpu", "gpu", "cpu_r1", "gpu_r1"]
+    assert [short_name(s.label) for s in specs] == ["cpu", "gpu", "cpu_r1", "gpu_r1"]
+
+
 def test_checkpoint_stages_in_pipeline_order():
     shards = {"gpu_stage": {}, "gpu_stage_10": {}, "cpu_stage": {}, "gpu_stage_2": {}}
     assert model_folder.checkpoint_stages({"shards": shards}) == [
@@ -92,6 +107,18 @@ def test_threads_one_per_stage_proportional_to_layers(tmp_path, cores):
         (
             ["model.stage_layers=[1, 1, 2]", 'launch.mode="remote"', 'cpu_stage.address="h:1"'],
             "needs gpu_stage.addresses",
+        ),
+        (
+            ["parallel.data_parallel=2", 'launch.mode="remote"', 'cpu_stage.address="h:1"'],
+            "needs cpu_stage.addresses",
+        ),
+        (
+            ["parallel.data_parallel=2", 'gpu_stage.addresses=["a:1"]'],
+            "gpu_stage.addresses has 1 entries; 2 replica(s)",
+        ),
+        (
+            ["parallel.data_parallel=2", 'cpu_stage.addresses=["a:1"]'],
+            "cpu_stage.addresses has 1 entries for 2",
         ),
     ],
 )
