@@ -25,7 +25,7 @@ import threading
 from contextlib import ExitStack
 from pathlib import Path
 
-from pipeline_variants import ROOT, batch, model_config
+from pipeline_variants import ROOT, add_model_args, batch, model_argv, model_config
 
 
 def measure(args) -> dict:
@@ -62,15 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--micro-batches", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
+    add_model_args(parser)
     parser.add_argument("--quick", action="store_true", help="a small model (smoke run)")
     parser.add_argument("--replicas", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_parallel.json"))
@@ -80,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.replicas:  # one measurement, in this process: its JSON is the last line
         print(json.dumps(measure(args)))
         return 0
-    keys = ("hidden", "layers", "heads", "seq", "batch", "vocab", "micro_batches", "steps", "warmup")
-    forwarded = [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    forwarded = model_argv(args)
     results = []
     for replicas in (1, 2):
         proc = subprocess.run(

@@ -16,7 +16,7 @@ others; `--skip NAME` leaves one out):
   pipeline  the preset through the real pipeline (3 processes) in bf16 and in fp16: precision used,
             loss scale, wire bytes per element, per-stage times, peak GPU memory vs the budget
   verify    `redheart-orchestrate --verify` on the tiny preset with the GPU stage on the device:
-            two stages, three (a middle stage on the device), two replicas (NCCL)
+            two stages, three (a middle stage on the device), two replicas (gloo on the card)
   single    the same workload (corpus, batches, padding, precision) all on the device in one
             process: the pipeline's yardstick (s/step ratio in the summary)
 
@@ -202,19 +202,17 @@ def _workload_overrides(args, dtype: str, steps: int) -> list[str]:
     return [f"{key}={value}" for key, value in sets.items()]
 
 
-def _pipeline_cmd(args, out_dir: Path, dtype: str, extra: list[str]) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "orchestrator.cli",
-        "--config",
-        str(ROOT / "examples" / "hybrid.toml"),
-        "--output-dir",
-        str(out_dir),
-    ]
-    for item in _workload_overrides(args, dtype, args.pipeline_steps):
+def _orchestrate_cmd(out_dir: Path, overrides: list[str], *extra: str) -> list[str]:
+    """`redheart-orchestrate` on the bundled config into ``out_dir``, with ``--set`` each override."""
+    cmd = [sys.executable, "-m", "orchestrator.cli", "--config", str(ROOT / "examples" / "hybrid.toml")]
+    cmd += ["--output-dir", str(out_dir), *extra]
+    for item in overrides:
         cmd += ["--set", item]
-    return cmd + extra
+    return cmd
+
+
+def _pipeline_cmd(args, out_dir: Path, dtype: str, extra: list[str]) -> list[str]:
+    return _orchestrate_cmd(out_dir, _workload_overrides(args, dtype, args.pipeline_steps)) + extra
 
 
 def _tokenizer_args(args) -> list[str]:
@@ -256,37 +254,24 @@ def section_pipeline(args) -> dict:
 VERIFY_VARIANTS = {
     "two stages": [],
     "three stages": ["--set", "model.stage_layers=[1, 1, 2]"],  # a middle stage on the device
-    "two replicas": ["--set", "parallel.data_parallel=2"],  # NCCL between the GPU stages
+    "two replicas": ["--set", "parallel.data_parallel=2"],  # gloo on CUDA tensors (one GPU: no NCCL)
 }
 
 
 def section_verify(args) -> dict:
     """`--verify` of the tiny preset with the GPU stages on the device: two stages, three (a middle
-    stage on the device too), two data-parallel replicas (NCCL on CUDA)."""
+    stage on the device too), two data-parallel replicas (gloo on CUDA tensors: one card)."""
     variants = {}
     for name, extra in VERIFY_VARIANTS.items():
-        cmd = [
-            sys.executable,
-            "-m",
-            "orchestrator.cli",
-            "--config",
-            str(ROOT / "examples" / "hybrid.toml"),
-            "--verify",
-            "--output-dir",
-            str(Path(args.workdir) / "verify" / name.replace(" ", "-")),
-            "--set",
+        overrides = [
             'model.preset="tiny"',
-            "--set",
             f'gpu_stage.device="{args.device}"',
-            "--set",
             f"orchestrator.verify_steps={1 if args.dry_run else 2}",
-            "--set",
             f"data.max_scenarios={args.scenarios}",
-            "--set",
             "metrics.enabled=false",
-            *_tokenizer_args(args),
-            *extra,
         ]
+        out_dir = Path(args.workdir) / "verify" / name.replace(" ", "-")
+        cmd = _orchestrate_cmd(out_dir, overrides, "--verify") + _tokenizer_args(args) + extra
         if args.dry_run:
             cmd += ["--set", 'regret.address="inprocess"']
         proc = _run(cmd, timeout=args.verify_timeout)

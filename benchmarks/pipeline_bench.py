@@ -32,6 +32,7 @@ from pathlib import Path
 
 from pipeline_variants import (
     ROOT,
+    add_model_args,
     codec_errors,
     draw_timeline,
     model_config,
@@ -54,15 +55,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--micro-batches", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
+    add_model_args(parser)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cpu-layers", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--codec", default="raw", help=argparse.SUPPRESS)

@@ -20,6 +20,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+MODEL_ARGS = (
+    ("hidden", 512),
+    ("layers", 8),
+    ("heads", 8),
+    ("seq", 128),
+    ("batch", 16),
+    ("vocab", 8192),
+    ("micro_batches", 8),
+    ("steps", 6),
+    ("warmup", 2),
+)
+"""The benchmark model and run length (29.5M parameters, 8 micro-batches of 2), as flags with defaults."""
+
+
+def add_model_args(parser) -> None:
+    """``--hidden`` ... ``--warmup``: the benchmark model and how many steps to measure."""
+    for name, default in MODEL_ARGS:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+
+
+def model_argv(args) -> list[str]:
+    """The flags of :func:`add_model_args` as ``args`` holds them (for a measuring subprocess)."""
+    return [x for name, _ in MODEL_ARGS for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
+
+
 def model_config(args, cpu_layers: int | None = None, codec: str = "raw"):
     from redheart.config import HybridConfig
 

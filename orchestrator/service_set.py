@@ -314,15 +314,18 @@ class ServiceSet:
             out.update(self.clients[spec.name].parameters())
         return out
 
-    def replica_differences(self) -> list[str]:
-        """The parameters of replicas 1.. that are not bit-identical to replica 0's (for --verify)."""
-        reference = {s.rank: self.clients[s.name].parameters() for s in self.first_replica}
+    def replica_differences(self, first: dict[str, Any]) -> list[str]:
+        """What of replicas 1.. is not bit-identical to ``first`` (replica 0's parameters, as
+        :meth:`parameters` gave them; for --verify): missing, extra or different parameters."""
         differ = []
-        for spec in self.stages:
-            if spec.replica:
-                theirs = self.clients[spec.name].parameters()
-                ours = reference[spec.rank]
-                differ += [
-                    f"{spec.name}: {n}" for n in ours if n not in theirs or not theirs[n].equal(ours[n])
-                ]
+        for replica in sorted({s.replica for s in self.stages} - {0}):
+            theirs: dict[str, Any] = {}
+            for spec in (s for s in self.stages if s.replica == replica):
+                theirs.update(self.clients[spec.name].parameters())
+            differ += [f"replica {replica}: {n} missing" for n in first if n not in theirs]
+            differ += [
+                f"replica {replica}: {n}"
+                for n, t in theirs.items()
+                if n not in first or not t.equal(first[n])
+            ]
         return differ

@@ -72,9 +72,10 @@ def verify(trainer: HybridDistributedTrainer, out=sys.stdout) -> VerifyResult:
         )
         max_loss = _compare_steps(driver, reference, batches, steps, cfg, o, failures, out)
         ref = reference.named_parameters()
-        worst, worst_name = _compare_parameters(services.parameters(), ref, o, failures)
+        live = services.parameters()
+        worst, worst_name = _compare_parameters(live, ref, o, failures)
         if cfg.parallel.data_parallel > 1:
-            differ = services.replica_differences()
+            differ = services.replica_differences(live)
             failures += [f"not the bits of replica 0: {d}" for d in differ[:10]]
             print(
                 f"{cfg.parallel.data_parallel} replicas: "

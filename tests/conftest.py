@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -119,3 +120,28 @@ def run_cli(args: list[str], timeout: float = 300, cwd: Path | None = None) -> s
         env=cli_env(),
         cwd=cwd or ROOT,
     )
+
+
+def start_service(module: str, config, *extra: str, env: dict[str, str] | None = None):
+    """A service started by hand on a free loopback port, as on another host: (process, port).
+
+    Its stderr (the log) goes to a temporary file, not a pipe nobody reads (a full pipe would stall
+    the service); a service that exits before its ready line fails the test with that log."""
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--config", str(config), "--host", "127.0.0.1", "--port", "0", *extra],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=env or cli_env(),
+        cwd=ROOT,
+    )
+    proc.log = log  # kept open as long as the process object lives
+    line = proc.stdout.readline()
+    if "REDHEART_READY" not in line:
+        proc.wait(timeout=30)
+        log.seek(0)
+        raise AssertionError(
+            f"{module} exited with {proc.returncode} before it was ready:\n{log.read()[-2000:]}"
+        )
+    return proc, int(line.split("port=")[1].split()[0])

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, cli_env, free_port, run_cli
+from conftest import free_port, run_cli, start_service
 
 
 def test_tiny_training_run_writes_report_checkpoint_plot_and_explanations(tmp_path, tiny_toml):
@@ -117,21 +117,6 @@ def test_unreachable_remote_stage_is_named(tiny_toml):
     assert f"127.0.0.1:{port}" in result.stderr + result.stdout
 
 
-def _start(module, config, *extra):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, "--config", str(config), "--port", "0", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-        cwd=ROOT,
-    )
-    line = proc.stdout.readline()
-    assert "REDHEART_READY" in line, proc.stderr.read()[-2000:]
-    port = int(line.split("port=")[1].split()[0])
-    return proc, port
-
-
 def _remote_run(toml, cpu_port: int, gpu_port: int, regret: str, *more: str) -> list[str]:
     """The orchestrator command for services started by hand on these ports (`regret`: a TOML value)."""
     overrides = [
@@ -145,8 +130,8 @@ def _remote_run(toml, cpu_port: int, gpu_port: int, regret: str, *more: str) -> 
 
 
 def test_remote_stages_with_different_model_settings_are_refused_naming_the_keys(tiny_toml):
-    cpu, cpu_port = _start("cpu_stage.cli", tiny_toml)
-    gpu, gpu_port = _start("gpu_stage.cli", tiny_toml, "--set", "model.num_layers=6")
+    cpu, cpu_port = start_service("cpu_stage.cli", tiny_toml)
+    gpu, gpu_port = start_service("gpu_stage.cli", tiny_toml, "--set", "model.num_layers=6")
     try:
         result = run_cli(_remote_run(tiny_toml, cpu_port, gpu_port, '"inprocess"'), timeout=120)
         assert result.returncode == 1
@@ -186,9 +171,9 @@ def test_a_diverging_fp32_run_stops_before_the_update_naming_step_and_stage(tiny
 
 
 def test_services_started_separately_train_with_a_remote_orchestrator(tmp_path, tiny_toml):
-    cpu, cpu_port = _start("cpu_stage.cli", tiny_toml)
-    gpu, gpu_port = _start("gpu_stage.cli", tiny_toml)
-    regret, regret_port = _start("regret_service.cli", tiny_toml, "--metrics-port", "0")
+    cpu, cpu_port = start_service("cpu_stage.cli", tiny_toml)
+    gpu, gpu_port = start_service("gpu_stage.cli", tiny_toml)
+    regret, regret_port = start_service("regret_service.cli", tiny_toml, "--metrics-port", "0")
     try:
         result = run_cli(
             _remote_run(tiny_toml, cpu_port, gpu_port, f'"127.0.0.1:{regret_port}"', "train.max_steps=4"),

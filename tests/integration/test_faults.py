@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, run_cli, start_service
 from safetensors.torch import load_file
 
 from orchestrator import checkpoint as ckpt
@@ -142,18 +142,10 @@ enabled = false
 
 
 def _service(module, config, service, plan):
-    env = dict(cli_env(), REDHEART_SERVICE=service, REDHEART_TEST_FAULTS=str(plan))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, "--config", str(config), "--host", "127.0.0.1", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        cwd=ROOT,
+    """A stage started by hand that takes part in the fault plan as ``service``."""
+    return start_service(
+        module, config, env=dict(cli_env(), REDHEART_SERVICE=service, REDHEART_TEST_FAULTS=str(plan))
     )
-    line = proc.stdout.readline()
-    assert "REDHEART_READY" in line, f"{module} exited with {proc.poll()}"
-    return proc, int(line.split("port=")[1].split()[0])
 
 
 def test_remote_orchestrator_killed_mid_step_a_new_one_trains_on_the_same_stages_within_30s(tmp_path, corpus):

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_TOML, cli_env, run_cli
+from conftest import ROOT, TINY_TOML, cli_env, run_cli, start_service
 from safetensors.torch import load_file
 
 from orchestrator import checkpoint as ckpt
@@ -134,21 +134,6 @@ def test_second_replica_killed_mid_step_the_run_matches(tmp_path, corpus):
             )
 
 
-def _stage_service(module: str, config) -> tuple[subprocess.Popen, int]:
-    """A stage service started by hand on a free port, as on another host: (process, port)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, "--config", str(config), "--host", "127.0.0.1", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=cli_env(),
-        cwd=ROOT,
-    )
-    line = proc.stdout.readline()
-    assert "REDHEART_READY" in line, f"{module} exited with {proc.poll()}"
-    return proc, int(line.split("port=")[1].split()[0])
-
-
 def test_two_remote_replicas_verify(tmp_path, corpus):
     """Replicas started by hand (remote mode): the orchestrator finds each replica's stages in
     cpu_stage.addresses / gpu_stage.addresses and hosts the rendezvous store they meet at."""
@@ -160,7 +145,7 @@ def test_two_remote_replicas_verify(tmp_path, corpus):
         ports = {}
         for replica in range(2):
             for module in ("cpu_stage", "gpu_stage"):
-                proc, ports[module, replica] = _stage_service(f"{module}.cli", services_config)
+                proc, ports[module, replica] = start_service(f"{module}.cli", services_config)
                 procs.append(proc)
         cpu, gpu = (
             ", ".join(f'"127.0.0.1:{ports[m, r]}"' for r in range(2)) for m in ("cpu_stage", "gpu_stage")
